@@ -1,0 +1,45 @@
+# Two commands for a fresh machine (see README.md):
+#   make demo   set up everything, then run the end-to-end demo on the embedded tiny model
+#   make test   set up everything, then run the test suite (what CI runs)
+# Other targets: make setup (environment + build), make build (rebuild the extension), make bench.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.13.0: the CPU build on the project's machines; a CUDA machine gets the CUDA build from PyPI.
+TORCH_SPEC ?= torch==2.13.0
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h kernels/*.cu kernels/*.cuh) setup.py
+
+.PHONY: setup build test demo bench system-deps
+
+setup: $(VENV)/.deps-installed build system-deps
+
+$(VENV)/.deps-installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# Rebuilds svd_fast/_C*.so when a C++/CUDA source changes (ninja recompiles only what changed).
+build: $(VENV)/.deps-installed svd_fast/.ext-built
+svd_fast/.ext-built: $(EXT_SOURCES) $(VENV)/.deps-installed
+	$(BIN)/python setup.py -q build_ext --inplace
+	touch $@
+
+# Tesseract OCR (curation's text filter) comes from the system's package manager.
+system-deps:
+	@command -v tesseract >/dev/null || { \
+	  echo "installing tesseract-ocr"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq tesseract-ocr; }
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+demo: setup
+	$(BIN)/svd-fast demo --out demo_out
+
+bench: setup
+	$(BIN)/python -m pytest bench -q --benchmark-only --benchmark-json=bench/last_run.json

@@ -1,0 +1,29 @@
+// The pybind11 module svd_fast._C. Importing it also runs the TORCH_LIBRARY registrations of every
+// csrc/*.cpp and kernels/*.cu file linked into it, which makes torch.ops.svd_fast.* available.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+namespace {
+
+bool built_with_cuda() {
+#ifdef SVD_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "svd_fast compiled kernels (CPU always, CUDA when built with it)";
+  m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
+
+  m.def("group_norm_forward", &svd_fast::group_norm_forward, "GroupNorm(+SiLU) forward",
+        py::arg("input"), py::arg("num_groups"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+        py::arg("silu"));
+  m.def("group_norm_backward", &svd_fast::group_norm_backward, "GroupNorm(+SiLU) backward",
+        py::arg("grad_output"), py::arg("input"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
+        py::arg("bias"), py::arg("num_groups"), py::arg("silu"));
+}

@@ -1,0 +1,27 @@
+// Declarations of svd_fast's C++ entry points. Each op is defined in csrc/<op>.cpp: its schema
+// (TORCH_LIBRARY_FRAGMENT), its CPU kernel (TORCH_LIBRARY_IMPL CPU) and the function below, which
+// calls the op through the dispatcher so it runs the CPU or CUDA kernel by the inputs' device.
+// kernels/<op>.cu registers the CUDA kernel (TORCH_LIBRARY_IMPL CUDA) when CUDA is built.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace svd_fast {
+
+// GroupNorm over (N, C, *spatial) with optional fused SiLU. Returns (output, mean, rstd);
+// mean and rstd are float32 of shape (N, num_groups).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward(
+    const at::Tensor& input, int64_t num_groups, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool silu);
+
+// Returns (grad_input, grad_weight, grad_bias); grad_weight/grad_bias have shape (C,) and the
+// weight's dtype (the input's dtype when there is no weight).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, int64_t num_groups, bool silu);
+
+}  // namespace svd_fast

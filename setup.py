@@ -1,0 +1,64 @@
+"""Builds svd_fast and its compiled extension svd_fast._C.
+
+C++ sources in csrc/ (op registration, CPU kernels, the pybind11 module) are always built.
+CUDA sources in kernels/ are built when torch is a CUDA build and a CUDA toolkit is found
+(torch.utils.cpp_extension.CUDA_HOME). SVD_FAST_BUILD_CUDA=1 forces them (and fails loudly if
+impossible), SVD_FAST_BUILD_CUDA=0 skips them. TORCH_CUDA_ARCH_LIST picks the GPU architectures.
+
+Install with `pip install --no-build-isolation -e .` so the build uses the torch already installed
+(an isolated build would fetch a different torch).
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_cuda_kernels() -> bool:
+    switch = os.environ.get("SVD_FAST_BUILD_CUDA", "").strip()
+    possible = torch.version.cuda is not None and CUDA_HOME is not None
+    if switch == "0":
+        return False
+    if switch == "1":
+        if not possible:
+            raise RuntimeError(
+                "SVD_FAST_BUILD_CUDA=1 but CUDA kernels cannot be built: "
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}"
+            )
+        return True
+    if switch:
+        raise RuntimeError(f"SVD_FAST_BUILD_CUDA must be 0 or 1, got {switch!r}")
+    return possible
+
+
+def extension():
+    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")]
+    if not build_cuda_kernels():
+        print("svd_fast: building CPU kernels only")
+        return CppExtension(
+            "svd_fast._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+        )
+    print(f"svd_fast: building CPU and CUDA kernels (CUDA_HOME={CUDA_HOME})")
+    cuda_sources = sorted(glob.glob("kernels/*.cu"))
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    return CUDAExtension(
+        "svd_fast._C",
+        cpp_sources + cuda_sources,
+        include_dirs=include_dirs,
+        define_macros=[("SVD_FAST_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags + ["-DSVD_FAST_WITH_CUDA=1"], "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    packages=find_packages(include=["svd_fast", "svd_fast.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

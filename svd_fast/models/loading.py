@@ -1,0 +1,64 @@
+"""Loading SVD pipelines from local diffusers-format folders (or a hub id where the network allows)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+PIPELINE_COMPONENTS = ("unet", "vae", "image_encoder", "scheduler", "feature_extractor")
+
+
+class ModelFolderError(ValueError):
+    """The --model path is not a usable diffusers-format SVD folder."""
+
+
+def clip_image_processor():
+    """The CLIP image processor SVD ships, in the class that works without torchvision."""
+    try:
+        from transformers import CLIPImageProcessorPil as processor_class  # noqa: PLC0415 - transformers >= 5
+    except ImportError:
+        from transformers import CLIPImageProcessor as processor_class  # noqa: PLC0415
+    return processor_class(
+        crop_size={"height": 224, "width": 224},
+        size={"shortest_edge": 224},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+
+
+def check_model_folder(path: Path) -> None:
+    """Raise ModelFolderError naming what is missing from a diffusers-format SVD folder."""
+    if not path.exists():
+        raise ModelFolderError(f"--model: {path} does not exist")
+    if not path.is_dir():
+        raise ModelFolderError(f"--model: {path} is not a folder")
+    if not (path / "model_index.json").is_file():
+        raise ModelFolderError(
+            f"--model: {path} has no model_index.json; expected a diffusers-format folder such as "
+            "stabilityai/stable-video-diffusion-img2vid-xt (see `svd-fast make-tiny` for an example)"
+        )
+    missing = [name for name in PIPELINE_COMPONENTS if not (path / name).is_dir()]
+    if missing:
+        raise ModelFolderError(f"--model: {path} lacks the component folder(s) {missing}")
+
+
+def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32, variant: str | None = None):
+    """Load a StableVideoDiffusionPipeline from a local folder, or from a hub id when ``model`` is not a path."""
+    from diffusers import StableVideoDiffusionPipeline  # noqa: PLC0415 - optional dependency
+
+    path = Path(model)
+    looks_like_path = path.exists() or str(model).startswith((".", "/", "~")) or path.suffix
+    if looks_like_path:
+        check_model_folder(path.expanduser())
+        source = str(path.expanduser())
+    else:
+        source = str(model)  # hub id such as stabilityai/stable-video-diffusion-img2vid-xt
+    kwargs = {"dtype": dtype}
+    if variant is not None:
+        kwargs["variant"] = variant
+    try:
+        pipe = StableVideoDiffusionPipeline.from_pretrained(source, **kwargs)
+    except OSError as error:
+        raise ModelFolderError(f"--model: could not load {model!r}: {error}") from error
+    return pipe
