@@ -42,4 +42,4 @@ demo: setup
 	$(BIN)/svd-fast demo --out demo_out
 
 bench: setup
-	$(BIN)/python -m pytest bench -q --benchmark-only --benchmark-json=bench/last_run.json
+	$(BIN)/python -m pytest bench -q -o python_files="bench_*.py" --benchmark-only --benchmark-json=bench/last_run.json

@@ -26,4 +26,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm_backward", &svd_fast::group_norm_backward, "GroupNorm(+SiLU) backward",
         py::arg("grad_output"), py::arg("input"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
         py::arg("bias"), py::arg("num_groups"), py::arg("silu"));
+
+  m.def("edm_euler_step", &svd_fast::edm_euler_step, "Fused EDM guidance + v-prediction denoiser + Euler step",
+        py::arg("x"), py::arg("model_out_uncond"), py::arg("model_out_cond"), py::arg("sigma"),
+        py::arg("sigma_next"), py::arg("guidance"), py::arg("return_denoised"));
+  m.def("edm_prepare_model_input", &svd_fast::edm_prepare_model_input,
+        "EDM c_in scaling + conditioning concat + CFG batch doubling", py::arg("x"), py::arg("cond_latents"),
+        py::arg("sigma"), py::arg("do_cfg"));
 }

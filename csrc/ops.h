@@ -24,4 +24,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, int64_t num_groups, bool silu);
 
+// Fused EDM (v-prediction) Euler step with per-frame classifier-free guidance (csrc/edm_step.cpp).
+// Returns (x_next, denoised); denoised is empty unless return_denoised. guidance: float32 (B, F).
+std::tuple<at::Tensor, at::Tensor> edm_euler_step(const at::Tensor& x, const at::Tensor& model_out_uncond,
+                                                  const std::optional<at::Tensor>& model_out_cond, double sigma,
+                                                  double sigma_next, const std::optional<at::Tensor>& guidance,
+                                                  bool return_denoised);
+
+// c_in scaling + channel concat with the conditioning latents + CFG batch doubling (uncond half first).
+at::Tensor edm_prepare_model_input(const at::Tensor& x, const at::Tensor& cond_latents, double sigma, bool do_cfg);
+
 }  // namespace svd_fast

@@ -1,5 +1,6 @@
 """svd_fast's fused ops. Each dispatches to a reference, C++ (cpu), CUDA or Triton backend."""
 
 from svd_fast.ops.group_norm import group_norm
+from svd_fast.ops.edm_step import edm_euler_step, edm_prepare_model_input
 
-__all__ = ["group_norm"]
+__all__ = ["group_norm", "edm_euler_step", "edm_prepare_model_input"]

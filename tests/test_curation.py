@@ -1,0 +1,414 @@
+"""Curation: cut detection, optical flow, OCR, CLIP scores, filters, manifest/resume, bad input, Ray, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import requires_cuda
+
+from svd_fast.curation import (
+    CurationConfig,
+    apply_filters,
+    curate,
+    detect_cuts,
+    lucas_kanade_flow,
+    mean_flow_magnitude,
+    motion_bucket_id,
+    parse_filter,
+    text_coverage,
+)
+from svd_fast.curation import manifest as manifest_module
+from svd_fast.curation import pipeline
+from svd_fast.curation.decode import VideoReadError, decode_all_frames, probe_video
+from svd_fast.curation.flow import to_gray
+from svd_fast.curation.ocr import tesseract_unavailable_reason
+from svd_fast.data.synthetic import scenes_with_cuts, smooth_texture, translating_texture, write_video
+
+requires_tesseract = pytest.mark.skipif(tesseract_unavailable_reason() is not None, reason=f"OCR unavailable: {tesseract_unavailable_reason()}")
+NO_OCR = CurationConfig(ocr=False)
+
+
+# ---------------------------------------------------------------- cut detection
+
+
+@pytest.mark.parametrize("scene_lengths", [[12, 10, 14], [9, 30, 8, 11]])
+def test_hard_cuts_found_exactly(scene_lengths: list[int]) -> None:
+    frames, cuts = scenes_with_cuts(scene_lengths, 48, 64, shift=(0, 1))
+    assert detect_cuts(frames, min_scene_frames=6) == cuts
+
+
+def test_hard_cuts_found_exactly_after_encoding(tmp_path: Path) -> None:
+    frames, cuts = scenes_with_cuts([12, 10, 14], 64, 96, shift=(1, 1))
+    path = write_video(tmp_path / "cuts.mp4", frames, fps=8)  # lossy h264: the detector must survive compression
+    assert detect_cuts(decode_all_frames(path, max_side=96)) == cuts
+
+
+def test_cuts_agree_with_pyscenedetect(tmp_path: Path) -> None:
+    """Cross-check against the field's tool (optional: `pip install --no-deps scenedetect`)."""
+    scenedetect = pytest.importorskip("scenedetect", reason="PySceneDetect is an optional cross-check, not installed")
+    frames, cuts = scenes_with_cuts([30, 20, 26], 72, 128, shift=(1, 1))
+    path = write_video(tmp_path / "cuts.mp4", frames, fps=24)
+    scenes = scenedetect.detect(str(path), scenedetect.ContentDetector(threshold=27.0, min_scene_len=8))
+    reference = [start.frame_num for start, _end in scenes[1:]]
+    assert reference == cuts
+    assert detect_cuts(decode_all_frames(path, max_side=96)) == reference
+
+
+def _fade(length_a: int, fade: int, length_b: int, height: int = 48, width: int = 64) -> tuple[np.ndarray, int]:
+    first, second = smooth_texture(height, width, seed=1), smooth_texture(height, width, seed=2)
+    weights = [0.0] * length_a + [(step + 1) / (fade + 1) for step in range(fade)] + [1.0] * length_b
+    frames = np.stack([(1 - w) * first + w * second for w in weights])
+    return (frames * 255).round().astype(np.uint8), length_a
+
+
+def test_gradual_transition_needs_the_coarser_rates() -> None:
+    frames, fade_start = _fade(16, 8, 16)
+    assert detect_cuts(frames, strides=(1,)) == []  # every full-rate step is small: the single-rate detector misses it
+    found = detect_cuts(frames)
+    assert len(found) == 1 and fade_start <= found[0] <= fade_start + 8
+
+
+def test_fast_motion_is_not_a_cut_at_coarse_rates() -> None:
+    frames = translating_texture(32, 48, 64, shift=(0, 2))
+    assert detect_cuts(frames, strides=(4,), contrast=1.0) != []  # without the contrast test, motion fires at low rate
+    assert detect_cuts(frames) == []
+
+
+def test_detect_cuts_bad_input() -> None:
+    with pytest.raises(ValueError, match="frames"):
+        detect_cuts(np.zeros((4, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match="threshold"):
+        detect_cuts(np.zeros((4, 8, 8, 3), np.uint8), threshold=0)
+    with pytest.raises(ValueError, match="strides"):
+        detect_cuts(np.zeros((4, 8, 8, 3), np.uint8), strides=(0,))
+
+
+# ---------------------------------------------------------------- optical flow
+
+
+@pytest.mark.parametrize("shift", [(0.0, 2.0), (1.0, -3.0), (3.0, 4.0)])
+def test_flow_magnitude_matches_translation(shift: tuple[float, float]) -> None:
+    frames = translating_texture(3, 96, 160, shift)
+    measured = mean_flow_magnitude(frames)
+    assert measured == pytest.approx(math.hypot(*shift), rel=0.10)
+    flow = lucas_kanade_flow(*to_gray(frames[:2]).split(1))
+    assert float(flow[0, 0].median()) == pytest.approx(shift[1], abs=0.05)  # channel 0 is dx
+    assert float(flow[0, 1].median()) == pytest.approx(shift[0], abs=0.05)
+
+
+def test_flow_is_batched_consistently() -> None:
+    frames = to_gray(translating_texture(5, 48, 64, (1, 2)))
+    batched = lucas_kanade_flow(frames[:-1], frames[1:])
+    single = torch.cat([lucas_kanade_flow(frames[i : i + 1], frames[i + 1 : i + 2]) for i in range(4)])
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
+
+
+def test_static_clip_has_no_flow() -> None:
+    assert mean_flow_magnitude(translating_texture(4, 48, 64, (0, 0))) < 1e-3
+
+
+def test_flow_bad_input() -> None:
+    with pytest.raises(ValueError, match="first and second"):
+        lucas_kanade_flow(torch.zeros(1, 8, 8), torch.zeros(1, 8, 9))
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        mean_flow_magnitude(np.zeros((1, 8, 8, 3), np.uint8))
+
+
+@requires_cuda
+def test_dali_hardware_flow_matches_translation() -> None:
+    from svd_fast.curation.flow import dali_available, dali_mean_flow_magnitude
+
+    if not dali_available():
+        pytest.skip("this GPU has no optical-flow engine or nvidia-dali is missing")
+    frames = translating_texture(3, 144, 256, (2.0, 3.0))
+    assert dali_mean_flow_magnitude(frames) == pytest.approx(math.hypot(2, 3), rel=0.10)
+
+
+def test_flow_backend_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="flow_backend"):
+        CurationConfig(flow_backend="opencv")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="dali"):
+            curate([], tmp_path / "m.parquet", CurationConfig(flow_backend="dali"))
+
+
+def test_motion_bucket_mapping() -> None:
+    assert motion_bucket_id(0.0, 2.0) == 0
+    assert motion_bucket_id(0.125, 2.0) == 128  # a quarter diagonal per second is the middle of the range
+    assert motion_bucket_id(10.0, 2.0) == 255
+    assert motion_bucket_id(0.01, 2.0) < motion_bucket_id(0.02, 2.0)
+    with pytest.raises(ValueError, match="finite"):
+        motion_bucket_id(float("nan"), 2.0)
+
+
+# ---------------------------------------------------------------- OCR
+
+
+def _text_frame(height: int = 192, width: int = 320) -> np.ndarray:
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=40)
+    draw.text((10, 20), "HELLO WORLD", fill="black", font=font)
+    draw.text((10, 100), "BIG TEXT", fill="black", font=font)
+    return np.array(image)
+
+
+@requires_tesseract
+def test_ocr_coverage_text_vs_textureless() -> None:
+    assert text_coverage(_text_frame()) > 0.1
+    assert text_coverage(np.full((192, 320, 3), 128, np.uint8)) == 0.0
+    with pytest.raises(ValueError, match="frame"):
+        text_coverage(np.zeros((8, 8), np.uint8))
+
+
+# ---------------------------------------------------------------- filters
+
+
+def test_filters_thresholds_and_percentiles() -> None:
+    table = pd.DataFrame({"score": [float(i) for i in range(8)] + [None], "error": [None] * 8 + ["cuts: broken"]})
+    filtered, removed = apply_filters(table, [parse_filter("score:bottom=25"), parse_filter("score<=6")])
+    assert filtered["keep"].tolist() == [False, False, True, True, True, True, True, False, False]
+    assert removed["error"] == 1 and removed["score_bottom25pct"] == 2 and removed["score_le6"] == 1 and removed["kept"] == 5
+    assert filtered["pass_score_le6"].isna().tolist()[-1]  # no score: no verdict
+    with pytest.raises(ValueError, match="expected COLUMN"):
+        parse_filter("score ~ 3")
+    with pytest.raises(ValueError, match="no column"):
+        apply_filters(table, [parse_filter("missing>=1")])
+
+
+# ---------------------------------------------------------------- pipeline, manifest, resume, bad input
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
+    folder = tmp_path_factory.mktemp("videos")
+    frames, cuts = scenes_with_cuts([12, 10, 14], 64, 96, shift=(0, 1))
+    write_video(folder / "cuts.mp4", frames, fps=8, lossless=True)
+    write_video(folder / "static.mp4", translating_texture(16, 64, 96, (0, 0)), fps=8, lossless=True)
+    return folder, cuts
+
+
+def _add_bad_files(folder: Path) -> None:
+    (folder / "garbage.mp4").write_bytes(b"\x00\x01not a video" * 50)
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "notes.txt").write_text("hello")
+    good = (folder / "cuts.mp4").read_bytes()
+    (folder / "truncated_header.mp4").write_bytes(good[len(good) // 2 :])  # moov/ftyp gone: corrupt container
+
+
+def test_manifest_rows_scores_and_schema(video_dir: tuple[Path, list[int]], tmp_path: Path) -> None:
+    folder, cuts = video_dir
+    out = tmp_path / "m.parquet"
+    summary = curate(folder, out, NO_OCR, filters=["flow_mean_norm>=0.001"])
+    table = pd.read_parquet(out)
+    assert set(manifest_module.SCHEMA.names) <= set(table.columns)
+    moving = table[table["source"].str.endswith("cuts.mp4")].sort_values("clip_index")
+    assert moving["start_frame"].tolist() == [0, *cuts] and moving["end_frame"].tolist() == [*cuts, 36]
+    assert moving["start_time"].tolist() == pytest.approx([0, cuts[0] / 8, cuts[1] / 8])
+    # 8 fps sampled at 2 FPS = every 4th frame; the texture moves 1 px/frame -> 4 px per flow step.
+    assert moving["flow_mean_px"].tolist() == pytest.approx([4.0] * 3, rel=0.10)
+    assert not moving["static"].any() and moving["pass_flow_mean_norm_ge0.001"].all()
+    static = table[table["source"].str.endswith("static.mp4")]
+    assert static["static"].all() and not static["keep"].any() and (static["motion_bucket_id"] == 0).all()
+    assert (table["width"] == 96).all() and (table["fps"] == 8).all()
+    assert table["skipped"].str.contains("ocr: disabled").all() and table["skipped"].str.contains("clip: no model given").all()
+    assert summary["removed_by_filter"]["flow_mean_norm_ge0.001"] == 1 and summary["clips"] == 4
+
+
+def test_short_clip_flow_is_rescaled_to_half_a_second(tmp_path: Path) -> None:
+    frames, cuts = scenes_with_cuts([12, 3], 64, 96, shift=(0, 1))  # the last scene is shorter than one 2-FPS step
+    write_video(tmp_path / "short.mp4", frames, fps=8, lossless=True)
+    curate(tmp_path, tmp_path / "m.parquet", NO_OCR)
+    table = pd.read_parquet(tmp_path / "m.parquet").sort_values("clip_index")
+    assert table["start_frame"].tolist() == [0, *cuts]
+    # 1 px/frame at 8 fps is 4 px per 0.5 s for both clips, whatever frame step each could use.
+    assert table["flow_mean_px"].tolist() == pytest.approx([4.0, 4.0], rel=0.10)
+
+
+def test_codec_motion_vector_prefilter(video_dir: tuple[Path, list[int]], tmp_path: Path) -> None:
+    folder, _ = video_dir
+    curate(folder, tmp_path / "m.parquet", CurationConfig(ocr=False, codec_static_prefilter=True))
+    table = pd.read_parquet(tmp_path / "m.parquet")
+    moving, static = table[table["source"].str.endswith("cuts.mp4")], table[table["source"].str.endswith("static.mp4")]
+    assert (moving["codec_mv_mean_px"] > 0.5).all() and (moving["flow_backend"] == "torch-cpu").all()
+    assert (static["codec_mv_mean_px"] == 0).all() and (static["flow_backend"] == "codec-motion-vectors").all()
+    assert static["static"].all() and (static["flow_mean_px"] == 0).all()
+
+
+def test_bad_files_recorded_and_run_continues(video_dir: tuple[Path, list[int]], tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("cuts.mp4", "static.mp4"):
+        (folder / name).write_bytes((video_dir[0] / name).read_bytes())
+    _add_bad_files(folder)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"mixed/{path.name}\n" for path in sorted(folder.iterdir())) + "mixed/does_not_exist.mp4\n")
+    curate(listing, tmp_path / "m.parquet", NO_OCR)
+    table = pd.read_parquet(tmp_path / "m.parquet")
+    errors = table.set_index(table["source"].map(lambda source: Path(source).name))["error"]
+    for name in ("garbage.mp4", "empty.mp4", "notes.txt", "truncated_header.mp4", "does_not_exist.mp4"):
+        assert isinstance(errors[name], str) and errors[name].startswith("cuts:"), name
+    assert "zero-length" in errors["empty.mp4"] and "not a file" in errors["does_not_exist.mp4"]
+    assert (table[table["error"].isna()]["clip_index"] >= 0).sum() == 4  # the good files are complete
+    with pytest.raises(VideoReadError):
+        probe_video(folder / "notes.txt")
+
+
+def test_resume_skips_finished_files_and_survives_interruption(video_dir: tuple[Path, list[int]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder, _ = video_dir
+    out = tmp_path / "m.parquet"
+    real_stage_flow = pipeline.stage_flow
+    calls: list[str] = []
+
+    def interrupted_after_first_file(item: dict, config: CurationConfig | None = None) -> dict:
+        calls.append(item["path"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies in the middle of the second file
+        return real_stage_flow(item, config)
+
+    monkeypatch.setattr(pipeline, "stage_flow", interrupted_after_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        curate(folder, out, NO_OCR)
+    assert len(list(manifest_module.parts_dir(out).glob("*.parquet"))) == 1  # the first file's work is kept
+    monkeypatch.setattr(pipeline, "stage_flow", real_stage_flow)
+    summary = curate(folder, out, NO_OCR)
+    assert summary["files_processed"] == 1 and summary["files_skipped_finished"] == 1
+
+    def must_not_run(*args: object, **kwargs: object) -> dict:
+        raise AssertionError("a finished file was processed again")
+
+    monkeypatch.setattr(pipeline, "stage_cuts", must_not_run)
+    again = curate(folder, out, NO_OCR, filters=["flow_mean_norm:bottom=50"])
+    assert again["files_processed"] == 0 and again["clips"] == 4
+    assert "pass_flow_mean_norm_bottom50pct" in pd.read_parquet(out).columns  # filters re-applied without recomputing
+
+
+@requires_tesseract
+def test_ocr_stage_in_pipeline(tmp_path: Path) -> None:
+    text = np.repeat(_text_frame(192, 320)[None], 6, axis=0)
+    write_video(tmp_path / "text.mp4", text, fps=4, lossless=True)
+    write_video(tmp_path / "plain.mp4", np.full((6, 192, 320, 3), 90, np.uint8), fps=4, lossless=True)
+    curate(tmp_path, tmp_path / "m.parquet", CurationConfig(), filters=["ocr_coverage<=0.05"])
+    table = pd.read_parquet(tmp_path / "m.parquet")
+    by_name = {Path(row.source).name: row for row in table.itertuples()}
+    assert by_name["text.mp4"].ocr_coverage > 0.1 and not by_name["text.mp4"].keep
+    assert by_name["plain.mp4"].ocr_coverage == 0.0 and by_name["plain.mp4"].keep
+
+
+# ---------------------------------------------------------------- CLIP
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A tiny random CLIPModel with a 54-token character tokenizer, the same model without a tokenizer, and a head."""
+    import json
+    import shutil
+
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1, "vocab_size": 54}
+    config = CLIPConfig(
+        text_config={**text, "bos_token_id": 52, "eos_token_id": 53, "pad_token_id": 53},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    folder = tmp_path_factory.mktemp("clip")
+    CLIPModel(config).save_pretrained(folder / "bare")
+    shutil.copytree(folder / "bare", folder / "model")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {**{c: i for i, c in enumerate(letters)}, **{c + "</w>": 26 + i for i, c in enumerate(letters)}, "<|startoftext|>": 52, "<|endoftext|>": 53}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder / "model")
+    head = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    torch.save(head.state_dict(), folder / "head.pt")
+    return folder / "model", folder / "bare", folder / "head.pt"
+
+
+def test_clip_scores_in_pipeline(video_dir: tuple[Path, list[int]], tiny_clip: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from svd_fast.curation.clip_scores import ClipScorer
+
+    model_path, bare_path, head_path = tiny_clip
+    folder, _ = video_dir
+    config = CurationConfig(ocr=False, clip_model=str(model_path), aesthetic_head=str(head_path))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'cuts.mp4'}\ta red ball\n")
+    curate(listing, tmp_path / "m.parquet", config, filters=["aesthetic_score:bottom=50"])
+    table = pd.read_parquet(tmp_path / "m.parquet")
+    assert len(table) == 3 and table["clip_embedding"].map(len).eq(16).all()
+    assert table["aesthetic_score"].notna().all() and table["clip_text_similarity"].notna().all()
+    # Recompute clip 0 independently: transformers' model, our head, CLIP preprocessing of the key frames.
+    model = CLIPModel.from_pretrained(str(model_path)).eval()
+    head = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    head.load_state_dict(torch.load(head_path))
+    tokens = CLIPTokenizer.from_pretrained(str(model_path))(["a red ball"], return_tensors="pt")
+    frames = torch.as_tensor(decode_all_frames(folder / "cuts.mp4")[[0, 5, 11]]).permute(0, 3, 1, 2).float() / 255
+    pixels = torch.nn.functional.interpolate(frames, size=(32, 48), mode="bicubic", antialias=True)[..., 8:40]
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    pixels = (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    with torch.no_grad():
+        images = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        text = torch.nn.functional.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
+        expected_aesthetic = float(head(images).mean())
+        expected_similarity = float((images @ text[0]).mean())
+    first = table.sort_values("clip_index").iloc[0]
+    assert first["aesthetic_score"] == pytest.approx(expected_aesthetic, rel=1e-4, abs=1e-5)
+    assert first["clip_text_similarity"] == pytest.approx(expected_similarity, rel=1e-4, abs=1e-5)
+    assert np.linalg.norm(first["clip_embedding"]) == pytest.approx(1.0, rel=1e-4)
+    assert table["keep"].sum() == 2  # bottom 50% of 3 scores removes the lowest one
+    bare = ClipScorer(bare_path, None, "cpu")
+    assert bare.tokenizer is None and "no tokenizer" in bare.tokenizer_missing_reason
+    assert bare.score(decode_all_frames(folder / "cuts.mp4")[:3], "a red ball")["clip_text_similarity"] is None
+    with pytest.raises(ValueError, match="last layer must output 1"):
+        torch.save(torch.nn.Linear(16, 2).state_dict(), tmp_path / "bad_head.pt")
+        ClipScorer(bare_path, tmp_path / "bad_head.pt", "cpu")
+
+
+# ---------------------------------------------------------------- Ray and CLI
+
+
+def test_ray_path_matches_local(video_dir: tuple[Path, list[int]], tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    folder, _ = video_dir
+    bad = tmp_path / "in"
+    bad.mkdir()
+    for name in ("cuts.mp4", "static.mp4"):
+        (bad / name).write_bytes((folder / name).read_bytes())
+    (bad / "garbage.mp4").write_bytes(b"junk" * 100)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = curate(bad, tmp_path / "ray.parquet", NO_OCR, ray_address="local")
+    finally:
+        ray.shutdown()
+    curate(bad, tmp_path / "local.parquet", NO_OCR)
+    columns = ["source", "clip_index", "start_frame", "end_frame", "flow_mean_px", "static", "error"]
+    ray_table = pd.read_parquet(tmp_path / "ray.parquet")[columns].sort_values(["source", "clip_index"]).reset_index(drop=True)
+    local_table = pd.read_parquet(tmp_path / "local.parquet")[columns].sort_values(["source", "clip_index"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(ray_table, local_table)
+    assert summary["files_processed"] == 3 and summary["clips"] == 4
+
+
+def test_cli_end_to_end(video_dir: tuple[Path, list[int]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from svd_fast.commands import curate as curate_command
+
+    parser = argparse.ArgumentParser(prog="svd-fast")
+    curate_command.add_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "cli.parquet"
+    args = parser.parse_args(["curate", "--input", str(video_dir[0]), "--out", str(out), "--no-ocr", "--filter", "flow_mean_norm>=0.001"])
+    assert args.func(args) == 0
+    assert '"kept": 3' in capsys.readouterr().out
+    assert pd.read_parquet(out)["keep"].sum() == 3
+    with pytest.raises(SystemExit):
+        parser.parse_args(["curate", "--out", str(out)])  # --input is required
+    assert "examples:" in curate_command.EXAMPLES

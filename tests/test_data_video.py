@@ -1,0 +1,241 @@
+"""Video probing, frame selection, DALI-vs-PyAV decoding and the clip dataset, on generated videos."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from svd_fast.data import synthetic
+from svd_fast.data.video import (
+    VideoClipDataset,
+    VideoDecodeError,
+    clip_frame_indices,
+    dali_clip_loader,
+    decode_frames,
+    probe_video,
+)
+
+NUM_FRAMES, HEIGHT, WIDTH, FPS = 24, 48, 64, 12
+
+
+def _frame_ids(frames: np.ndarray) -> list[int]:
+    """Recover each decoded frame's index from the brightness stripe written by `numbered_frames`."""
+    return [int(round(frame[:8, :, :].mean() / 8)) for frame in frames]
+
+
+def numbered_frames(count: int) -> np.ndarray:
+    """Textured frames whose top 8 rows encode the frame index as a flat grey level (index * 8)."""
+    frames = synthetic.translating_texture(count, HEIGHT, WIDTH, (0.0, 1.0))
+    for index in range(count):
+        frames[index, :8] = index * 8
+    return frames
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("videos")
+    frames = numbered_frames(NUM_FRAMES)
+    paths = {
+        "vp9": synthetic.write_video(folder / "clip_vp9.webm", frames, FPS, codec="vp9"),
+        "h264": synthetic.write_video(folder / "clip_h264.mp4", frames, FPS, codec="h264"),
+        "short": synthetic.write_video(folder / "short.mp4", frames[:5], FPS, codec="h264"),
+    }
+    return paths
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory: pytest.TempPathFactory, videos: dict[str, Path]) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bad")
+    empty = folder / "empty.mp4"
+    empty.write_bytes(b"")
+    garbage = folder / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    text = folder / "notes.mov"
+    text.write_text("this is not a video\n" * 50)
+    truncated = folder / "truncated.mp4"
+    data = videos["h264"].read_bytes()
+    truncated.write_bytes(data[: len(data) // 3])
+    return {"empty": empty, "garbage": garbage, "text": text, "truncated": truncated}
+
+
+def test_probe_reports_frames_fps_size_codec(videos: dict[str, Path]) -> None:
+    for codec in ("vp9", "h264"):
+        info = probe_video(videos[codec])
+        assert (info.num_frames, info.width, info.height, info.codec) == (NUM_FRAMES, WIDTH, HEIGHT, codec)
+        assert info.fps == pytest.approx(FPS)
+        assert info.duration == pytest.approx(NUM_FRAMES / FPS)
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage", "text"])
+def test_probe_rejects_bad_files_with_reason(bad_files: dict[str, Path], kind: str) -> None:
+    with pytest.raises(VideoDecodeError) as error:
+        probe_video(bad_files[kind])
+    assert str(bad_files[kind]) in str(error.value) and error.value.reason
+
+
+def test_probe_missing_file() -> None:
+    with pytest.raises(VideoDecodeError, match="does not exist"):
+        probe_video("/nonexistent/video.mp4")
+
+
+def test_clip_indices_stride_and_fps() -> None:
+    assert clip_frame_indices(10, 30, 3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert clip_frame_indices(20, 30, 3, stride=3) == [[0, 3, 6], [9, 12, 15]]
+    # 30 fps -> 12 fps: step 2.5 frames, rounded per frame (Python rounds half to even).
+    assert clip_frame_indices(30, 30, 4, target_fps=12) == [[0, 2, 5, 8], [10, 12, 15, 18], [20, 22, 25, 28]]
+    assert clip_frame_indices(30, 30, 3, start=4, end=12) == [[4, 5, 6], [7, 8, 9]]
+    assert clip_frame_indices(2, 30, 3) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_frames": 0}, "num_frames"),
+        ({"stride": 0}, "stride"),
+        ({"stride": 2, "target_fps": 5}, "either stride or target_fps"),
+        ({"target_fps": -1}, "target_fps"),
+        ({"start": -1}, "start"),
+    ],
+)
+def test_clip_indices_bad_arguments(kwargs: dict, message: str) -> None:
+    arguments = {"num_frames_in_video": 10, "video_fps": 30, "num_frames": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        clip_frame_indices(**arguments)
+
+
+@pytest.mark.parametrize("codec", ["vp9", "h264"])
+def test_pyav_decodes_requested_frames_in_order(videos: dict[str, Path], codec: str) -> None:
+    indices = [7, 0, 3, 3, 20]
+    frames = decode_frames(videos[codec], indices, backend="pyav")
+    assert frames.shape == (len(indices), HEIGHT, WIDTH, 3) and frames.dtype == np.uint8
+    assert _frame_ids(frames) == indices
+
+
+def test_dali_cpu_matches_pyav_on_vp9(videos: dict[str, Path]) -> None:
+    indices = [0, 5, 11, 23, 5]
+    dali = decode_frames(videos["vp9"], indices, backend="dali").astype(np.float64)
+    pyav = decode_frames(videos["vp9"], indices, backend="pyav").astype(np.float64)
+    assert dali.shape == pyav.shape
+    assert _frame_ids(dali.astype(np.uint8)) == indices
+    # Luma agrees to rounding; RGB differs only where DALI interpolates 4:2:0 chroma and swscale replicates it.
+    luma_weights = np.array([0.299, 0.587, 0.114])
+    luma_difference = np.abs(dali @ luma_weights - pyav @ luma_weights)
+    assert luma_difference.mean() < 1.5, luma_difference.mean()
+    assert np.abs(dali - pyav).mean() < 6.0
+
+
+def test_dali_backend_refuses_h264(videos: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="DALI's CPU decoder handles"):
+        decode_frames(videos["h264"], [0], backend="dali")
+
+
+def test_decode_past_end_of_truncated_file(bad_files: dict[str, Path]) -> None:
+    with pytest.raises(VideoDecodeError):
+        decode_frames(bad_files["truncated"], list(range(NUM_FRAMES)), backend="pyav")
+
+
+def test_dataset_yields_normalised_clips(videos: dict[str, Path]) -> None:
+    dataset = VideoClipDataset([videos["h264"]], num_frames=4, size=(32, 40), stride=2)
+    samples = list(dataset)
+    assert [sample["start_frame"] for sample in samples] == [0, 8, 16]
+    pixels = samples[0]["pixel_values"]
+    assert pixels.shape == (4, 3, 32, 40) and pixels.dtype == torch.float32
+    assert -1.0 <= pixels.min() < -0.5 and 0.5 < pixels.max() <= 1.0
+    assert samples[0]["fps"] == pytest.approx(FPS) and dataset.errors == []
+
+
+def test_dataset_target_fps_and_manifest_columns(videos: dict[str, Path], tmp_path: Path) -> None:
+    import pandas as pd
+
+    manifest = tmp_path / "manifest.parquet"
+    pd.DataFrame([{"file": str(videos["vp9"]), "start_frame": 4, "end_frame": 16, "motion_bucket_id": 99}]).to_parquet(manifest)
+    samples = list(VideoClipDataset(manifest, num_frames=3, size=(48, 64), target_fps=6))
+    # 12 fps -> 6 fps is every other frame; frames 4..15 hold two 3-frame clips.
+    assert [sample["start_frame"] for sample in samples] == [4, 10]
+    assert all(sample["motion_bucket_id"] == 99 and sample["fps"] == 6 for sample in samples)
+
+
+def test_short_clips_skip_or_pad(videos: dict[str, Path]) -> None:
+    skipping = VideoClipDataset([videos["short"]], num_frames=8, size=(48, 64))
+    assert list(skipping) == [] and "shorter than one clip" in skipping.errors[0][1]
+    padded = list(VideoClipDataset([videos["short"]], num_frames=8, size=(48, 64), on_short="pad"))
+    assert len(padded) == 1
+    frames = padded[0]["pixel_values"]
+    torch.testing.assert_close(frames[5], frames[4])  # frames 5..7 repeat the last real frame (4)
+    torch.testing.assert_close(frames[7], frames[4])
+
+
+def test_sharding_covers_every_clip_once(videos: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(5):
+        synthetic.write_video(folder / f"v{index}.mp4", numbered_frames(8), FPS, codec="h264")
+    seen = []
+    for rank in range(3):
+        dataset = VideoClipDataset(folder, num_frames=4, size=(16, 16), shuffle=True, seed=3, rank=rank, world_size=3)
+        seen += [(Path(sample["path"]).name, sample["start_frame"]) for sample in dataset]
+    expected = [(f"v{index}.mp4", start) for index in range(5) for start in (0, 4)]
+    assert sorted(seen) == sorted(expected)
+
+
+def test_dataloader_workers_shard_files(videos: dict[str, Path]) -> None:
+    dataset = VideoClipDataset([videos["vp9"], videos["h264"]], num_frames=12, size=(16, 16))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+    starts = sorted((Path(sample["path"]).suffix, sample["start_frame"]) for sample in loader)
+    assert starts == [(".mp4", 0), (".mp4", 12), (".webm", 0), (".webm", 12)]
+
+
+def test_bad_files_are_reported_not_fatal(videos: dict[str, Path], bad_files: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    sources = [bad_files["empty"], videos["vp9"], bad_files["garbage"], bad_files["text"], bad_files["truncated"], videos["h264"]]
+    dataset = VideoClipDataset(sources, num_frames=8, size=(16, 16))
+    with caplog.at_level(logging.WARNING):
+        samples = list(dataset)
+    good = {str(videos["vp9"]), str(videos["h264"])}
+    assert {sample["path"] for sample in samples} == good
+    assert len([s for s in samples if s["path"] in good]) == 6  # 3 clips of 8 from each good file
+    reported = {path for path, _reason in dataset.errors}
+    assert reported == {str(bad_files[kind]) for kind in ("empty", "garbage", "text", "truncated")}
+    assert "empty" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_frames": 0}, "num_frames"),
+        ({"size": (0, 4)}, "size"),
+        ({"on_short": "drop"}, "on_short"),
+        ({"backend": "nvdec"}, "backend"),
+        ({"rank": 2, "world_size": 2}, "rank"),
+        ({"stride": 2, "target_fps": 3}, "either stride or target_fps"),
+    ],
+)
+def test_dataset_bad_arguments(videos: dict[str, Path], kwargs: dict, message: str) -> None:
+    arguments = {"sources": [videos["vp9"]], "num_frames": 2, "size": (8, 8), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        VideoClipDataset(**arguments)
+
+
+def test_dataset_without_videos_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("no videos here")
+    with pytest.raises(ValueError, match="no video files"):
+        VideoClipDataset(tmp_path, num_frames=2, size=(8, 8))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on machines without a GPU")
+def test_gpu_loader_without_gpu_points_to_cpu_dataset(videos: dict[str, Path]) -> None:
+    with pytest.raises(RuntimeError, match="VideoClipDataset"):
+        next(dali_clip_loader([videos["h264"]], batch_size=1, num_frames=4, size=(16, 16)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none present)")
+def test_gpu_loader_matches_cpu_dataset(videos: dict[str, Path]) -> None:
+    batches = list(dali_clip_loader([videos["h264"]], batch_size=1, num_frames=4, size=(48, 64), shuffle=False))
+    cpu = list(VideoClipDataset([videos["h264"]], num_frames=4, size=(48, 64)))
+    assert len(batches) == len(cpu)
+    first = batches[0]["pixel_values"][0].cpu()
+    assert first.shape == (4, 3, 48, 64)
+    assert (first - cpu[0]["pixel_values"]).abs().mean() < 0.05
