@@ -19,6 +19,8 @@ $(VENV)/.deps-installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -r requirements.txt
+	# PySceneDetect (curation's cut-detection cross-check) without its GUI OpenCV dependency.
+	$(BIN)/python -m pip install -q --no-deps scenedetect==0.7.2
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -1,9 +1,11 @@
 // GroupNorm(+SiLU): op schemas, CPU kernels, and the dispatcher entry points declared in ops.h.
 //
 // Layouts: input of shape (N, C, *spatial) stored contiguous (N, C, S) or channels_last
-// (N, S, C); anything else is made contiguous first. Statistics are accumulated in
-// at::opmath_type (float for fp16/bf16/fp32, double for fp64) with a two-pass mean/variance so
-// that inputs far from zero keep their precision.
+// (N, S, C); anything else is made contiguous first. Elementwise math is in at::opmath_type
+// (float for fp16/bf16/fp32, double for fp64). The reductions over a whole group (up to millions
+// of elements) add short opmath blocks into double, since one long float sum loses ~count * 2^-24
+// relative precision; the forward's mean pass sums x minus a pivot and the variance pass sums
+// squared deviations from the mean, so that inputs far from zero keep their precision.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -11,6 +13,7 @@
 #include <c10/core/MemoryFormat.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -47,34 +50,109 @@ inline acc_t sigmoid(acc_t z) {
   return acc_t(1) / (acc_t(1) + std::exp(-z));
 }
 
+// Sum over p[0, len) of f(p[i]) in blocks: kLanes independent accumulators (which the compiler
+// turns into SIMD lanes) over at most kBlock elements, each block then added in double. Callers pass
+// values already shifted near zero, so the short acc_t sums lose nothing that matters.
+template <typename acc_t, typename scalar_t, typename F>
+inline double blocked_sum(const scalar_t* p, int64_t len, F f) {
+  constexpr int kLanes = 8;
+  constexpr int64_t kBlock = 1024;
+  double total = 0;
+  for (int64_t start = 0; start < len; start += kBlock) {
+    const int64_t end = std::min(len, start + kBlock);
+    acc_t lanes[kLanes] = {};
+    int64_t i = start;
+    for (; i + kLanes <= end; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) lanes[j] += f(static_cast<acc_t>(p[i + j]));
+    }
+    double block = 0;
+    for (; i < end; ++i) block += f(static_cast<acc_t>(p[i]));
+    for (int j = 0; j < kLanes; ++j) block += lanes[j];
+    total += block;
+  }
+  return total;
+}
+
+// Calls visit(row_pointer_offset, length, first_channel, channel_step) for each contiguous run of a
+// group: contiguous layout, D runs of S elements of one channel; channels_last, S runs of D channels.
+template <typename Visit>
+inline void for_each_run(const GroupNormGeometry& g, int64_t n, int64_t group, Visit&& visit) {
+  const int64_t first_channel = group * g.channels_per_group;
+  if (!g.channels_last) {
+    const int64_t base = (n * g.channels + first_channel) * g.spatial;
+    for (int64_t d = 0; d < g.channels_per_group; ++d) visit(base + d * g.spatial, g.spatial, first_channel + d, 0);
+  } else {
+    const int64_t base = n * g.spatial * g.channels + first_channel;
+    for (int64_t s = 0; s < g.spatial; ++s) visit(base + s * g.channels, g.channels_per_group, first_channel, 1);
+  }
+}
+
+// y = (x - mean) * scale + shift over one run, then SiLU. kPerElement: scale/shift advance with
+// the element (channels_last runs span channels), else one channel's values for the whole run.
+// Template flags keep branches and strides out of the loops so that they vectorize.
+template <bool kPerElement, bool kSilu, typename scalar_t, typename acc_t>
+inline void normalize_run(const scalar_t* x, scalar_t* y, int64_t len, acc_t mean, const acc_t* scale,
+                          const acc_t* shift) {
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t k = kPerElement ? i : 0;
+    acc_t z = (static_cast<acc_t>(x[i]) - mean) * scale[k] + shift[k];
+    if constexpr (kSilu) z *= sigmoid(z);
+    y[i] = static_cast<scalar_t>(z);
+  }
+}
+
+template <bool kPerElement, typename scalar_t, typename acc_t>
+inline void normalize_run(const scalar_t* x, scalar_t* y, int64_t len, acc_t mean, const acc_t* scale,
+                          const acc_t* shift, bool silu) {
+  if (silu) {
+    normalize_run<kPerElement, true>(x, y, len, mean, scale, shift);
+  } else {
+    normalize_run<kPerElement, false>(x, y, len, mean, scale, shift);
+  }
+}
+
 template <typename scalar_t>
 void forward_cpu_kernel(const GroupNormGeometry& geo, const scalar_t* x, const scalar_t* weight,
                         const scalar_t* bias, double eps, bool silu, scalar_t* y, float* mean_out,
                         float* rstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t groups_total = geo.batch * geo.num_groups;
-  const acc_t count = static_cast<acc_t>(geo.channels_per_group * geo.spatial);
+  const double count = static_cast<double>(geo.channels_per_group * geo.spatial);
   at::parallel_for(0, groups_total, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scale(geo.channels_per_group), shift(geo.channels_per_group);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / geo.num_groups;
       const int64_t group = ng % geo.num_groups;
-      acc_t sum = 0;
-      for_each_in_group(geo, n, group, [&](int64_t i, int64_t) { sum += static_cast<acc_t>(x[i]); });
-      const acc_t mean = sum / count;
-      acc_t sq = 0;
-      for_each_in_group(geo, n, group, [&](int64_t i, int64_t) {
-        const acc_t d = static_cast<acc_t>(x[i]) - mean;
-        sq += d * d;
+      // Pass 1 sums x - pivot (pivot: the group's first element), so that for off-centre data the
+      // summands are of the size of the spread, not of the mean.
+      const acc_t pivot = static_cast<acc_t>(
+          x[geo.channels_last ? n * geo.spatial * geo.channels + group * geo.channels_per_group
+                              : (n * geo.channels + group * geo.channels_per_group) * geo.spatial]);
+      double shifted_sum = 0;
+      for_each_run(geo, n, group, [&](int64_t offset, int64_t len, int64_t, int64_t) {
+        shifted_sum += blocked_sum<acc_t>(x + offset, len, [pivot](acc_t v) { return v - pivot; });
       });
-      const acc_t rstd = acc_t(1) / std::sqrt(sq / count + static_cast<acc_t>(eps));
+      const double mean_sum = static_cast<double>(pivot) + shifted_sum / count;
+      const acc_t mean = static_cast<acc_t>(mean_sum);
+      double sq = 0;
+      for_each_run(geo, n, group, [&](int64_t offset, int64_t len, int64_t, int64_t) {
+        sq += blocked_sum<acc_t>(x + offset, len, [mean](acc_t v) { return (v - mean) * (v - mean); });
+      });
+      const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(sq / count + eps));
       mean_out[ng] = static_cast<float>(mean);
       rstd_out[ng] = static_cast<float>(rstd);
-      for_each_in_group(geo, n, group, [&](int64_t i, int64_t c) {
-        acc_t z = (static_cast<acc_t>(x[i]) - mean) * rstd;
-        if (weight) z *= static_cast<acc_t>(weight[c]);
-        if (bias) z += static_cast<acc_t>(bias[c]);
-        if (silu) z *= sigmoid(z);
-        y[i] = static_cast<scalar_t>(z);
+      const int64_t first_channel = group * geo.channels_per_group;
+      for (int64_t d = 0; d < geo.channels_per_group; ++d) {
+        scale[d] = weight ? rstd * static_cast<acc_t>(weight[first_channel + d]) : rstd;
+        shift[d] = bias ? static_cast<acc_t>(bias[first_channel + d]) : acc_t(0);
+      }
+      for_each_run(geo, n, group, [&](int64_t offset, int64_t len, int64_t channel, int64_t step) {
+        const int64_t d = channel - first_channel;
+        if (step == 0) {
+          normalize_run<false>(x + offset, y + offset, len, mean, scale.data() + d, shift.data() + d, silu);
+        } else {
+          normalize_run<true>(x + offset, y + offset, len, mean, scale.data() + d, shift.data() + d, silu);
+        }
       });
     }
   });
@@ -83,11 +161,11 @@ void forward_cpu_kernel(const GroupNormGeometry& geo, const scalar_t* x, const s
 template <typename scalar_t>
 void backward_cpu_kernel(const GroupNormGeometry& geo, const scalar_t* dy, const scalar_t* x,
                          const float* mean_in, const float* rstd_in, const scalar_t* weight,
-                         const scalar_t* bias, bool silu, scalar_t* dx, at::opmath_type<scalar_t>* dw_partial,
-                         at::opmath_type<scalar_t>* db_partial) {
+                         const scalar_t* bias, bool silu, scalar_t* dx, double* dw_partial,
+                         double* db_partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t groups_total = geo.batch * geo.num_groups;
-  const acc_t count = static_cast<acc_t>(geo.channels_per_group * geo.spatial);
+  const double count = static_cast<double>(geo.channels_per_group * geo.spatial);
   at::parallel_for(0, groups_total, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / geo.num_groups;
@@ -106,9 +184,9 @@ void backward_cpu_kernel(const GroupNormGeometry& geo, const scalar_t* dy, const
         }
         return g;
       };
-      acc_t sum_dxhat = 0, sum_dxhat_xhat = 0;
-      acc_t* dw_row = dw_partial + n * geo.channels;
-      acc_t* db_row = db_partial + n * geo.channels;
+      double sum_dxhat = 0, sum_dxhat_xhat = 0;
+      double* dw_row = dw_partial + n * geo.channels;
+      double* db_row = db_partial + n * geo.channels;
       for_each_in_group(geo, n, group, [&](int64_t i, int64_t c) {
         const acc_t xhat = (static_cast<acc_t>(x[i]) - mean) * rstd;
         const acc_t dz = grad_z(i, c, xhat);
@@ -118,8 +196,8 @@ void backward_cpu_kernel(const GroupNormGeometry& geo, const scalar_t* dy, const
         sum_dxhat += dxhat;
         sum_dxhat_xhat += dxhat * xhat;
       });
-      const acc_t mean_dxhat = sum_dxhat / count;
-      const acc_t mean_dxhat_xhat = sum_dxhat_xhat / count;
+      const acc_t mean_dxhat = static_cast<acc_t>(sum_dxhat / count);
+      const acc_t mean_dxhat_xhat = static_cast<acc_t>(sum_dxhat_xhat / count);
       for_each_in_group(geo, n, group, [&](int64_t i, int64_t c) {
         const acc_t xhat = (static_cast<acc_t>(x[i]) - mean) * rstd;
         const acc_t dz = grad_z(i, c, xhat);
@@ -163,20 +241,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cpu(
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor dx = at::empty_like(x, x.options(), geo.memory_format);
-  const auto acc_dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Per-sample partial sums for dweight/dbias, summed over the batch afterwards: each (n, g)
   // task owns its own slice, so no two threads write the same element.
-  at::Tensor dw_partial = at::zeros({geo.batch, geo.channels}, x.options().dtype(acc_dtype));
-  at::Tensor db_partial = at::zeros({geo.batch, geo.channels}, x.options().dtype(acc_dtype));
+  at::Tensor dw_partial = at::zeros({geo.batch, geo.channels}, x.options().dtype(at::kDouble));
+  at::Tensor db_partial = at::zeros({geo.batch, geo.channels}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     backward_cpu_kernel<scalar_t>(geo, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                   mean.contiguous().const_data_ptr<float>(),
                                   rstd.contiguous().const_data_ptr<float>(),
                                   w.defined() ? w.const_data_ptr<scalar_t>() : nullptr,
                                   b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, silu,
-                                  dx.mutable_data_ptr<scalar_t>(), dw_partial.mutable_data_ptr<acc_t>(),
-                                  db_partial.mutable_data_ptr<acc_t>());
+                                  dx.mutable_data_ptr<scalar_t>(), dw_partial.mutable_data_ptr<double>(),
+                                  db_partial.mutable_data_ptr<double>());
   });
   const auto param_dtype = w.defined() ? w.scalar_type() : input.scalar_type();
   return {dx, dw_partial.sum(0).to(param_dtype), db_partial.sum(0).to(param_dtype)};

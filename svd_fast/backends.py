@@ -83,11 +83,17 @@ def backends_used() -> dict[str, str]:
 UnavailableReason = Callable[[str], "str | None"]
 
 
-def select_backend(op_name: str, device: torch.device, unavailable_reason: UnavailableReason) -> str:
+def select_backend(
+    op_name: str,
+    device: torch.device,
+    unavailable_reason: UnavailableReason,
+    order: Mapping[str, tuple[str, ...]] = DEFAULT_ORDER,
+) -> str:
     """Choose the backend for one call of ``op_name`` on ``device``.
 
     ``unavailable_reason(backend)`` returns None when the backend can run this call, else a short
-    reason. The choice is recorded for :func:`last_backend`.
+    reason. ``order`` lets an op whose benchmarks rank its backends differently override the default
+    preference per device type. The choice is recorded for :func:`last_backend`.
     """
     forced = forced_backend()
     if forced is not None:
@@ -98,7 +104,7 @@ def select_backend(op_name: str, device: torch.device, unavailable_reason: Unava
     else:
         reasons: dict[str, str] = {}
         chosen = None
-        for backend in DEFAULT_ORDER.get(device.type, ("reference",)):
+        for backend in order.get(device.type, ("reference",)):
             reason = unavailable_reason(backend)
             if reason is None:
                 chosen = backend

@@ -159,6 +159,16 @@ def test_dataset_target_fps_and_manifest_columns(videos: dict[str, Path], tmp_pa
     assert all(sample["motion_bucket_id"] == 99 and sample["fps"] == 6 for sample in samples)
 
 
+def test_curation_manifest_rows_rejected_or_failed_are_left_out(videos: dict[str, Path]) -> None:
+    rows = [
+        {"source": str(videos["vp9"]), "start_frame": 0, "end_frame": 8, "keep": True, "error": None},
+        {"source": str(videos["vp9"]), "start_frame": 8, "end_frame": 16, "keep": False, "error": None},
+        {"source": str(videos["h264"]), "start_frame": 0, "end_frame": 8, "keep": False, "error": "decode failed"},
+    ]
+    samples = list(VideoClipDataset(rows, num_frames=8, size=(16, 16)))
+    assert [(sample["path"], sample["start_frame"]) for sample in samples] == [(str(videos["vp9"]), 0)]
+
+
 def test_short_clips_skip_or_pad(videos: dict[str, Path]) -> None:
     skipping = VideoClipDataset([videos["short"]], num_frames=8, size=(48, 64))
     assert list(skipping) == [] and "shorter than one clip" in skipping.errors[0][1]

@@ -269,9 +269,12 @@ def _sources_from(sources: str | Path | Sequence[Any]) -> list[ClipSource]:
             entries.append(ClipSource(str(item)))
             continue
         record = dict(item)
-        path = record.pop("file", None) or record.pop("path", None)
+        # A curation manifest (svd-fast curate) marks rejected clips keep=False and failed files with error.
+        if record.pop("keep", True) is False or record.get("error"):
+            continue
+        path = record.pop("file", None) or record.pop("path", None) or record.pop("source", None)
         if path is None:
-            raise ValueError(f"sources: manifest row {item!r} has no 'file' (or 'path') column")
+            raise ValueError(f"sources: manifest row {item!r} has no 'file' (or 'path'/'source') column")
         start = record.pop("start_frame", 0)
         end = record.pop("end_frame", None)
         end = None if end is None or (isinstance(end, float) and math.isnan(end)) else int(end)
@@ -291,7 +294,8 @@ class VideoClipDataset(torch.utils.data.IterableDataset):
     "start_frame", "fps", + manifest columns}.
 
     ``sources``: a folder (searched recursively), a list of paths, a list of manifest rows (dicts with
-    ``file``, optional ``start_frame``/``end_frame`` and extra columns), or a .parquet/.jsonl manifest.
+    ``file``, optional ``start_frame``/``end_frame`` and extra columns), or a .parquet/.jsonl manifest,
+    such as the one ``svd-fast curate`` writes (its rows with keep=False or an error are left out).
     Sharding: files are split across ``world_size`` ranks and across DataLoader workers, so every clip
     is read exactly once per epoch. Call :meth:`set_epoch` to reshuffle. Skipped files and clips are in
     :attr:`errors` (for in-process iteration; DataLoader workers log them).

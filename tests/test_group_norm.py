@@ -1,0 +1,249 @@
+"""GroupNorm(+SiLU): every backend vs a float64 ground truth, layouts, gradients, torch.library checks, bad input.
+
+Tolerance rule (as flash-attention): a backend's error against the float64 truth (computed from the
+same, already rounded, input) may be at most twice the error of torch.nn.functional.group_norm
+(+ silu) run in the storage dtype, plus a floor of a few roundings of the storage dtype at the
+output's magnitude (torch's own error can be near zero on a lucky draw).
+Inputs are off-centre (mean ~100, std ~1): a one-pass sum-of-squares variance fails there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from svd_fast import backends
+from svd_fast.nn import GroupNorm
+from svd_fast.ops import group_norm
+from conftest import requires_cuda
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Tiny (the Triton interpreter is slow) but several tiles per group, so the cross-tile combine runs.
+SHAPES = {"4d": (2, 8, 6, 10), "5d": (2, 6, 3, 4, 5)}
+GROUPS = 2
+EPS = 1e-5
+
+BACKEND_PARAMS = [
+    pytest.param("reference", "cpu", id="reference"),
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("triton", "cpu", id="triton-interpreter"),
+    pytest.param("cuda", "cuda", id="cuda", marks=requires_cuda),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=requires_cuda),
+]
+COMPILED_BACKEND_PARAMS = [p for p in BACKEND_PARAMS if p.id != "reference"]
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
+def _inputs(shape, dtype, device="cpu", affine=True, channels_last=False, centre=100.0):
+    x = (torch.randn(shape, dtype=torch.float64) + centre).to(device, dtype)
+    if channels_last:
+        x = _channels_last(x)
+    if not affine:
+        return x, None, None
+    weight = (torch.rand(shape[1], dtype=torch.float64) + 0.5).to(device, dtype)
+    bias = torch.randn(shape[1], dtype=torch.float64).to(device, dtype)
+    return x, weight, bias
+
+
+def _torch_group_norm(x, weight, bias, silu):
+    y = F.group_norm(x, GROUPS, weight, bias, EPS)
+    return F.silu(y) if silu else y
+
+
+def _double(t):
+    return None if t is None else t.double()
+
+
+def _expected_format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous():
+        return torch.contiguous_format
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKEND_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rank", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_forward_matches_float64(backend, device, dtype, rank, channels_last) -> None:
+    for affine, silu in ((True, True), (False, False)):
+        x, weight, bias = _inputs(SHAPES[rank], dtype, device, affine, channels_last)
+        truth = _torch_group_norm(x.double(), _double(weight), _double(bias), silu)
+        torch_error = (_torch_group_norm(x, weight, bias, silu).double() - truth).abs().max().item()
+        with backends.use_backend(backend):
+            y = group_norm(x, GROUPS, weight, bias, EPS, activation="silu" if silu else None)
+        assert backends.last_backend("group_norm") == backend
+        assert y.dtype == dtype and y.shape == x.shape
+        assert y.is_contiguous(memory_format=_expected_format(x)), "output memory format must follow the input"
+        error = (y.double() - truth).abs().max().item()
+        floor = 4 * torch.finfo(dtype).eps * max(1.0, truth.abs().max().item())
+        assert error <= 2 * torch_error + floor, (affine, silu, error, torch_error)
+
+
+@pytest.mark.parametrize(("backend", "device"), COMPILED_BACKEND_PARAMS)
+def test_statistics_are_float32_and_robust_off_centre(backend, device) -> None:
+    """mean/rstd of the compiled ops are float32 (N, G), accurate for data centred at 1e4 with std 1."""
+    op = torch.ops.svd_fast.group_norm_forward_triton if backend == "triton" else torch.ops.svd_fast.group_norm_forward
+    x = _inputs(SHAPES["5d"], torch.float32, device, affine=False, centre=1e4)[0]
+    _y, mean, rstd = op(x, GROUPS, None, None, EPS, False)
+    grouped = x.double().reshape(x.shape[0], GROUPS, -1)
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (x.shape[0], GROUPS)
+    torch.testing.assert_close(mean.double(), grouped.mean(-1), rtol=1e-6, atol=0)
+    true_rstd = (grouped.var(-1, unbiased=False) + EPS).rsqrt()
+    torch.testing.assert_close(rstd.double(), true_rstd, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_gradcheck_float64(backend, channels_last) -> None:
+    x, weight, bias = _inputs((2, 4, 3, 3), torch.float64, channels_last=channels_last, centre=3.0)
+    x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+    with backends.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda *a: group_norm(*a[:1], GROUPS, *a[1:], EPS, "silu"), (x, weight, bias))
+        assert torch.autograd.gradcheck(lambda a: group_norm(a, GROUPS, None, None, EPS, None), (x,))
+
+
+def _gradients(backend, x, weight, bias, grad_output, silu):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias) if t is not None]
+    with backends.use_backend(backend):
+        y = group_norm(leaves[0], GROUPS, *(leaves[1:] or (None, None)), EPS, "silu" if silu else None)
+    y.backward(grad_output)
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize(("backend", "device"), COMPILED_BACKEND_PARAMS)
+@pytest.mark.parametrize("rank", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_gradients_float32_match_float64(backend, device, rank, channels_last) -> None:
+    """dx, dweight, dbias in float32: error vs float64 at most 2x that of torch's float32 autograd, plus a floor."""
+    for affine, silu in ((True, True), (True, False), (False, True)):
+        x, weight, bias = _inputs(SHAPES[rank], torch.float32, device, affine, channels_last)
+        grad_output = _channels_last(torch.randn_like(x)) if channels_last else torch.randn_like(x)
+        truth = _gradients("reference", *(_double(t) for t in (x, weight, bias, grad_output)), silu)
+        torch_grads = _gradients("reference", x, weight, bias, grad_output, silu)
+        grads = _gradients(backend, x, weight, bias, grad_output, silu)
+        for name, actual, expected, torch_grad in zip(("x", "weight", "bias"), grads, truth, torch_grads):
+            assert actual.dtype == torch.float32 and actual.shape == expected.shape
+            if name == "x":
+                assert actual.is_contiguous(memory_format=_expected_format(x))
+            error = (actual.double() - expected).abs().max().item()
+            torch_error = (torch_grad.double() - expected).abs().max().item()
+            floor = 4 * torch.finfo(torch.float32).eps * max(1.0, expected.abs().max().item())
+            assert error <= 2 * torch_error + floor, (name, affine, silu, error, torch_error)
+
+
+@pytest.mark.parametrize(("backend", "device"), COMPILED_BACKEND_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_backward_output_dtypes_and_layout(backend, device, dtype) -> None:
+    """dx keeps x's dtype and layout; dweight/dbias are (C,) in the parameters' dtype (x's without them)."""
+    suffix = "_triton" if backend == "triton" else ""
+    forward = getattr(torch.ops.svd_fast, f"group_norm_forward{suffix}")
+    backward = getattr(torch.ops.svd_fast, f"group_norm_backward{suffix}")
+    x, weight, bias = _inputs(SHAPES["5d"], dtype, device, channels_last=True, centre=1.0)
+    for params in ((weight, bias), (None, None)):
+        _y, mean, rstd = forward(x, GROUPS, *params, EPS, True)
+        grad_x, grad_weight, grad_bias = backward(torch.randn_like(x), x, mean, rstd, *params, GROUPS, True)
+        assert grad_x.dtype == dtype and grad_x.is_contiguous(memory_format=torch.channels_last_3d)
+        assert grad_weight.shape == grad_bias.shape == (x.shape[1],)
+        assert grad_weight.dtype == grad_bias.dtype == dtype
+        assert torch.isfinite(grad_x).all() and torch.isfinite(grad_weight).all()
+
+
+@pytest.mark.parametrize(("backend", "device"), COMPILED_BACKEND_PARAMS)
+def test_opcheck(backend, device) -> None:
+    suffix = "_triton" if backend == "triton" else ""
+    forward = getattr(torch.ops.svd_fast, f"group_norm_forward{suffix}")
+    backward = getattr(torch.ops.svd_fast, f"group_norm_backward{suffix}")
+    x, weight, bias = _inputs((2, 4, 2, 3), torch.float32, device, centre=1.0)
+    torch.library.opcheck(forward, (x.requires_grad_(), GROUPS, weight.requires_grad_(), bias, EPS, True))
+    torch.library.opcheck(forward, (_channels_last(x.detach()), GROUPS, None, None, EPS, False))
+    _y, mean, rstd = forward(x.detach(), GROUPS, weight.detach(), bias, EPS, True)
+    torch.library.opcheck(
+        backward, (torch.randn_like(x), x.detach(), mean, rstd, weight.detach(), bias, GROUPS, True)
+    )
+
+
+@pytest.mark.parametrize(("backend", "device"), COMPILED_BACKEND_PARAMS)
+def test_torch_compile_fullgraph(backend, device) -> None:
+    x, weight, bias = _inputs((2, 4, 2, 3), torch.float32, device, centre=1.0)
+
+    def fn(a, w, b):
+        return group_norm(a, GROUPS, w, b, EPS, "silu") * 2.0
+
+    torch._dynamo.reset()
+    # aot_eager traces forward and backward through the fake implementations without inductor's
+    # C++ compile (minutes on this CPU); graph breaks fail the test (fullgraph=True).
+    with backends.use_backend(backend):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        compiled(*leaves).sum().backward()
+        eager_leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        fn(*eager_leaves).sum().backward()
+        torch.testing.assert_close(compiled(x, weight, bias), fn(x, weight, bias))
+        assert backends.last_backend("group_norm") == backend
+    for compiled_leaf, eager_leaf in zip(leaves, eager_leaves, strict=True):
+        torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad)
+
+
+def test_forced_unavailable_backend_names_reason(monkeypatch) -> None:
+    x = _inputs((1, 4, 2, 2), torch.float32)[0]
+    with backends.use_backend("cuda"), pytest.raises(backends.BackendUnavailableError, match="cuda.*cannot run"):
+        group_norm(x, GROUPS)
+    with backends.use_backend("triton"), pytest.raises(backends.BackendUnavailableError, match="float64"):
+        group_norm(x.double(), GROUPS)
+    monkeypatch.setenv(backends.ENV_VAR, "cpu")
+    group_norm(x, GROUPS)
+    assert backends.last_backend("group_norm") == "cpu"
+    monkeypatch.setenv(backends.ENV_VAR, "auto")
+    group_norm(x, GROUPS)
+    # Auto on CPU tensors: ATen's vectorised path, measured faster than the scalar C++ kernel.
+    assert backends.last_backend("group_norm") == "reference"
+    with backends.use_backend("cpu"):  # the context manager wins over the environment
+        group_norm(x, GROUPS)
+    assert backends.last_backend("group_norm") == "cpu"
+
+
+def _bad_calls():
+    x, weight, bias = _inputs((2, 4, 2, 2), torch.float32)
+    return [
+        ("num_groups", lambda: group_norm(x, 3, weight, bias)),
+        ("num_groups", lambda: group_norm(x, 0)),
+        ("weight", lambda: group_norm(x, GROUPS, weight[:3], bias)),
+        ("bias", lambda: group_norm(x, GROUPS, weight, bias.half())),
+        ("x", lambda: group_norm(x[:0], GROUPS)),
+        ("x", lambda: group_norm(x[0], GROUPS)),
+        ("x", lambda: group_norm(x.int(), GROUPS)),
+        ("activation", lambda: group_norm(x, GROUPS, activation="gelu")),
+        ("eps", lambda: group_norm(x, GROUPS, eps=-1.0)),
+    ]
+
+
+@pytest.mark.parametrize(("argument", "call"), _bad_calls(), ids=[f"{i}-{a}" for i, (a, _) in enumerate(_bad_calls())])
+def test_bad_input_names_argument(argument, call) -> None:
+    with pytest.raises((ValueError, TypeError), match=argument):
+        call()
+
+
+def test_module_matches_torch_and_round_trips_state_dict() -> None:
+    torch_module = torch.nn.GroupNorm(GROUPS, 4)
+    with torch.no_grad():
+        torch_module.weight.uniform_(0.5, 1.5)
+        torch_module.bias.normal_()
+    module = GroupNorm.from_torch(torch_module, activation="silu")
+    assert module.weight is torch_module.weight and module.bias is torch_module.bias
+    x = _inputs((2, 4, 3, 3), torch.float32, affine=False, centre=5.0)[0]
+    torch.testing.assert_close(module(x), F.silu(torch_module(x)))
+    fresh = GroupNorm(GROUPS, 4, activation="silu")
+    fresh.load_state_dict(torch_module.state_dict())
+    torch.testing.assert_close(fresh(x), module(x))
+    assert set(fresh.state_dict()) == set(torch_module.state_dict())
+    plain = GroupNorm(GROUPS, 4, affine=False, dtype=torch.float64)
+    assert plain.weight is None and not list(plain.parameters())
+    torch.testing.assert_close(plain(x.double()), F.group_norm(x.double(), GROUPS, eps=1e-5))
+    with pytest.raises(ValueError, match="num_groups"):
+        GroupNorm(3, 4)
+    with pytest.raises(ValueError, match="activation"):
+        GroupNorm(GROUPS, 4, activation="relu")
