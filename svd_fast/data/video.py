@@ -270,7 +270,8 @@ def _sources_from(sources: str | Path | Sequence[Any]) -> list[ClipSource]:
             continue
         record = dict(item)
         # A curation manifest (svd-fast curate) marks rejected clips keep=False and failed files with error.
-        if record.pop("keep", True) is False or record.get("error"):
+        keep, error = record.pop("keep", True), record.pop("error", None)
+        if (keep is not None and not _is_missing(keep) and not bool(keep)) or (isinstance(error, str) and error):
             continue
         path = record.pop("file", None) or record.pop("path", None) or record.pop("source", None)
         if path is None:
@@ -281,6 +282,11 @@ def _sources_from(sources: str | Path | Sequence[Any]) -> list[ClipSource]:
         extra = tuple(sorted((key, value) for key, value in record.items() if _is_scalar(value)))
         entries.append(ClipSource(str(path), int(start or 0), end, extra))
     return entries
+
+
+def _is_missing(value: Any) -> bool:
+    """None, NaN or pandas.NA: a manifest cell with no value (checked by type name so pandas stays optional)."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or type(value).__name__ == "NAType"
 
 
 def _is_scalar(value: Any) -> bool:

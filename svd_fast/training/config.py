@@ -1,0 +1,150 @@
+"""Training configuration: a flat dataclass read from YAML or JSON; every key and value is checked before any
+model is loaded, and an error names the offending key."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from svd_fast.training.objective import ObjectiveConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw_torch", "adamw_deepspeed")
+OFFLOAD_DEVICES = ("none", "cpu")
+
+
+@dataclass
+class TrainConfig:
+    # Inputs and outputs
+    model: str = ""  # base diffusers pipeline folder (UNet initialisation + frozen VAE/CLIP + exported components)
+    data: Any = ""  # folder, list of files, or a .parquet/.jsonl manifest (svd_fast.data.video.VideoClipDataset)
+    output_dir: str = "train_out"
+    # Clips
+    num_frames: int = 14
+    height: int = 320
+    width: int = 576
+    stride: int | None = None
+    target_fps: float | None = None
+    random_crop: bool = False
+    shuffle: bool = True
+    on_short: str = "skip"
+    data_backend: str = "auto"
+    default_fps: float = 7.0  # used when the data has no fps (the clip's fps after target_fps resampling wins)
+    default_motion_bucket_id: float = 127.0  # used when the manifest has no motion_bucket_id column
+    # Optimisation
+    batch_size: int = 1  # per process, per micro-step
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 100  # optimiser steps
+    learning_rate: float = 3e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    gradient_clipping: float = 1.0
+    optimizer: str = "adamw_torch"  # adamw_deepspeed: DeepSpeed's fused/CPU Adam (JIT-built; needed for offload)
+    # DeepSpeed
+    zero_stage: int = 2
+    offload_optimizer: str = "none"
+    offload_param: str = "none"  # ZeRO-3 only
+    precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    use_svd_fast_kernels: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+    # EMA, logging, checkpoints, export
+    ema_decay: float = 0.0  # 0 disables EMA
+    log_every: int = 1
+    checkpoint_every: int = 0  # 0: only at the end
+    resume_from: str | None = None  # a checkpoint dir written by this trainer, or "latest" (in output_dir)
+    export: bool = True
+    export_ema: bool = True  # export the EMA weights when EMA is on
+    seed: int = 0
+    # Objective
+    p_mean: float = 0.7
+    p_std: float = 1.6
+    cond_aug_mean: float = -3.0
+    cond_aug_std: float = 0.5
+    drop_image_embedding: float = 0.1
+    drop_both: float = 0.1
+    drop_cond_latent: float = 0.1
+    sigma_bins: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])  # edges for sigma-binned loss
+
+    def __post_init__(self) -> None:
+        positive = ("num_frames", "height", "width", "batch_size", "gradient_accumulation_steps", "max_steps", "log_every")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "checkpoint_every", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0 or self.gradient_clipping < 0:
+            raise ValueError("weight_decay and gradient_clipping must be >= 0")
+        if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
+            raise ValueError(f"adam_beta1/adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        for name in ("offload_optimizer", "offload_param"):
+            if getattr(self, name) not in OFFLOAD_DEVICES:
+                raise ValueError(f"{name} must be one of {OFFLOAD_DEVICES}, got {getattr(self, name)!r}")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage: 3")
+        if self.offload_optimizer != "none" and self.zero_stage < 1:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        if self.offload_optimizer != "none" and self.optimizer != "adamw_deepspeed":
+            raise ValueError("offload_optimizer needs optimizer: adamw_deepspeed (DeepSpeed's CPU Adam)")
+        if self.height % 8 or self.width % 8:
+            raise ValueError(f"height and width must be multiples of 8 (VAE downsampling), got {self.height}x{self.width}")
+        if list(self.sigma_bins) != sorted(self.sigma_bins) or any(edge <= 0 for edge in self.sigma_bins):
+            raise ValueError(f"sigma_bins must be increasing positive edges, got {self.sigma_bins!r}")
+        self.objective()  # checks p_std, dropout probabilities
+
+    def objective(self) -> ObjectiveConfig:
+        return ObjectiveConfig(
+            p_mean=self.p_mean,
+            p_std=self.p_std,
+            cond_aug_mean=self.cond_aug_mean,
+            cond_aug_std=self.cond_aug_std,
+            drop_image_embedding=self.drop_image_embedding,
+            drop_both=self.drop_both,
+            drop_cond_latent=self.drop_cond_latent,
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config: file {str(path)!r} does not exist")
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml  # noqa: PLC0415
+
+            values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config: {path} must hold a mapping of keys to values")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
