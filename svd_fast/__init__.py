@@ -5,11 +5,25 @@ from svd_fast.backends import BackendUnavailableError, backends_used, last_backe
 
 __version__ = "0.1.0"
 
+_PATCHING_EXPORTS = ("optimize", "restore", "describe")
+
+
+def __getattr__(name: str) -> object:
+    # optimize/restore import diffusers: load them on first use so `import svd_fast` stays light.
+    if name in _PATCHING_EXPORTS:
+        from svd_fast.models import patching  # noqa: PLC0415
+
+        return getattr(patching, name)
+    raise AttributeError(f"module 'svd_fast' has no attribute {name!r}")
+
 __all__ = [
     "BackendUnavailableError",
     "backends",
     "backends_used",
+    "describe",
     "last_backend",
     "ops",
+    "optimize",
+    "restore",
     "use_backend",
 ]

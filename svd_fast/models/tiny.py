@@ -30,7 +30,7 @@ SVD_SCHEDULER_CONFIG: dict[str, object] = {
 }
 
 TINY_UNET_CONFIG: dict[str, object] = {
-    "sample_size": 8,
+    "sample_size": 32,  # latents of the 64x64 tiny images (the VAE downsamples by 2)
     "in_channels": 8,
     "out_channels": 4,
     "down_block_types": ("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),

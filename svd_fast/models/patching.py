@@ -1,0 +1,201 @@
+"""``optimize`` / ``restore``: svd_fast's kernels in a diffusers Stable Video Diffusion pipeline, in place.
+
+What is patched (weights and state_dict keys stay the diffusers ones):
+
+* every ResnetBlock2D / TemporalResnetBlock whose activation is SiLU: norm1+SiLU and norm2+SiLU run
+  as one fused GroupNorm+SiLU (the block's forward is replaced on the instance, because diffusers also
+  applies ``nonlinearity`` to the time embedding, so the activation module itself must stay);
+* ``conv_norm_out`` + ``conv_act`` pairs (UNet output head, VAE encoder and temporal decoder heads):
+  the norm becomes :class:`svd_fast.nn.GroupNorm` with fused SiLU sharing the parameters, the SiLU an
+  identity;
+* the pipeline's scheduler: :class:`svd_fast.sampling.EDMEulerScheduler` (fused EDM Euler step) built
+  from the pipeline's own scheduler config.
+
+:func:`restore` undoes each of these. ``dtype`` and ``channels_last`` convert weights and are not undone.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from svd_fast import backends
+from svd_fast.ops.group_norm import group_norm
+
+LOGGER = logging.getLogger(__name__)
+
+_UNDO_ATTRIBUTE = "_svd_fast_undo"
+_REPORT_ATTRIBUTE = "_svd_fast_report"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _silu_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation="silu")
+
+
+def _fused_resnet2d_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
+    """diffusers' ResnetBlock2D.forward (default time-embedding norm, no up/down-sampling) with fused norms."""
+    hidden_states = self.conv1(_silu_norm(self.norm1, input_tensor))
+    if self.time_emb_proj is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)[:, :, None, None]
+    if temb is not None:
+        hidden_states = hidden_states + temb
+    hidden_states = self.conv2(self.dropout(_silu_norm(self.norm2, hidden_states)))
+    if self.conv_shortcut is not None:
+        input_tensor = self.conv_shortcut(input_tensor)
+    return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+def _fused_temporal_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+    """diffusers' TemporalResnetBlock.forward with fused norms."""
+    hidden_states = self.conv1(_silu_norm(self.norm1, input_tensor))
+    if self.time_emb_proj is not None:
+        temb = self.time_emb_proj(self.nonlinearity(temb))[:, :, :, None, None].permute(0, 2, 1, 3, 4)
+        hidden_states = hidden_states + temb
+    hidden_states = self.conv2(self.dropout(_silu_norm(self.norm2, hidden_states)))
+    if self.conv_shortcut is not None:
+        input_tensor = self.conv_shortcut(input_tensor)
+    return input_tensor + hidden_states
+
+
+def _is_silu(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.SiLU)
+
+
+def _resnet_block_patch(module: nn.Module) -> Callable[..., torch.Tensor] | None:
+    """The fused forward for ``module`` when it is a resblock configuration we reproduce exactly, else None."""
+    from diffusers.models.resnet import ResnetBlock2D, TemporalResnetBlock  # noqa: PLC0415
+
+    norms_ok = isinstance(getattr(module, "norm1", None), nn.GroupNorm) and isinstance(getattr(module, "norm2", None), nn.GroupNorm)
+    if not norms_ok or not _is_silu(getattr(module, "nonlinearity", None)):
+        return None
+    if isinstance(module, TemporalResnetBlock):
+        return _fused_temporal_resnet_forward
+    if isinstance(module, ResnetBlock2D) and module.upsample is None and module.downsample is None:
+        if module.time_embedding_norm == "default":
+            return _fused_resnet2d_forward
+    return None
+
+
+def _with_backend(forward: Callable[..., torch.Tensor], backend: str) -> Callable[..., torch.Tensor]:
+    if backend == "auto":
+        return forward
+
+    def forced(self, *args, **kwargs):
+        with backends.use_backend(backend):
+            return forward(self, *args, **kwargs)
+
+    return forced
+
+
+def _patch_modules(root: nn.Module, backend: str, undo: list[Callable[[], None]], report: Counter) -> None:
+    from svd_fast.nn.group_norm import GroupNorm  # noqa: PLC0415
+
+    for module in root.modules():
+        fused_forward = _resnet_block_patch(module)
+        if fused_forward is not None and "forward" not in vars(module):
+            module.forward = types.MethodType(_with_backend(fused_forward, backend), module)
+            undo.append(lambda module=module: vars(module).pop("forward", None))
+            report[f"{type(module).__name__} (GroupNorm+SiLU fused)"] += 1
+        norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
+        if type(norm) is nn.GroupNorm and _is_silu(act):
+            fused = GroupNorm.from_torch(norm, activation="silu")
+            if backend != "auto":
+                fused.forward = types.MethodType(_with_backend(type(fused).forward, backend), fused)
+            module.conv_norm_out, module.conv_act = fused, nn.Identity()
+            undo.append(lambda module=module, norm=norm, act=act: _set(module, conv_norm_out=norm, conv_act=act))
+            report["conv_norm_out+conv_act (GroupNorm+SiLU fused)"] += 1
+
+
+def _set(module: nn.Module, **attributes: nn.Module) -> None:
+    for name, value in attributes.items():
+        setattr(module, name, value)
+
+
+def _is_pipeline(target: Any) -> bool:
+    return hasattr(target, "unet") and hasattr(target, "vae") and hasattr(target, "scheduler")
+
+
+def optimize(
+    target: Any,
+    backend: str = "auto",
+    dtype: str | torch.dtype | None = None,
+    channels_last: bool = False,
+    low_memory: bool = False,
+    scheduler: bool = True,
+) -> Any:
+    """Patch ``target`` (a StableVideoDiffusionPipeline, or a bare UNet / VAE / any module holding diffusers
+    resblocks) in place with svd_fast's kernels and return it. Undo with :func:`restore`.
+
+    ``backend``: "auto" or one of svd_fast.backends.BACKENDS, forced for every patched op.
+    ``dtype``: "fp16"/"bf16"/"fp32" or a torch dtype to convert the weights to (not undone).
+    ``channels_last``: convert the UNet (and VAE) convolutions' memory format (not undone).
+    ``low_memory``: feed-forward chunking in the UNet, and model CPU offload when CUDA is present.
+    ``scheduler``: swap in the fused EDM Euler scheduler (pipelines only).
+    """
+    if backend not in backends.BACKENDS + ("auto",):
+        raise ValueError(f"optimize: backend must be 'auto' or one of {backends.BACKENDS}, got {backend!r}")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"optimize: dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if getattr(target, _UNDO_ATTRIBUTE, None):
+        raise ValueError("optimize: target is already optimized; call svd_fast.restore(target) first")
+    is_pipeline = _is_pipeline(target)
+    if not is_pipeline and not isinstance(target, nn.Module):
+        raise TypeError(f"optimize: expected a StableVideoDiffusionPipeline or a torch.nn.Module, got {type(target).__name__}")
+
+    undo: list[Callable[[], None]] = []
+    report: Counter = Counter()
+    models = [target.unet, target.vae] if is_pipeline else [target]
+    if dtype is not None:
+        target.to(dtype=dtype)
+    for model in models:
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        _patch_modules(model, backend, undo, report)
+    if is_pipeline and scheduler:
+        from svd_fast.sampling.scheduler import EDMEulerScheduler  # noqa: PLC0415
+
+        original_scheduler = target.scheduler
+        target.scheduler = EDMEulerScheduler.from_config(original_scheduler.config)
+        undo.append(lambda: setattr(target, "scheduler", original_scheduler))
+        report["scheduler -> EDMEulerScheduler (fused guidance + Euler step)"] += 1
+    if low_memory:
+        unet = target.unet if is_pipeline else target
+        if hasattr(unet, "enable_forward_chunking"):
+            unet.enable_forward_chunking(chunk_size=1, dim=1)
+            undo.append(unet.disable_forward_chunking)
+            report["UNet feed-forward chunking"] += 1
+        if is_pipeline and torch.cuda.is_available():
+            target.enable_model_cpu_offload()
+            report["model CPU offload"] += 1
+    setattr(target, _UNDO_ATTRIBUTE, undo)
+    setattr(target, _REPORT_ATTRIBUTE, {"backend": backend, "patched": dict(report)})
+    LOGGER.info("svd_fast.optimize: %s", dict(report))
+    return target
+
+
+def restore(target: Any) -> Any:
+    """Undo :func:`optimize` on ``target`` (modules, forwards and scheduler return to the originals)."""
+    undo = getattr(target, _UNDO_ATTRIBUTE, None)
+    if not undo:
+        raise ValueError("restore: target was not optimized by svd_fast.optimize")
+    for step in reversed(undo):
+        step()
+    delattr(target, _UNDO_ATTRIBUTE)
+    delattr(target, _REPORT_ATTRIBUTE)
+    return target
+
+
+def describe(target: Any) -> dict[str, Any]:
+    """What :func:`optimize` patched in ``target``: backend and a count per kind of patch ({} if not optimized)."""
+    return dict(getattr(target, _REPORT_ATTRIBUTE, {}))
