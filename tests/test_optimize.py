@@ -54,6 +54,9 @@ def test_optimized_output_matches_original(pipe, image, original, backend: str) 
         assert patched["ResnetBlock2D (GroupNorm+SiLU fused)"] > 0
         assert patched["TemporalResnetBlock (GroupNorm+SiLU fused)"] > 0
         assert patched["conv_norm_out+conv_act (GroupNorm+SiLU fused)"] == 3  # UNet, VAE encoder, VAE decoder
+        transformers = sum(type(module).__name__ == "TransformerSpatioTemporalModel" for module in pipe.unet.modules())
+        # each spatio-temporal transformer has a spatial and a temporal cross-attention (attn2)
+        assert patched["cross-attention -> single-token shortcut to_out(to_v(ctx))"] == 2 * transformers > 0
         assert type(pipe.scheduler).__name__ == "EDMEulerScheduler"
         optimized = _latents(pipe, image)
         # Same fp32 math in another order: relative error at float32 rounding level, far below the
@@ -76,6 +79,7 @@ def test_restore_gives_back_original_modules_and_output(pipe, image, original) -
     svd_fast.restore(pipe)
     assert pipe.scheduler is scheduler and pipe.unet.conv_norm_out is norm_out
     assert all("forward" not in vars(module) for module in pipe.unet.modules())
+    assert not any(type(getattr(module, "processor", None)).__name__ == "SingleTokenCrossAttnProcessor" for module in pipe.unet.modules())
     assert svd_fast.describe(pipe) == {}
     assert torch.equal(_latents(pipe, image), original)
 
@@ -119,3 +123,20 @@ def test_optimized_unet_trains(pipe) -> None:
         svd_fast.restore(unet)
         unet.zero_grad()
     torch.testing.assert_close(fused, stock, rtol=1e-3, atol=1e-6)
+
+
+def test_single_token_shortcut_equals_attention_and_falls_back() -> None:
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from svd_fast.nn.attention import SingleTokenCrossAttnProcessor
+
+    attention = Attention(query_dim=64, cross_attention_dim=32, heads=2, dim_head=32).eval()
+    hidden = torch.randn(3, 10, 64)
+    one_token, two_tokens = torch.randn(3, 1, 32), torch.randn(3, 2, 32)
+    expected_one, expected_two = attention(hidden, one_token), attention(hidden, two_tokens)
+    attention.set_processor(SingleTokenCrossAttnProcessor(AttnProcessor2_0()))
+    with torch.profiler.profile() as profile:
+        shortcut = attention(hidden, one_token)
+    torch.testing.assert_close(shortcut, expected_one, rtol=1e-5, atol=1e-6)
+    assert not any("scaled_dot_product" in event.name for event in profile.events())  # no attention kernel ran
+    torch.testing.assert_close(attention(hidden, two_tokens), expected_two)  # several tokens: the original path

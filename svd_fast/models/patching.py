@@ -8,6 +8,8 @@ What is patched (weights and state_dict keys stay the diffusers ones):
 * ``conv_norm_out`` + ``conv_act`` pairs (UNet output head, VAE encoder and temporal decoder heads):
   the norm becomes :class:`svd_fast.nn.GroupNorm` with fused SiLU sharing the parameters, the SiLU an
   identity;
+* every cross-attention (spatial and temporal transformer blocks): SVD's context is one token, so
+  attention is exactly ``to_out(to_v(ctx))`` (:class:`svd_fast.nn.attention.SingleTokenCrossAttnProcessor`);
 * the pipeline's scheduler: :class:`svd_fast.sampling.EDMEulerScheduler` (fused EDM Euler step) built
   from the pipeline's own scheduler config.
 
@@ -115,6 +117,19 @@ def _patch_modules(root: nn.Module, backend: str, undo: list[Callable[[], None]]
             report["conv_norm_out+conv_act (GroupNorm+SiLU fused)"] += 1
 
 
+def _patch_cross_attention(root: nn.Module, undo: list[Callable[[], None]], report: Counter) -> None:
+    from diffusers.models.attention_processor import Attention  # noqa: PLC0415
+
+    from svd_fast.nn.attention import SingleTokenCrossAttnProcessor  # noqa: PLC0415
+
+    for module in root.modules():
+        if isinstance(module, Attention) and module.is_cross_attention:
+            original = module.processor
+            module.set_processor(SingleTokenCrossAttnProcessor(original))
+            undo.append(lambda module=module, original=original: module.set_processor(original))
+            report["cross-attention -> single-token shortcut to_out(to_v(ctx))"] += 1
+
+
 def _set(module: nn.Module, **attributes: nn.Module) -> None:
     for name, value in attributes.items():
         setattr(module, name, value)
@@ -162,6 +177,7 @@ def optimize(
         if channels_last:
             model.to(memory_format=torch.channels_last)
         _patch_modules(model, backend, undo, report)
+        _patch_cross_attention(model, undo, report)
     if is_pipeline and scheduler:
         from svd_fast.sampling.scheduler import EDMEulerScheduler  # noqa: PLC0415
 
