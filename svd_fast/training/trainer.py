@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from svd_fast.training.config import TrainConfig
 from svd_fast.training.objective import edm_loss, encode_batch
@@ -352,6 +353,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
 
     samples_seen, start, first_batch = 0, time.perf_counter(), True
     interval_start, interval_samples = start, 0
+    progress = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", disable=rank != 0)
     while step < config.max_steps:
         step_loss = 0.0
         step_lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances after it)
@@ -374,6 +376,8 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
             interval_samples += pixels.shape[0]
         step += 1
         losses.append(step_loss)
+        progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
+        progress.update(1)
         if ema is not None:
             ema.update(engine.module)
         if step % config.log_every == 0 or step == config.max_steps:
@@ -394,6 +398,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
                     log.write(json.dumps(record) + "\n")
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             last_checkpoint = save_checkpoint()
+    progress.close()
     elapsed = time.perf_counter() - start
     if last_checkpoint is None or last_checkpoint.name != f"step_{step}":  # never lose the finished steps
         last_checkpoint = save_checkpoint()
