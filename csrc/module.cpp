@@ -33,4 +33,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("edm_prepare_model_input", &svd_fast::edm_prepare_model_input,
         "EDM c_in scaling + conditioning concat + CFG batch doubling", py::arg("x"), py::arg("cond_latents"),
         py::arg("sigma"), py::arg("do_cfg"));
+
+  m.def("temporal_attention_forward", &svd_fast::temporal_attention_forward,
+        "Fused attention over the frame axis of frame-major q/k/v; returns (out, lse)", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("num_frames"), py::arg("num_heads"), py::arg("scale"));
+  m.def("temporal_attention_backward", &svd_fast::temporal_attention_backward,
+        "Backward of temporal_attention_forward; returns (grad_q, grad_k, grad_v)", py::arg("grad_out"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("num_frames"), py::arg("num_heads"),
+        py::arg("scale"));
 }

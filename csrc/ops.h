@@ -34,4 +34,16 @@ std::tuple<at::Tensor, at::Tensor> edm_euler_step(const at::Tensor& x, const at:
 // c_in scaling + channel concat with the conditioning latents + CFG batch doubling (uncond half first).
 at::Tensor edm_prepare_model_input(const at::Tensor& x, const at::Tensor& cond_latents, double sigma, bool do_cfg);
 
+// Fused temporal attention over the frame axis of frame-major (B*F, S, H*D) q/k/v with any strides
+// (csrc/temporal_attention.cpp). Returns (out, lse): out contiguous (B*F, S, H*D) in q's dtype, lse the
+// log-sum-exp of the scaled scores, contiguous (B*F, S, H), float32 (float64 for float64 input).
+std::tuple<at::Tensor, at::Tensor> temporal_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, int64_t num_frames,
+                                                              int64_t num_heads, double scale);
+
+// Returns (grad_q, grad_k, grad_v), contiguous (B*F, S, H*D) in q's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, int64_t num_frames, int64_t num_heads, double scale);
+
 }  // namespace svd_fast

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from svd_fast.cli import COMMANDS, build_parser, main
@@ -72,6 +74,14 @@ def test_generate_frames_folder_in_subprocess(tiny_model: Path, image: Path, tmp
         ({"--frames": "0"}, "--frames"),
         ({"--height": "60"}, "--height must be a positive multiple of 8"),
         ({"--out": "clip.avi"}, "unsupported extension"),
+        pytest.param(
+            {"--attention": "flash-attn"}, "flash-attn is not installed",
+            marks=pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here"),
+        ),
+        pytest.param(
+            {"--cuda-graphs": None}, "--cuda-graphs needs --device cuda",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the default device is CUDA here"),
+        ),
     ],
 )
 def test_generate_errors_are_one_clear_line(tiny_model: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture, change: dict, message: str) -> None:
@@ -86,7 +96,8 @@ def test_generate_errors_are_one_clear_line(tiny_model: Path, image: Path, tmp_p
         elif key in ("--model", "--image", "--out"):
             value = str(tmp_path / value)
         arguments[key] = value
-    code = main(["generate", *[item for pair in arguments.items() for item in pair], "--steps", "1"])
+    flags = [item for key, value in arguments.items() for item in ((key,) if value is None else (key, value))]
+    code = main(["generate", *flags, "--steps", "1"])
     error = capsys.readouterr().err
     assert code == 2
     assert message in error and "Traceback" not in error

@@ -10,6 +10,7 @@ from PIL import Image
 import svd_fast
 from svd_fast import backends
 from svd_fast.models.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH, tiny_pipeline
+from conftest import requires_cuda
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,7 @@ def test_optimized_output_matches_original(pipe, image, original, backend: str) 
         transformers = sum(type(module).__name__ == "TransformerSpatioTemporalModel" for module in pipe.unet.modules())
         # each spatio-temporal transformer has a spatial and a temporal cross-attention (attn2)
         assert patched["cross-attention -> single-token shortcut to_out(to_v(ctx))"] == 2 * transformers > 0
+        assert patched["TemporalBasicTransformerBlock -> frame-major fused temporal attention"] == transformers
         assert type(pipe.scheduler).__name__ == "EDMEulerScheduler"
         optimized = _latents(pipe, image)
         # Same fp32 math in another order: relative error at float32 rounding level, far below the
@@ -65,6 +67,7 @@ def test_optimized_output_matches_original(pipe, image, original, backend: str) 
         assert relative < 1e-4, relative
         if backend != "auto":
             assert backends.last_backend("group_norm") == backend
+            assert backends.last_backend("temporal_attention") == backend
         after = _weights(pipe)
         assert after.keys() == weights_before.keys()  # state_dict keys stay the diffusers ones
         assert all(after[key].data_ptr() == weights_before[key].data_ptr() for key in after)  # same tensors
@@ -80,6 +83,7 @@ def test_restore_gives_back_original_modules_and_output(pipe, image, original) -
     assert pipe.scheduler is scheduler and pipe.unet.conv_norm_out is norm_out
     assert all("forward" not in vars(module) for module in pipe.unet.modules())
     assert not any(type(getattr(module, "processor", None)).__name__ == "SingleTokenCrossAttnProcessor" for module in pipe.unet.modules())
+    assert not any(type(module).__name__ == "FusedTemporalBasicTransformerBlock" for module in pipe.unet.modules())
     assert svd_fast.describe(pipe) == {}
     assert torch.equal(_latents(pipe, image), original)
 
@@ -104,7 +108,8 @@ def test_optimize_bare_unet_and_errors(pipe) -> None:
 
 
 def test_optimized_unet_trains(pipe) -> None:
-    """Gradients flow through the fused GroupNorm+SiLU (training uses optimize too) and match stock ones."""
+    """Gradients flow through the fused GroupNorm+SiLU and temporal attention (training uses optimize too) and
+    match stock ones."""
     unet = pipe.unet
     sample = torch.randn(1, 2, 8, TINY_HEIGHT // 2, TINY_WIDTH // 2)
     context = torch.randn(1, 1, unet.config.cross_attention_dim)
@@ -140,3 +145,85 @@ def test_single_token_shortcut_equals_attention_and_falls_back() -> None:
     torch.testing.assert_close(shortcut, expected_one, rtol=1e-5, atol=1e-6)
     assert not any("scaled_dot_product" in event.name for event in profile.events())  # no attention kernel ran
     torch.testing.assert_close(attention(hidden, two_tokens), expected_two)  # several tokens: the original path
+
+
+def _fake_flash_attn(monkeypatch) -> list[tuple[int, ...]]:
+    """A stand-in flash_attn module on CPU (the real one needs CUDA and is not installable here): the same
+    (batch, tokens, heads, head_dim) contract, computed with SDPA; records the shapes it was called with."""
+    import sys
+    import types
+
+    import svd_fast.nn.attention as attention_module
+
+    calls: list[tuple[int, ...]] = []
+
+    def flash_attn_func(q, k, v, softmax_scale=None):
+        calls.append(tuple(q.shape))
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale)
+        return out.transpose(1, 2)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    monkeypatch.setattr(attention_module, "FLASH_ATTN_DEVICE_TYPE", "cpu")
+    return calls
+
+
+def test_flash_attn_processor_matches_sdpa_and_falls_back(monkeypatch) -> None:
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from svd_fast.nn.attention import FlashAttnSelfAttnProcessor
+
+    calls = _fake_flash_attn(monkeypatch)
+    attention = Attention(query_dim=64, heads=2, dim_head=32).eval().to(torch.bfloat16)
+    hidden = torch.randn(3, 10, 64, dtype=torch.bfloat16)
+    expected = attention(hidden)
+    attention.set_processor(FlashAttnSelfAttnProcessor(AttnProcessor2_0()))
+    torch.testing.assert_close(attention(hidden), expected)
+    assert calls == [(3, 10, 2, 32)]  # (batch, tokens, heads, head_dim): no transposes before the kernel
+    attention.float()
+    attention(hidden.float())  # float32: flash-attn does not take it, the SDPA fallback runs
+    assert len(calls) == 1
+
+
+def test_attention_choice(pipe, image, original, monkeypatch) -> None:
+    with pytest.raises(ValueError, match="flash-attn is not installed"):
+        svd_fast.optimize(pipe, attention="flash-attn")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        svd_fast.optimize(pipe, attention="xformers")
+    assert not getattr(pipe, "_svd_fast_undo", None)  # a rejected call patches nothing
+
+    _fake_flash_attn(monkeypatch)
+    svd_fast.optimize(pipe)  # auto: flash-attn is importable now
+    try:
+        report = svd_fast.describe(pipe)
+        assert report["attention"] == "flash-attn"
+        spatial_self_attentions = sum(type(m).__name__ == "BasicTransformerBlock" for m in pipe.unet.modules())
+        assert report["patched"]["self-attention -> flash-attn"] >= spatial_self_attentions > 0
+        optimized = _latents(pipe, image)  # float32: every call takes the SDPA fallback, output unchanged
+        assert ((optimized - original).norm() / original.norm()).item() < 1e-4
+    finally:
+        svd_fast.restore(pipe)
+    assert not any(type(getattr(m, "processor", None)).__name__ == "FlashAttnSelfAttnProcessor" for m in pipe.unet.modules())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on machines without CUDA")
+def test_cuda_graphs_need_cuda(pipe) -> None:
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
+        svd_fast.optimize(pipe, cuda_graphs=True)
+
+
+@requires_cuda
+def test_cuda_graph_replay_matches_eager() -> None:
+    unet = tiny_pipeline(seed=0).unet.to("cuda")
+    sample = torch.randn(1, 8, 8, TINY_HEIGHT // 8, TINY_WIDTH // 8, device="cuda")
+    context = torch.randn(1, 1, unet.config.cross_attention_dim, device="cuda")
+    time_ids = torch.tensor([[6.0, 127.0, 0.02]], device="cuda")
+    with torch.no_grad():
+        expected = [unet(sample * s, torch.tensor(s, device="cuda"), context, time_ids).sample for s in (1.0, 0.5)]
+        svd_fast.optimize(unet, cuda_graphs=True)
+        try:
+            got = [unet(sample * s, torch.tensor(s, device="cuda"), context, time_ids).sample for s in (1.0, 0.5)]
+            assert len(unet.forward.captures) == 1  # one capture, replayed for the second call
+        finally:
+            svd_fast.restore(unet)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

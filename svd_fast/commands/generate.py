@@ -55,6 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--low-memory", action="store_true", help="feed-forward chunking, small VAE chunks, CPU offload")
     parser.add_argument("--no-optimize", action="store_true", help="run the stock diffusers pipeline (for comparison)")
+    parser.add_argument("--attention", choices=("auto", "sdpa", "flash-attn"), default="auto",
+                        help="spatial self-attention: flash-attn when installed (auto), or PyTorch SDPA")
+    parser.add_argument("--cuda-graphs", action="store_true", help="capture the UNet step as a CUDA graph (CUDA only)")
     parser.set_defaults(func=run)
 
 
@@ -80,6 +83,8 @@ def generate(
     low_memory: bool = False,
     optimize: bool = True,
     progress: bool = True,
+    attention: str = "auto",
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """Generate a video from ``image`` with the pipeline at ``model`` and write it to ``out``; returns a summary."""
     import torch  # noqa: PLC0415
@@ -109,6 +114,8 @@ def generate(
     dtype = dtype or ("fp16" if device == "cuda" else "fp32")
     if device == "cpu" and dtype == "fp16":
         raise GenerateError("--dtype fp16 is not supported on the CPU; use fp32 or bf16")
+    if cuda_graphs and (device != "cuda" or low_memory or not optimize):
+        raise GenerateError("--cuda-graphs needs --device cuda, and cannot be combined with --low-memory or --no-optimize")
     started = time.perf_counter()
     pipe = load_pipeline(model, dtype=DTYPES[dtype])
     if not low_memory:
@@ -124,7 +131,10 @@ def generate(
             raise GenerateError(f"{name} must be a positive multiple of {multiple} for this model, got {value}")
     frames = frames or pipe.unet.config.num_frames
     if optimize:
-        svd_fast.optimize(pipe, backend=backend, low_memory=low_memory)
+        try:
+            svd_fast.optimize(pipe, backend=backend, low_memory=low_memory, attention=attention, cuda_graphs=cuda_graphs)
+        except ValueError as error:  # e.g. --attention flash-attn without flash-attn installed
+            raise GenerateError(str(error)) from error
     pipe.set_progress_bar_config(disable=not progress)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -176,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
             min_guidance=args.min_guidance, max_guidance=args.max_guidance,
             decode_chunk_size=args.decode_chunk_size, seed=args.seed, dtype=args.dtype, backend=args.backend,
             device=args.device, low_memory=args.low_memory, optimize=not args.no_optimize,
+            attention=args.attention, cuda_graphs=args.cuda_graphs,
         )
     except (GenerateError, MediaError, ModelFolderError) as error:
         print(f"svd-fast generate: error: {error}", file=sys.stderr)

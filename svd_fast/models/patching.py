@@ -10,8 +10,15 @@ What is patched (weights and state_dict keys stay the diffusers ones):
   identity;
 * every cross-attention (spatial and temporal transformer blocks): SVD's context is one token, so
   attention is exactly ``to_out(to_v(ctx))`` (:class:`svd_fast.nn.attention.SingleTokenCrossAttnProcessor`);
+* every TemporalBasicTransformerBlock: :class:`svd_fast.nn.FusedTemporalBasicTransformerBlock`, which
+  keeps the frame-major layout (no permute copies) and attends over frames with the fused
+  ``temporal_attention`` op (the block object is swapped; its submodules are shared);
 * the pipeline's scheduler: :class:`svd_fast.sampling.EDMEulerScheduler` (fused EDM Euler step) built
-  from the pipeline's own scheduler config.
+  from the pipeline's own scheduler config;
+* spatial self-attention: flash-attn (:class:`svd_fast.nn.attention.FlashAttnSelfAttnProcessor`) when it
+  is installed, else diffusers' default PyTorch SDPA (which itself picks the flash / cuDNN kernels on GPU);
+* optionally (``cuda_graphs=True``) the UNet forward, captured as a CUDA graph and replayed
+  (:class:`svd_fast.models.cuda_graph.CUDAGraphedForward`).
 
 :func:`restore` undoes each of these. ``dtype`` and ``channels_last`` convert weights and are not undone.
 """
@@ -35,6 +42,7 @@ LOGGER = logging.getLogger(__name__)
 _UNDO_ATTRIBUTE = "_svd_fast_undo"
 _REPORT_ATTRIBUTE = "_svd_fast_report"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ATTENTION_CHOICES = ("auto", "sdpa", "flash-attn")
 
 
 def _silu_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +138,67 @@ def _patch_cross_attention(root: nn.Module, undo: list[Callable[[], None]], repo
             report["cross-attention -> single-token shortcut to_out(to_v(ctx))"] += 1
 
 
+def _patch_temporal_blocks(root: nn.Module, backend: str, undo: list[Callable[[], None]], report: Counter) -> None:
+    from svd_fast.nn.temporal_attention import FusedTemporalBasicTransformerBlock, unsupported_reason  # noqa: PLC0415
+    from diffusers.models.attention import TemporalBasicTransformerBlock  # noqa: PLC0415
+
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, TemporalBasicTransformerBlock):
+                continue
+            reason = unsupported_reason(child)
+            if reason is not None:
+                LOGGER.warning("svd_fast.optimize: temporal block %s left as it is: %s", name, reason)
+                report["TemporalBasicTransformerBlock left unfused (see log)"] += 1
+                continue
+            fused = FusedTemporalBasicTransformerBlock.from_diffusers(child)
+            if backend != "auto":
+                fused.forward = types.MethodType(_with_backend(type(fused).forward, backend), fused)
+            setattr(parent, name, fused)
+            undo.append(lambda parent=parent, name=name, child=child: setattr(parent, name, child))
+            report["TemporalBasicTransformerBlock -> frame-major fused temporal attention"] += 1
+
+
+def _resolve_attention(attention: str) -> str:
+    from svd_fast.nn.attention import flash_attn_unavailable_reason  # noqa: PLC0415
+
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"optimize: attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+    reason = flash_attn_unavailable_reason()
+    if attention == "flash-attn" and reason is not None:
+        raise ValueError(f"optimize: attention='flash-attn' was asked for but {reason}")
+    if attention == "auto":
+        return "sdpa" if reason is not None else "flash-attn"
+    return attention
+
+
+def _patch_self_attention(root: nn.Module, undo: list[Callable[[], None]], report: Counter) -> None:
+    """flash-attn for every self-attention still on diffusers' default processor, except the temporal
+    attentions that the fused temporal blocks compute themselves."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: PLC0415
+
+    from svd_fast.nn.attention import FlashAttnSelfAttnProcessor  # noqa: PLC0415
+    from svd_fast.nn.temporal_attention import FusedTemporalBasicTransformerBlock  # noqa: PLC0415
+
+    fused_temporal = {id(m.attn1) for m in root.modules() if isinstance(m, FusedTemporalBasicTransformerBlock)}
+    for module in root.modules():
+        if not isinstance(module, Attention) or module.is_cross_attention or id(module) in fused_temporal:
+            continue
+        if type(module.processor) in (AttnProcessor, AttnProcessor2_0):
+            original = module.processor
+            module.set_processor(FlashAttnSelfAttnProcessor(original))
+            undo.append(lambda module=module, original=original: module.set_processor(original))
+            report["self-attention -> flash-attn"] += 1
+
+
+def _capture_cuda_graphs(unet: nn.Module, undo: list[Callable[[], None]], report: Counter) -> None:
+    from svd_fast.models.cuda_graph import CUDAGraphedForward  # noqa: PLC0415
+
+    unet.forward = CUDAGraphedForward(unet.forward)
+    undo.append(lambda: vars(unet).pop("forward", None))
+    report["UNet forward -> CUDA graph capture and replay"] += 1
+
+
 def _set(module: nn.Module, **attributes: nn.Module) -> None:
     for name, value in attributes.items():
         setattr(module, name, value)
@@ -146,6 +215,8 @@ def optimize(
     channels_last: bool = False,
     low_memory: bool = False,
     scheduler: bool = True,
+    attention: str = "auto",
+    cuda_graphs: bool = False,
 ) -> Any:
     """Patch ``target`` (a StableVideoDiffusionPipeline, or a bare UNet / VAE / any module holding diffusers
     resblocks) in place with svd_fast's kernels and return it. Undo with :func:`restore`.
@@ -155,6 +226,11 @@ def optimize(
     ``channels_last``: convert the UNet (and VAE) convolutions' memory format (not undone).
     ``low_memory``: feed-forward chunking in the UNet, and model CPU offload when CUDA is present.
     ``scheduler``: swap in the fused EDM Euler scheduler (pipelines only).
+    ``attention``: spatial self-attention through "flash-attn" (the optional package; an error if it is not
+    installed), "sdpa" (diffusers' default, PyTorch's scaled_dot_product_attention), or "auto" (flash-attn
+    when installed, else SDPA).
+    ``cuda_graphs``: capture the UNet forward as a CUDA graph per input shape and replay it (inference on
+    CUDA; needs a CUDA device; not with ``low_memory``, whose offload moves weights between calls).
     """
     if backend not in backends.BACKENDS + ("auto",):
         raise ValueError(f"optimize: backend must be 'auto' or one of {backends.BACKENDS}, got {backend!r}")
@@ -164,6 +240,14 @@ def optimize(
         dtype = DTYPES[dtype]
     if getattr(target, _UNDO_ATTRIBUTE, None):
         raise ValueError("optimize: target is already optimized; call svd_fast.restore(target) first")
+    attention = _resolve_attention(attention)
+    if cuda_graphs and not torch.cuda.is_available():
+        raise ValueError("optimize: cuda_graphs=True needs a CUDA device, and none is available")
+    if cuda_graphs and low_memory:
+        raise ValueError(
+            "optimize: cuda_graphs=True cannot be combined with low_memory=True: CPU offload moves the weights "
+            "between calls, which a captured graph cannot follow"
+        )
     is_pipeline = _is_pipeline(target)
     if not is_pipeline and not isinstance(target, nn.Module):
         raise TypeError(f"optimize: expected a StableVideoDiffusionPipeline or a torch.nn.Module, got {type(target).__name__}")
@@ -178,6 +262,9 @@ def optimize(
             model.to(memory_format=torch.channels_last)
         _patch_modules(model, backend, undo, report)
         _patch_cross_attention(model, undo, report)
+        _patch_temporal_blocks(model, backend, undo, report)
+        if attention == "flash-attn":
+            _patch_self_attention(model, undo, report)
     if is_pipeline and scheduler:
         from svd_fast.sampling.scheduler import EDMEulerScheduler  # noqa: PLC0415
 
@@ -188,14 +275,16 @@ def optimize(
     if low_memory:
         unet = target.unet if is_pipeline else target
         if hasattr(unet, "enable_forward_chunking"):
-            unet.enable_forward_chunking(chunk_size=1, dim=1)
+            unet.enable_forward_chunking(chunk_size=1, dim=0)
             undo.append(unet.disable_forward_chunking)
             report["UNet feed-forward chunking"] += 1
         if is_pipeline and torch.cuda.is_available():
             target.enable_model_cpu_offload()
             report["model CPU offload"] += 1
+    if cuda_graphs:
+        _capture_cuda_graphs(target.unet if is_pipeline else target, undo, report)
     setattr(target, _UNDO_ATTRIBUTE, undo)
-    setattr(target, _REPORT_ATTRIBUTE, {"backend": backend, "patched": dict(report)})
+    setattr(target, _REPORT_ATTRIBUTE, {"backend": backend, "attention": attention, "patched": dict(report)})
     LOGGER.info("svd_fast.optimize: %s", dict(report))
     return target
 
@@ -213,5 +302,6 @@ def restore(target: Any) -> Any:
 
 
 def describe(target: Any) -> dict[str, Any]:
-    """What :func:`optimize` patched in ``target``: backend and a count per kind of patch ({} if not optimized)."""
+    """What :func:`optimize` patched in ``target``: backend, self-attention path and a count per kind of patch
+    ({} if not optimized)."""
     return dict(getattr(target, _REPORT_ATTRIBUTE, {}))

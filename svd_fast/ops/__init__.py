@@ -2,5 +2,6 @@
 
 from svd_fast.ops.group_norm import group_norm
 from svd_fast.ops.edm_step import edm_euler_step, edm_prepare_model_input
+from svd_fast.ops.temporal_attention import temporal_attention
 
-__all__ = ["group_norm", "edm_euler_step", "edm_prepare_model_input"]
+__all__ = ["group_norm", "edm_euler_step", "edm_prepare_model_input", "temporal_attention"]

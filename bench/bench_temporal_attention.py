@@ -1,0 +1,115 @@
+"""Benchmarks of the fused temporal attention against diffusers' path.
+
+Op level (q, k, v given frame-major (B*F, S, H*D), output wanted frame-major):
+  * svd_fast: the fused op, automatic backend (cuda, else triton, on GPU; the C++ kernel on CPU);
+  * svd_fast-triton (CUDA only: on CPU tensors Triton is the interpreter);
+  * diffusers-path: permute to (B, S, H, F, D), scaled_dot_product_attention, permute back (one copy);
+  * diffusers-path-compile: torch.compile of that path (CUDA only: CPU inductor is not the target).
+Block level (what a user gets from optimize): diffusers' TemporalBasicTransformerBlock vs
+svd_fast.nn.FusedTemporalBasicTransformerBlock with the same weights, on SVD's (B*F, S, C) activations.
+
+Shapes: SVD-XT (F=25) and SVD (F=14), B=2 (classifier-free guidance) at 576x1024 (latent 72x128, S=9216,
+5 heads of 64) and the deeper levels (36x64 x10 heads, 18x32 x20, 9x16 x20), float16 on CUDA; plus B=8 at
+72x128: 73,728 positions, above the 65,535 batch limit where PyTorch's flash/efficient SDPA kernels fail on
+CUDA (that failure is recorded, not hidden). On the CPU: float32, and S scaled down 16x (frames, heads and
+head_dim kept). bytes_moved: q, k, v read once and the output written once.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from svd_fast import backends
+from svd_fast.ops import temporal_attention
+from svd_fast.reference.temporal_attention import to_frame_major, to_position_major
+
+HEAD_DIM = 64
+# name: (B, F, S, heads)
+SHAPES = {
+    "xt-72x128-h5": (2, 25, 72 * 128, 5),
+    "svd-72x128-h5": (2, 14, 72 * 128, 5),
+    "xt-36x64-h10": (2, 25, 36 * 64, 10),
+    "xt-18x32-h20": (2, 25, 18 * 32, 20),
+    "xt-9x16-h20": (2, 25, 9 * 16, 20),
+    "train8-svd-72x128-h5": (8, 14, 72 * 128, 5),
+}
+CPU_POSITION_DIVISOR = 16
+OP_VARIANTS = ["svd_fast", "svd_fast-triton", "diffusers-path", "diffusers-path-compile"]
+BLOCK_SHAPES = ["xt-72x128-h5", "xt-36x64-h10"]
+
+
+def _shape(name: str, device: torch.device) -> tuple[int, int, int, int]:
+    batch, frames, positions, heads = SHAPES[name]
+    if device.type != "cuda":
+        positions = max(1, positions // CPU_POSITION_DIVISOR)
+    return batch, frames, positions, heads
+
+
+def _diffusers_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, heads: int) -> torch.Tensor:
+    q4, k4, v4 = (to_position_major(t, frames, heads) for t in (q, k, v))
+    return to_frame_major(F.scaled_dot_product_attention(q4, k4, v4))
+
+
+@pytest.fixture(scope="module")
+def compiled_diffusers_path():
+    return torch.compile(_diffusers_path, dynamic=False)
+
+
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("variant", OP_VARIANTS)
+def test_temporal_attention(timed, benchmark, device, compiled_diffusers_path, variant: str, shape_name: str) -> None:
+    if device.type != "cuda" and variant in ("svd_fast-triton", "diffusers-path-compile"):
+        pytest.skip(f"{variant} is benchmarked on CUDA only (Triton on CPU is the interpreter; CPU inductor is not the target)")
+    batch, frames, positions, heads = _shape(shape_name, device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(batch * frames, positions, heads * HEAD_DIM, device=device, dtype=dtype) for _ in range(3))
+    if variant.startswith("svd_fast"):
+        backend = "triton" if variant == "svd_fast-triton" else "auto"
+
+        def run():
+            with backends.use_backend(backend):
+                return temporal_attention(q, k, v, frames, heads)
+
+    else:
+        path = _diffusers_path if variant == "diffusers-path" else compiled_diffusers_path
+
+        def run():
+            return path(q, k, v, frames, heads)
+
+        try:
+            run()
+        except RuntimeError as error:  # PyTorch's SDPA kernels above the 65,535 grid limit on CUDA
+            benchmark.extra_info["error"] = str(error)[:200]
+            pytest.xfail(f"{variant} fails on {shape_name}: {error}")
+
+    benchmark.group = f"op {shape_name}"
+    bytes_moved = 4 * q.numel() * q.element_size()
+    timed(run, bytes_moved=bytes_moved, shape=[batch, frames, positions, heads, HEAD_DIM], dtype=str(dtype), variant=variant)
+    if variant.startswith("svd_fast"):
+        benchmark.extra_info["backend"] = backends.last_backend("temporal_attention")
+
+
+@pytest.mark.parametrize("shape_name", BLOCK_SHAPES)
+@pytest.mark.parametrize("variant", ["diffusers-block", "svd_fast-block"])
+def test_temporal_block(timed, benchmark, device, variant: str, shape_name: str) -> None:
+    from diffusers.models.attention import TemporalBasicTransformerBlock
+
+    from svd_fast.nn import FusedTemporalBasicTransformerBlock
+
+    batch, frames, positions, heads = _shape(shape_name, device)
+    channels = heads * HEAD_DIM
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    block = TemporalBasicTransformerBlock(channels, channels, heads, HEAD_DIM, cross_attention_dim=1024)
+    block = block.to(device, dtype).eval()
+    module = block if variant == "diffusers-block" else FusedTemporalBasicTransformerBlock.from_diffusers(block)
+    hidden = torch.randn(batch * frames, positions, channels, device=device, dtype=dtype)
+    context = torch.randn(batch, 1, 1024, device=device, dtype=dtype).repeat_interleave(positions, dim=0)
+
+    def run():
+        with torch.inference_mode():
+            return module(hidden, num_frames=frames, encoder_hidden_states=context)
+
+    benchmark.group = f"block {shape_name}"
+    timed(run, shape=[batch, frames, positions, channels], dtype=str(dtype), variant=variant)
