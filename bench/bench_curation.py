@@ -41,6 +41,8 @@ def _one_core(device: torch.device):
 
 
 def _record_clips_per_second(benchmark, clips: int) -> None:
+    if benchmark.stats is None:  # --benchmark-disable: the function ran once, untimed
+        return
     benchmark.extra_info["clips_per_s"] = round(clips / benchmark.stats.stats.median, 2)
 
 

@@ -70,7 +70,7 @@ def timed(benchmark, device: torch.device, copy_bandwidth_gbps: float) -> Callab
         result = benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
         benchmark.extra_info.update({"device": _device_name(device), **info})
         benchmark.extra_info["copy_bandwidth_gbps"] = round(copy_bandwidth_gbps, 1)
-        if bytes_moved is not None:
+        if bytes_moved is not None and benchmark.stats is not None:  # stats is None under --benchmark-disable
             gbps = bytes_moved / benchmark.stats.stats.median / 1e9
             benchmark.extra_info["bytes_moved"] = int(bytes_moved)
             benchmark.extra_info["achieved_gbps"] = round(gbps, 1)

@@ -25,10 +25,10 @@ from svd_fast.curation import (
 )
 from svd_fast.curation import manifest as manifest_module
 from svd_fast.curation import pipeline
-from svd_fast.curation.decode import VideoReadError, decode_all_frames, probe_video
 from svd_fast.curation.flow import to_gray
 from svd_fast.curation.ocr import tesseract_unavailable_reason
 from svd_fast.data.synthetic import scenes_with_cuts, smooth_texture, translating_texture, write_video
+from svd_fast.data.video import VideoDecodeError, decode_all_frames, probe_video
 
 requires_tesseract = pytest.mark.skipif(tesseract_unavailable_reason() is not None, reason=f"OCR unavailable: {tesseract_unavailable_reason()}")
 NO_OCR = CurationConfig(ocr=False)
@@ -256,9 +256,9 @@ def test_bad_files_recorded_and_run_continues(video_dir: tuple[Path, list[int]],
     errors = table.set_index(table["source"].map(lambda source: Path(source).name))["error"]
     for name in ("garbage.mp4", "empty.mp4", "notes.txt", "truncated_header.mp4", "does_not_exist.mp4"):
         assert isinstance(errors[name], str) and errors[name].startswith("cuts:"), name
-    assert "zero-length" in errors["empty.mp4"] and "not a file" in errors["does_not_exist.mp4"]
+    assert "file is empty" in errors["empty.mp4"] and "file does not exist" in errors["does_not_exist.mp4"]
     assert (table[table["error"].isna()]["clip_index"] >= 0).sum() == 4  # the good files are complete
-    with pytest.raises(VideoReadError):
+    with pytest.raises(VideoDecodeError):
         probe_video(folder / "notes.txt")
 
 

@@ -15,6 +15,8 @@ from svd_fast.data.video import (
     VideoDecodeError,
     clip_frame_indices,
     dali_clip_loader,
+    decode_all_frames,
+    decode_all_frames_with_motion,
     decode_frames,
     probe_video,
 )
@@ -136,6 +138,50 @@ def test_dali_backend_refuses_h264(videos: dict[str, Path]) -> None:
 def test_decode_past_end_of_truncated_file(bad_files: dict[str, Path]) -> None:
     with pytest.raises(VideoDecodeError):
         decode_frames(bad_files["truncated"], list(range(NUM_FRAMES)), backend="pyav")
+
+
+@pytest.mark.parametrize("codec", ["vp9", "h264"])
+def test_max_side_scales_while_decoding(videos: dict[str, Path], codec: str) -> None:
+    indices = [7, 0, 20]
+    full = decode_frames(videos[codec], indices, backend="pyav")
+    small = decode_frames(videos[codec], indices, max_side=32)  # "auto" scales with PyAV, VP9 included
+    assert small.shape == (3, HEIGHT // 2, WIDTH // 2, 3) and small.dtype == np.uint8
+    assert [int(round(frame[:3].mean() / 8)) for frame in small] == indices  # the 8-row stripe is 4 rows now
+    assert abs(small.astype(np.float64).mean() - full.astype(np.float64).mean()) < 1.0  # resampling keeps the mean
+    np.testing.assert_array_equal(decode_frames(videos[codec], indices, backend="pyav", max_side=WIDTH), full)  # fits: unscaled
+
+
+def test_max_side_bad_arguments(videos: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="max_side"):
+        decode_frames(videos["vp9"], [0], backend="dali", max_side=32)
+    with pytest.raises(ValueError, match="max_side"):
+        decode_frames(videos["h264"], [0], max_side=1)
+    with pytest.raises(ValueError, match="max_side"):
+        decode_all_frames(videos["h264"], max_side=0)
+
+
+@pytest.mark.parametrize("codec", ["vp9", "h264"])
+def test_decode_all_frames_small(videos: dict[str, Path], codec: str) -> None:
+    frames = decode_all_frames(videos[codec], max_side=32)
+    assert frames.shape == (NUM_FRAMES, HEIGHT // 2, WIDTH // 2, 3)
+    np.testing.assert_array_equal(frames, decode_frames(videos[codec], list(range(NUM_FRAMES)), max_side=32))
+    with_motion, motion = decode_all_frames_with_motion(videos[codec], max_side=32)
+    np.testing.assert_array_equal(with_motion, frames)
+    assert motion.shape == (NUM_FRAMES,) and np.isnan(motion[0])  # the first frame is intra-coded
+    if codec == "h264":  # the texture moves 1 px per frame; FFmpeg's VP9 decoder exports no vectors (all NaN)
+        assert np.isfinite(motion[1:]).all() and np.nanmean(motion) > 0.5
+
+
+def test_decode_all_frames_bad_and_damaged_files(videos: dict[str, Path], bad_files: dict[str, Path], tmp_path: Path) -> None:
+    for kind in ("empty", "garbage", "text", "truncated"):  # "truncated" lost its index (moov): unreadable
+        with pytest.raises(VideoDecodeError) as error:
+            decode_all_frames(bad_files[kind])
+        assert str(bad_files[kind]) in str(error.value) and error.value.reason
+    data = videos["vp9"].read_bytes()
+    damaged = tmp_path / "cut_short.webm"
+    damaged.write_bytes(data[: len(data) // 2])  # WebM needs no index: the frames before the cut still decode
+    frames = decode_all_frames(damaged)
+    assert 0 < len(frames) < NUM_FRAMES and _frame_ids(frames) == list(range(len(frames)))
 
 
 def test_dataset_yields_normalised_clips(videos: dict[str, Path]) -> None:

@@ -27,8 +27,7 @@ import torch
 
 from svd_fast.curation import cuts, flow, manifest, ocr
 from svd_fast.curation.filters import apply_filters, parse_filter
-
-from svd_fast.curation.decode import VideoReadError, decode_frames, decode_with_motion_vectors, probe_video
+from svd_fast.data.video import VideoDecodeError, decode_all_frames_with_motion, decode_frames, probe_video
 
 
 @dataclass
@@ -81,7 +80,7 @@ def _guarded(stage_name: str, body: Callable[[dict, dict, CurationConfig], None]
             return item
         try:
             body(item, state, config or CurationConfig())
-        except VideoReadError as error:
+        except VideoDecodeError as error:  # its message already names the file and the reason
             state["error"] = f"{stage_name}: {error}"
         except Exception as error:  # a per-file failure must not stop the run; the reason goes to the manifest
             state["error"] = f"{stage_name}: {type(error).__name__}: {error}"
@@ -93,7 +92,7 @@ def _guarded(stage_name: str, body: Callable[[dict, dict, CurationConfig], None]
 
 def _cuts_body(item: dict, state: dict, config: CurationConfig) -> None:
     info = probe_video(item["path"])
-    frames, codec_motion = decode_with_motion_vectors(item["path"], max_side=config.cut_max_side)
+    frames, codec_motion = decode_all_frames_with_motion(item["path"], max_side=config.cut_max_side)
     found = cuts.detect_cuts(
         frames, threshold=config.cut_threshold, min_scene_frames=config.min_scene_frames, strides=config.cut_strides, device=config.torch_device()
     )
@@ -110,6 +109,16 @@ def _nanmean(values: np.ndarray) -> float | None:
     return float(finite.mean()) if finite.size else None
 
 
+def _frames_per_clip(path: str, per_clip: list[list[int]], max_side: int | None) -> list[np.ndarray]:
+    """One decoding pass over ``path`` for the frames of every clip; returns one (F, H, W, 3) array per clip.
+
+    The cut stage counted the decodable frames, so every index here exists (decode_frames raises otherwise).
+    """
+    frames = decode_frames(path, [index for indices in per_clip for index in indices], max_side=max_side)
+    bounds = np.cumsum([0, *map(len, per_clip)])
+    return [frames[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+
+
 def _flow_indices(start: int, end: int, fps: float, flow_fps: float) -> list[int]:
     stride = max(1, round(fps / flow_fps))
     indices = list(range(start, end, stride))
@@ -121,20 +130,18 @@ def _flow_indices(start: int, end: int, fps: float, flow_fps: float) -> list[int
 def _flow_body(item: dict, state: dict, config: CurationConfig) -> None:
     info = state["info"]
     per_clip = [_flow_indices(clip["start_frame"], clip["end_frame"], info["fps"], config.flow_fps) for clip in state["clips"]]
-    frames = decode_frames(item["path"], [index for indices in per_clip for index in indices], max_side=config.flow_max_side)
+    per_clip_frames = _frames_per_clip(item["path"], per_clip, config.flow_max_side)
     use_dali = config.flow_backend == "dali" or (config.flow_backend == "auto" and flow.dali_available())
     if config.flow_backend == "dali" and not flow.dali_available():
         raise RuntimeError("flow_backend='dali' needs a CUDA device with the optical-flow engine and nvidia-dali")
     diagonal = math.hypot(info["width"], info["height"])
-    for clip, indices in zip(state["clips"], per_clip):
+    for clip, indices, sequence in zip(state["clips"], per_clip, per_clip_frames):
         if config.codec_static_prefilter and clip.get("codec_mv_mean_px") == 0.0:
             clip.update(flow_mean_px=0.0, flow_mean_norm=0.0, motion_bucket_id=0, static=True, flow_backend="codec-motion-vectors")
             continue
-        present = [index for index in indices if index in frames]
-        if len(present) < 2:
+        if len(indices) < 2:
             clip["skipped_flow"] = "fewer than 2 frames"
             continue
-        sequence = np.stack([frames[index] for index in present])
         analysis_width = sequence.shape[2]
         backend = f"torch-{config.torch_device().type}"
         if use_dali:
@@ -149,7 +156,7 @@ def _flow_body(item: dict, state: dict, config: CurationConfig) -> None:
             magnitude = flow.mean_flow_magnitude(sequence, config.torch_device())
         # Back to source pixels, and per 1/flow_fps seconds: the frame step is rounded (25 fps -> 13 frames),
         # and a clip shorter than one step uses its two ends, so the step is rescaled to the nominal interval.
-        step_seconds = (present[1] - present[0]) / info["fps"]
+        step_seconds = (indices[1] - indices[0]) / info["fps"]
         flow_px = magnitude * info["width"] / analysis_width / (step_seconds * config.flow_fps)
         clip["flow_mean_px"] = flow_px
         clip["flow_mean_norm"] = flow_px / diagonal
@@ -169,10 +176,10 @@ def _ocr_body(item: dict, state: dict, config: CurationConfig) -> None:
     if reason:
         state["skipped"]["ocr"] = reason
         return
-    frames = decode_frames(item["path"], [index for clip in state["clips"] for index in _key_frames(clip)], max_side=config.ocr_max_side)
-    for clip in state["clips"]:
-        coverages = [ocr.text_coverage(frames[index], config.ocr_min_confidence) for index in _key_frames(clip) if index in frames]
-        clip["ocr_coverage"] = max(coverages) if coverages else None  # the worst frame decides: text anywhere is text
+    per_clip_frames = _frames_per_clip(item["path"], [_key_frames(clip) for clip in state["clips"]], config.ocr_max_side)
+    for clip, frames in zip(state["clips"], per_clip_frames):
+        # The worst frame decides: text anywhere is text.
+        clip["ocr_coverage"] = max(ocr.text_coverage(frame, config.ocr_min_confidence) for frame in frames)
 
 
 stage_cuts = _guarded("cuts", _cuts_body)
@@ -197,11 +204,9 @@ class ClipStage:
             return
         if self.scorer.tokenizer is None and item["caption"]:
             state["skipped"]["clip_text"] = self.scorer.tokenizer_missing_reason
-        frames = decode_frames(item["path"], [index for clip in state["clips"] for index in _key_frames(clip)], max_side=None)
-        for clip in state["clips"]:
-            present = [frames[index] for index in _key_frames(clip) if index in frames]
-            if present:
-                clip.update(self.scorer.score(np.stack(present), item["caption"] or None))
+        per_clip_frames = _frames_per_clip(item["path"], [_key_frames(clip) for clip in state["clips"]], max_side=None)
+        for clip, frames in zip(state["clips"], per_clip_frames):
+            clip.update(self.scorer.score(frames, item["caption"] or None))
 
     def __call__(self, item: dict) -> dict:
         return _guarded("clip", self._body)(item, self.config)

@@ -7,6 +7,9 @@ Decoders:
   ``backend="auto"`` picks DALI's CPU decoder for those codecs and PyAV for the rest.
   The two agree on luma; on colour edges they differ by a few levels because DALI interpolates the
   4:2:0 chroma planes while FFmpeg's swscale replicates them.
+* ``max_side`` (PyAV only) scales frames down in swscale's RGB conversion, for analysis that needs
+  small frames (curation: cut detection, optical flow, OCR); :func:`decode_all_frames` reads a whole
+  file that way, optionally with the codec's motion vectors.
 
 Bad input never stops a run: unreadable, truncated, empty or non-video files are skipped, logged and
 listed in :attr:`VideoClipDataset.errors` with the reason.
@@ -61,15 +64,10 @@ def probe_video(path: str | Path) -> VideoInfo:
     import av  # noqa: PLC0415 - optional dependency
 
     path = Path(path)
-    if not path.is_file():
-        raise VideoDecodeError(path, "file does not exist")
-    if path.stat().st_size == 0:
-        raise VideoDecodeError(path, "file is empty (0 bytes)")
+    _check_file(path)
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoDecodeError(path, "no video stream")
-            stream = container.streams.video[0]
+            stream = _video_stream(path, container)
             fps = float(stream.average_rate or stream.guessed_rate or 0.0)
             codec = stream.codec_context.name
             width, height = stream.codec_context.width, stream.codec_context.height
@@ -80,6 +78,19 @@ def probe_video(path: str | Path) -> VideoInfo:
     if num_frames <= 0 or fps <= 0 or width <= 0 or height <= 0:
         raise VideoDecodeError(path, f"no decodable frames (frames={num_frames}, fps={fps}, size={width}x{height})")
     return VideoInfo(str(path), num_frames, fps, width, height, codec, num_frames / fps)
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise VideoDecodeError(path, "file does not exist")
+    if path.stat().st_size == 0:
+        raise VideoDecodeError(path, "file is empty (0 bytes)")
+
+
+def _video_stream(path: Path, container: Any) -> Any:
+    if not container.streams.video:
+        raise VideoDecodeError(path, "no video stream")
+    return container.streams.video[0]
 
 
 def clip_frame_indices(
@@ -147,31 +158,53 @@ def _dali_import_error() -> str | None:
     return None
 
 
-def decode_frames(path: str | Path, indices: Sequence[int], backend: str = "auto") -> np.ndarray:
-    """Decode the frames at ``indices`` (any order, repeats allowed) as uint8 RGB of shape (F, H, W, 3)."""
+def decode_frames(path: str | Path, indices: Sequence[int], backend: str = "auto", max_side: int | None = None) -> np.ndarray:
+    """Decode the frames at ``indices`` (any order, repeats allowed) as uint8 RGB of shape (F, H, W, 3).
+
+    ``max_side``: scale each frame down (aspect kept, even sizes) so its longer side is at most this many
+    pixels. Only PyAV scales while decoding, so ``backend="auto"`` then uses PyAV for every codec.
+    """
     info = probe_video(path)
     indices = [int(index) for index in indices]
     if not indices:
         raise ValueError("indices must not be empty")
     if min(indices) < 0:
         raise ValueError(f"indices must be >= 0, got {min(indices)}")
-    chosen = _resolve_backend(backend, info.codec)
+    _check_max_side(max_side)
+    if max_side is not None and backend == "dali":
+        raise ValueError("max_side needs backend='pyav' or 'auto': DALI's CPU decoder returns full-size frames")
+    chosen = "pyav" if max_side is not None and backend == "auto" else _resolve_backend(backend, info.codec)
     if chosen == "dali":
         return _decode_dali_cpu(Path(path), indices)
-    return _decode_pyav(Path(path), indices)
+    return _decode_pyav(Path(path), indices, _scaled_size(info.width, info.height, max_side))
 
 
-def _decode_pyav(path: Path, indices: list[int]) -> np.ndarray:
+def _check_max_side(max_side: int | None) -> None:
+    if max_side is not None and max_side < 2:
+        raise ValueError(f"max_side must be None or >= 2, got {max_side}")
+
+
+def _scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled so the longer side is <= ``max_side``; unchanged when it already is."""
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    # Even sizes keep swscale on its fast paths and match what encoders accept.
+    return max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2)
+
+
+def _decode_pyav(path: Path, indices: list[int], size: tuple[int, int]) -> np.ndarray:
     import av  # noqa: PLC0415
 
     wanted = set(indices)
     last = max(indices)
+    width, height = size
     frames: dict[int, np.ndarray] = {}
     try:
         with av.open(str(path)) as container:
             for index, frame in enumerate(container.decode(video=0)):
                 if index in wanted:
-                    frames[index] = frame.to_ndarray(format="rgb24")
+                    frames[index] = frame.to_ndarray(format="rgb24", width=width, height=height)
                 if index >= last:
                     break
     except av.error.FFmpegError as error:
@@ -180,6 +213,64 @@ def _decode_pyav(path: Path, indices: list[int]) -> np.ndarray:
     if missing:
         raise VideoDecodeError(path, f"frames {missing[:5]} are past the decodable end ({len(frames)} decoded; truncated file?)")
     return np.stack([frames[index] for index in indices])
+
+
+def decode_all_frames(path: str | Path, max_side: int | None = None) -> np.ndarray:
+    """Every frame of ``path`` as uint8 RGB (F, H, W, 3), scaled as in :func:`decode_frames` (PyAV).
+
+    For whole-file analysis such as cut detection, where small frames (``max_side`` ~100) suffice and the
+    frame count must be exact even when the header has none. A file damaged part-way yields the frames
+    before the damage; one with no decodable frame raises :class:`VideoDecodeError`.
+    """
+    frames, _motion = _decode_all_pyav(Path(path), max_side, motion_vectors=False)
+    return frames
+
+
+def decode_all_frames_with_motion(path: str | Path, max_side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`decode_all_frames` plus, per frame, the mean magnitude in source pixels of the codec's motion
+    vectors (FFmpeg's export_mvs; NaN for frames without any: intra frames, intra-only codecs, and decoders
+    that do not export them, such as VP9's).
+
+    The vectors come free with decoding, so they make a cheap motion pre-filter. Their reference distance
+    varies with the GOP structure (B-frames), so they say "moving or not", not how fast.
+    """
+    return _decode_all_pyav(Path(path), max_side, motion_vectors=True)
+
+
+def _decode_all_pyav(path: Path, max_side: int | None, motion_vectors: bool) -> tuple[np.ndarray, np.ndarray]:
+    import av  # noqa: PLC0415
+
+    _check_max_side(max_side)
+    _check_file(path)
+    frames: list[np.ndarray] = []
+    motion: list[float] = []
+    try:
+        with av.open(str(path)) as container:
+            stream = _video_stream(path, container)
+            width, height = _scaled_size(stream.codec_context.width, stream.codec_context.height, max_side)
+            if motion_vectors:
+                stream.codec_context.options = {"flags2": "+export_mvs"}
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
+                if motion_vectors:
+                    motion.append(_mean_motion_vector_px(frame))
+    except av.error.FFmpegError as error:
+        if not frames:
+            raise VideoDecodeError(path, f"unreadable by FFmpeg ({error})") from error
+        LOGGER.warning("%s: decoding stopped after %d frames (%s)", path, len(frames), error)
+    if not frames:
+        raise VideoDecodeError(path, "no decodable frames")
+    return np.stack(frames), np.asarray(motion, dtype=np.float64)
+
+
+def _mean_motion_vector_px(frame: Any) -> float:
+    vectors = next((side for side in frame.side_data if "MOTION_VECTORS" in str(getattr(side, "type", ""))), None)
+    if vectors is None:
+        return float("nan")
+    table = vectors.to_ndarray()
+    scale = np.maximum(table["motion_scale"], 1).astype(np.float64)
+    magnitude = np.hypot(table["motion_x"] / scale, table["motion_y"] / scale)
+    return float(magnitude.mean()) if magnitude.size else float("nan")
 
 
 _dali_pipelines: dict[int, Any] = {}
