@@ -3,7 +3,10 @@
 On CUDA: the real SVD UNet config (diffusers' UNetSpatioTemporalConditionModel defaults, ~1.5B params)
 with random weights (speed does not depend on weight values), fp16, 576x1024 (latents 72x128), 14 and
 25 frames, batch 2 (classifier-free guidance). On CPU: the tiny architecture-true model, fp32, labelled
-"tiny" (CPU numbers say nothing about GPU speed). Plus the end-to-end tiny pipeline on CPU.
+"tiny" (CPU numbers say nothing about GPU speed). Plus the end-to-end tiny pipeline on CPU, and on CUDA
+the end-to-end full-size SVD / SVD-XT pipelines (svd_fast.models.full_size: published architecture, random
+weights) at 576x1024, 25 steps, fp16, with peak memory, for diffusers eager, diffusers + torch.compile,
+svd_fast, svd_fast with CUDA graphs, and svd_fast's low-memory mode (the < 16 GB target).
 """
 
 from __future__ import annotations
@@ -69,3 +72,47 @@ def test_tiny_pipeline_end_to_end(timed, benchmark, device: torch.device, varian
         model="tiny",
         steps=4,
     )
+
+
+# The issue's GPU case: the real SVD / SVD-XT pipelines (random weights), 576x1024, 25 steps, fp16, CFG.
+FULL_SIZE_VARIANTS = ("diffusers-eager", "diffusers+torch.compile", "svd_fast", "svd_fast+cuda_graphs", "svd_fast-low-memory")
+FULL_SIZE_STEPS = 25
+
+
+@pytest.mark.parametrize("variant", FULL_SIZE_VARIANTS)
+@pytest.mark.parametrize("model", ["svd-xt", "svd"])
+def test_full_size_end_to_end(benchmark, device: torch.device, variant: str, model: str) -> None:
+    """End to end (CLIP + VAE encode + 25 UNet steps with CFG + VAE decode) with peak memory; CUDA only.
+
+    One untimed 2-step call first takes torch.compile's compilation and the CUDA-graph capture (same
+    shapes) out of the timing; then one timed 25-step call (a run takes tens of seconds).
+    """
+    if device.type != "cuda":
+        pytest.skip("the 2.3B-parameter pipeline at 576x1024 is a GPU benchmark")
+    from svd_fast.models.full_size import NUM_FRAMES, random_full_size_pipeline
+
+    pipe = random_full_size_pipeline(model, device="cpu" if variant == "svd_fast-low-memory" else device)
+    frames = NUM_FRAMES[model]
+    if variant == "diffusers+torch.compile":
+        pipe.unet = torch.compile(pipe.unet)
+    elif variant.startswith("svd_fast"):
+        svd_fast.optimize(pipe, cuda_graphs=variant == "svd_fast+cuda_graphs", low_memory=variant == "svd_fast-low-memory")
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray((np.random.default_rng(0).random((576, 1024, 3)) * 255).astype(np.uint8))
+    decode_chunk_size = 2 if variant == "svd_fast-low-memory" else 8
+
+    def generate(steps: int):
+        result = pipe(image, height=576, width=1024, num_frames=frames, num_inference_steps=steps,
+                      decode_chunk_size=decode_chunk_size, output_type="pt").frames  # fmt: skip
+        torch.cuda.synchronize(device)
+        return result
+
+    generate(2)
+    torch.cuda.reset_peak_memory_stats(device)
+    benchmark.group = f"end-to-end-{model}-576x1024-{frames}f-{FULL_SIZE_STEPS}steps"
+    benchmark.pedantic(generate, args=(FULL_SIZE_STEPS,), rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        variant=variant, model=model, frames=frames, steps=FULL_SIZE_STEPS, decode_chunk_size=decode_chunk_size,
+        peak_memory_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+        device=torch.cuda.get_device_name(device),
+    )  # fmt: skip

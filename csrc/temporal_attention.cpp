@@ -55,10 +55,19 @@ inline void scatter(const acc_t* tile, const TemporalAttentionGeometry& g, int64
   }
 }
 
+// kLanes independent partial sums: a single running sum is a serial dependency chain that the compiler may
+// not reorder (no -ffast-math), while independent lanes vectorise.
 template <typename acc_t>
 inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  constexpr int kLanes = 8;
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
+  }
   acc_t total = 0;
-  for (int64_t i = 0; i < n; ++i) total += a[i] * b[i];
+  for (; i < n; ++i) total += a[i] * b[i];
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
   return total;
 }
 
@@ -70,89 +79,139 @@ inline void scaled_scores(const acc_t* q, const acc_t* k, int64_t frames, int64_
     for (int64_t j = 0; j < frames; ++j) scores[i * frames + j] = scale * dot(q + i * head_dim, k + j * head_dim, head_dim);
 }
 
+// The per-position work is compiled twice, for AVX2 and for baseline x86-64, and the loader picks one for
+// the CPU it runs on (GCC function multi-versioning): the extension is built without -march flags, so
+// without this the inner loops would only use SSE2.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SVD_FAST_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SVD_FAST_CPU_CLONES
+#endif
+
 template <typename scalar_t>
-void forward_cpu_kernel(const TemporalAttentionGeometry& g, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                        TemporalStrides qs, TemporalStrides ks, TemporalStrides vs, double scale, scalar_t* out,
-                        at::opmath_type<scalar_t>* lse) {
+struct ForwardArgs {
+  TemporalAttentionGeometry g;
+  const scalar_t *q, *k, *v;
+  TemporalStrides qs, ks, vs;
+  at::opmath_type<scalar_t> scale;
+  scalar_t* out;
+  at::opmath_type<scalar_t>* lse;
+};
+
+// Scratch tiles of one position, in acc_t: q, k, v, output (F x D each) and the scores (F x F).
+template <typename acc_t>
+struct ForwardScratch {
+  explicit ForwardScratch(int64_t F, int64_t D) : q(F * D), k(F * D), v(F * D), o(F * D), scores(F * F) {}
+  std::vector<acc_t> q, k, v, o, scores;
+};
+
+template <typename scalar_t>
+SVD_FAST_CPU_CLONES void forward_position(const ForwardArgs<scalar_t>& a, int64_t b, int64_t s, int64_t h,
+                                          ForwardScratch<at::opmath_type<scalar_t>>& t) {
   using acc_t = at::opmath_type<scalar_t>;
+  const TemporalAttentionGeometry& g = a.g;
   const int64_t F = g.frames, D = g.head_dim;
-  const int64_t total = g.batch * g.positions * g.heads;
-  at::parallel_for(0, total, 64, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qt(F * D), kt(F * D), vt(F * D), ot(F * D), scores(F * F);
+  gather(a.q, a.qs, g, b, s, h, t.q.data());
+  gather(a.k, a.ks, g, b, s, h, t.k.data());
+  gather(a.v, a.vs, g, b, s, h, t.v.data());
+  scaled_scores(t.q.data(), t.k.data(), F, D, a.scale, t.scores.data());
+  for (int64_t i = 0; i < F; ++i) {
+    acc_t* row = t.scores.data() + i * F;
+    const acc_t row_max = *std::max_element(row, row + F);
+    acc_t sum = 0;
+    for (int64_t j = 0; j < F; ++j) sum += (row[j] = std::exp(row[j] - row_max));
+    acc_t* o = t.o.data() + i * D;
+    std::fill(o, o + D, acc_t(0));
+    for (int64_t j = 0; j < F; ++j) {
+      const acc_t p = row[j] / sum;
+      const acc_t* vj = t.v.data() + j * D;
+      for (int64_t d = 0; d < D; ++d) o[d] += p * vj[d];
+    }
+    a.lse[((b * F + i) * g.positions + s) * g.heads + h] = row_max + std::log(sum);
+  }
+  scatter(t.o.data(), g, b, s, h, a.out);
+}
+
+template <typename scalar_t>
+void forward_cpu_kernel(const ForwardArgs<scalar_t>& args) {
+  const TemporalAttentionGeometry& g = args.g;
+  at::parallel_for(0, g.batch * g.positions * g.heads, 64, [&](int64_t begin, int64_t end) {
+    ForwardScratch<at::opmath_type<scalar_t>> scratch(g.frames, g.head_dim);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t h = index % g.heads, s = (index / g.heads) % g.positions, b = index / (g.heads * g.positions);
-      gather(q, qs, g, b, s, h, qt.data());
-      gather(k, ks, g, b, s, h, kt.data());
-      gather(v, vs, g, b, s, h, vt.data());
-      scaled_scores(qt.data(), kt.data(), F, D, static_cast<acc_t>(scale), scores.data());
-      for (int64_t i = 0; i < F; ++i) {
-        acc_t* row = scores.data() + i * F;
-        const acc_t row_max = *std::max_element(row, row + F);
-        acc_t sum = 0;
-        for (int64_t j = 0; j < F; ++j) sum += (row[j] = std::exp(row[j] - row_max));
-        acc_t* o = ot.data() + i * D;
-        std::fill(o, o + D, acc_t(0));
-        for (int64_t j = 0; j < F; ++j) {
-          const acc_t p = row[j] / sum;
-          const acc_t* vj = vt.data() + j * D;
-          for (int64_t d = 0; d < D; ++d) o[d] += p * vj[d];
-        }
-        lse[((b * F + i) * g.positions + s) * g.heads + h] = row_max + std::log(sum);
-      }
-      scatter(ot.data(), g, b, s, h, out);
+      forward_position(args, b, s, h, scratch);
     }
   });
 }
 
 template <typename scalar_t>
-void backward_cpu_kernel(const TemporalAttentionGeometry& g, const scalar_t* grad_out, const scalar_t* q,
-                         const scalar_t* k, const scalar_t* v, const scalar_t* out,
-                         const at::opmath_type<scalar_t>* lse, TemporalStrides gs, TemporalStrides qs,
-                         TemporalStrides ks, TemporalStrides vs, TemporalStrides os, double scale, scalar_t* grad_q,
-                         scalar_t* grad_k, scalar_t* grad_v) {
+struct BackwardArgs {
+  TemporalAttentionGeometry g;
+  const scalar_t *grad_out, *q, *k, *v, *out;
+  const at::opmath_type<scalar_t>* lse;
+  TemporalStrides gs, qs, ks, vs, os;
+  at::opmath_type<scalar_t> scale;
+  scalar_t *grad_q, *grad_k, *grad_v;
+};
+
+template <typename acc_t>
+struct BackwardScratch {
+  explicit BackwardScratch(int64_t F, int64_t D)
+      : q(F * D), k(F * D), v(F * D), grad_out(F * D), out(F * D), grad_q(F * D), grad_k(F * D), grad_v(F * D),
+        probs(F * F), delta(F) {}
+  std::vector<acc_t> q, k, v, grad_out, out, grad_q, grad_k, grad_v, probs, delta;
+};
+
+template <typename scalar_t>
+SVD_FAST_CPU_CLONES void backward_position(const BackwardArgs<scalar_t>& a, int64_t b, int64_t s, int64_t h,
+                                           BackwardScratch<at::opmath_type<scalar_t>>& t) {
   using acc_t = at::opmath_type<scalar_t>;
+  const TemporalAttentionGeometry& g = a.g;
   const int64_t F = g.frames, D = g.head_dim;
-  const acc_t scale_acc = static_cast<acc_t>(scale);
-  const int64_t total = g.batch * g.positions * g.heads;
-  at::parallel_for(0, total, 32, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qt(F * D), kt(F * D), vt(F * D), dO_tile(F * D), ot(F * D);
-    std::vector<acc_t> dqt(F * D), dkt(F * D), dvt(F * D), probs(F * F), delta(F);
+  gather(a.q, a.qs, g, b, s, h, t.q.data());
+  gather(a.k, a.ks, g, b, s, h, t.k.data());
+  gather(a.v, a.vs, g, b, s, h, t.v.data());
+  gather(a.grad_out, a.gs, g, b, s, h, t.grad_out.data());
+  gather(a.out, a.os, g, b, s, h, t.out.data());
+  scaled_scores(t.q.data(), t.k.data(), F, D, a.scale, t.probs.data());
+  for (int64_t i = 0; i < F; ++i) {
+    const acc_t row_lse = a.lse[((b * F + i) * g.positions + s) * g.heads + h];
+    for (int64_t j = 0; j < F; ++j) t.probs[i * F + j] = std::exp(t.probs[i * F + j] - row_lse);
+    t.delta[i] = dot(t.grad_out.data() + i * D, t.out.data() + i * D, D);
+  }
+  std::fill(t.grad_q.begin(), t.grad_q.end(), acc_t(0));
+  std::fill(t.grad_k.begin(), t.grad_k.end(), acc_t(0));
+  std::fill(t.grad_v.begin(), t.grad_v.end(), acc_t(0));
+  for (int64_t i = 0; i < F; ++i) {
+    const acc_t* dOi = t.grad_out.data() + i * D;
+    const acc_t* qi = t.q.data() + i * D;
+    acc_t* dqi = t.grad_q.data() + i * D;
+    for (int64_t j = 0; j < F; ++j) {
+      const acc_t p = t.probs[i * F + j];
+      const acc_t ds = a.scale * p * (dot(dOi, t.v.data() + j * D, D) - t.delta[i]);
+      const acc_t* kj = t.k.data() + j * D;
+      acc_t* dvj = t.grad_v.data() + j * D;
+      acc_t* dkj = t.grad_k.data() + j * D;
+      for (int64_t d = 0; d < D; ++d) {
+        dvj[d] += p * dOi[d];
+        dqi[d] += ds * kj[d];
+        dkj[d] += ds * qi[d];
+      }
+    }
+  }
+  scatter(t.grad_q.data(), g, b, s, h, a.grad_q);
+  scatter(t.grad_k.data(), g, b, s, h, a.grad_k);
+  scatter(t.grad_v.data(), g, b, s, h, a.grad_v);
+}
+
+template <typename scalar_t>
+void backward_cpu_kernel(const BackwardArgs<scalar_t>& args) {
+  const TemporalAttentionGeometry& g = args.g;
+  at::parallel_for(0, g.batch * g.positions * g.heads, 32, [&](int64_t begin, int64_t end) {
+    BackwardScratch<at::opmath_type<scalar_t>> scratch(g.frames, g.head_dim);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t h = index % g.heads, s = (index / g.heads) % g.positions, b = index / (g.heads * g.positions);
-      gather(q, qs, g, b, s, h, qt.data());
-      gather(k, ks, g, b, s, h, kt.data());
-      gather(v, vs, g, b, s, h, vt.data());
-      gather(grad_out, gs, g, b, s, h, dO_tile.data());
-      gather(out, os, g, b, s, h, ot.data());
-      scaled_scores(qt.data(), kt.data(), F, D, scale_acc, probs.data());
-      for (int64_t i = 0; i < F; ++i) {
-        const acc_t row_lse = lse[((b * F + i) * g.positions + s) * g.heads + h];
-        for (int64_t j = 0; j < F; ++j) probs[i * F + j] = std::exp(probs[i * F + j] - row_lse);
-        delta[i] = dot(dO_tile.data() + i * D, ot.data() + i * D, D);
-      }
-      std::fill(dqt.begin(), dqt.end(), acc_t(0));
-      std::fill(dkt.begin(), dkt.end(), acc_t(0));
-      std::fill(dvt.begin(), dvt.end(), acc_t(0));
-      for (int64_t i = 0; i < F; ++i) {
-        const acc_t* dOi = dO_tile.data() + i * D;
-        for (int64_t j = 0; j < F; ++j) {
-          const acc_t p = probs[i * F + j];
-          const acc_t ds = scale_acc * p * (dot(dOi, vt.data() + j * D, D) - delta[i]);
-          const acc_t* kj = kt.data() + j * D;
-          const acc_t* qi = qt.data() + i * D;
-          acc_t* dvj = dvt.data() + j * D;
-          acc_t* dqi = dqt.data() + i * D;
-          acc_t* dkj = dkt.data() + j * D;
-          for (int64_t d = 0; d < D; ++d) {
-            dvj[d] += p * dOi[d];
-            dqi[d] += ds * kj[d];
-            dkj[d] += ds * qi[d];
-          }
-        }
-      }
-      scatter(dqt.data(), g, b, s, h, grad_q);
-      scatter(dkt.data(), g, b, s, h, grad_k);
-      scatter(dvt.data(), g, b, s, h, grad_v);
+      backward_position(args, b, s, h, scratch);
     }
   });
 }
@@ -167,10 +226,11 @@ std::tuple<at::Tensor, at::Tensor> temporal_attention_forward_cpu(const at::Tens
   at::Tensor lse = at::empty({q.size(0), g.positions, g.heads}, q.options().dtype(lse_dtype(q)));
   if (q.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "temporal_attention_forward_cpu", [&] {
-    forward_cpu_kernel<scalar_t>(g, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                                 v.const_data_ptr<scalar_t>(), temporal_strides(q), temporal_strides(k),
-                                 temporal_strides(v), scale, out.mutable_data_ptr<scalar_t>(),
-                                 lse.mutable_data_ptr<at::opmath_type<scalar_t>>());
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_cpu_kernel<scalar_t>({g, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                  v.const_data_ptr<scalar_t>(), temporal_strides(q), temporal_strides(k),
+                                  temporal_strides(v), static_cast<acc_t>(scale), out.mutable_data_ptr<scalar_t>(),
+                                  lse.mutable_data_ptr<acc_t>()});
   });
   return {out, lse};
 }
@@ -188,12 +248,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_attention_backward_cpu(
   at::Tensor grad_v = at::empty_like(grad_q);
   if (q.numel() == 0) return {grad_q, grad_k, grad_v};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "temporal_attention_backward_cpu", [&] {
-    backward_cpu_kernel<scalar_t>(
-        g, grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-        v.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), lse_c.const_data_ptr<at::opmath_type<scalar_t>>(),
-        temporal_strides(grad_out), temporal_strides(q), temporal_strides(k), temporal_strides(v), temporal_strides(out),
-        scale, grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
-        grad_v.mutable_data_ptr<scalar_t>());
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_cpu_kernel<scalar_t>({g, grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+                                   k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                                   out.const_data_ptr<scalar_t>(), lse_c.const_data_ptr<acc_t>(),
+                                   temporal_strides(grad_out), temporal_strides(q), temporal_strides(k),
+                                   temporal_strides(v), temporal_strides(out), static_cast<acc_t>(scale),
+                                   grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
+                                   grad_v.mutable_data_ptr<scalar_t>()});
   });
   return {grad_q, grad_k, grad_v};
 }
