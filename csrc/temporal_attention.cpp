@@ -132,14 +132,14 @@ SVD_FAST_CPU_CLONES void forward_position(const ForwardArgs<scalar_t>& a, int64_
   scatter(t.o.data(), g, b, s, h, a.out);
 }
 
-template <typename scalar_t>
-void forward_cpu_kernel(const ForwardArgs<scalar_t>& args) {
-  const TemporalAttentionGeometry& g = args.g;
-  at::parallel_for(0, g.batch * g.positions * g.heads, 64, [&](int64_t begin, int64_t end) {
-    ForwardScratch<at::opmath_type<scalar_t>> scratch(g.frames, g.head_dim);
+// Calls visit(b, s, h, scratch) for every position (b, s, h), in parallel; each thread owns one Scratch.
+template <typename Scratch, typename Visit>
+void for_each_position(const TemporalAttentionGeometry& g, int64_t grain, Visit&& visit) {
+  at::parallel_for(0, g.batch * g.positions * g.heads, grain, [&](int64_t begin, int64_t end) {
+    Scratch scratch(g.frames, g.head_dim);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t h = index % g.heads, s = (index / g.heads) % g.positions, b = index / (g.heads * g.positions);
-      forward_position(args, b, s, h, scratch);
+      visit(b, s, h, scratch);
     }
   });
 }
@@ -204,18 +204,6 @@ SVD_FAST_CPU_CLONES void backward_position(const BackwardArgs<scalar_t>& a, int6
   scatter(t.grad_v.data(), g, b, s, h, a.grad_v);
 }
 
-template <typename scalar_t>
-void backward_cpu_kernel(const BackwardArgs<scalar_t>& args) {
-  const TemporalAttentionGeometry& g = args.g;
-  at::parallel_for(0, g.batch * g.positions * g.heads, 32, [&](int64_t begin, int64_t end) {
-    BackwardScratch<at::opmath_type<scalar_t>> scratch(g.frames, g.head_dim);
-    for (int64_t index = begin; index < end; ++index) {
-      const int64_t h = index % g.heads, s = (index / g.heads) % g.positions, b = index / (g.heads * g.positions);
-      backward_position(args, b, s, h, scratch);
-    }
-  });
-}
-
 at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor> temporal_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -227,10 +215,13 @@ std::tuple<at::Tensor, at::Tensor> temporal_attention_forward_cpu(const at::Tens
   if (q.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "temporal_attention_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_cpu_kernel<scalar_t>({g, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                                  v.const_data_ptr<scalar_t>(), temporal_strides(q), temporal_strides(k),
-                                  temporal_strides(v), static_cast<acc_t>(scale), out.mutable_data_ptr<scalar_t>(),
-                                  lse.mutable_data_ptr<acc_t>()});
+    const ForwardArgs<scalar_t> args{g, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                     v.const_data_ptr<scalar_t>(), temporal_strides(q), temporal_strides(k),
+                                     temporal_strides(v), static_cast<acc_t>(scale), out.mutable_data_ptr<scalar_t>(),
+                                     lse.mutable_data_ptr<acc_t>()};
+    for_each_position<ForwardScratch<acc_t>>(g, 64, [&](int64_t b, int64_t s, int64_t h, ForwardScratch<acc_t>& t) {
+      forward_position(args, b, s, h, t);
+    });
   });
   return {out, lse};
 }
@@ -249,13 +240,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_attention_backward_cpu(
   if (q.numel() == 0) return {grad_q, grad_k, grad_v};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "temporal_attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_cpu_kernel<scalar_t>({g, grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
-                                   k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                                   out.const_data_ptr<scalar_t>(), lse_c.const_data_ptr<acc_t>(),
-                                   temporal_strides(grad_out), temporal_strides(q), temporal_strides(k),
-                                   temporal_strides(v), temporal_strides(out), static_cast<acc_t>(scale),
-                                   grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
-                                   grad_v.mutable_data_ptr<scalar_t>()});
+    const BackwardArgs<scalar_t> args{g, grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+                                      k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                                      out.const_data_ptr<scalar_t>(), lse_c.const_data_ptr<acc_t>(),
+                                      temporal_strides(grad_out), temporal_strides(q), temporal_strides(k),
+                                      temporal_strides(v), temporal_strides(out), static_cast<acc_t>(scale),
+                                      grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
+                                      grad_v.mutable_data_ptr<scalar_t>()};
+    for_each_position<BackwardScratch<acc_t>>(g, 32, [&](int64_t b, int64_t s, int64_t h, BackwardScratch<acc_t>& t) {
+      backward_position(args, b, s, h, t);
+    });
   });
   return {grad_q, grad_k, grad_v};
 }

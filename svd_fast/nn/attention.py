@@ -16,6 +16,15 @@ from typing import Any
 import torch
 
 
+def _residual_and_rescale(attn: Any, output: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The end of every diffusers attention processor: optional residual, then the output rescale."""
+    if attn.residual_connection:
+        output = output + hidden_states
+    if attn.rescale_output_factor != 1.0:
+        output = output / attn.rescale_output_factor
+    return output
+
+
 class SingleTokenCrossAttnProcessor:
     """A diffusers attention processor: ``to_out(to_v(context))`` when the context is a single token."""
 
@@ -44,11 +53,7 @@ class SingleTokenCrossAttnProcessor:
         context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
         value = attn.to_out[1](attn.to_out[0](attn.to_v(context)))  # (batch, 1, channels)
         output = value.expand(-1, hidden_states.shape[1], -1)
-        if attn.residual_connection:
-            output = output + hidden_states
-        if attn.rescale_output_factor != 1.0:
-            output = output / attn.rescale_output_factor
-        return output
+        return _residual_and_rescale(attn, output, hidden_states)
 
 
 # flash-attn runs on CUDA tensors only; a module constant so that the tests can route a stand-in through
@@ -112,8 +117,4 @@ class FlashAttnSelfAttnProcessor:
         )
         output = self.flash_attn_func(query, key, value, softmax_scale=attn.scale).flatten(-2)
         output = attn.to_out[1](attn.to_out[0](output.to(query.dtype)))
-        if attn.residual_connection:
-            output = output + hidden_states
-        if attn.rescale_output_factor != 1.0:
-            output = output / attn.rescale_output_factor
-        return output
+        return _residual_and_rescale(attn, output, hidden_states)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from svd_fast import _extension, backends
+from svd_fast.ops._library import register_differentiable_op
 from svd_fast.reference import group_norm as reference
 
 OP_NAME = "group_norm"
@@ -166,10 +167,9 @@ def _autograd_backward(backward_op):
 
 
 def _register(forward_name: str, backward_name: str) -> None:
-    torch.library.register_fake(forward_name)(_forward_fake)
-    torch.library.register_fake(backward_name)(_backward_fake)
-    backward_op = getattr(torch.ops.svd_fast, backward_name.split("::")[1])
-    torch.library.register_autograd(forward_name, _autograd_backward(backward_op), setup_context=_setup_context)
+    register_differentiable_op(
+        forward_name, backward_name, _forward_fake, _backward_fake, _setup_context, _autograd_backward
+    )
 
 
 _register("svd_fast::group_norm_forward_triton", "svd_fast::group_norm_backward_triton")

@@ -19,6 +19,7 @@ import math
 import torch
 
 from svd_fast import _extension, backends
+from svd_fast.ops._library import register_differentiable_op
 from svd_fast.reference import temporal_attention as reference
 
 OP_NAME = "temporal_attention"
@@ -162,10 +163,9 @@ def _autograd_backward(backward_op):
 
 
 def _register(forward_name: str, backward_name: str) -> None:
-    torch.library.register_fake(forward_name)(_forward_fake)
-    torch.library.register_fake(backward_name)(_backward_fake)
-    backward_op = getattr(torch.ops.svd_fast, backward_name.split("::")[1])
-    torch.library.register_autograd(forward_name, _autograd_backward(backward_op), setup_context=_setup_context)
+    register_differentiable_op(
+        forward_name, backward_name, _forward_fake, _backward_fake, _setup_context, _autograd_backward
+    )
 
 
 _register("svd_fast::temporal_attention_forward_triton", "svd_fast::temporal_attention_backward_triton")
