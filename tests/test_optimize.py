@@ -227,3 +227,17 @@ def test_cuda_graph_replay_matches_eager() -> None:
             svd_fast.restore(unet)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graph_wrapper_runs_eagerly_where_it_cannot_capture() -> None:
+    """CPU inputs or gradients enabled: the wrapper calls the module's own forward and captures nothing."""
+    from svd_fast.models.cuda_graph import CUDAGraphedForward
+
+    linear = torch.nn.Linear(4, 3)
+    wrapped = CUDAGraphedForward(linear.forward)
+    x = torch.randn(2, 4, requires_grad=True)
+    wrapped(x).sum().backward()  # gradients flow: the eager path ran
+    assert x.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), linear(x))
+    assert wrapped.captures == {}

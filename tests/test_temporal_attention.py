@@ -289,6 +289,22 @@ def test_fused_block_falls_back_exactly_and_chunks() -> None:
         torch.testing.assert_close(fused(hidden, num_frames=frames, encoder_hidden_states=several_tokens), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_block_uses_fused_qkv_projection() -> None:
+    """With diffusers' fuse_projections() the block reads q/k/v as strided slices of one projection output."""
+    from svd_fast.nn import FusedTemporalBasicTransformerBlock
+
+    block = _diffusers_block()
+    fused = FusedTemporalBasicTransformerBlock.from_diffusers(block)
+    hidden, context, frames = _block_inputs(block)
+    with torch.no_grad():
+        expected = block(hidden, num_frames=frames, encoder_hidden_states=context)
+        block.attn1.fuse_projections()
+        block.attn1.to_q.weight.zero_()  # proves the fused path runs: to_q is no longer read
+        with backends.use_backend("cpu"):
+            got = fused(hidden, num_frames=frames, encoder_hidden_states=context)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_block_rejects_what_it_cannot_reproduce() -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 

@@ -113,7 +113,11 @@ class FusedTemporalBasicTransformerBlock(nn.Module):
 
     def _self_attention(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
         attn = self.attn1
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if attn.fused_projections:
+            # diffusers' fuse_projections(): one GEMM; the op reads the three slices of its output in place.
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         output = temporal_attention(query, key, value, num_frames, attn.heads, attn.scale)
         return attn.to_out[1](attn.to_out[0](output.to(query.dtype)))
 
