@@ -1,8 +1,8 @@
 """Benchmarks of the fused temporal attention against diffusers' path.
 
 Op level (q, k, v given frame-major (B*F, S, H*D), output wanted frame-major):
-  * svd_fast: the fused op, automatic backend (cuda, else triton, on GPU; the C++ kernel on CPU);
-  * svd_fast-triton (CUDA only: on CPU tensors Triton is the interpreter);
+  * svd_fast: the fused op, automatic backend (triton, else cuda, on GPU; the C++ kernel on CPU);
+  * svd_fast-cuda: the CUDA kernel forced (CUDA only);
   * diffusers-path: permute to (B, S, H, F, D), scaled_dot_product_attention, permute back (one copy);
   * diffusers-path-compile: torch.compile of that path (CUDA only: CPU inductor is not the target).
 Block level (what a user gets from optimize): diffusers' TemporalBasicTransformerBlock vs
@@ -36,7 +36,7 @@ SHAPES = {
     "train8-svd-72x128-h5": (8, 14, 72 * 128, 5),
 }
 CPU_POSITION_DIVISOR = 16
-OP_VARIANTS = ["svd_fast", "svd_fast-triton", "diffusers-path", "diffusers-path-compile"]
+OP_VARIANTS = ["svd_fast", "svd_fast-cuda", "diffusers-path", "diffusers-path-compile"]
 BLOCK_SHAPES = ["xt-72x128-h5", "xt-36x64-h10"]
 
 
@@ -60,13 +60,13 @@ def compiled_diffusers_path():
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("variant", OP_VARIANTS)
 def test_temporal_attention(timed, benchmark, device, compiled_diffusers_path, variant: str, shape_name: str) -> None:
-    if device.type != "cuda" and variant in ("svd_fast-triton", "diffusers-path-compile"):
-        pytest.skip(f"{variant} is benchmarked on CUDA only (Triton on CPU is the interpreter; CPU inductor is not the target)")
+    if device.type != "cuda" and variant in ("svd_fast-cuda", "diffusers-path-compile"):
+        pytest.skip(f"{variant} is benchmarked on CUDA only (the CUDA kernel needs a GPU; CPU inductor is not the target)")
     batch, frames, positions, heads = _shape(shape_name, device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(batch * frames, positions, heads * HEAD_DIM, device=device, dtype=dtype) for _ in range(3))
     if variant.startswith("svd_fast"):
-        backend = "triton" if variant == "svd_fast-triton" else "auto"
+        backend = "cuda" if variant == "svd_fast-cuda" else "auto"
 
         def run():
             with backends.use_backend(backend):
