@@ -87,7 +87,6 @@ class FusedTemporalBasicTransformerBlock(nn.Module):
         self.norm2, self.attn2 = block.norm2, block.attn2
         self.norm3, self.ff = block.norm3, block.ff
         self._chunk_size: int | None = block._chunk_size
-        self._chunk_dim: int | None = block._chunk_dim
 
     @classmethod
     def from_diffusers(cls, block: nn.Module) -> FusedTemporalBasicTransformerBlock:
@@ -95,9 +94,9 @@ class FusedTemporalBasicTransformerBlock(nn.Module):
         return cls(block)
 
     def set_chunk_feed_forward(self, chunk_size: int | None, **kwargs: Any) -> None:
-        """Feed-forward chunking, as diffusers' ``unet.enable_forward_chunking`` sets it."""
+        """Feed-forward chunking, as diffusers' ``unet.enable_forward_chunking`` sets it (the chunked dimension
+        is fixed, as in diffusers' block: see :meth:`_feed_forward`)."""
         self._chunk_size = chunk_size
-        self._chunk_dim = 1
 
     def _feed_forward(self, ff: nn.Module, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
         if self._chunk_size is None:
@@ -119,7 +118,7 @@ class FusedTemporalBasicTransformerBlock(nn.Module):
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         output = temporal_attention(query, key, value, num_frames, attn.heads, attn.scale)
-        return attn.to_out[1](attn.to_out[0](output.to(query.dtype)))
+        return attn.to_out[1](attn.to_out[0](output))
 
     def _cross_attention(
         self, hidden_states: torch.Tensor, num_frames: int, encoder_hidden_states: torch.Tensor | None
@@ -138,10 +137,10 @@ class FusedTemporalBasicTransformerBlock(nn.Module):
         if single_token:
             context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
             value = attn.to_out[1](attn.to_out[0](attn.to_v(context)))  # (B*S, 1, C)
-            per_frame = hidden_states.view(batch, num_frames, positions, channels)
-            return (per_frame + value.view(batch, 1, positions, channels)).view(batch_frames, positions, channels)
+            per_frame = hidden_states.unflatten(0, (batch, num_frames))
+            return (per_frame + value.view(batch, 1, positions, channels)).flatten(0, 1)
         # Any other context (or none: attn2 then attends over frames): diffusers' attention on its own layout.
-        position_major = hidden_states.view(batch, num_frames, positions, channels).transpose(1, 2)
+        position_major = hidden_states.unflatten(0, (batch, num_frames)).transpose(1, 2)
         position_major = position_major.reshape(batch * positions, num_frames, channels)
         attended = attn(self.norm2(position_major), encoder_hidden_states=encoder_hidden_states)
         attended = attended.view(batch, positions, num_frames, channels).transpose(1, 2)
