@@ -1,7 +1,7 @@
 # Two commands for a fresh machine (see README.md):
 #   make demo   set up everything, then run the end-to-end demo on the embedded tiny model
 #   make test   set up everything, then run the test suite (what CI runs)
-# Other targets: make setup (environment + build), make build (rebuild the extension), make bench.
+# Other targets: make setup (environment + build), make build (rebuild the extension), make lint, make bench.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h kernels/*.cu kernels/*.cuh) setup.py
 
-.PHONY: setup build test demo bench system-deps
+.PHONY: setup build test lint demo bench system-deps
 
 setup: $(VENV)/.deps-installed build system-deps
 
@@ -39,6 +39,9 @@ system-deps:
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(VENV)/.deps-installed
+	$(BIN)/ruff check svd_fast tests bench
 
 demo: setup
 	$(BIN)/svd-fast demo --out demo_out

@@ -19,7 +19,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 from svd_fast import backends
-from svd_fast.models.tiny import SVD_SCHEDULER_CONFIG
+from svd_fast.diffusers.tiny import SVD_SCHEDULER_CONFIG
 from svd_fast.ops import edm_euler_step, edm_prepare_model_input
 from svd_fast.sampling import frame_guidance
 

@@ -4,7 +4,7 @@ On CUDA: the real SVD UNet config (diffusers' UNetSpatioTemporalConditionModel d
 with random weights (speed does not depend on weight values), fp16, 576x1024 (latents 72x128), 14 and
 25 frames, batch 2 (classifier-free guidance). On CPU: the tiny architecture-true model, fp32, labelled
 "tiny" (CPU numbers say nothing about GPU speed). Plus the end-to-end tiny pipeline on CPU, and on CUDA
-the end-to-end full-size SVD / SVD-XT pipelines (svd_fast.models.full_size: published architecture, random
+the end-to-end full-size SVD / SVD-XT pipelines (svd_fast.diffusers.full_size: published architecture, random
 weights) at 576x1024, 25 steps, fp16, with peak memory, for diffusers eager, diffusers + torch.compile,
 svd_fast, svd_fast with CUDA graphs, and svd_fast's low-memory mode (the < 16 GB target).
 """
@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import svd_fast
-from svd_fast.models.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_UNET_CONFIG, TINY_WIDTH, tiny_pipeline
+from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_UNET_CONFIG, TINY_WIDTH, tiny_pipeline
 
 VARIANTS = ("diffusers-eager", "svd_fast", "diffusers+torch.compile")
 
@@ -89,7 +89,7 @@ def test_full_size_end_to_end(benchmark, device: torch.device, variant: str, mod
     """
     if device.type != "cuda":
         pytest.skip("the 2.3B-parameter pipeline at 576x1024 is a GPU benchmark")
-    from svd_fast.models.full_size import NUM_FRAMES, random_full_size_pipeline
+    from svd_fast.diffusers.full_size import NUM_FRAMES, random_full_size_pipeline
 
     pipe = random_full_size_pipeline(model, device="cpu" if variant == "svd_fast-low-memory" else device)
     frames = NUM_FRAMES[model]

@@ -6,7 +6,7 @@ Op level (q, k, v given frame-major (B*F, S, H*D), output wanted frame-major):
   * diffusers-path: permute to (B, S, H, F, D), scaled_dot_product_attention, permute back (one copy);
   * diffusers-path-compile: torch.compile of that path (CUDA only: CPU inductor is not the target).
 Block level (what a user gets from optimize): diffusers' TemporalBasicTransformerBlock vs
-svd_fast.nn.FusedTemporalBasicTransformerBlock with the same weights, on SVD's (B*F, S, C) activations.
+svd_fast.diffusers.FusedTemporalBasicTransformerBlock with the same weights, on SVD's (B*F, S, C) activations.
 
 Shapes: SVD-XT (F=25) and SVD (F=14), B=2 (classifier-free guidance) at 576x1024 (latent 72x128, S=9216,
 5 heads of 64) and the deeper levels (36x64 x10 heads, 18x32 x20, 9x16 x20), float16 on CUDA; plus B=8 at
@@ -96,7 +96,7 @@ def test_temporal_attention(timed, benchmark, device, compiled_diffusers_path, v
 def test_temporal_block(timed, benchmark, device, variant: str, shape_name: str) -> None:
     from diffusers.models.attention import TemporalBasicTransformerBlock
 
-    from svd_fast.nn import FusedTemporalBasicTransformerBlock
+    from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock
 
     batch, frames, positions, heads = _shape(shape_name, device)
     channels = heads * HEAD_DIM

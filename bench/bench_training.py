@@ -52,7 +52,7 @@ def run_variant(name: str, tiny: bool, steps: int, warmup: int, batch_size: int)
 
     torch.manual_seed(0)
     if tiny:
-        from svd_fast.models.tiny import TINY_UNET_CONFIG  # noqa: PLC0415
+        from svd_fast.diffusers.tiny import TINY_UNET_CONFIG  # noqa: PLC0415
 
         unet = UNetSpatioTemporalConditionModel(**TINY_UNET_CONFIG)
     else:

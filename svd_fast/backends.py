@@ -122,7 +122,7 @@ def select_backend(
 
 def common_unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Availability shared by all ops: is the backend built/installed and usable on this device?"""
-    from svd_fast import _extension, _triton
+    from svd_fast import _extension, _triton  # noqa: PLC0415 - both import backends (for the error type)
 
     if backend == "reference":
         return None

@@ -21,10 +21,10 @@ from svd_fast.curation import (
     mean_flow_magnitude,
     motion_bucket_id,
     parse_filter,
+    pipeline,
     text_coverage,
 )
 from svd_fast.curation import manifest as manifest_module
-from svd_fast.curation import pipeline
 from svd_fast.curation.flow import to_gray
 from svd_fast.curation.ocr import tesseract_unavailable_reason
 from svd_fast.data.synthetic import scenes_with_cuts, smooth_texture, translating_texture, write_video

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import requires_cuda
 
 from svd_fast import backends
 from svd_fast.ops import edm_euler_step, edm_prepare_model_input
-from conftest import requires_cuda
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHAPE = (2, 3, 4, 3, 5)  # (B, F, C, H, W): tiny, the Triton interpreter is slow
@@ -210,7 +210,7 @@ def test_prepare_model_input_order_matches_diffusers_pipeline() -> None:
     """diffusers: cat([latents] * 2) -> scale_model_input -> cat with cat([zeros, image_latents]) on channels."""
     from diffusers import EulerDiscreteScheduler  # noqa: PLC0415
 
-    from svd_fast.models.tiny import SVD_SCHEDULER_CONFIG  # noqa: PLC0415
+    from svd_fast.diffusers.tiny import SVD_SCHEDULER_CONFIG  # noqa: PLC0415
 
     scheduler = EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG)
     scheduler.set_timesteps(4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from svd_fast.models.full_size import random_full_size_pipeline
+from svd_fast.diffusers.full_size import random_full_size_pipeline
 
 # Published sizes: SVD's UNet 1.52B parameters, the ViT-H/14 CLIP vision tower 632M, the temporal-decoder VAE 97.7M.
 PUBLISHED_PARAMETERS = {"unet": 1.5246e9, "image_encoder": 632.1e6, "vae": 97.7e6}

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import requires_cuda
 
 from svd_fast import backends
-from svd_fast.nn import GroupNorm
+from svd_fast.nn import FusedGroupNorm
 from svd_fast.ops import group_norm
-from conftest import requires_cuda
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tiny (the Triton interpreter is slow) but several tiles per group, so the cross-tile combine runs.
@@ -232,18 +232,18 @@ def test_module_matches_torch_and_round_trips_state_dict() -> None:
     with torch.no_grad():
         torch_module.weight.uniform_(0.5, 1.5)
         torch_module.bias.normal_()
-    module = GroupNorm.from_torch(torch_module, activation="silu")
+    module = FusedGroupNorm.from_torch(torch_module, activation="silu")
     assert module.weight is torch_module.weight and module.bias is torch_module.bias
     x = _inputs((2, 4, 3, 3), torch.float32, affine=False, centre=5.0)[0]
     torch.testing.assert_close(module(x), F.silu(torch_module(x)))
-    fresh = GroupNorm(GROUPS, 4, activation="silu")
+    fresh = FusedGroupNorm(GROUPS, 4, activation="silu")
     fresh.load_state_dict(torch_module.state_dict())
     torch.testing.assert_close(fresh(x), module(x))
     assert set(fresh.state_dict()) == set(torch_module.state_dict())
-    plain = GroupNorm(GROUPS, 4, affine=False, dtype=torch.float64)
+    plain = FusedGroupNorm(GROUPS, 4, affine=False, dtype=torch.float64)
     assert plain.weight is None and not list(plain.parameters())
     torch.testing.assert_close(plain(x.double()), F.group_norm(x.double(), GROUPS, eps=1e-5))
     with pytest.raises(ValueError, match="num_groups"):
-        GroupNorm(3, 4)
+        FusedGroupNorm(3, 4)
     with pytest.raises(ValueError, match="activation"):
-        GroupNorm(GROUPS, 4, activation="relu")
+        FusedGroupNorm(GROUPS, 4, activation="relu")

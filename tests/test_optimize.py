@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import requires_cuda
 from PIL import Image
 
 import svd_fast
 from svd_fast import backends
-from svd_fast.models.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH, tiny_pipeline
-from conftest import requires_cuda
+from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_optimized_unet_trains(pipe) -> None:
 def test_single_token_shortcut_equals_attention_and_falls_back() -> None:
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    from svd_fast.nn.attention import SingleTokenCrossAttnProcessor
+    from svd_fast.diffusers.attention_processors import SingleTokenCrossAttnProcessor
 
     attention = Attention(query_dim=64, cross_attention_dim=32, heads=2, dim_head=32).eval()
     hidden = torch.randn(3, 10, 64)
@@ -153,7 +153,7 @@ def _fake_flash_attn(monkeypatch) -> list[tuple[int, ...]]:
     import sys
     import types
 
-    import svd_fast.nn.attention as attention_module
+    import svd_fast.diffusers.attention_processors as attention_module
 
     calls: list[tuple[int, ...]] = []
 
@@ -170,7 +170,7 @@ def _fake_flash_attn(monkeypatch) -> list[tuple[int, ...]]:
 def test_flash_attn_processor_matches_sdpa_and_falls_back(monkeypatch) -> None:
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    from svd_fast.nn.attention import FlashAttnSelfAttnProcessor
+    from svd_fast.diffusers.attention_processors import FlashAttnSelfAttnProcessor
 
     calls = _fake_flash_attn(monkeypatch)
     attention = Attention(query_dim=64, heads=2, dim_head=32).eval().to(torch.bfloat16)
@@ -231,7 +231,7 @@ def test_cuda_graph_replay_matches_eager() -> None:
 
 def test_cuda_graph_wrapper_runs_eagerly_where_it_cannot_capture() -> None:
     """CPU inputs or gradients enabled: the wrapper calls the module's own forward and captures nothing."""
-    from svd_fast.models.cuda_graph import CUDAGraphedForward
+    from svd_fast.diffusers.cuda_graph import CUDAGraphedForward
 
     linear = torch.nn.Linear(4, 3)
     wrapped = CUDAGraphedForward(linear.forward)

@@ -14,11 +14,11 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from svd_fast.models.tiny import SVD_SCHEDULER_CONFIG, tiny_pipeline
+from svd_fast.diffusers.scheduler import EDMEulerScheduler
+from svd_fast.diffusers.tiny import SVD_SCHEDULER_CONFIG, tiny_pipeline
 from svd_fast.sampling import (
     GUIDANCE_PRESETS,
     EDMDenoiser,
-    EDMEulerScheduler,
     edm_scalings,
     frame_guidance,
     karras_schedule,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import requires_cuda
 
 from svd_fast import backends
 from svd_fast.ops import temporal_attention
 from svd_fast.ops.temporal_attention import GPU_MAX_FRAMES, GPU_MAX_HEAD_DIM
 from svd_fast.reference import temporal_attention as reference
-from conftest import requires_cuda
 
 BACKEND_PARAMS = [
     pytest.param("reference", "cpu", id="reference"),
@@ -233,7 +233,7 @@ def _block_inputs(block, batch=2, frames=5, positions=6):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_fused_block_matches_diffusers_block(backend: str) -> None:
-    from svd_fast.nn import FusedTemporalBasicTransformerBlock
+    from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock
 
     block = _diffusers_block()
     fused = FusedTemporalBasicTransformerBlock.from_diffusers(block)
@@ -249,7 +249,7 @@ def test_fused_block_matches_diffusers_block(backend: str) -> None:
 
 
 def test_fused_block_gradients_match_diffusers_block() -> None:
-    from svd_fast.nn import FusedTemporalBasicTransformerBlock
+    from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock
 
     block = _diffusers_block()
     fused = FusedTemporalBasicTransformerBlock.from_diffusers(block)
@@ -275,7 +275,7 @@ def test_fused_block_gradients_match_diffusers_block() -> None:
 
 
 def test_fused_block_falls_back_exactly_and_chunks() -> None:
-    from svd_fast.nn import FusedTemporalBasicTransformerBlock
+    from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock
 
     block = _diffusers_block()
     fused = FusedTemporalBasicTransformerBlock.from_diffusers(block)
@@ -291,7 +291,7 @@ def test_fused_block_falls_back_exactly_and_chunks() -> None:
 
 def test_fused_block_uses_fused_qkv_projection() -> None:
     """With diffusers' fuse_projections() the block reads q/k/v as strided slices of one projection output."""
-    from svd_fast.nn import FusedTemporalBasicTransformerBlock
+    from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock
 
     block = _diffusers_block()
     fused = FusedTemporalBasicTransformerBlock.from_diffusers(block)
@@ -308,7 +308,7 @@ def test_fused_block_uses_fused_qkv_projection() -> None:
 def test_fused_block_rejects_what_it_cannot_reproduce() -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from svd_fast.nn import FusedTemporalBasicTransformerBlock
+    from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock
 
     class CustomProcessor(AttnProcessor2_0):
         pass

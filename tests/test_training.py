@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from svd_fast.data.synthetic import translating_texture, write_video
-from svd_fast.models.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH, save_tiny_pipeline, tiny_pipeline
+from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH, save_tiny_pipeline, tiny_pipeline
 from svd_fast.training import ObjectiveConfig, TrainConfig, edm_loss, encode_batch, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def _run_two_processes(workdir: Path, values: dict, expect_success: bool = True)
     outputs = [proc.communicate(timeout=180) for proc in procs]
     if not expect_success:
         return [(proc.returncode, stderr) for proc, (_, stderr) in zip(procs, outputs)]
-    for proc, (stdout, stderr) in zip(procs, outputs):
+    for proc, (_, stderr) in zip(procs, outputs):
         assert proc.returncode == 0, stderr[-3000:]
     return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
 

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     with timer.stage("curate"):
         summary["curation"] = curate_samples(out / "samples", out / "manifest.parquet")
     with timer.stage("write tiny base model"):
-        from svd_fast.models.tiny import save_tiny_pipeline  # noqa: PLC0415
+        from svd_fast.diffusers.tiny import save_tiny_pipeline  # noqa: PLC0415
 
         base_model = save_tiny_pipeline(out / "model", seed=args.seed)
     with timer.stage("train (DeepSpeed ZeRO)"):
@@ -152,7 +152,7 @@ def curate_samples(samples: Path, manifest: Path) -> dict[str, Any]:
 def train_tiny(base_model: Path, manifest: Path, out: Path, steps: int, seed: int) -> dict[str, Any]:
     """Fine-tune the tiny model on the curated clips with DeepSpeed ZeRO-2 (one process; all GPUs under
     the `deepspeed` launcher), then export a diffusers-format pipeline."""
-    from svd_fast.models.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH  # noqa: PLC0415
+    from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH  # noqa: PLC0415
     from svd_fast.training import train  # noqa: PLC0415
 
     result = train(
@@ -190,7 +190,7 @@ def generate_clip(model: Path, sample: Path, out: Path, steps: int, seed: int) -
 
     from svd_fast.commands.generate import generate  # noqa: PLC0415
     from svd_fast.data.video import decode_frames  # noqa: PLC0415
-    from svd_fast.models.tiny import TINY_NUM_FRAMES  # noqa: PLC0415
+    from svd_fast.diffusers.tiny import TINY_NUM_FRAMES  # noqa: PLC0415
 
     first_frame = out / "first_frame.png"
     Image.fromarray(decode_frames(sample, [0])[0]).save(first_frame)

@@ -91,8 +91,8 @@ def generate(
 
     import svd_fast  # noqa: PLC0415
     from svd_fast import media  # noqa: PLC0415
-    from svd_fast.models.loading import load_pipeline  # noqa: PLC0415
-    from svd_fast.models.patching import DTYPES  # noqa: PLC0415
+    from svd_fast.diffusers.loading import load_pipeline  # noqa: PLC0415
+    from svd_fast.diffusers.patching import DTYPES  # noqa: PLC0415
     from svd_fast.sampling import GUIDANCE_PRESETS  # noqa: PLC0415
 
     media.output_kind(out)  # an unsupported --out fails before any loading
@@ -175,8 +175,8 @@ def generate(
 
 
 def run(args: argparse.Namespace) -> int:
+    from svd_fast.diffusers.loading import ModelFolderError  # noqa: PLC0415
     from svd_fast.media import MediaError  # noqa: PLC0415
-    from svd_fast.models.loading import ModelFolderError  # noqa: PLC0415
 
     try:
         summary = generate(

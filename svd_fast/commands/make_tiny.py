@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from svd_fast.models.tiny import save_tiny_pipeline  # noqa: PLC0415
+    from svd_fast.diffusers.tiny import save_tiny_pipeline  # noqa: PLC0415
 
     if args.dir.exists() and any(args.dir.iterdir()):
         print(f"svd-fast make-tiny: error: {args.dir} exists and is not empty")

@@ -82,7 +82,7 @@ def _guarded(stage_name: str, body: Callable[[dict, dict, CurationConfig], None]
             body(item, state, config or CurationConfig())
         except VideoDecodeError as error:  # its message already names the file and the reason
             state["error"] = f"{stage_name}: {error}"
-        except Exception as error:  # a per-file failure must not stop the run; the reason goes to the manifest
+        except Exception as error:  # noqa: BLE001 - a per-file failure must not stop the run; the reason goes to the manifest
             state["error"] = f"{stage_name}: {type(error).__name__}: {error}"
         return _store(item, state)
 

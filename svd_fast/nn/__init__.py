@@ -1,6 +1,5 @@
-"""nn.Module wrappers of svd_fast's fused ops."""
+"""nn.Module wrappers of svd_fast's fused ops (framework-free: imports torch and svd_fast.ops only)."""
 
-from svd_fast.nn.group_norm import GroupNorm
-from svd_fast.nn.temporal_attention import FusedTemporalBasicTransformerBlock
+from svd_fast.nn.group_norm import FusedGroupNorm
 
-__all__ = ["FusedTemporalBasicTransformerBlock", "GroupNorm"]
+__all__ = ["FusedGroupNorm"]

@@ -1,7 +1,7 @@
 """GroupNorm module with an optional fused SiLU, a drop-in for torch.nn.GroupNorm.
 
 Parameter and buffer names match torch.nn.GroupNorm (``weight``, ``bias``), so state dicts load
-either way; :meth:`GroupNorm.from_torch` wraps an existing module, sharing its parameters, e.g. to
+either way; :meth:`FusedGroupNorm.from_torch` wraps an existing module, sharing its parameters, e.g. to
 fuse the GroupNorm + SiLU pairs of the SVD UNet's resnet blocks.
 """
 
@@ -13,7 +13,7 @@ from torch import nn
 from svd_fast.ops.group_norm import ACTIVATIONS, group_norm
 
 
-class GroupNorm(nn.Module):
+class FusedGroupNorm(nn.Module):
     """``activation(group_norm(x))`` over (N, C, H, W) or (N, C, F, H, W) input; activation None or "silu"."""
 
     def __init__(
@@ -28,11 +28,11 @@ class GroupNorm(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-            raise ValueError(f"GroupNorm: num_groups must be a positive int, got {num_groups!r}")
+            raise ValueError(f"FusedGroupNorm: num_groups must be a positive int, got {num_groups!r}")
         if num_channels % num_groups != 0:
-            raise ValueError(f"GroupNorm: num_groups={num_groups} must divide num_channels={num_channels}")
+            raise ValueError(f"FusedGroupNorm: num_groups={num_groups} must divide num_channels={num_channels}")
         if activation not in ACTIVATIONS:
-            raise ValueError(f"GroupNorm: activation must be one of {ACTIVATIONS}, got {activation!r}")
+            raise ValueError(f"FusedGroupNorm: activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.num_groups = num_groups
         self.num_channels = num_channels
         self.eps = eps
@@ -46,7 +46,7 @@ class GroupNorm(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_torch(cls, module: nn.GroupNorm, activation: str | None = None) -> GroupNorm:
+    def from_torch(cls, module: nn.GroupNorm, activation: str | None = None) -> FusedGroupNorm:
         """A GroupNorm computing ``activation(module(x))`` that shares ``module``'s parameters."""
         if not isinstance(module, nn.GroupNorm):
             raise TypeError(f"GroupNorm.from_torch: module must be a torch.nn.GroupNorm, got {type(module).__name__}")

@@ -1,7 +1,6 @@
-"""SVD sampling: Karras schedule, EDM v-prediction denoiser, per-frame guidance, Euler/Heun samplers and a
-drop-in scheduler for diffusers' StableVideoDiffusionPipeline, built on the fused ops in svd_fast.ops.edm_step.
-
-``EDMEulerScheduler`` needs diffusers and is imported on first use.
+"""SVD sampling: Karras schedule, EDM v-prediction denoiser, per-frame guidance and Euler/Heun samplers,
+built on the fused ops in svd_fast.ops.edm_step. The drop-in scheduler for diffusers' pipeline is
+svd_fast.diffusers.scheduler.
 """
 
 from svd_fast.sampling.denoiser import EDMDenoiser, EDMScalings, edm_scalings
@@ -11,7 +10,6 @@ from svd_fast.sampling.schedule import KarrasSchedule, edm_timesteps, init_noise
 
 __all__ = [
     "EDMDenoiser",
-    "EDMEulerScheduler",
     "EDMScalings",
     "GUIDANCE_PRESETS",
     "GuidancePreset",
@@ -29,11 +27,3 @@ __all__ = [
     "uses_guidance",
 ]
 
-
-def __getattr__(name: str) -> object:
-    # diffusers is heavy and optional: load the scheduler module only when asked for.
-    if name == "EDMEulerScheduler":
-        from svd_fast.sampling.scheduler import EDMEulerScheduler  # noqa: PLC0415
-
-        return EDMEulerScheduler
-    raise AttributeError(f"module 'svd_fast.sampling' has no attribute {name!r}")

@@ -106,9 +106,9 @@ def apply_svd_fast_kernels(unet: torch.nn.Module, enabled: bool) -> str:
     if not enabled:
         return "disabled by config (use_svd_fast_kernels: false)"
     try:
-        from svd_fast.models.patching import optimize  # noqa: PLC0415 - optional, written separately
+        from svd_fast.diffusers.patching import optimize  # noqa: PLC0415 - optional, written separately
     except ImportError as error:
-        status = f"not applied: svd_fast.models.patching.optimize unavailable ({error})"
+        status = f"not applied: svd_fast.diffusers.patching.optimize unavailable ({error})"
         LOGGER.warning(status)
         return status
     try:

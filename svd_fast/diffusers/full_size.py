@@ -10,8 +10,17 @@ count parameters).
 from __future__ import annotations
 
 import torch
+from diffusers import (
+    AutoencoderKLTemporalDecoder,
+    EulerDiscreteScheduler,
+    StableVideoDiffusionPipeline,
+    UNetSpatioTemporalConditionModel,
+)
+from diffusers.utils import logging as diffusers_logging
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from svd_fast.models.tiny import SVD_SCHEDULER_CONFIG
+from svd_fast.diffusers.loading import clip_image_processor
+from svd_fast.diffusers.tiny import SVD_SCHEDULER_CONFIG
 
 NUM_FRAMES = {"svd": 14, "svd-xt": 25}
 SVD_VAE_CONFIG: dict[str, object] = {
@@ -42,16 +51,7 @@ def random_full_size_pipeline(
     model: str = "svd-xt", dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda", seed: int = 0
 ):
     """A StableVideoDiffusionPipeline with SVD's ("svd") or SVD-XT's ("svd-xt") architecture and random weights."""
-    from diffusers import (  # noqa: PLC0415 - diffusers is an optional dependency
-        AutoencoderKLTemporalDecoder,
-        EulerDiscreteScheduler,
-        StableVideoDiffusionPipeline,
-        UNetSpatioTemporalConditionModel,
-    )
-    from diffusers.utils import logging as diffusers_logging  # noqa: PLC0415
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: PLC0415
 
-    from svd_fast.models.loading import clip_image_processor  # noqa: PLC0415
 
     if model not in NUM_FRAMES:
         raise ValueError(f"random_full_size_pipeline: model must be one of {sorted(NUM_FRAMES)}, got {model!r}")

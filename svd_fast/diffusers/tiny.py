@@ -11,6 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers import (
+    AutoencoderKLTemporalDecoder,
+    EulerDiscreteScheduler,
+    StableVideoDiffusionPipeline,
+    UNetSpatioTemporalConditionModel,
+)
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from svd_fast.diffusers.loading import clip_image_processor
 
 # SVD's scheduler_config.json (EulerDiscreteScheduler, v-prediction, continuous timesteps, Karras sigmas).
 SVD_SCHEDULER_CONFIG: dict[str, object] = {
@@ -73,15 +82,7 @@ TINY_NUM_FRAMES = 8
 
 def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """Build the tiny StableVideoDiffusionPipeline in memory, weights drawn from ``seed``."""
-    from diffusers import (  # noqa: PLC0415 - diffusers is an optional dependency
-        AutoencoderKLTemporalDecoder,
-        EulerDiscreteScheduler,
-        StableVideoDiffusionPipeline,
-        UNetSpatioTemporalConditionModel,
-    )
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: PLC0415
 
-    from svd_fast.models.loading import clip_image_processor  # noqa: PLC0415
 
     torch.manual_seed(seed)
     unet = UNetSpatioTemporalConditionModel(**TINY_UNET_CONFIG)

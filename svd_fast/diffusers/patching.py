@@ -6,19 +6,19 @@ What is patched (weights and state_dict keys stay the diffusers ones):
   as one fused GroupNorm+SiLU (the block's forward is replaced on the instance, because diffusers also
   applies ``nonlinearity`` to the time embedding, so the activation module itself must stay);
 * ``conv_norm_out`` + ``conv_act`` pairs (UNet output head, VAE encoder and temporal decoder heads):
-  the norm becomes :class:`svd_fast.nn.GroupNorm` with fused SiLU sharing the parameters, the SiLU an
+  the norm becomes :class:`svd_fast.nn.FusedGroupNorm` with fused SiLU sharing the parameters, the SiLU an
   identity;
 * every cross-attention (spatial and temporal transformer blocks): SVD's context is one token, so
-  attention is exactly ``to_out(to_v(ctx))`` (:class:`svd_fast.nn.attention.SingleTokenCrossAttnProcessor`);
-* every TemporalBasicTransformerBlock: :class:`svd_fast.nn.FusedTemporalBasicTransformerBlock`, which
+  attention is exactly ``to_out(to_v(ctx))`` (:class:`svd_fast.diffusers.attention_processors.SingleTokenCrossAttnProcessor`);
+* every TemporalBasicTransformerBlock: :class:`svd_fast.diffusers.FusedTemporalBasicTransformerBlock`, which
   keeps the frame-major layout (no permute copies) and attends over frames with the fused
   ``temporal_attention`` op (the block object is swapped; its submodules are shared);
-* the pipeline's scheduler: :class:`svd_fast.sampling.EDMEulerScheduler` (fused EDM Euler step) built
+* the pipeline's scheduler: :class:`svd_fast.diffusers.scheduler.EDMEulerScheduler` (fused EDM Euler step) built
   from the pipeline's own scheduler config;
-* spatial self-attention: flash-attn (:class:`svd_fast.nn.attention.FlashAttnSelfAttnProcessor`) when it
+* spatial self-attention: flash-attn (:class:`svd_fast.diffusers.attention_processors.FlashAttnSelfAttnProcessor`) when it
   is installed, else diffusers' default PyTorch SDPA (which itself picks the flash / cuDNN kernels on GPU);
 * optionally (``cuda_graphs=True``) the UNet forward, captured as a CUDA graph and replayed
-  (:class:`svd_fast.models.cuda_graph.CUDAGraphedForward`).
+  (:class:`svd_fast.diffusers.cuda_graph.CUDAGraphedForward`).
 
 :func:`restore` undoes each of these. ``dtype`` and ``channels_last`` convert weights and are not undone.
 """
@@ -32,9 +32,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from diffusers.models.attention import TemporalBasicTransformerBlock
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.resnet import ResnetBlock2D, TemporalResnetBlock
 from torch import nn
 
 from svd_fast import backends
+from svd_fast.diffusers.attention_processors import FlashAttnSelfAttnProcessor, SingleTokenCrossAttnProcessor, flash_attn_unavailable_reason
+from svd_fast.diffusers.cuda_graph import CUDAGraphedForward
+from svd_fast.diffusers.scheduler import EDMEulerScheduler
+from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock, unsupported_reason
+from svd_fast.nn.group_norm import FusedGroupNorm
 from svd_fast.ops.group_norm import group_norm
 
 LOGGER = logging.getLogger(__name__)
@@ -43,6 +51,15 @@ _UNDO_ATTRIBUTE = "_svd_fast_undo"
 _REPORT_ATTRIBUTE = "_svd_fast_report"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATTENTION_CHOICES = ("auto", "sdpa", "flash-attn")
+
+# The diffusers forwards that this module re-implements (the _fused_* forwards and the fused temporal
+# block), with the sha256 prefix of their source in the tested diffusers release:
+# tests/test_diffusers_drift.py fails when upstream changes one, so the copy is re-read before release.
+COPIED_FORWARDS: dict[str, str] = {
+    "diffusers.models.resnet.ResnetBlock2D.forward": "e3f38e1722955caf",
+    "diffusers.models.resnet.TemporalResnetBlock.forward": "05a7bbf4a3c8ad01",
+    "diffusers.models.attention.TemporalBasicTransformerBlock.forward": "7eafa694dd59e03e",
+}
 
 
 def _silu_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +99,6 @@ def _is_silu(module: nn.Module | None) -> bool:
 
 def _resnet_block_patch(module: nn.Module) -> Callable[..., torch.Tensor] | None:
     """The fused forward for ``module`` when it is a resblock configuration we reproduce exactly, else None."""
-    from diffusers.models.resnet import ResnetBlock2D, TemporalResnetBlock  # noqa: PLC0415
 
     norms_ok = isinstance(getattr(module, "norm1", None), nn.GroupNorm) and isinstance(getattr(module, "norm2", None), nn.GroupNorm)
     if not norms_ok or not _is_silu(getattr(module, "nonlinearity", None)):
@@ -107,7 +123,6 @@ def _with_backend(forward: Callable[..., torch.Tensor], backend: str) -> Callabl
 
 
 def _patch_modules(root: nn.Module, backend: str, undo: list[Callable[[], None]], report: Counter) -> None:
-    from svd_fast.nn.group_norm import GroupNorm  # noqa: PLC0415
 
     for module in root.modules():
         fused_forward = _resnet_block_patch(module)
@@ -117,7 +132,7 @@ def _patch_modules(root: nn.Module, backend: str, undo: list[Callable[[], None]]
             report[f"{type(module).__name__} (GroupNorm+SiLU fused)"] += 1
         norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
         if type(norm) is nn.GroupNorm and _is_silu(act):
-            fused = GroupNorm.from_torch(norm, activation="silu")
+            fused = FusedGroupNorm.from_torch(norm, activation="silu")
             if backend != "auto":
                 fused.forward = types.MethodType(_with_backend(type(fused).forward, backend), fused)
             module.conv_norm_out, module.conv_act = fused, nn.Identity()
@@ -126,9 +141,7 @@ def _patch_modules(root: nn.Module, backend: str, undo: list[Callable[[], None]]
 
 
 def _patch_cross_attention(root: nn.Module, undo: list[Callable[[], None]], report: Counter) -> None:
-    from diffusers.models.attention_processor import Attention  # noqa: PLC0415
 
-    from svd_fast.nn.attention import SingleTokenCrossAttnProcessor  # noqa: PLC0415
 
     for module in root.modules():
         if isinstance(module, Attention) and module.is_cross_attention:
@@ -139,8 +152,6 @@ def _patch_cross_attention(root: nn.Module, undo: list[Callable[[], None]], repo
 
 
 def _patch_temporal_blocks(root: nn.Module, backend: str, undo: list[Callable[[], None]], report: Counter) -> None:
-    from svd_fast.nn.temporal_attention import FusedTemporalBasicTransformerBlock, unsupported_reason  # noqa: PLC0415
-    from diffusers.models.attention import TemporalBasicTransformerBlock  # noqa: PLC0415
 
     for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
@@ -160,7 +171,6 @@ def _patch_temporal_blocks(root: nn.Module, backend: str, undo: list[Callable[[]
 
 
 def _resolve_attention(attention: str) -> str:
-    from svd_fast.nn.attention import flash_attn_unavailable_reason  # noqa: PLC0415
 
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"optimize: attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
@@ -175,10 +185,7 @@ def _resolve_attention(attention: str) -> str:
 def _patch_self_attention(root: nn.Module, undo: list[Callable[[], None]], report: Counter) -> None:
     """flash-attn for every self-attention still on diffusers' default processor, except the temporal
     attentions that the fused temporal blocks compute themselves."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: PLC0415
 
-    from svd_fast.nn.attention import FlashAttnSelfAttnProcessor  # noqa: PLC0415
-    from svd_fast.nn.temporal_attention import FusedTemporalBasicTransformerBlock  # noqa: PLC0415
 
     fused_temporal = {id(m.attn1) for m in root.modules() if isinstance(m, FusedTemporalBasicTransformerBlock)}
     for module in root.modules():
@@ -192,7 +199,6 @@ def _patch_self_attention(root: nn.Module, undo: list[Callable[[], None]], repor
 
 
 def _capture_cuda_graphs(unet: nn.Module, undo: list[Callable[[], None]], report: Counter) -> None:
-    from svd_fast.models.cuda_graph import CUDAGraphedForward  # noqa: PLC0415
 
     unet.forward = CUDAGraphedForward(unet.forward)
     undo.append(lambda: vars(unet).pop("forward", None))
@@ -266,7 +272,6 @@ def optimize(
         if attention == "flash-attn":
             _patch_self_attention(model, undo, report)
     if is_pipeline and scheduler:
-        from svd_fast.sampling.scheduler import EDMEulerScheduler  # noqa: PLC0415
 
         original_scheduler = target.scheduler
         target.scheduler = EDMEulerScheduler.from_config(original_scheduler.config)

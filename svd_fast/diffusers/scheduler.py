@@ -16,7 +16,6 @@ Sampling only: step() is not differentiable.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config

@@ -21,13 +21,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.models.attention import TemporalBasicTransformerBlock
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 
+from svd_fast.diffusers.attention_processors import SingleTokenCrossAttnProcessor
 from svd_fast.ops.temporal_attention import temporal_attention
 
 
 def _default_processor(processor: Any) -> bool:
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: PLC0415
 
     return type(processor) in (AttnProcessor, AttnProcessor2_0)
 
@@ -35,7 +37,6 @@ def _default_processor(processor: Any) -> bool:
 def _plain_cross_attention(attention: nn.Module) -> bool:
     """True when ``attention`` computes plain softmax attention (diffusers' default processors, or svd_fast's
     single-token shortcut of them), so that with one context token it equals to_out(to_v(context))."""
-    from svd_fast.nn.attention import SingleTokenCrossAttnProcessor  # noqa: PLC0415
 
     processor = attention.processor
     if isinstance(processor, SingleTokenCrossAttnProcessor):
@@ -51,7 +52,6 @@ def _plain_cross_attention(attention: nn.Module) -> bool:
 
 def unsupported_reason(block: nn.Module) -> str | None:
     """Why ``block`` cannot be converted (None when it can): only configurations reproduced exactly convert."""
-    from diffusers.models.attention import TemporalBasicTransformerBlock  # noqa: PLC0415
 
     if not isinstance(block, TemporalBasicTransformerBlock):
         return f"expected a diffusers TemporalBasicTransformerBlock, got {type(block).__name__}"
@@ -86,7 +86,7 @@ class FusedTemporalBasicTransformerBlock(nn.Module):
         self.norm1, self.attn1 = block.norm1, block.attn1
         self.norm2, self.attn2 = block.norm2, block.attn2
         self.norm3, self.ff = block.norm3, block.ff
-        self._chunk_size: int | None = block._chunk_size
+        self._chunk_size: int | None = block._chunk_size  # noqa: SLF001 - diffusers keeps the chunk size private
 
     @classmethod
     def from_diffusers(cls, block: nn.Module) -> FusedTemporalBasicTransformerBlock:

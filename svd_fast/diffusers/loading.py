@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers import StableVideoDiffusionPipeline
 
 PIPELINE_COMPONENTS = ("unet", "vae", "image_encoder", "scheduler", "feature_extractor")
 
@@ -45,7 +46,6 @@ def check_model_folder(path: Path) -> None:
 
 def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32, variant: str | None = None):
     """Load a StableVideoDiffusionPipeline from a local folder, or from a hub id when ``model`` is not a path."""
-    from diffusers import StableVideoDiffusionPipeline  # noqa: PLC0415 - optional dependency
 
     path = Path(model)
     looks_like_path = path.exists() or str(model).startswith((".", "/", "~")) or path.suffix
