@@ -1,6 +1,6 @@
 """Reference EDM sampling ops (plain PyTorch): the ground truth for the fused kernels.
 
-SVD's denoiser is EDM with v-prediction (see /work/shared/SVD_NOTES.md, "Denoiser"):
+SVD's denoiser is EDM with v-prediction (Karras et al. 2022; SVD, Blattmann et al. 2023, App. D):
     c_skip = 1 / (s^2 + 1),  c_out = -s / sqrt(s^2 + 1),  c_in = 1 / sqrt(s^2 + 1)
     D = c_skip * x + c_out * F,  x_next = x + (x - D) / s * (s_next - s)
 with F the (guided) model output. The math runs in float32 (float64 for float64 input); the
