@@ -1,4 +1,4 @@
-"""Video clips for training and curation: probing, frame selection, decoding (DALI or PyAV) and loading.
+"""Probing and decoding video files (PyAV / FFmpeg, DALI's CPU decoder).
 
 Decoders:
 * DALI on the GPU (NVDEC) decodes H.264/HEVC/VP9/AV1: :func:`dali_clip_loader` yields (B, F, C, H, W) CUDA
@@ -10,33 +10,32 @@ Decoders:
 * ``max_side`` (PyAV only) scales frames down in swscale's RGB conversion, for analysis that needs
   small frames (curation: cut detection, optical flow, OCR); :func:`decode_all_frames` reads a whole
   file that way, optionally with the codec's motion vectors.
+* :func:`iter_windows` reads a file once for many windows of frame indices (the clip dataset);
+  :func:`decode_frames_at_times` seeks to each wanted timestamp (curation's key frames).
 
-Bad input never stops a run: unreadable, truncated, empty or non-video files are skipped, logged and
-listed in :attr:`VideoClipDataset.errors` with the reason.
+Unreadable, truncated, empty, still-image or non-video files raise :class:`VideoDecodeError` with the reason.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 import os
-import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 LOGGER = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v"})
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 BACKENDS = ("auto", "dali", "pyav")
+# FFmpeg demuxers for still images: such a file "decodes" to one frame but is not a video.
+STILL_IMAGE_FORMATS = frozenset({"image2", "image2pipe"})
 
 
 class VideoDecodeError(ValueError):
@@ -67,6 +66,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     _check_file(path)
     try:
         with av.open(str(path)) as container:
+            _reject_still_image(path, container)
             stream = _video_stream(path, container)
             fps = float(stream.average_rate or stream.guessed_rate or 0.0)
             codec = stream.codec_context.name
@@ -87,53 +87,23 @@ def _check_file(path: Path) -> None:
         raise VideoDecodeError(path, "file is empty (0 bytes)")
 
 
+def _reject_still_image(path: Path, container: Any) -> None:
+    format_name = container.format.name
+    if format_name in STILL_IMAGE_FORMATS or format_name.endswith("_pipe"):
+        raise VideoDecodeError(path, f"a still image ({format_name}), not a video")
+
+
+def _open_stream(container: Any) -> Any:
+    """The first video stream, decoded with FFmpeg's frame and slice threads."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+
 def _video_stream(path: Path, container: Any) -> Any:
     if not container.streams.video:
         raise VideoDecodeError(path, "no video stream")
     return container.streams.video[0]
-
-
-def clip_frame_indices(
-    num_frames_in_video: int,
-    video_fps: float,
-    num_frames: int,
-    stride: int | None = None,
-    target_fps: float | None = None,
-    start: int = 0,
-    end: int | None = None,
-) -> list[list[int]]:
-    """Frame indices of every complete, non-overlapping clip of ``num_frames`` frames in [start, end).
-
-    The step between frames is ``stride`` (default 1), or ``video_fps / target_fps`` rounded per frame
-    (frame k of a clip is ``first + round(k * step)``) to resample to ``target_fps``. A clip spans
-    ``num_frames * step`` source frames and the next clip starts right after it.
-    """
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    if stride is not None and target_fps is not None:
-        raise ValueError("give either stride or target_fps, not both")
-    if stride is not None and stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if target_fps is not None and not target_fps > 0:
-        raise ValueError(f"target_fps must be > 0, got {target_fps}")
-    end = num_frames_in_video if end is None else min(end, num_frames_in_video)
-    if start < 0:
-        raise ValueError(f"start must be >= 0, got {start}")
-    step = _frame_step(video_fps, stride, target_fps)
-    clips: list[list[int]] = []
-    first = float(start)
-    while (indices := _window(first, num_frames, step))[-1] < end:
-        clips.append(indices)
-        first += num_frames * step
-    return clips
-
-
-def _frame_step(video_fps: float, stride: int | None, target_fps: float | None) -> float:
-    return float(stride or 1) if target_fps is None else video_fps / target_fps
-
-
-def _window(first: float, num_frames: int, step: float) -> list[int]:
-    return [int(round(first + k * step)) for k in range(num_frames)]
 
 
 def _resolve_backend(backend: str, codec: str) -> str:
@@ -202,7 +172,7 @@ def _decode_pyav(path: Path, indices: list[int], size: tuple[int, int]) -> np.nd
     frames: dict[int, np.ndarray] = {}
     try:
         with av.open(str(path)) as container:
-            for index, frame in enumerate(container.decode(video=0)):
+            for index, frame in enumerate(container.decode(_open_stream(container))):
                 if index in wanted:
                     frames[index] = frame.to_ndarray(format="rgb24", width=width, height=height)
                 if index >= last:
@@ -213,6 +183,82 @@ def _decode_pyav(path: Path, indices: list[int], size: tuple[int, int]) -> np.nd
     if missing:
         raise VideoDecodeError(path, f"frames {missing[:5]} are past the decodable end ({len(frames)} decoded; truncated file?)")
     return np.stack([frames[index] for index in indices])
+
+
+def iter_windows(path: str | Path, windows: Sequence[Sequence[int]], backend: str = "auto", codec: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(window number, uint8 (F, H, W, 3)) for each window of frame indices, in the order the windows complete,
+    from one decoding pass over ``path`` (PyAV) or one DALI call per window. Frames are dropped as soon as
+    no later window needs them. Raises :class:`VideoDecodeError` when a wanted frame is past the decodable end.
+    """
+    if not windows:
+        return
+    path = Path(path)
+    if _resolve_backend(backend, codec or probe_video(path).codec) == "dali":
+        for number, window in enumerate(windows):
+            yield number, _decode_dali_cpu(path, [int(index) for index in window])
+        return
+    import av  # noqa: PLC0415
+
+    waiting = {number: {int(index) for index in window} for number, window in enumerate(windows)}
+    users = Counter(index for wanted in waiting.values() for index in wanted)  # windows still needing each frame
+    frames: dict[int, np.ndarray] = {}
+    last = max(users)
+    try:
+        with av.open(str(path)) as container:
+            for index, frame in enumerate(container.decode(_open_stream(container))):
+                if index in users:
+                    frames[index] = frame.to_ndarray(format="rgb24")
+                    for number in [number for number, missing in waiting.items() if index in missing]:
+                        waiting[number].discard(index)
+                        if not waiting[number]:
+                            del waiting[number]
+                            yield number, np.stack([frames[int(wanted)] for wanted in windows[number]])
+                            for used in {int(wanted) for wanted in windows[number]}:
+                                users[used] -= 1
+                                if not users[used]:
+                                    del frames[used]
+                if index >= last:
+                    break
+    except av.error.FFmpegError as error:
+        raise VideoDecodeError(path, f"decoding failed ({error})") from error
+    if waiting:
+        first_missing = min(min(missing) for missing in waiting.values())
+        raise VideoDecodeError(path, f"frame {first_missing} is past the decodable end (truncated file?)")
+
+
+def decode_frames_at_times(path: str | Path, times: Sequence[float], max_side: int | None = None, seek_gap: float = 2.0) -> np.ndarray:
+    """The frames presented at ``times`` (seconds, as decoding reports them; any order), uint8 (F, H, W, 3).
+
+    Targets more than ``seek_gap`` seconds past the current position are reached by seeking to the keyframe
+    before them instead of decoding everything in between.
+    """
+    import av  # noqa: PLC0415
+
+    path = Path(path)
+    _check_max_side(max_side)
+    _check_file(path)
+    order = sorted(range(len(times)), key=lambda position: times[position])
+    found: dict[int, np.ndarray] = {}
+    try:
+        with av.open(str(path)) as container:
+            stream = _open_stream(container)
+            size = _scaled_size(stream.codec_context.width, stream.codec_context.height, max_side)
+            frames: Iterator[Any] = iter(())
+            current = None
+            for position in order:
+                target = float(times[position]) - 1e-6
+                if current is None or target - current.time > seek_gap:
+                    container.seek(int(max(0.0, target) / stream.time_base), stream=stream, backward=True)
+                    frames = container.decode(stream)
+                    current = next(frames)
+                while current.time is not None and current.time < target:
+                    current = next(frames)
+                found[position] = current.to_ndarray(format="rgb24", width=size[0], height=size[1])
+    except StopIteration:
+        raise VideoDecodeError(path, f"no frame at {times[position]:.3f} s (past the decodable end)") from None
+    except av.error.FFmpegError as error:
+        raise VideoDecodeError(path, f"decoding failed ({error})") from error
+    return np.stack([found[position] for position in range(len(times))])
 
 
 def decode_all_frames(path: str | Path, max_side: int | None = None) -> np.ndarray:
@@ -246,7 +292,9 @@ def _decode_all_pyav(path: Path, max_side: int | None, motion_vectors: bool) -> 
     motion: list[float] = []
     try:
         with av.open(str(path)) as container:
+            _reject_still_image(path, container)
             stream = _video_stream(path, container)
+            stream.thread_type = "AUTO"
             width, height = _scaled_size(stream.codec_context.width, stream.codec_context.height, max_side)
             if motion_vectors:
                 stream.codec_context.options = {"flags2": "+export_mvs"}
@@ -314,249 +362,3 @@ def _decode_dali_cpu(path: Path, indices: list[int]) -> np.ndarray:
     return np.array(output[0])
 
 
-def frames_to_tensor(frames: np.ndarray, size: tuple[int, int], random_crop: bool = False, rng: random.Random | None = None) -> torch.Tensor:
-    """uint8 (F, H, W, 3) -> float32 (F, 3, h, w) in [-1, 1]: resize the shorter side to cover ``size``, then crop."""
-    height, width = size
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    scale = max(height / video.shape[2], width / video.shape[3])
-    resized = (max(height, math.ceil(video.shape[2] * scale - 1e-6)), max(width, math.ceil(video.shape[3] * scale - 1e-6)))
-    if resized != tuple(video.shape[2:]):
-        video = F.interpolate(video, size=resized, mode="bilinear", antialias=True, align_corners=False)
-    spare_y, spare_x = resized[0] - height, resized[1] - width
-    if random_crop:
-        rng = rng or random.Random()
-        top, left = rng.randint(0, spare_y), rng.randint(0, spare_x)
-    else:
-        top, left = spare_y // 2, spare_x // 2
-    video = video[:, :, top : top + height, left : left + width]
-    return (video / 127.5 - 1.0).clamp(-1.0, 1.0).contiguous()
-
-
-@dataclass(frozen=True)
-class ClipSource:
-    """One entry of a dataset: a file, an optional frame range, and columns passed through to samples."""
-
-    path: str
-    start_frame: int = 0
-    end_frame: int | None = None
-    extra: tuple[tuple[str, Any], ...] = ()
-
-
-def _sources_from(sources: str | Path | Sequence[Any]) -> list[ClipSource]:
-    if isinstance(sources, (str, Path)):
-        location = Path(sources)
-        if location.is_dir():
-            return [ClipSource(str(p)) for p in sorted(location.rglob("*")) if p.suffix.lower() in VIDEO_SUFFIXES]
-        if location.suffix == ".parquet":
-            import pandas as pd  # noqa: PLC0415
-
-            return _sources_from(pd.read_parquet(location).to_dict("records"))
-        if location.suffix == ".jsonl":
-            return _sources_from([json.loads(line) for line in location.read_text().splitlines() if line.strip()])
-        return [ClipSource(str(location))]
-    entries = []
-    for item in sources:
-        if isinstance(item, (str, Path)):
-            entries.append(ClipSource(str(item)))
-            continue
-        record = dict(item)
-        # A curation manifest (svd-fast curate) marks rejected clips keep=False and failed files with error.
-        keep, error = record.pop("keep", True), record.pop("error", None)
-        if (keep is not None and not _is_missing(keep) and not bool(keep)) or (isinstance(error, str) and error):
-            continue
-        path = record.pop("file", None) or record.pop("path", None) or record.pop("source", None)
-        if path is None:
-            raise ValueError(f"sources: manifest row {item!r} has no 'file' (or 'path'/'source') column")
-        start = record.pop("start_frame", 0)
-        end = record.pop("end_frame", None)
-        end = None if end is None or (isinstance(end, float) and math.isnan(end)) else int(end)
-        extra = tuple(sorted((key, value) for key, value in record.items() if _is_scalar(value)))
-        entries.append(ClipSource(str(path), int(start or 0), end, extra))
-    return entries
-
-
-def _is_missing(value: Any) -> bool:
-    """None, NaN or pandas.NA: a manifest cell with no value (checked by type name so pandas stays optional)."""
-    return value is None or (isinstance(value, float) and math.isnan(value)) or type(value).__name__ == "NAType"
-
-
-def _is_scalar(value: Any) -> bool:
-    return isinstance(value, (int, float, str, bool, np.integer, np.floating)) and not (
-        isinstance(value, float) and math.isnan(value)
-    )
-
-
-class VideoClipDataset(torch.utils.data.IterableDataset):
-    """Fixed-length clips from video files, as {"pixel_values": (F, 3, H, W) in [-1, 1], "path",
-    "start_frame", "fps", + manifest columns}.
-
-    ``sources``: a folder (searched recursively), a list of paths, a list of manifest rows (dicts with
-    ``file``, optional ``start_frame``/``end_frame`` and extra columns), or a .parquet/.jsonl manifest,
-    such as the one ``svd-fast curate`` writes (its rows with keep=False or an error are left out).
-    Sharding: files are split across ``world_size`` ranks and across DataLoader workers, so every clip
-    is read exactly once per epoch. Call :meth:`set_epoch` to reshuffle. Skipped files and clips are in
-    :attr:`errors` (for in-process iteration; DataLoader workers log them).
-    """
-
-    def __init__(
-        self,
-        sources: str | Path | Sequence[Any],
-        num_frames: int,
-        size: tuple[int, int],
-        stride: int | None = None,
-        target_fps: float | None = None,
-        random_crop: bool = False,
-        shuffle: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        on_short: str = "skip",
-        backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        if len(size) != 2 or min(size) < 1:
-            raise ValueError(f"size must be (height, width) with positive entries, got {size!r}")
-        if stride is not None and target_fps is not None:
-            raise ValueError("give either stride or target_fps, not both")
-        if on_short not in ("skip", "pad"):
-            raise ValueError(f"on_short must be 'skip' or 'pad', got {on_short!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.sources = _sources_from(sources)
-        if not self.sources:
-            raise ValueError(f"sources: no video files found in {sources!r} (looked for {sorted(VIDEO_SUFFIXES)})")
-        self.num_frames = num_frames
-        self.size = (int(size[0]), int(size[1]))
-        self.stride = stride
-        self.target_fps = target_fps
-        self.random_crop = random_crop
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.on_short = on_short
-        self.backend = backend
-        self.epoch = 0
-        self.errors: list[tuple[str, str]] = []
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _my_sources(self) -> list[ClipSource]:
-        order = list(self.sources)
-        if self.shuffle:
-            random.Random(self.seed + self.epoch).shuffle(order)
-        worker = torch.utils.data.get_worker_info()
-        workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
-        shard, shards = self.rank * workers + worker_id, self.world_size * workers
-        return order[shard::shards]
-
-    def _skip(self, path: str, reason: str) -> None:
-        LOGGER.warning("skipping %s: %s", path, reason)
-        self.errors.append((path, reason))
-
-    def clip_windows(self, source: ClipSource, info: VideoInfo) -> list[list[int]]:
-        windows = clip_frame_indices(
-            info.num_frames, info.fps, self.num_frames, self.stride, self.target_fps, source.start_frame, source.end_frame
-        )
-        if windows or self.on_short == "skip":
-            return windows
-        # Pad a short clip by repeating its last frame: one window over whatever the range holds.
-        last = min(source.end_frame or info.num_frames, info.num_frames) - 1
-        if last < source.start_frame:
-            return []
-        window = _window(source.start_frame, self.num_frames, _frame_step(info.fps, self.stride, self.target_fps))
-        return [[min(index, last) for index in window]]
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        for source in self._my_sources():
-            try:
-                info = probe_video(source.path)
-            except VideoDecodeError as error:
-                self._skip(source.path, error.reason)
-                continue
-            windows = self.clip_windows(source, info)
-            if not windows:
-                self._skip(source.path, f"shorter than one clip of {self.num_frames} frames (on_short='skip')")
-                continue
-            for indices in windows:
-                try:
-                    frames = decode_frames(source.path, indices, self.backend)
-                except VideoDecodeError as error:
-                    self._skip(source.path, error.reason)
-                    break
-                sample = dict(source.extra)
-                sample.update(
-                    pixel_values=frames_to_tensor(frames, self.size, self.random_crop, rng),
-                    path=source.path,
-                    start_frame=indices[0],
-                    fps=info.fps if self.target_fps is None else float(self.target_fps),
-                )
-                yield sample
-
-
-def dali_clip_loader(
-    sources: str | Path | Sequence[str | Path],
-    batch_size: int,
-    num_frames: int,
-    size: tuple[int, int],
-    stride: int = 1,
-    shuffle: bool = True,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    device_id: int = 0,
-    num_threads: int = 4,
-):
-    """GPU clip loader: DALI decodes with NVDEC, resizes, center-crops and normalises to [-1, 1] on the GPU.
-
-    Yields dicts {"pixel_values": (B, F, 3, H, W) float32 CUDA tensor}. Needs a CUDA device; on a machine
-    without one use :class:`VideoClipDataset` (CPU decoding with DALI or PyAV).
-    """
-    if not torch.cuda.is_available():
-        raise RuntimeError("dali_clip_loader decodes on the GPU and no CUDA device is available; use VideoClipDataset")
-    import nvidia.dali.fn as fn  # noqa: PLC0415
-    import nvidia.dali.types as types  # noqa: PLC0415
-    from nvidia.dali import pipeline_def  # noqa: PLC0415
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy  # noqa: PLC0415
-
-    files = [source.path for source in _sources_from(sources)]
-    if not files:
-        raise ValueError(f"sources: no video files found in {sources!r}")
-    height, width = size
-
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
-    def pipeline():
-        video = fn.readers.video(
-            device="gpu",
-            filenames=files,
-            sequence_length=num_frames,
-            stride=stride,
-            step=num_frames * stride,  # consecutive, non-overlapping clips as clip_frame_indices
-            shard_id=rank,
-            num_shards=world_size,
-            random_shuffle=shuffle,
-            initial_fill=max(4 * batch_size, 16),
-            skip_vfr_check=True,
-            name="reader",
-        )
-        video = fn.resize(video, resize_x=width, resize_y=height, mode="not_smaller", antialias=True)
-        return fn.crop_mirror_normalize(
-            video,
-            crop=(height, width),
-            mean=[127.5] * 3,
-            std=[127.5] * 3,
-            dtype=types.FLOAT,
-            output_layout="FCHW",
-        )
-
-    built = pipeline()
-    built.build()
-    iterator = DALIGenericIterator([built], ["pixel_values"], reader_name="reader", last_batch_policy=LastBatchPolicy.PARTIAL)
-    for (batch,) in iterator:
-        yield batch
