@@ -63,7 +63,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     import av  # noqa: PLC0415 - optional dependency
 
     path = Path(path)
-    _check_file(path)
+    check_file(path)
     try:
         with av.open(str(path)) as container:
             _reject_still_image(path, container)
@@ -80,7 +80,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     return VideoInfo(str(path), num_frames, fps, width, height, codec, num_frames / fps)
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
     if not path.is_file():
         raise VideoDecodeError(path, "file does not exist")
     if path.stat().st_size == 0:
@@ -93,10 +93,14 @@ def _reject_still_image(path: Path, container: Any) -> None:
         raise VideoDecodeError(path, f"a still image ({format_name}), not a video")
 
 
-def _open_stream(container: Any) -> Any:
-    """The first video stream, decoded with FFmpeg's frame and slice threads."""
-    stream = container.streams.video[0]
+def open_video_stream(path: Path, container: Any, motion_vectors: bool = False) -> Any:
+    """The first video stream of an open ``container``, set up to decode with FFmpeg's threads (and to
+    export the codec's motion vectors when asked); raises :class:`VideoDecodeError` for a still image or no video."""
+    _reject_still_image(path, container)
+    stream = _video_stream(path, container)
     stream.thread_type = "AUTO"
+    if motion_vectors:
+        stream.codec_context.options = {"flags2": "+export_mvs"}
     return stream
 
 
@@ -146,7 +150,7 @@ def decode_frames(path: str | Path, indices: Sequence[int], backend: str = "auto
     chosen = "pyav" if max_side is not None and backend == "auto" else _resolve_backend(backend, info.codec)
     if chosen == "dali":
         return _decode_dali_cpu(Path(path), indices)
-    return _decode_pyav(Path(path), indices, _scaled_size(info.width, info.height, max_side))
+    return _decode_pyav(Path(path), indices, scaled_size(info.width, info.height, max_side))
 
 
 def _check_max_side(max_side: int | None) -> None:
@@ -154,7 +158,7 @@ def _check_max_side(max_side: int | None) -> None:
         raise ValueError(f"max_side must be None or >= 2, got {max_side}")
 
 
-def _scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+def scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
     """(width, height) scaled so the longer side is <= ``max_side``; unchanged when it already is."""
     if max_side is None or max(width, height) <= max_side:
         return width, height
@@ -172,7 +176,7 @@ def _decode_pyav(path: Path, indices: list[int], size: tuple[int, int]) -> np.nd
     frames: dict[int, np.ndarray] = {}
     try:
         with av.open(str(path)) as container:
-            for index, frame in enumerate(container.decode(_open_stream(container))):
+            for index, frame in enumerate(container.decode(open_video_stream(path, container))):
                 if index in wanted:
                     frames[index] = frame.to_ndarray(format="rgb24", width=width, height=height)
                 if index >= last:
@@ -205,7 +209,7 @@ def iter_windows(path: str | Path, windows: Sequence[Sequence[int]], backend: st
     last = max(users)
     try:
         with av.open(str(path)) as container:
-            for index, frame in enumerate(container.decode(_open_stream(container))):
+            for index, frame in enumerate(container.decode(open_video_stream(path, container))):
                 if index in users:
                     frames[index] = frame.to_ndarray(format="rgb24")
                     for number in [number for number, missing in waiting.items() if index in missing]:
@@ -236,13 +240,13 @@ def decode_frames_at_times(path: str | Path, times: Sequence[float], max_side: i
 
     path = Path(path)
     _check_max_side(max_side)
-    _check_file(path)
+    check_file(path)
     order = sorted(range(len(times)), key=lambda position: times[position])
     found: dict[int, np.ndarray] = {}
     try:
         with av.open(str(path)) as container:
-            stream = _open_stream(container)
-            size = _scaled_size(stream.codec_context.width, stream.codec_context.height, max_side)
+            stream = open_video_stream(path, container)
+            size = scaled_size(stream.codec_context.width, stream.codec_context.height, max_side)
             frames: Iterator[Any] = iter(())
             current = None
             for position in order:
@@ -287,21 +291,17 @@ def _decode_all_pyav(path: Path, max_side: int | None, motion_vectors: bool) -> 
     import av  # noqa: PLC0415
 
     _check_max_side(max_side)
-    _check_file(path)
+    check_file(path)
     frames: list[np.ndarray] = []
     motion: list[float] = []
     try:
         with av.open(str(path)) as container:
-            _reject_still_image(path, container)
-            stream = _video_stream(path, container)
-            stream.thread_type = "AUTO"
-            width, height = _scaled_size(stream.codec_context.width, stream.codec_context.height, max_side)
-            if motion_vectors:
-                stream.codec_context.options = {"flags2": "+export_mvs"}
+            stream = open_video_stream(path, container, motion_vectors)
+            width, height = scaled_size(stream.codec_context.width, stream.codec_context.height, max_side)
             for frame in container.decode(stream):
                 frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
                 if motion_vectors:
-                    motion.append(_mean_motion_vector_px(frame))
+                    motion.append(mean_motion_vector_px(frame))
     except av.error.FFmpegError as error:
         if not frames:
             raise VideoDecodeError(path, f"unreadable by FFmpeg ({error})") from error
@@ -311,7 +311,7 @@ def _decode_all_pyav(path: Path, max_side: int | None, motion_vectors: bool) -> 
     return np.stack(frames), np.asarray(motion, dtype=np.float64)
 
 
-def _mean_motion_vector_px(frame: Any) -> float:
+def mean_motion_vector_px(frame: Any) -> float:
     vectors = next((side for side in frame.side_data if "MOTION_VECTORS" in str(getattr(side, "type", ""))), None)
     if vectors is None:
         return float("nan")
