@@ -101,7 +101,8 @@ class MotionSettings:
 def _end_time(scan: FileScan, end: int) -> float:
     if end < len(scan.times):
         return float(scan.times[end])
-    step = float(np.median(np.diff(scan.times))) if len(scan.times) > 1 else 1.0 / scan.fps
+    # The last frame lasts as long as the one before it (its own duration is rarely stored).
+    step = float(scan.times[-1] - scan.times[-2]) if len(scan.times) > 1 else 1.0 / scan.fps
     return float(scan.times[-1]) + step
 
 

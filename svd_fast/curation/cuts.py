@@ -6,16 +6,17 @@ timestamp (so a variable-frame-rate file is sampled evenly in time): every decod
 ``SAMPLE_RATES`` = 4 FPS and 1 FPS (a fade or dissolve, invisible frame to frame, is a large change over
 0.25-1 s).
 
-* Hard cuts, at full rate: one or two consecutive steps scoring >= ``threshold`` that stand out, peak >=
-  ``contrast`` x the median score of the ``neighbours`` steps on *each* side (the idea of PySceneDetect's
-  AdaptiveDetector, so the start of a fast pan is not a cut), and whose frames before and after (and one
-  frame further out) differ by >= ``threshold``.
+* Hard cuts, at full rate: a step scoring >= ``threshold``, the largest among its ``neighbours`` steps on
+  each side, >= ``contrast`` x their median and >= ``SIDE_CONTRAST`` x the median of either side (the idea of
+  PySceneDetect's AdaptiveDetector: fast motion scores high on every step, a cut stands out), whose frames before and after (and one frame further out)
+  differ by >= ``threshold``.
 * Gradual transitions, at 4 and 1 FPS: a run of "straight" sampled steps, each scoring >= ``MIN_STEP_FRACTION``
   x threshold and >= ``MIN_STRAIGHTNESS`` x the sum of the full-rate scores it spans ("straightness"). A blend
   or fade moves on a straight line between two images, so its big step equals the sum of its small ones;
   motion mostly does not (a shifted texture decorrelates: the sum of small steps exceeds the big step), and
   where slow motion is straight it is so on both sides, so the run's straightness must exceed the median of
-  its ``neighbours`` steps' by ``MIN_STRAIGHTNESS_MARGIN``. The run must
+  its ``neighbours`` steps' (those without a hard cut; none: no evidence, rejected) by ``MIN_STRAIGHTNESS_MARGIN``,
+  and its frames must be blends of its first and last (:func:`blend_residual` <= ``MAX_BLEND_RESIDUAL``). The run must
   last <= ``MAX_TRANSITION_SECONDS``, not span the whole file, and the frames before and after it must differ
   by >= ``threshold``, so an object crossing the foreground (after which the shot looks as before) is not a cut.
   A run with a hard cut strictly inside it is left to the hard-cut pass.
@@ -27,6 +28,7 @@ frames; a fade's or dissolve's frames belong to no clip. Transitions from the th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,8 +38,9 @@ import torch
 SAMPLE_RATES = (4.0, 1.0)  # frames per second, besides every decoded frame
 MAX_TRANSITION_SECONDS = 3.0
 ACTIVE_FRACTION = 0.25
-MAX_HARD_CUT_STEPS = 2
 MIN_STRAIGHTNESS = 0.75
+SIDE_CONTRAST = 1.25
+MAX_BLEND_RESIDUAL = 0.35
 MIN_STRAIGHTNESS_MARGIN = 0.1
 MIN_STEP_FRACTION = 0.25
 
@@ -88,7 +91,7 @@ def detect_transitions(
     fps: float = 24.0,
     threshold: float = 27.0,
     min_scene_frames: int = 8,
-    contrast: float = 2.0,
+    contrast: float = 1.5,
     neighbours: int = 3,
     device: torch.device | str | None = None,
 ) -> list[Transition]:
@@ -130,29 +133,48 @@ def detect_transitions(
             hard_cuts = _hard_cuts(full_rate, scores, threshold, contrast, neighbours)
             found += hard_cuts
         else:
-            found += _gradual_transitions(samples, times, full_rate, scores, threshold, hard_cuts, neighbours)
+            found += _gradual_transitions(samples, times, full_rate, scores, threshold, hard_cuts, neighbours, video)
     return _merge(found, min_scene_frames)
 
 
 def _hard_cuts(full_rate: np.ndarray, scores, threshold: float, contrast: float, neighbours: int) -> list[Transition]:
     found = []
-    for first, last in _runs(full_rate >= threshold):
-        if last - first + 1 > MAX_HARD_CUT_STEPS:
+    for step in np.flatnonzero(full_rate >= threshold):
+        left, right = full_rate[max(0, step - neighbours) : step], full_rate[step + 1 : step + 1 + neighbours]
+        around = np.concatenate([left, right])
+        if around.size and (full_rate[step] < contrast * float(np.median(around)) or full_rate[step] < around.max()):
             continue
-        left = full_rate[max(0, first - neighbours) : first]
-        right = full_rate[last + 1 : last + 1 + neighbours]
-        context = max(float(np.median(left)) if left.size else 0.0, float(np.median(right)) if right.size else 0.0)
-        if full_rate[first : last + 1].max() < contrast * context:
-            continue
-        before, after = first, last + 1
+        sides = [float(np.median(side)) for side in (left, right) if side.size]
+        if sides and full_rate[step] < SIDE_CONTRAST * max(sides):
+            continue  # as high as the steps on one side: the start or end of fast motion
+        before, after = step, step + 1
         if scores(np.array([before, max(0, before - 1)]), np.array([after, min(len(full_rate), after + 1)])).min() < threshold:
             continue
-        found.append(Transition(first + 1, last + 1) if first == last else Transition(first + 1, after))
+        found.append(Transition(int(after), int(after)))
     return found
 
 
+def blend_residual(video: torch.Tensor, before: int, after: int) -> float:
+    """How far the frames strictly between ``before`` and ``after`` are from the best blend of those two:
+    max over frames of |f - (a + w (b - a))| / |b - a| with the least-squares w. ~0 for a fade or dissolve;
+    large for motion, whose in-between frames are shifted images, not blends."""
+    first, last = video[before].float(), video[after].float()
+    inner = video[before + 1 : after].float()
+    if not len(inner):
+        return 0.0
+    direction = (last - first).flatten()
+    energy = float(direction @ direction)
+    if energy == 0:
+        return 0.0
+    offsets = (inner - first).flatten(1)
+    weights = (offsets @ direction) / energy
+    residual = (offsets - weights[:, None] * direction[None]).norm(dim=1) / math.sqrt(energy)
+    return float(residual.max())
+
+
 def _gradual_transitions(
-    samples: np.ndarray, times: np.ndarray, full_rate: np.ndarray, scores, threshold: float, hard_cuts: list[Transition], neighbours: int
+    samples: np.ndarray, times: np.ndarray, full_rate: np.ndarray, scores, threshold: float, hard_cuts: list[Transition], neighbours: int,
+    video: torch.Tensor,
 ) -> list[Transition]:
     step_scores = scores(samples[:-1], samples[1:])
     path_lengths = np.array([full_rate[start:stop].sum() for start, stop in zip(samples[:-1], samples[1:])])
@@ -169,11 +191,13 @@ def _gradual_transitions(
         # Steady motion can be straight too, but then it is as straight on either side: a transition stands out.
         window = np.r_[max(0, first - neighbours) : first, last + 1 : min(len(candidate), last + 1 + neighbours)]
         around = straightness[window[~has_cut[window]]]
-        if around.size and straightness[first : last + 1].mean() < float(np.median(around)) + MIN_STRAIGHTNESS_MARGIN:
+        if not around.size or straightness[first : last + 1].mean() < float(np.median(around)) + MIN_STRAIGHTNESS_MARGIN:
             continue
         if ((cut_steps > before) & (cut_steps < after - 1)).any():
             continue  # a hard cut inside the run explains it (found at full rate)
         if scores(np.array([before]), np.array([after]))[0] < threshold:
+            continue
+        if blend_residual(video, int(before), int(after)) > MAX_BLEND_RESIDUAL:
             continue
         steps = full_rate[before:after]
         active = np.flatnonzero(steps >= ACTIVE_FRACTION * steps.mean())

@@ -51,7 +51,7 @@ class CurationConfig:
     drop_static: bool = True  # static clips get keep=False
     min_texture: float = 0.004  # texture_level (mean local contrast, [0, 1] grey) below which a frame has no measurable motion
     codec_static_prefilter: bool = True  # clips whose codec motion vectors are below the threshold skip dense flow (static)
-    codec_static_threshold_px: float = 0.02
+    codec_static_threshold_px: float = 0.1  # px; static x264 clips with sensor-like noise: <= 0.03, a 0.25 px/frame pan: >= 0.4
     ocr: bool = True
     ocr_min_confidence: float = 60.0
     ocr_max_side: int = 1024
