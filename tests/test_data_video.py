@@ -213,8 +213,9 @@ def test_dataset_decodes_each_file_once(videos: dict[str, Path], monkeypatch: py
     samples = list(VideoClipDataset([videos["h264"]], num_frames=4, size=(32, 40), backend="pyav"))
     assert len(samples) == NUM_FRAMES // 4
     assert len(opened) == 2  # one probe, one decoding pass for all six windows
-    expected = decode_frames(videos["h264"], list(range(4, 8)))
-    torch.testing.assert_close(samples[1]["pixel_values"], frames_to_tensor(expected, (32, 40)))
+    # Frames are resized while decoding (swscale, area averaging): close to resizing the tensors afterwards.
+    expected = frames_to_tensor(decode_frames(videos["h264"], list(range(4, 8))), (32, 40))
+    assert float((samples[1]["pixel_values"] - expected).abs().mean()) < 0.03
 
 
 def test_iter_windows_overlapping_and_past_end(videos: dict[str, Path]) -> None:

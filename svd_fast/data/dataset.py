@@ -18,22 +18,33 @@ from svd_fast.data.clips import ClipSource, clip_frame_indices, frame_step, sour
 from svd_fast.data.decode import BACKENDS, VIDEO_SUFFIXES, VideoDecodeError, VideoInfo, iter_windows, probe_video
 
 LOGGER = logging.getLogger(__name__)
+_UNIT_RANGE = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)  # uint8 -> [-1, 1]
+
+
+def covering_size(source: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of ``source`` (height, width) scaled, aspect kept, to the smallest size covering ``size``."""
+    scale = max(size[0] / source[0], size[1] / source[1])
+    return max(size[0], math.ceil(source[0] * scale - 1e-6)), max(size[1], math.ceil(source[1] * scale - 1e-6))
 
 
 def frames_to_tensor(frames: np.ndarray, size: tuple[int, int], random_crop: bool = False, rng: random.Random | None = None) -> torch.Tensor:
-    """uint8 (F, H, W, 3) -> float32 (F, 3, h, w) in [-1, 1]: resize the shorter side to cover ``size``, then crop."""
+    """uint8 (F, H, W, 3) -> float32 (F, 3, h, w) in [-1, 1]: resize the shorter side to cover ``size``, then crop.
+    Frames already at the covering size (decoded so, see :meth:`VideoClipDataset.__iter__`) are only cropped."""
     height, width = size
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    scale = max(height / video.shape[2], width / video.shape[3])
-    resized = (max(height, math.ceil(video.shape[2] * scale - 1e-6)), max(width, math.ceil(video.shape[3] * scale - 1e-6)))
-    if resized != tuple(video.shape[2:]):
-        video = F.interpolate(video, size=resized, mode="bilinear", antialias=True, align_corners=False)
+    frames = np.asarray(frames)
+    resized = covering_size(frames.shape[1:3], size)
     spare_y, spare_x = resized[0] - height, resized[1] - width
     if random_crop:
         rng = rng or random.Random()
         top, left = rng.randint(0, spare_y), rng.randint(0, spare_x)
     else:
         top, left = spare_y // 2, spare_x // 2
+    if resized == frames.shape[1:3]:
+        # Crop the uint8 frames first, then one table lookup per kept pixel (same values as x / 127.5 - 1).
+        cropped = np.ascontiguousarray(frames[:, top : top + height, left : left + width].transpose(0, 3, 1, 2))
+        return torch.from_numpy(np.take(_UNIT_RANGE, cropped))
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    video = F.interpolate(video, size=resized, mode="bilinear", antialias=True, align_corners=False)
     video = video[:, :, top : top + height, left : left + width]
     return (video / 127.5 - 1.0).clamp(-1.0, 1.0).contiguous()
 
@@ -138,7 +149,9 @@ class VideoClipDataset(torch.utils.data.IterableDataset):
                 self._skip(source.path, f"shorter than one clip of {self.num_frames} frames (on_short='skip')")
                 continue
             try:
-                for number, frames in iter_windows(source.path, windows, self.backend, info.codec):
+                # Decoded straight to the size that covers self.size: swscale resizes far cheaper than torch.
+                decode_height, decode_width = covering_size((info.height, info.width), self.size)
+                for number, frames in iter_windows(source.path, windows, self.backend, info.codec, (decode_width, decode_height)):
                     sample = dict(source.extra)
                     sample.update(
                         pixel_values=frames_to_tensor(frames, self.size, self.random_crop, rng),

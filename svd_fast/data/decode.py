@@ -189,10 +189,14 @@ def _decode_pyav(path: Path, indices: list[int], size: tuple[int, int]) -> np.nd
     return np.stack([frames[index] for index in indices])
 
 
-def iter_windows(path: str | Path, windows: Sequence[Sequence[int]], backend: str = "auto", codec: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
+def iter_windows(
+    path: str | Path, windows: Sequence[Sequence[int]], backend: str = "auto", codec: str | None = None, size: tuple[int, int] | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
     """(window number, uint8 (F, H, W, 3)) for each window of frame indices, in the order the windows complete,
     from one decoding pass over ``path`` (PyAV) or one DALI call per window. Frames are dropped as soon as
-    no later window needs them. Raises :class:`VideoDecodeError` when a wanted frame is past the decodable end.
+    no later window needs them. ``size`` (width, height): PyAV resizes in swscale's conversion (area
+    averaging when shrinking), far cheaper than resizing tensors; DALI returns full-size frames.
+    Raises :class:`VideoDecodeError` when a wanted frame is past the decodable end.
     """
     if not windows:
         return
@@ -209,9 +213,13 @@ def iter_windows(path: str | Path, windows: Sequence[Sequence[int]], backend: st
     last = max(users)
     try:
         with av.open(str(path)) as container:
-            for index, frame in enumerate(container.decode(open_video_stream(path, container))):
+            stream = open_video_stream(path, container)
+            width, height = size or (stream.codec_context.width, stream.codec_context.height)
+            shrinking = width * height < stream.codec_context.width * stream.codec_context.height
+            interpolation = "AREA" if shrinking else "BILINEAR"
+            for index, frame in enumerate(container.decode(stream)):
                 if index in users:
-                    frames[index] = frame.to_ndarray(format="rgb24")
+                    frames[index] = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=interpolation)
                     for number in [number for number, missing in waiting.items() if index in missing]:
                         waiting[number].discard(index)
                         if not waiting[number]:
