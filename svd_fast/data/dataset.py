@@ -40,9 +40,12 @@ def frames_to_tensor(frames: np.ndarray, size: tuple[int, int], random_crop: boo
     else:
         top, left = spare_y // 2, spare_x // 2
     if resized == frames.shape[1:3]:
-        # Crop the uint8 frames first, then one table lookup per kept pixel (same values as x / 127.5 - 1).
+        import cv2  # noqa: PLC0415 - optional dependency (the data extra), like PyAV
+
+        # Crop the uint8 frames first, then one table lookup per kept pixel (same values as x / 127.5 - 1);
+        # OpenCV's LUT is several times faster than numpy's or torch's conversion on a CPU.
         cropped = np.ascontiguousarray(frames[:, top : top + height, left : left + width].transpose(0, 3, 1, 2))
-        return torch.from_numpy(np.take(_UNIT_RANGE, cropped))
+        return torch.from_numpy(cv2.LUT(cropped.reshape(-1, width), _UNIT_RANGE).reshape(cropped.shape))
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
     video = F.interpolate(video, size=resized, mode="bilinear", antialias=True, align_corners=False)
     video = video[:, :, top : top + height, left : left + width]
