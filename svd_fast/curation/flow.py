@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "opencv", "torch", "dali")
-FARNEBACK_DEFAULTS = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2, "flags": 0}  # OpenCV's
+# OpenCV's defaults for Farneback's solver at one pyramid level (both backends; the pyramid is built here).
+FARNEBACK_SOLVER = {"winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2}
 DAMPING = 1e-3  # Tikhonov weight, relative to the mean structure tensor trace
 MAX_UPDATE_PX = 2.0  # per iteration, in the pixels of the pyramid level
 NORMALISE_SIGMA = 6.0
@@ -103,7 +104,7 @@ def _opencv_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     the initial flow. OpenCV's own pyramid would blur away the normalised detail."""
     import cv2  # noqa: PLC0415 - only the CPU backend needs OpenCV
 
-    defaults = FARNEBACK_DEFAULTS
+    solver = FARNEBACK_SOLVER
     levels = pyramid_levels(first.shape[-2:])
 
     def normalised(image: np.ndarray) -> np.ndarray:
@@ -129,7 +130,7 @@ def _opencv_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
             else:
                 flow = cv2.resize(flow, (width, height), interpolation=cv2.INTER_LINEAR) * np.array([width / flow.shape[1], height / flow.shape[0]], np.float32)
             flow = cv2.calcOpticalFlowFarneback(
-                level_one, level_two, flow, 0.5, 1, defaults["winsize"], defaults["iterations"], defaults["poly_n"], defaults["poly_sigma"],
+                level_one, level_two, flow, 0.5, 1, solver["winsize"], solver["iterations"], solver["poly_n"], solver["poly_sigma"],
                 cv2.OPTFLOW_USE_INITIAL_FLOW,
             )
         flows.append(flow)
@@ -212,10 +213,9 @@ def _farneback_step(first: torch.Tensor, second: torch.Tensor, flow: torch.Tenso
     return flow + (solved - flow).clamp(-MAX_UPDATE_PX, MAX_UPDATE_PX)
 
 
-def torch_farneback_flow(
-    first: torch.Tensor, second: torch.Tensor, iterations: int = 3, winsize: int = 15, poly_n: int = 5, poly_sigma: float = 1.2, min_side: int = 16
-) -> torch.Tensor:
+def torch_farneback_flow(first: torch.Tensor, second: torch.Tensor, min_side: int = 16) -> torch.Tensor:
     """The "torch" backend of :func:`optical_flow` (see the module docstring)."""
+    iterations, winsize, poly_n, poly_sigma = (FARNEBACK_SOLVER[key] for key in ("iterations", "winsize", "poly_n", "poly_sigma"))
     images = torch.stack([first, second], dim=1).reshape(-1, 1, *first.shape[-2:])
     pyramid = _pyramid(images, pyramid_levels(first.shape[-2:], min_side))
     window = torch.ones(winsize, device=first.device) / winsize
