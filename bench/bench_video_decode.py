@@ -1,4 +1,5 @@
-"""Video decoding throughput: PyAV (FFmpeg, CPU) vs DALI's CPU decoder (VP9) vs DALI on the GPU (H.264).
+"""Video decoding throughput: PyAV (FFmpeg, CPU) vs DALI's CPU decoder (VP9) vs DALI on the GPU (H.264), and
+the cost of one epoch of VideoClipDataset over a 600-frame H.264 file relative to one plain PyAV decode of it.
 
 Frames/s is recorded in extra_info ("frames_per_second", "clips_per_second"). CPU shapes are small so
 the run stays short; the GPU cases use 576x1024 and 1080p as SVD training does.
@@ -6,13 +7,14 @@ the run stays short; the GPU cases use 576x1024 and 1080p as SVD training does.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from svd_fast.data import synthetic
-from svd_fast.data.video import dali_clip_loader, decode_frames
+from svd_fast.data import VideoClipDataset, dali_clip_loader, decode_frames, synthetic
 
 CLIP_FRAMES = 14
 
@@ -48,3 +50,34 @@ def test_gpu_decode_h264(benchmark, timed, tmp_path_factory, height: int, width:
     seconds = benchmark.stats.stats.median
     benchmark.extra_info["frames_per_second"] = round(clips * CLIP_FRAMES / seconds, 1)
     benchmark.extra_info["clips_per_second"] = round(clips / seconds, 2)
+
+
+@pytest.mark.parametrize(("height", "width"), [(288, 512), (720, 1280)])
+def test_dataset_epoch_vs_plain_decode(benchmark, tmp_path_factory, height: int, width: int) -> None:
+    """Target: one epoch of 14-frame clips costs at most 2x one plain PyAV decode (each file decoded once)."""
+    import av
+
+    frames = 600 if height < 720 else 120  # 720p: kept short, the frames are generated in memory
+    texture = (synthetic.smooth_texture(height, width, seed=0) * 255).astype(np.uint8)
+    content = np.stack([np.roll(texture, (index, 3 * index), axis=(0, 1)) for index in range(frames)])
+    path = synthetic.write_video(tmp_path_factory.mktemp(f"epoch_{height}") / "clip.mp4", content, fps=24)
+
+    def plain_decode() -> int:
+        with av.open(str(path)) as container:
+            return sum(1 for frame in container.decode(video=0) if frame.to_ndarray(format="rgb24") is not None)
+
+    def dataset_epoch() -> int:
+        return sum(1 for _ in VideoClipDataset([path], num_frames=CLIP_FRAMES, size=(256, 256), backend="pyav"))
+
+    seconds: dict[str, list[float]] = {"plain_decode": [], "dataset_epoch": []}
+    for _ in range(3):  # alternating, so machine load affects both alike
+        for name, run in (("plain_decode", plain_decode), ("dataset_epoch", dataset_epoch)):
+            started = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - started)
+    medians = {name: float(np.median(values)) for name, values in seconds.items()}
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        frames=frames, resolution=f"{height}x{width}", clip_frames=CLIP_FRAMES, seconds=medians,
+        ratio_vs_plain_decode=round(medians["dataset_epoch"] / medians["plain_decode"], 2),
+    )

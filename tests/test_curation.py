@@ -14,21 +14,23 @@ from conftest import requires_cuda
 
 from svd_fast.curation import (
     CurationConfig,
+    CurationRequestError,
     apply_filters,
     curate,
     detect_cuts,
-    lucas_kanade_flow,
     mean_flow_magnitude,
     motion_bucket_id,
+    optical_flow,
     parse_filter,
     pipeline,
     text_coverage,
 )
 from svd_fast.curation import manifest as manifest_module
-from svd_fast.curation.flow import to_gray
+from svd_fast.curation.cuts import sample_by_time
+from svd_fast.curation.flow import dali_unavailable_reason, to_gray
 from svd_fast.curation.ocr import tesseract_unavailable_reason
-from svd_fast.data.synthetic import scenes_with_cuts, smooth_texture, translating_texture, write_video
-from svd_fast.data.video import VideoDecodeError, decode_all_frames, probe_video
+from svd_fast.data import VideoDecodeError, decode_all_frames, probe_video
+from svd_fast.data.synthetic import scenes_with_cuts, translating_texture, write_video
 
 requires_tesseract = pytest.mark.skipif(tesseract_unavailable_reason() is not None, reason=f"OCR unavailable: {tesseract_unavailable_reason()}")
 NO_OCR = CurationConfig(ocr=False)
@@ -60,24 +62,9 @@ def test_cuts_agree_with_pyscenedetect(tmp_path: Path) -> None:
     assert detect_cuts(decode_all_frames(path, max_side=96)) == reference
 
 
-def _fade(length_a: int, fade: int, length_b: int, height: int = 48, width: int = 64) -> tuple[np.ndarray, int]:
-    first, second = smooth_texture(height, width, seed=1), smooth_texture(height, width, seed=2)
-    weights = [0.0] * length_a + [(step + 1) / (fade + 1) for step in range(fade)] + [1.0] * length_b
-    frames = np.stack([(1 - w) * first + w * second for w in weights])
-    return (frames * 255).round().astype(np.uint8), length_a
-
-
-def test_gradual_transition_needs_the_coarser_rates() -> None:
-    frames, fade_start = _fade(16, 8, 16)
-    assert detect_cuts(frames, strides=(1,)) == []  # every full-rate step is small: the single-rate detector misses it
-    found = detect_cuts(frames)
-    assert len(found) == 1 and fade_start <= found[0] <= fade_start + 8
-
-
-def test_fast_motion_is_not_a_cut_at_coarse_rates() -> None:
-    frames = translating_texture(32, 48, 64, shift=(0, 2))
-    assert detect_cuts(frames, strides=(4,), contrast=1.0) != []  # without the contrast test, motion fires at low rate
-    assert detect_cuts(frames) == []
+def test_transition_rates_are_in_time_not_frames() -> None:
+    times = np.concatenate([np.arange(60) / 30, 2 + np.arange(20) / 5])  # 30 fps, then 5 fps
+    assert sample_by_time(times, 1.0).tolist() == [0, 30, 60, 65, 70, 75]
 
 
 def test_detect_cuts_bad_input() -> None:
@@ -85,56 +72,61 @@ def test_detect_cuts_bad_input() -> None:
         detect_cuts(np.zeros((4, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="threshold"):
         detect_cuts(np.zeros((4, 8, 8, 3), np.uint8), threshold=0)
-    with pytest.raises(ValueError, match="strides"):
-        detect_cuts(np.zeros((4, 8, 8, 3), np.uint8), strides=(0,))
+    with pytest.raises(ValueError, match="times"):
+        detect_cuts(np.zeros((4, 8, 8, 3), np.uint8), times=[0.0, 1.0])
 
 
 # ---------------------------------------------------------------- optical flow
 
 
+@pytest.mark.parametrize("backend", ["opencv", "torch"])
 @pytest.mark.parametrize("shift", [(0.0, 2.0), (1.0, -3.0), (3.0, 4.0)])
-def test_flow_magnitude_matches_translation(shift: tuple[float, float]) -> None:
+def test_flow_matches_translation(shift: tuple[float, float], backend: str) -> None:
     frames = translating_texture(3, 96, 160, shift)
-    measured = mean_flow_magnitude(frames)
-    assert measured == pytest.approx(math.hypot(*shift), rel=0.10)
-    flow = lucas_kanade_flow(*to_gray(frames[:2]).split(1))
-    assert float(flow[0, 0].median()) == pytest.approx(shift[1], abs=0.05)  # channel 0 is dx
-    assert float(flow[0, 1].median()) == pytest.approx(shift[0], abs=0.05)
+    assert mean_flow_magnitude(frames, backend) == pytest.approx(math.hypot(*shift), rel=0.10)
+    field = optical_flow(*to_gray(frames[:2]).split(1), backend=backend)
+    assert field.shape == (1, 2, 96, 160) and field.dtype == torch.float32
+    assert float(field[0, 0].median()) == pytest.approx(shift[1], abs=0.05)  # channel 0 is dx
+    assert float(field[0, 1].median()) == pytest.approx(shift[0], abs=0.05)
 
 
-def test_flow_is_batched_consistently() -> None:
+def test_torch_flow_is_batched_consistently() -> None:
     frames = to_gray(translating_texture(5, 48, 64, (1, 2)))
-    batched = lucas_kanade_flow(frames[:-1], frames[1:])
-    single = torch.cat([lucas_kanade_flow(frames[i : i + 1], frames[i + 1 : i + 2]) for i in range(4)])
+    batched = optical_flow(frames[:-1], frames[1:], "torch")
+    single = torch.cat([optical_flow(frames[i : i + 1], frames[i + 1 : i + 2], "torch") for i in range(4)])
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
 
 
-def test_static_clip_has_no_flow() -> None:
-    assert mean_flow_magnitude(translating_texture(4, 48, 64, (0, 0))) < 1e-3
+@pytest.mark.parametrize("backend", ["opencv", "torch"])
+def test_static_clip_has_no_flow(backend: str) -> None:
+    assert mean_flow_magnitude(translating_texture(4, 48, 64, (0, 0)), backend) < 0.01
 
 
 def test_flow_bad_input() -> None:
     with pytest.raises(ValueError, match="first and second"):
-        lucas_kanade_flow(torch.zeros(1, 8, 8), torch.zeros(1, 8, 9))
+        optical_flow(torch.zeros(1, 8, 8), torch.zeros(1, 8, 9))
+    with pytest.raises(ValueError, match="backend"):
+        optical_flow(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8), backend="nvof")
     with pytest.raises(ValueError, match="at least 2 frames"):
         mean_flow_magnitude(np.zeros((1, 8, 8, 3), np.uint8))
+    if dali_unavailable_reason():
+        with pytest.raises(RuntimeError, match="dali"):
+            optical_flow(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8), backend="dali")
 
 
 @requires_cuda
-def test_dali_hardware_flow_matches_translation() -> None:
-    from svd_fast.curation.flow import dali_available, dali_mean_flow_magnitude
-
-    if not dali_available():
-        pytest.skip("this GPU has no optical-flow engine or nvidia-dali is missing")
-    frames = translating_texture(3, 144, 256, (2.0, 3.0))
-    assert dali_mean_flow_magnitude(frames) == pytest.approx(math.hypot(2, 3), rel=0.10)
+def test_auto_flow_on_cuda_is_torch_and_stays_on_device() -> None:
+    frames = to_gray(translating_texture(2, 96, 160, (1.0, 2.0)), "cuda")
+    field = optical_flow(frames[:1], frames[1:])
+    assert field.device.type == "cuda"
+    torch.testing.assert_close(field.cpu(), optical_flow(frames[:1].cpu(), frames[1:].cpu(), "torch"), atol=1e-3, rtol=1e-3)
 
 
 def test_flow_backend_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="flow_backend"):
-        CurationConfig(flow_backend="opencv")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="dali"):
+        CurationConfig(flow_backend="nvof")
+    if dali_unavailable_reason():
+        with pytest.raises(CurationRequestError, match="dali"):
             curate([], tmp_path / "m.parquet", CurationConfig(flow_backend="dali"))
 
 
@@ -218,6 +210,8 @@ def test_manifest_rows_scores_and_schema(video_dir: tuple[Path, list[int]], tmp_
     assert not moving["static"].any() and moving["pass_flow_mean_norm_ge0.001"].all()
     static = table[table["source"].str.endswith("static.mp4")]
     assert static["static"].all() and not static["keep"].any() and (static["motion_bucket_id"] == 0).all()
+    assert table["source"].map(lambda source: Path(source).is_absolute()).all()
+    assert moving["flow_px_per_second"].tolist() == pytest.approx([8.0] * 3, rel=0.10)
     assert (table["width"] == 96).all() and (table["fps"] == 8).all()
     assert table["skipped"].str.contains("ocr: disabled").all() and table["skipped"].str.contains("clip: no model given").all()
     assert summary["removed_by_filter"]["flow_mean_norm_ge0.001"] == 1 and summary["clips"] == 4
@@ -235,12 +229,16 @@ def test_short_clip_flow_is_rescaled_to_half_a_second(tmp_path: Path) -> None:
 
 def test_codec_motion_vector_prefilter(video_dir: tuple[Path, list[int]], tmp_path: Path) -> None:
     folder, _ = video_dir
-    curate(folder, tmp_path / "m.parquet", CurationConfig(ocr=False, codec_static_prefilter=True))
+    curate(folder, tmp_path / "m.parquet", NO_OCR)
     table = pd.read_parquet(tmp_path / "m.parquet")
     moving, static = table[table["source"].str.endswith("cuts.mp4")], table[table["source"].str.endswith("static.mp4")]
-    assert (moving["codec_mv_mean_px"] > 0.5).all() and (moving["flow_backend"] == "torch-cpu").all()
+    assert (moving["codec_mv_mean_px"] > 0.5).all() and (moving["flow_backend"] == "opencv").all()
     assert (static["codec_mv_mean_px"] == 0).all() and (static["flow_backend"] == "codec-motion-vectors").all()
-    assert static["static"].all() and (static["flow_mean_px"] == 0).all()
+    assert static["static"].all() and (static["flow_mean_px"] == 0).all() and static["static_reason"].str.startswith("codec").all()
+    curate(folder, tmp_path / "dense.parquet", CurationConfig(ocr=False, codec_static_prefilter=False))
+    dense = pd.read_parquet(tmp_path / "dense.parquet")
+    dense_static = dense[dense["source"].str.endswith("static.mp4")]
+    assert dense_static["static"].all() and (dense_static["flow_backend"] == "opencv").all() and (dense_static["flow_mean_px"] < 0.05).all()
 
 
 def test_bad_files_recorded_and_run_continues(video_dir: tuple[Path, list[int]], tmp_path: Path) -> None:
@@ -255,7 +253,7 @@ def test_bad_files_recorded_and_run_continues(video_dir: tuple[Path, list[int]],
     table = pd.read_parquet(tmp_path / "m.parquet")
     errors = table.set_index(table["source"].map(lambda source: Path(source).name))["error"]
     for name in ("garbage.mp4", "empty.mp4", "notes.txt", "truncated_header.mp4", "does_not_exist.mp4"):
-        assert isinstance(errors[name], str) and errors[name].startswith("cuts:"), name
+        assert isinstance(errors[name], str) and errors[name].startswith("analyse:"), name
     assert "file is empty" in errors["empty.mp4"] and "file does not exist" in errors["does_not_exist.mp4"]
     assert (table[table["error"].isna()]["clip_index"] >= 0).sum() == 4  # the good files are complete
     with pytest.raises(VideoDecodeError):
@@ -265,27 +263,28 @@ def test_bad_files_recorded_and_run_continues(video_dir: tuple[Path, list[int]],
 def test_resume_skips_finished_files_and_survives_interruption(video_dir: tuple[Path, list[int]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder, _ = video_dir
     out = tmp_path / "m.parquet"
-    real_stage_flow = pipeline.stage_flow
+    real_stage = pipeline.stage_analyse
     calls: list[str] = []
 
     def interrupted_after_first_file(item: dict, config: CurationConfig | None = None) -> dict:
         calls.append(item["path"])
         if len(calls) == 2:
             raise KeyboardInterrupt  # the process dies in the middle of the second file
-        return real_stage_flow(item, config)
+        return real_stage(item, config)
 
-    monkeypatch.setattr(pipeline, "stage_flow", interrupted_after_first_file)
+    monkeypatch.setattr(pipeline, "stage_analyse", interrupted_after_first_file)
     with pytest.raises(KeyboardInterrupt):
         curate(folder, out, NO_OCR)
     assert len(list(manifest_module.parts_dir(out).glob("*.parquet"))) == 1  # the first file's work is kept
-    monkeypatch.setattr(pipeline, "stage_flow", real_stage_flow)
+    assert not list(manifest_module.parts_dir(out).glob(".*"))  # no temporary file left behind
+    monkeypatch.setattr(pipeline, "stage_analyse", real_stage)
     summary = curate(folder, out, NO_OCR)
     assert summary["files_processed"] == 1 and summary["files_skipped_finished"] == 1
 
     def must_not_run(*args: object, **kwargs: object) -> dict:
         raise AssertionError("a finished file was processed again")
 
-    monkeypatch.setattr(pipeline, "stage_cuts", must_not_run)
+    monkeypatch.setattr(pipeline, "stage_analyse", must_not_run)
     again = curate(folder, out, NO_OCR, filters=["flow_mean_norm:bottom=50"])
     assert again["files_processed"] == 0 and again["clips"] == 4
     assert "pass_flow_mean_norm_bottom50pct" in pd.read_parquet(out).columns  # filters re-applied without recomputing
@@ -296,7 +295,7 @@ def test_ocr_stage_in_pipeline(tmp_path: Path) -> None:
     text = np.repeat(_text_frame(192, 320)[None], 6, axis=0)
     write_video(tmp_path / "text.mp4", text, fps=4, lossless=True)
     write_video(tmp_path / "plain.mp4", np.full((6, 192, 320, 3), 90, np.uint8), fps=4, lossless=True)
-    curate(tmp_path, tmp_path / "m.parquet", CurationConfig(), filters=["ocr_coverage<=0.05"])
+    curate(tmp_path, tmp_path / "m.parquet", CurationConfig(drop_static=False), filters=["ocr_coverage<=0.05"])
     table = pd.read_parquet(tmp_path / "m.parquet")
     by_name = {Path(row.source).name: row for row in table.itertuples()}
     assert by_name["text.mp4"].ocr_coverage > 0.1 and not by_name["text.mp4"].keep

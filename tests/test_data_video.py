@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from svd_fast.data import synthetic
-from svd_fast.data.video import (
+from svd_fast.data import (
     VideoClipDataset,
     VideoDecodeError,
     clip_frame_indices,
@@ -18,7 +17,11 @@ from svd_fast.data.video import (
     decode_all_frames,
     decode_all_frames_with_motion,
     decode_frames,
+    decode_frames_at_times,
+    frames_to_tensor,
+    iter_windows,
     probe_video,
+    synthetic,
 )
 
 NUM_FRAMES, HEIGHT, WIDTH, FPS = 24, 48, 64, 12
@@ -191,7 +194,54 @@ def test_dataset_yields_normalised_clips(videos: dict[str, Path]) -> None:
     pixels = samples[0]["pixel_values"]
     assert pixels.shape == (4, 3, 32, 40) and pixels.dtype == torch.float32
     assert -1.0 <= pixels.min() < -0.5 and 0.5 < pixels.max() <= 1.0
-    assert samples[0]["fps"] == pytest.approx(FPS) and dataset.errors == []
+    # stride 2 feeds every other frame: the fps conditioning must see 6 fps, not the file's 12 (issue #19).
+    assert samples[0]["fps"] == pytest.approx(FPS / 2) and dataset.errors == []
+    assert list(VideoClipDataset([videos["h264"]], num_frames=4, size=(32, 40)))[0]["fps"] == pytest.approx(FPS)
+
+
+def test_dataset_decodes_each_file_once(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import av
+
+    opened: list[str] = []
+    real_open = av.open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(av, "open", counting_open)
+    samples = list(VideoClipDataset([videos["h264"]], num_frames=4, size=(32, 40), backend="pyav"))
+    assert len(samples) == NUM_FRAMES // 4
+    assert len(opened) == 2  # one probe, one decoding pass for all six windows
+    # Frames are resized while decoding (swscale, area averaging): close to resizing the tensors afterwards.
+    expected = frames_to_tensor(decode_frames(videos["h264"], list(range(4, 8))), (32, 40))
+    assert float((samples[1]["pixel_values"] - expected).abs().mean()) < 0.03
+
+
+def test_iter_windows_overlapping_and_past_end(videos: dict[str, Path]) -> None:
+    windows = [[0, 2, 4], [2, 3], [10, 11]]
+    got = dict(iter_windows(videos["h264"], windows, "pyav"))
+    assert sorted(got) == [0, 1, 2]
+    for number, window in enumerate(windows):
+        assert _frame_ids(got[number]) == window
+    with pytest.raises(VideoDecodeError, match="past the decodable end"):
+        list(iter_windows(videos["h264"], [[NUM_FRAMES + 5]], "pyav"))
+
+
+def test_decode_frames_at_times_seeks(videos: dict[str, Path]) -> None:
+    times = [20 / FPS, 1 / FPS, 5 / FPS, 5 / FPS]
+    frames = decode_frames_at_times(videos["h264"], times, seek_gap=0.1)
+    assert _frame_ids(frames) == [20, 1, 5, 5]
+
+
+def test_still_image_is_not_a_one_frame_video(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "cover.png")
+    with pytest.raises(VideoDecodeError, match="still image"):
+        probe_video(tmp_path / "cover.png")
+    with pytest.raises(VideoDecodeError, match="still image"):
+        decode_all_frames(tmp_path / "cover.png")
 
 
 def test_dataset_target_fps_and_manifest_columns(videos: dict[str, Path], tmp_path: Path) -> None:

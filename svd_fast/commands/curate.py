@@ -1,26 +1,32 @@
-"""`svd-fast curate`: cut detection, motion / OCR / CLIP scores and filters into a resumable Parquet manifest."""
+"""`svd-fast curate`: transitions, motion / OCR / CLIP scores and filters into a resumable Parquet manifest."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
+
+from svd_fast.commands.errors import EXIT_PARTIAL, UsageError, require_readable_file, require_writable_dir
 
 EXAMPLES = """examples:
   svd-fast curate --input videos/ --out manifest.parquet
-  svd-fast curate --input list.txt --out m.parquet --filter "flow_mean_norm>=0.001" --filter "ocr_coverage<=0.05"
+  svd-fast curate --input list.txt --out m.parquet --filter "flow_mean_norm>=0.002" --filter "ocr_coverage<=0.05"
   svd-fast curate --input videos/ --out m.parquet --clip-model models/clip --aesthetic-head head.pt \\
       --filter "aesthetic_score:bottom=12.5" --filter "clip_text_similarity:bottom=25"
   svd-fast curate --input videos/ --out m.parquet --ray local          # Ray Data stages on this machine
   svd-fast curate --input videos/ --out m.parquet --ray auto           # join a running Ray cluster
-A list file has one video path per line, optionally followed by a TAB and a caption.
-Rerunning with the same --out skips finished files (their rows live in MANIFEST.parts/).
+A list file has one video path per line, optionally followed by a TAB and a caption; a directory is searched
+for video files (.mp4 .webm .avi .mkv .mov .m4v). Static clips get keep=False unless --keep-static.
+Rerunning with the same --out skips files already finished with the same content and settings (their rows
+live in MANIFEST.parts/); one run at a time per --out. Exit code 1: some files failed (see the error column).
 Filters: COLUMN>=X, COLUMN<=X, COLUMN>X, COLUMN<X, COLUMN:bottom=P (drop the lowest P%), COLUMN:top=P."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "curate",
-        help="curate a video dataset into a Parquet manifest (cuts, motion, OCR, CLIP scores, filters)",
+        help="curate a video dataset into a Parquet manifest (transitions, motion, OCR, CLIP scores, filters)",
         description=__doc__,
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -32,32 +38,62 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--clip-model", default=None, help="local CLIPModel folder (transformers format); CLIP scores are skipped without it")
     parser.add_argument("--aesthetic-head", default=None, help="state-dict file of a linear/MLP head over CLIP image embeddings")
     parser.add_argument("--no-ocr", action="store_true", help="skip OCR text coverage")
-    parser.add_argument("--cut-threshold", type=float, default=27.0, help="content score (HSV mean abs diff, 0..255) for a cut")
-    parser.add_argument("--min-scene-frames", type=int, default=8, help="shortest scene, in frames")
-    parser.add_argument("--flow-fps", type=float, default=2.0, help="frame rate at which optical flow is computed")
-    parser.add_argument("--flow-backend", choices=("auto", "torch", "dali"), default="auto", help="optical flow: DALI hardware flow or PyTorch Lucas-Kanade")
+    parser.add_argument("--cut-threshold", type=float, default=27.0, help="content score (HSV mean abs diff, 0..255) for a transition")
+    parser.add_argument("--min-scene-frames", type=int, default=8, help="shortest scene between transitions, in frames (>= 1)")
+    parser.add_argument("--flow-fps", type=float, default=2.0, help="rate (in time) at which optical flow is sampled")
+    parser.add_argument("--flow-backend", choices=("auto", "opencv", "torch", "dali"), default="auto",
+                        help="optical flow: auto (opencv on CPU, torch on CUDA), OpenCV Farneback, PyTorch Farneback, DALI (untested)")
     parser.add_argument("--static-threshold", type=float, default=1e-3, help="flow_mean_norm below this marks a clip static")
-    parser.add_argument("--codec-static-prefilter", action="store_true", help="clips whose codec motion vectors are all zero skip dense flow")
-    parser.add_argument("--device", default=None, help="torch device for cut detection, flow and CLIP (default: cuda if present)")
+    parser.add_argument("--keep-static", action="store_true", help="keep static clips (default: keep=False for them)")
+    parser.add_argument("--no-codec-prefilter", action="store_true", help="always compute dense flow, even where codec motion vectors say static")
+    parser.add_argument("--device", default=None, help="torch device for transitions, flow and CLIP (default: cuda if present)")
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from svd_fast.curation import CurationConfig, curate  # noqa: PLC0415 - keep `svd-fast --help` fast
+def _config(args: argparse.Namespace):
+    from svd_fast.curation import CurationConfig  # noqa: PLC0415 - keep `svd-fast --help` fast
 
-    config = CurationConfig(
-        cut_threshold=args.cut_threshold,
-        min_scene_frames=args.min_scene_frames,
-        flow_fps=args.flow_fps,
-        flow_backend=args.flow_backend,
-        static_threshold=args.static_threshold,
-        codec_static_prefilter=args.codec_static_prefilter,
-        ocr=not args.no_ocr,
-        clip_model=args.clip_model,
-        aesthetic_head=args.aesthetic_head,
-        device=args.device,
-    )
-    summary = curate(args.input, args.out, config, filters=args.filters, ray_address=args.ray, progress=print)
+    try:
+        return CurationConfig(
+            cut_threshold=args.cut_threshold,
+            min_scene_frames=args.min_scene_frames,
+            flow_fps=args.flow_fps,
+            flow_backend=args.flow_backend,
+            static_threshold=args.static_threshold,
+            drop_static=not args.keep_static,
+            codec_static_prefilter=not args.no_codec_prefilter,
+            ocr=not args.no_ocr,
+            clip_model=args.clip_model,
+            aesthetic_head=args.aesthetic_head,
+            device=args.device,
+        )
+    except ValueError as error:
+        # CurationConfig's messages start with the field's name: say it as the option the user typed.
+        field, _, rest = str(error).partition(" ")
+        raise UsageError(f"--{field.replace('_', '-')} {rest}", "see `svd-fast curate --help`") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from svd_fast.curation import CurationRequestError, ManifestBusyError, curate  # noqa: PLC0415
+
+    config = _config(args)
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory", "give a file name such as manifest.parquet")
+    require_writable_dir("--out folder", out.absolute().parent)
+    if args.clip_model is not None and not Path(args.clip_model).is_dir():
+        raise UsageError(f"--clip-model {args.clip_model} is not a folder", "give a local CLIPModel folder (transformers format)")
+    if args.aesthetic_head is not None:
+        require_readable_file("--aesthetic-head", args.aesthetic_head)
+    try:
+        summary = curate(args.input, out, config, filters=args.filters, ray_address=args.ray, progress=print)
+    except CurationRequestError as error:
+        raise UsageError(str(error), "see `svd-fast curate --help`") from None
+    except ManifestBusyError as error:
+        raise UsageError(str(error), "wait for it to finish, or choose another --out") from None
     summary.pop("config")
     print(json.dumps(summary, indent=2))
+    if summary["files_failed"]:
+        print(f"svd-fast curate: {summary['files_failed']} of {summary['files']} files failed (their error is in {out})", file=sys.stderr)
+        return EXIT_PARTIAL
     return 0

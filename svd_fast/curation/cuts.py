@@ -1,23 +1,56 @@
-"""Content-based cut detection in PyTorch (runs on GPU or CPU), at several frame rates merged.
+"""Transition detection (hard cuts, fades, dissolves) in PyTorch, on the stream sampled at three frame rates in time.
 
-The score between two frames is PySceneDetect's ContentDetector score: the mean absolute difference of
-the HSV channels (0..255 scale), averaged over the three channels. A cut is declared where the score
-between consecutive *sampled* frames reaches ``threshold``. The SVD paper runs the detector at three frame
-rates because one rate misses gradual transitions (full rate: each step is small) or fires on fast motion
-(low rate); here each rate's detections are localised back to the full-rate frame with the largest
-full-rate score inside the sampled interval, and the union is de-duplicated within ``min_scene_frames``.
-Against false cuts from fast motion (whose score grows with the sampling stride), a detection must also
-stand out from its neighbourhood: score >= ``contrast`` x the median of the ``neighbours`` scores on each
-side at the same rate (the idea of PySceneDetect's AdaptiveDetector). A hard cut passes at full rate; a
-gradual transition, invisible step by step, stands out at the coarser rates.
+The score between two frames is PySceneDetect's ContentDetector score: the mean absolute difference of the
+HSV channels (0..255 scale). As in the SVD paper, the stream is scored at three frame rates, chosen by
+timestamp (so a variable-frame-rate file is sampled evenly in time): every decoded frame (hard cuts),
+``SAMPLE_RATES`` = 4 FPS and 1 FPS (a fade or dissolve, invisible frame to frame, is a large change over
+0.25-1 s).
+
+* Hard cuts, at full rate: a step scoring >= ``threshold``, the largest among its ``neighbours`` steps on
+  each side, >= ``contrast`` x their median and >= ``SIDE_CONTRAST`` x the median of either side (the idea of
+  PySceneDetect's AdaptiveDetector: fast motion scores high on every step, a cut stands out), whose frames before and after (and one frame further out)
+  differ by >= ``threshold``.
+* Gradual transitions, at 4 and 1 FPS: a run of "straight" sampled steps, each scoring >= ``MIN_STEP_FRACTION``
+  x threshold and >= ``MIN_STRAIGHTNESS`` x the sum of the full-rate scores it spans ("straightness"). A blend
+  or fade moves on a straight line between two images, so its big step equals the sum of its small ones;
+  motion mostly does not (a shifted texture decorrelates: the sum of small steps exceeds the big step), and
+  where slow motion is straight it is so on both sides, so the run's straightness must exceed the median of
+  its ``neighbours`` steps' (those without a hard cut; none: no evidence, rejected) by ``MIN_STRAIGHTNESS_MARGIN``,
+  and its frames must be blends of its first and last (:func:`blend_residual` <= ``MAX_BLEND_RESIDUAL``). The run must
+  last <= ``MAX_TRANSITION_SECONDS``, not span the whole file, and the frames before and after it must differ
+  by >= ``threshold``, so an object crossing the foreground (after which the shot looks as before) is not a cut.
+  A run with a hard cut strictly inside it is left to the hard-cut pass.
+
+A gradual transition's extent is refined on the full-rate scores: its frames are those after the first and up
+to the last full-rate step scoring >= ``ACTIVE_FRACTION`` of its mean step. A hard cut has no transition
+frames; a fade's or dissolve's frames belong to no clip. Transitions from the three rates are merged.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-DEFAULT_STRIDES = (1, 2, 4)
+SAMPLE_RATES = (4.0, 1.0)  # frames per second, besides every decoded frame
+MAX_TRANSITION_SECONDS = 3.0
+ACTIVE_FRACTION = 0.25
+MIN_STRAIGHTNESS = 0.75
+SIDE_CONTRAST = 1.25
+MAX_BLEND_RESIDUAL = 0.35
+MIN_STRAIGHTNESS_MARGIN = 0.1
+MIN_STEP_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class Transition:
+    """Frames [start, end) are the transition (none for a hard cut); the next scene starts at ``end``."""
+
+    start: int
+    end: int
 
 
 def rgb_to_hsv255(frames: torch.Tensor) -> torch.Tensor:
@@ -38,60 +71,166 @@ def rgb_to_hsv255(frames: torch.Tensor) -> torch.Tensor:
     return torch.stack([hue, saturation, value], 1) * 255.0
 
 
-def content_scores(frames: torch.Tensor, stride: int = 1) -> torch.Tensor:
-    """Scores between frames ``i`` and ``i + stride`` for the frames sampled every ``stride`` (length F//stride-ish)."""
-    hsv = rgb_to_hsv255(frames[::stride])
-    if hsv.shape[0] < 2:
-        return hsv.new_zeros(0)
-    return (hsv[1:] - hsv[:-1]).abs().mean(dim=(1, 2, 3))
+def sample_by_time(times: np.ndarray, rate: float) -> np.ndarray:
+    """Indices of the frames on screen at times first, first + 1/rate, ... (repeats removed)."""
+    grid = np.arange(times[0], times[-1] + 1e-9, 1.0 / rate)
+    indices = np.searchsorted(times, grid + 1e-6, side="right") - 1
+    return np.unique(np.clip(indices, 0, len(times) - 1))
 
 
-def detect_cuts(
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[first, last] of each maximal run of True."""
+    padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return [(int(first), int(last) - 1) for first, last in zip(edges[::2], edges[1::2])]
+
+
+def detect_transitions(
     frames: np.ndarray | torch.Tensor,
+    times: Sequence[float] | np.ndarray | None = None,
+    fps: float = 24.0,
     threshold: float = 27.0,
     min_scene_frames: int = 8,
-    strides: tuple[int, ...] = DEFAULT_STRIDES,
-    contrast: float = 2.0,
-    neighbours: int = 2,
+    contrast: float = 1.5,
+    neighbours: int = 3,
     device: torch.device | str | None = None,
-) -> list[int]:
-    """Frame indices where a new scene starts (never 0), from frames (F, H, W, 3) uint8 RGB.
+) -> list[Transition]:
+    """Transitions in frames (F, H, W, 3) uint8 RGB with presentation ``times`` in seconds (default index / fps).
 
-    Small frames suffice (the score is a mean over pixels); the pipeline decodes at 96-pixel longer side.
+    Small frames suffice (the score is a mean over pixels); the pipeline uses 96 px on the longer side.
+    Scenes shorter than ``min_scene_frames`` between two transitions (or before the first) join the transition.
     """
     if threshold <= 0:
-        raise ValueError(f"detect_cuts: threshold must be > 0, got {threshold}")
+        raise ValueError(f"detect_transitions: threshold must be > 0, got {threshold}")
     if min_scene_frames < 1:
-        raise ValueError(f"detect_cuts: min_scene_frames must be >= 1, got {min_scene_frames}")
+        raise ValueError(f"detect_transitions: min_scene_frames must be >= 1, got {min_scene_frames}")
     if contrast < 1 or neighbours < 0:
-        raise ValueError(f"detect_cuts: contrast must be >= 1 and neighbours >= 0, got {contrast}, {neighbours}")
-    if not strides or any(int(stride) < 1 for stride in strides):
-        raise ValueError(f"detect_cuts: strides must be positive integers, got {strides}")
+        raise ValueError(f"detect_transitions: contrast must be >= 1 and neighbours >= 0, got {contrast}, {neighbours}")
     video = torch.as_tensor(frames)
     if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != torch.uint8:
-        raise ValueError(f"detect_cuts: frames must be uint8 (F, H, W, 3), got {video.dtype} {tuple(video.shape)}")
+        raise ValueError(f"detect_transitions: frames must be uint8 (F, H, W, 3), got {video.dtype} {tuple(video.shape)}")
+    count = video.shape[0]
+    times = np.arange(count) / fps if times is None else np.asarray(times, dtype=np.float64)
+    if times.shape != (count,):
+        raise ValueError(f"detect_transitions: times must have one entry per frame ({count}), got {times.shape}")
+    if count < 2:
+        return []
     if device is not None:
         video = video.to(device)
-    full_rate = content_scores(video, 1)  # full_rate[i] scores frames (i, i + 1)
-    candidates: set[int] = set()
-    for stride in strides:
-        scores = full_rate if stride == 1 else content_scores(video, int(stride))
-        for sampled in torch.nonzero(scores >= threshold).flatten().tolist():
-            around = torch.cat([scores[max(0, sampled - neighbours) : sampled], scores[sampled + 1 : sampled + 1 + neighbours]])
-            if around.numel() and scores[sampled] < contrast * around.median():
-                continue
-            low = sampled * stride  # the cut lies between frame `low` and frame `low + stride`
-            window = full_rate[low : low + stride]
-            candidates.add(low + 1 + int(torch.argmax(window)))
-    cuts: list[int] = []
-    for cut in sorted(candidates):
-        # Detections from different rates of one transition land on nearby frames: keep the first.
-        if cut >= min_scene_frames and (not cuts or cut - cuts[-1] >= min_scene_frames):
-            cuts.append(cut)
-    return cuts
+    hsv = rgb_to_hsv255(video)
+
+    def scores(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        return (hsv[torch.as_tensor(second)] - hsv[torch.as_tensor(first)]).abs().mean(dim=(1, 2, 3)).cpu().numpy()
+
+    everything = np.arange(count)
+    full_rate = scores(everything[:-1], everything[1:])  # full_rate[m] scores frames (m, m + 1)
+    found: list[Transition] = []
+    hard_cuts: list[Transition] = []
+    for samples in [everything, *(sample_by_time(times, rate) for rate in SAMPLE_RATES)]:
+        if len(samples) < 2 or (samples is not everything and len(samples) == count):
+            continue
+        if samples is everything:
+            hard_cuts = _hard_cuts(full_rate, scores, threshold, contrast, neighbours)
+            found += hard_cuts
+        else:
+            found += _gradual_transitions(samples, times, full_rate, scores, threshold, hard_cuts, neighbours, video)
+    return _merge(found, min_scene_frames)
+
+
+def _hard_cuts(full_rate: np.ndarray, scores, threshold: float, contrast: float, neighbours: int) -> list[Transition]:
+    found = []
+    for step in np.flatnonzero(full_rate >= threshold):
+        left, right = full_rate[max(0, step - neighbours) : step], full_rate[step + 1 : step + 1 + neighbours]
+        around = np.concatenate([left, right])
+        if around.size and (full_rate[step] < contrast * float(np.median(around)) or full_rate[step] < around.max()):
+            continue
+        sides = [float(np.median(side)) for side in (left, right) if side.size]
+        if sides and full_rate[step] < SIDE_CONTRAST * max(sides):
+            continue  # as high as the steps on one side: the start or end of fast motion
+        before, after = step, step + 1
+        if scores(np.array([before, max(0, before - 1)]), np.array([after, min(len(full_rate), after + 1)])).min() < threshold:
+            continue
+        found.append(Transition(int(after), int(after)))
+    return found
+
+
+def blend_residual(video: torch.Tensor, before: int, after: int) -> float:
+    """How far the frames strictly between ``before`` and ``after`` are from the best blend of those two:
+    max over frames of |f - (a + w (b - a))| / |b - a| with the least-squares w. ~0 for a fade or dissolve;
+    large for motion, whose in-between frames are shifted images, not blends."""
+    first, last = video[before].float(), video[after].float()
+    inner = video[before + 1 : after].float()
+    if not len(inner):
+        return 0.0
+    direction = (last - first).flatten()
+    energy = float(direction @ direction)
+    if energy == 0:
+        return 0.0
+    offsets = (inner - first).flatten(1)
+    weights = (offsets @ direction) / energy
+    residual = (offsets - weights[:, None] * direction[None]).norm(dim=1) / math.sqrt(energy)
+    return float(residual.max())
+
+
+def _gradual_transitions(
+    samples: np.ndarray, times: np.ndarray, full_rate: np.ndarray, scores, threshold: float, hard_cuts: list[Transition], neighbours: int,
+    video: torch.Tensor,
+) -> list[Transition]:
+    step_scores = scores(samples[:-1], samples[1:])
+    path_lengths = np.array([full_rate[start:stop].sum() for start, stop in zip(samples[:-1], samples[1:])])
+    straightness = np.divide(step_scores, path_lengths, out=np.zeros_like(step_scores), where=path_lengths > 0)
+    candidate = (straightness >= MIN_STRAIGHTNESS) & (step_scores >= MIN_STEP_FRACTION * threshold)
+    cut_steps = np.array([cut.end - 1 for cut in hard_cuts])
+    # Steps holding a hard cut say nothing about the motion around a run: left out of its neighbours.
+    has_cut = np.array([((cut_steps >= start) & (cut_steps < stop)).any() for start, stop in zip(samples[:-1], samples[1:])])
+    found = []
+    for first, last in _runs(candidate):
+        before, after = samples[first], samples[last + 1]
+        if times[after] - times[before] > MAX_TRANSITION_SECONDS or (first == 0 and last == len(candidate) - 1):
+            continue
+        # Steady motion can be straight too, but then it is as straight on either side: a transition stands out.
+        window = np.r_[max(0, first - neighbours) : first, last + 1 : min(len(candidate), last + 1 + neighbours)]
+        around = straightness[window[~has_cut[window]]]
+        if not around.size or straightness[first : last + 1].mean() < float(np.median(around)) + MIN_STRAIGHTNESS_MARGIN:
+            continue
+        if ((cut_steps > before) & (cut_steps < after - 1)).any():
+            continue  # a hard cut inside the run explains it (found at full rate)
+        if scores(np.array([before]), np.array([after]))[0] < threshold:
+            continue
+        if blend_residual(video, int(before), int(after)) > MAX_BLEND_RESIDUAL:
+            continue
+        steps = full_rate[before:after]
+        active = np.flatnonzero(steps >= ACTIVE_FRACTION * steps.mean())
+        found.append(Transition(int(before + active[0] + 1), int(before + active[-1] + 1)))
+    return found
+
+
+def _merge(transitions: list[Transition], min_scene_frames: int) -> list[Transition]:
+    merged: list[Transition] = []
+    for transition in sorted(transitions, key=lambda item: (item.start, item.end)):
+        previous_end = merged[-1].end if merged else 0
+        if transition.start - previous_end < min_scene_frames:
+            start = merged.pop().start if merged else 0
+            merged.append(Transition(start, max(transition.end, previous_end)))
+        else:
+            merged.append(transition)
+    return merged
+
+
+def detect_cuts(frames: np.ndarray | torch.Tensor, times: Sequence[float] | np.ndarray | None = None, **options: object) -> list[int]:
+    """The first frame of each new scene (never 0): the ends of :func:`detect_transitions`."""
+    return [transition.end for transition in detect_transitions(frames, times, **options) if transition.end > 0]
+
+
+def scenes_from_transitions(transitions: list[Transition], num_frames: int) -> list[tuple[int, int]]:
+    """[start, end) frame ranges between transitions; transition frames belong to no scene."""
+    bounds = [0]
+    for transition in transitions:
+        bounds += [transition.start, transition.end]
+    bounds.append(num_frames)
+    return [(start, min(end, num_frames)) for start, end in zip(bounds[::2], bounds[1::2]) if min(end, num_frames) > start]
 
 
 def scenes_from_cuts(cuts: list[int], num_frames: int) -> list[tuple[int, int]]:
-    """[start, end) frame ranges of the scenes delimited by ``cuts``."""
-    bounds = [0, *[cut for cut in cuts if 0 < cut < num_frames], num_frames]
-    return [(start, end) for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
+    """[start, end) frame ranges of the scenes delimited by hard ``cuts``."""
+    return scenes_from_transitions([Transition(cut, cut) for cut in cuts if 0 < cut < num_frames], num_frames)

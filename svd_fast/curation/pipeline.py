@@ -4,13 +4,18 @@ A work item is a dict {"path", "caption", "file_key", "state"} where ``state`` i
 Data moves it as one Arrow string column) holding the video info, the clips and their scores, the
 skipped stages and any error. Stages, in order:
 
-  stage_cuts   decode at 96 px, content detector at 3 frame rates -> clips (+ codec motion vectors, free)
-  stage_flow   frames at 2 FPS per clip -> mean flow magnitude, motion_bucket_id, static flag   (GPU stage)
-  stage_ocr    first/middle/last frames -> Tesseract text coverage
-  ClipStage    first/middle/last frames -> CLIP embedding, aesthetic score, caption similarity (GPU stage)
+  stage_analyse  ONE decoding pass: transitions at 3 frame rates -> clips; 2-FPS grayscale samples -> optical
+                 flow, motion columns, static flag; codec motion vectors (svd_fast.curation.analysis)  (GPU stage)
+  stage_ocr      first/middle/last frame of each clip, decoded by seeking -> Tesseract text coverage
+  ClipStage      the same key frames -> CLIP embedding, aesthetic score, caption similarity          (GPU stage)
 
 Every stage records a per-file failure in ``state["error"]`` and later stages pass such files through, so
 one bad file never stops the run. Finished files are written as manifest parts immediately.
+
+Defaults a user can train on: static clips (see analysis.py for the three reasons) get keep=False unless
+``drop_static=False``; ``static_threshold`` (flow_mean_norm, i.e. per 0.5 s over the diagonal) is 1e-3, about
+2 px/s on 480p; the codec prefilter calls a clip static below ``codec_static_threshold_px`` mean motion vector
+(calibrated on generated x264 clips: see bench/bench_curation.py and tests/test_curation_motion.py).
 """
 
 from __future__ import annotations
@@ -25,22 +30,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from svd_fast.curation import cuts, flow, manifest, ocr
+from svd_fast.curation import analysis, flow, manifest, ocr
 from svd_fast.curation.filters import apply_filters, parse_filter
-from svd_fast.data.video import VideoDecodeError, decode_all_frames_with_motion, decode_frames, probe_video
+from svd_fast.data.decode import VIDEO_SUFFIXES, VideoDecodeError, decode_frames_at_times
+
+
+class CurationRequestError(ValueError):
+    """A problem with what was asked (inputs, filters, settings), found before any file is processed."""
 
 
 @dataclass
 class CurationConfig:
     cut_threshold: float = 27.0
     min_scene_frames: int = 8
-    cut_strides: tuple[int, ...] = cuts.DEFAULT_STRIDES
     cut_max_side: int = 96
     flow_fps: float = 2.0
     flow_max_side: int = 256
-    flow_backend: str = "auto"  # "auto" (DALI where supported, else torch), "torch", "dali"
+    flow_backend: str = "auto"  # "auto" (opencv on CPU, torch on CUDA), "opencv", "torch", "dali" (untested)
     static_threshold: float = 1e-3  # flow_mean_norm below this marks a clip static
-    codec_static_prefilter: bool = False  # clips whose codec motion vectors are all zero skip dense flow (static)
+    drop_static: bool = True  # static clips get keep=False
+    min_texture: float = 0.004  # texture_level (mean local contrast, [0, 1] grey) below which a frame has no measurable motion
+    codec_static_prefilter: bool = True  # clips whose codec motion vectors are below the threshold skip dense flow (static)
+    codec_static_threshold_px: float = 0.1  # px; static x264 clips with sensor-like noise: <= 0.03, a 0.25 px/frame pan: >= 0.4
     ocr: bool = True
     ocr_min_confidence: float = 60.0
     ocr_max_side: int = 1024
@@ -49,18 +60,39 @@ class CurationConfig:
     device: str | None = None  # None: CUDA when available, else CPU
 
     def __post_init__(self) -> None:
-        if self.flow_backend not in ("auto", "torch", "dali"):
-            raise ValueError(f"CurationConfig: flow_backend must be 'auto', 'torch' or 'dali', got {self.flow_backend!r}")
-        if self.flow_fps <= 0:
-            raise ValueError(f"CurationConfig: flow_fps must be > 0, got {self.flow_fps}")
-        self.cut_strides = tuple(int(stride) for stride in self.cut_strides)
+        if self.flow_backend not in flow.BACKENDS:
+            raise ValueError(f"flow_backend must be one of {', '.join(flow.BACKENDS)}, got {self.flow_backend!r}")
+        for name in ("cut_threshold", "flow_fps"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        for name in ("static_threshold", "min_texture", "codec_static_threshold_px"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        for name in ("min_scene_frames", "cut_max_side", "flow_max_side", "ocr_max_side"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < (1 if name == "min_scene_frames" else 16):
+                raise ValueError(f"{name} must be a whole number >= {1 if name == 'min_scene_frames' else 16}, got {getattr(self, name)!r}")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"device {self.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r}: no CUDA device is available")
+            if device.type not in ("cpu", "cuda"):
+                raise ValueError(f"device {self.device!r}: curation runs on cpu or cuda")
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
+    def fingerprint(self) -> str:
+        """The settings that affect a file's rows (all of them), for the part keys."""
+        return json.dumps(asdict(self), sort_keys=True)
 
-def make_item(path: str | Path, caption: str | None = None) -> dict[str, str]:
-    return {"path": str(path), "caption": caption or "", "file_key": manifest.file_key(path), "state": json.dumps({"clips": [], "skipped": {}, "error": None})}
+
+def make_item(path: str | Path, caption: str | None = None, config: CurationConfig | None = None) -> dict[str, str]:
+    path = Path(path).absolute()
+    key = manifest.file_key(path, (config or CurationConfig()).fingerprint())
+    return {"path": str(path), "caption": caption or "", "file_key": key, "state": json.dumps({"clips": [], "skipped": {}, "error": None})}
 
 
 def _load(item: dict) -> dict:
@@ -90,84 +122,24 @@ def _guarded(stage_name: str, body: Callable[[dict, dict, CurationConfig], None]
     return run
 
 
-def _cuts_body(item: dict, state: dict, config: CurationConfig) -> None:
-    info = probe_video(item["path"])
-    frames, codec_motion = decode_all_frames_with_motion(item["path"], max_side=config.cut_max_side)
-    found = cuts.detect_cuts(
-        frames, threshold=config.cut_threshold, min_scene_frames=config.min_scene_frames, strides=config.cut_strides, device=config.torch_device()
+def _analyse_body(item: dict, state: dict, config: CurationConfig) -> None:
+    device = config.torch_device()
+    scan = analysis.scan_video(item["path"], config.cut_max_side, config.flow_max_side, config.flow_fps)
+    state["info"] = {"fps": scan.fps, "num_frames": len(scan.times), "width": scan.width, "height": scan.height, "codec": scan.codec}
+    clips, transitions = analysis.clips_from_scan(scan, config.cut_threshold, config.min_scene_frames, device)
+    settings = analysis.MotionSettings(
+        config.flow_backend, device, config.static_threshold, config.min_texture,
+        config.codec_static_threshold_px if config.codec_static_prefilter else None,
     )
-    state["info"] = {"fps": info.fps, "num_frames": int(frames.shape[0]), "width": info.width, "height": info.height, "codec": info.codec}
-    state["cuts"] = found
-    state["clips"] = [
-        {"start_frame": start, "end_frame": end, "start_time": start / info.fps, "end_time": end / info.fps, "codec_mv_mean_px": _nanmean(codec_motion[start:end])}
-        for start, end in cuts.scenes_from_cuts(found, int(frames.shape[0]))
-    ]
+    analysis.measure_motion(scan, clips, settings)
+    state["clips"], state["transitions"] = clips, transitions
 
 
-def _nanmean(values: np.ndarray) -> float | None:
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else None
-
-
-def _frames_per_clip(path: str, per_clip: list[list[int]], max_side: int | None) -> list[np.ndarray]:
-    """One decoding pass over ``path`` for the frames of every clip; returns one (F, H, W, 3) array per clip.
-
-    The cut stage counted the decodable frames, so every index here exists (decode_frames raises otherwise).
-    """
-    frames = decode_frames(path, [index for indices in per_clip for index in indices], max_side=max_side)
-    bounds = np.cumsum([0, *map(len, per_clip)])
+def _key_frames_per_clip(path: str, clips: list[dict], max_side: int | None) -> list[np.ndarray]:
+    """The clips' key frames (first, middle, last), decoded by seeking: one (K, H, W, 3) array per clip."""
+    frames = decode_frames_at_times(path, [moment for clip in clips for moment in clip["key_times"]], max_side=max_side)
+    bounds = np.cumsum([0, *(len(clip["key_times"]) for clip in clips)])
     return [frames[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
-
-
-def _flow_indices(start: int, end: int, fps: float, flow_fps: float) -> list[int]:
-    stride = max(1, round(fps / flow_fps))
-    indices = list(range(start, end, stride))
-    if len(indices) < 2 and end - start >= 2:
-        indices = [start, end - 1]  # a clip shorter than one flow step: use its two ends
-    return indices
-
-
-def _flow_body(item: dict, state: dict, config: CurationConfig) -> None:
-    info = state["info"]
-    per_clip = [_flow_indices(clip["start_frame"], clip["end_frame"], info["fps"], config.flow_fps) for clip in state["clips"]]
-    per_clip_frames = _frames_per_clip(item["path"], per_clip, config.flow_max_side)
-    use_dali = config.flow_backend == "dali" or (config.flow_backend == "auto" and flow.dali_available())
-    if config.flow_backend == "dali" and not flow.dali_available():
-        raise RuntimeError("flow_backend='dali' needs a CUDA device with the optical-flow engine and nvidia-dali")
-    diagonal = math.hypot(info["width"], info["height"])
-    for clip, indices, sequence in zip(state["clips"], per_clip, per_clip_frames):
-        if config.codec_static_prefilter and clip.get("codec_mv_mean_px") == 0.0:
-            clip.update(flow_mean_px=0.0, flow_mean_norm=0.0, motion_bucket_id=0, static=True, flow_backend="codec-motion-vectors")
-            continue
-        if len(indices) < 2:
-            clip["skipped_flow"] = "fewer than 2 frames"
-            continue
-        analysis_width = sequence.shape[2]
-        backend = f"torch-{config.torch_device().type}"
-        if use_dali:
-            try:
-                magnitude, backend = flow.dali_mean_flow_magnitude(sequence), "dali"
-            except Exception as error:  # "auto" must not lose the file to a driver/NVOF problem: fall back, say so
-                if config.flow_backend == "dali":
-                    raise
-                magnitude = flow.mean_flow_magnitude(sequence, config.torch_device())
-                backend += f" (dali failed: {type(error).__name__})"
-        else:
-            magnitude = flow.mean_flow_magnitude(sequence, config.torch_device())
-        # Back to source pixels, and per 1/flow_fps seconds: the frame step is rounded (25 fps -> 13 frames),
-        # and a clip shorter than one step uses its two ends, so the step is rescaled to the nominal interval.
-        step_seconds = (indices[1] - indices[0]) / info["fps"]
-        flow_px = magnitude * info["width"] / analysis_width / (step_seconds * config.flow_fps)
-        clip["flow_mean_px"] = flow_px
-        clip["flow_mean_norm"] = flow_px / diagonal
-        clip["motion_bucket_id"] = flow.motion_bucket_id(flow_px / diagonal, config.flow_fps)
-        clip["static"] = flow_px / diagonal < config.static_threshold
-        clip["flow_backend"] = backend
-
-
-def _key_frames(clip: dict) -> list[int]:
-    start, end = clip["start_frame"], clip["end_frame"]
-    return sorted({start, (start + end - 1) // 2, end - 1})
 
 
 def _ocr_body(item: dict, state: dict, config: CurationConfig) -> None:
@@ -176,14 +148,14 @@ def _ocr_body(item: dict, state: dict, config: CurationConfig) -> None:
     if reason:
         state["skipped"]["ocr"] = reason
         return
-    per_clip_frames = _frames_per_clip(item["path"], [_key_frames(clip) for clip in state["clips"]], config.ocr_max_side)
-    for clip, frames in zip(state["clips"], per_clip_frames):
+    if not state["clips"]:
+        return
+    for clip, frames in zip(state["clips"], _key_frames_per_clip(item["path"], state["clips"], config.ocr_max_side)):
         # The worst frame decides: text anywhere is text.
         clip["ocr_coverage"] = max(ocr.text_coverage(frame, config.ocr_min_confidence) for frame in frames)
 
 
-stage_cuts = _guarded("cuts", _cuts_body)
-stage_flow = _guarded("flow", _flow_body)
+stage_analyse = _guarded("analyse", _analyse_body)
 stage_ocr = _guarded("ocr", _ocr_body)
 
 
@@ -204,8 +176,9 @@ class ClipStage:
             return
         if self.scorer.tokenizer is None and item["caption"]:
             state["skipped"]["clip_text"] = self.scorer.tokenizer_missing_reason
-        per_clip_frames = _frames_per_clip(item["path"], [_key_frames(clip) for clip in state["clips"]], max_side=None)
-        for clip, frames in zip(state["clips"], per_clip_frames):
+        if not state["clips"]:
+            return
+        for clip, frames in zip(state["clips"], _key_frames_per_clip(item["path"], state["clips"], max_side=None)):
             clip.update(self.scorer.score(frames, item["caption"] or None))
 
     def __call__(self, item: dict) -> dict:
@@ -236,12 +209,26 @@ def rows_from_item(item: dict) -> list[dict]:
     return rows
 
 
-def list_inputs(source: str | Path) -> list[tuple[Path, str | None]]:
-    """A directory (every regular, non-hidden file below it) or a list file: one path per line, optionally
-    followed by a tab and a caption; relative paths are relative to the list file."""
+def list_inputs(source: str | Path, manifest_path: str | Path | None = None) -> list[tuple[Path, str | None]]:
+    """A directory (every non-hidden video file below it, by suffix; the manifest's own files never) or a list
+    file: one path per line, optionally followed by a tab and a caption; relative paths are relative to the
+    list file. Raises :class:`CurationRequestError` for a missing source or a directory without videos."""
     source = Path(source)
     if source.is_dir():
-        return [(path, None) for path in sorted(source.rglob("*")) if path.is_file() and not any(part.startswith(".") for part in path.relative_to(source).parts)]
+        own = set()
+        if manifest_path is not None:
+            manifest_path = Path(manifest_path).absolute()
+            own = {manifest_path, manifest.parts_dir(manifest_path), manifest_path.with_name(manifest_path.name + ".lock")}
+        files = [
+            path for path in sorted(source.rglob("*"))
+            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(source).parts)
+            and not own.intersection({path.absolute(), *path.absolute().parents})
+        ]
+        videos = [path for path in files if path.suffix.lower() in VIDEO_SUFFIXES]
+        if not videos:
+            others = ", ".join(path.name for path in files[:3]) or "nothing"
+            raise CurationRequestError(f"--input {source} holds no video files (found {len(files)} other files: {others}; videos end in {', '.join(sorted(VIDEO_SUFFIXES))})")
+        return [(path, None) for path in videos]
     if source.is_file():
         entries = []
         for line in source.read_text().splitlines():
@@ -250,14 +237,30 @@ def list_inputs(source: str | Path) -> list[tuple[Path, str | None]]:
             path_text, _, caption = line.partition("\t")
             path = Path(path_text.strip())
             entries.append((path if path.is_absolute() else source.parent / path, caption.strip() or None))
+        if not entries:
+            raise CurationRequestError(f"--input {source} lists no files")
         return entries
-    raise FileNotFoundError(f"curate: --input must be a directory or a list file, {source} is neither")
+    raise CurationRequestError(f"--input {source} does not exist (give a directory of videos or a list file)")
+
+
+def check_filters(filters: Iterable[str]) -> list:
+    """Parse the filter texts and check their columns exist in the manifest, before any work."""
+    parsed = []
+    for spec in filters:
+        try:
+            parsed.append(parse_filter(spec))
+        except ValueError as error:
+            raise CurationRequestError(str(error)) from None
+        if parsed[-1].column not in manifest.SCHEMA.names:
+            numeric = [field.name for field in manifest.SCHEMA if str(field.type) in ("double", "int32", "int64")]
+            raise CurationRequestError(f"filter {spec!r}: no column {parsed[-1].column!r} in the manifest (numeric columns: {', '.join(numeric)})")
+    return parsed
 
 
 def _run_local(items: list[dict], config: CurationConfig, on_done: Callable[[dict], None]) -> None:
     clip_stage = ClipStage(config)
     for item in items:
-        for stage in (stage_cuts, stage_flow, stage_ocr):
+        for stage in (stage_analyse, stage_ocr):
             item = stage(item, config)
         on_done(clip_stage(item))
 
@@ -274,8 +277,7 @@ def _run_ray(items: list[dict], config: CurationConfig, address: str, on_done: C
         cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
         gpus = 1 if cluster_gpus else 0
         dataset = ray.data.from_items(items)
-        dataset = dataset.map(stage_cuts, fn_kwargs={"config": config})
-        dataset = dataset.map(stage_flow, fn_kwargs={"config": config}, num_gpus=gpus)
+        dataset = dataset.map(stage_analyse, fn_kwargs={"config": config}, num_gpus=gpus)
         dataset = dataset.map(stage_ocr, fn_kwargs={"config": config})
         dataset = dataset.map(ClipStage, fn_constructor_kwargs={"config": config}, concurrency=max(1, cluster_gpus) if config.clip_model else 1, num_gpus=gpus if config.clip_model else 0)
         for item in dataset.iter_rows():  # streamed: each finished file is written as it arrives
@@ -295,36 +297,51 @@ def curate(
 ) -> dict[str, object]:
     """Curate ``inputs`` (a directory, a list file, or (path, caption) pairs) into ``manifest_path``.
 
-    Files whose part already exists are skipped (resume). Returns a summary: files processed/skipped,
-    clips, per-filter removals, seconds.
+    Everything that can be checked before processing is (inputs, filters, settings, a concurrent run on the
+    same manifest: :class:`CurationRequestError` / :class:`~svd_fast.curation.manifest.ManifestBusyError`).
+    Files whose part is complete for the same content and settings are skipped (resume). Returns a summary:
+    files processed/skipped/failed (with each failure), clips, per-filter removals, seconds.
     """
     config = config or CurationConfig()
-    parsed_filters = [parse_filter(spec) for spec in filters]  # bad filter text fails before any work
-    if config.flow_backend == "dali" and not ray_address and not flow.dali_available():
-        raise ValueError("curate: flow_backend='dali' needs a CUDA device with the optical-flow engine and nvidia-dali; use 'auto' or 'torch'")
-    entries = list_inputs(inputs) if isinstance(inputs, (str, Path)) else [(Path(path), caption) for path, caption in inputs]
-    # A file listed twice is one unit of work (and one part): keyed by path, size and mtime.
-    items = list({item["file_key"]: item for item in (make_item(path, caption) for path, caption in entries)}.values())
-    todo = [item for item in items if not manifest.part_path(manifest_path, item["file_key"]).is_file()]
+    manifest_path = Path(manifest_path).absolute()
+    parsed_filters = check_filters(filters)
+    if config.flow_backend == "dali" and not ray_address and flow.dali_unavailable_reason():
+        raise CurationRequestError(f"flow_backend 'dali' cannot run here: {flow.dali_unavailable_reason()} (use 'auto', 'opencv' or 'torch')")
+    if isinstance(inputs, (str, Path)):
+        entries = list_inputs(inputs, manifest_path)
+    else:
+        entries = [(Path(path), caption) for path, caption in inputs]
     started = time.perf_counter()
+    with manifest.lock(manifest_path):
+        # A file listed twice is one unit of work (and one part).
+        items = list({item["file_key"]: item for item in (make_item(path, caption, config) for path, caption in entries)}.values())
+        todo = [item for item in items if not manifest.part_is_complete(manifest_path, item["file_key"])]
 
-    def on_done(item: dict) -> None:
-        manifest.write_part(manifest_path, item["file_key"], rows_from_item(item))
-        if progress:
-            progress(f"done {item['path']}")
+        def on_done(item: dict) -> None:
+            manifest.write_part(manifest_path, item["file_key"], rows_from_item(item))
+            if progress:
+                progress(f"done {item['path']}")
 
-    if todo:
-        if ray_address:
-            _run_ray(todo, config, ray_address, on_done)
-        else:
-            _run_local(todo, config, on_done)
-    table = manifest.read_parts(manifest_path, [item["file_key"] for item in items])
-    table, removed = apply_filters(table, parsed_filters)
-    manifest.write_manifest(manifest_path, table)
+        if todo:
+            if ray_address:
+                _run_ray(todo, config, ray_address, on_done)
+            else:
+                _run_local(todo, config, on_done)
+        table = manifest.read_parts(manifest_path, [item["file_key"] for item in items])
+        table, removed = apply_filters(table, parsed_filters)
+        if config.drop_static:
+            static = table["static"].fillna(False).astype(bool)
+            removed["static"] = int((table["keep"] & static).sum())
+            table["keep"] = table["keep"] & ~static
+            removed["kept"] = int(table["keep"].sum())
+        manifest.write_manifest(manifest_path, table)
+    failed = table[table["error"].notna()]
     return {
         "files": len(items),
         "files_processed": len(todo),
         "files_skipped_finished": len(items) - len(todo),
+        "files_failed": len(failed),
+        "failures": [{"source": row.source, "error": row.error} for row in failed.itertuples()],
         "clips": int((table["clip_index"] >= 0).sum()),
         "removed_by_filter": removed,
         "seconds": round(time.perf_counter() - started, 3),

@@ -5,6 +5,7 @@ Frames are uint8 arrays of shape (F, H, W, 3). ``write_video`` encodes them with
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,52 @@ def scenes_with_cuts(scene_lengths: list[int], height: int, width: int, shift: t
             cuts.append(start)
         start += length
     return np.concatenate(scenes), cuts
+
+
+def blend(first: np.ndarray, second: np.ndarray, length: int) -> np.ndarray:
+    """``length`` frames dissolving from the last frame of ``first`` to the first of ``second`` (both excluded)."""
+    weights = (np.arange(1, length + 1) / (length + 1))[:, None, None, None]
+    return ((1 - weights) * first[-1].astype(np.float64) + weights * second[0].astype(np.float64)).round().astype(np.uint8)
+
+
+def fade(frame: np.ndarray, length: int, to_black: bool) -> np.ndarray:
+    """``length`` frames fading ``frame`` to black (or in from black), the end points excluded."""
+    weights = np.arange(1, length + 1) / (length + 1)
+    weights = (1 - weights if to_black else weights)[:, None, None, None]
+    return (weights * frame.astype(np.float64)).round().astype(np.uint8)
+
+
+def crossing_object(num_frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A static textured shot crossed once, left to right, by a flat-coloured box as tall as 60% of the frame."""
+    frames = np.repeat((smooth_texture(height, width, seed)[None] * 255).round().astype(np.uint8), num_frames, axis=0)
+    box_height, box_width = int(height * 0.6), width // 3
+    top = (height - box_height) // 2
+    for index in range(num_frames):
+        left = int(round(-box_width + (width + box_width) * index / max(num_frames - 1, 1)))
+        frames[index, top : top + box_height, max(0, left) : max(0, left + box_width)] = (200, 40, 30)
+    return frames
+
+
+def write_video_with_times(path: str | Path, frames: np.ndarray, times: np.ndarray) -> Path:
+    """H.264 MP4 whose frame ``i`` is presented at ``times[i]`` seconds (millisecond timestamps): variable frame rate."""
+    import av  # noqa: PLC0415 - optional dependency
+
+    frames = np.asarray(frames)
+    times = np.asarray(times, dtype=np.float64)
+    if len(times) != len(frames) or np.any(np.diff(times) <= 0):
+        raise ValueError("write_video_with_times: times must be increasing, one per frame")
+    path = Path(path)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=1000)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for frame, time in zip(frames, times):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            video_frame.pts = int(round(time * 1000))
+            video_frame.time_base = Fraction(1, 1000)
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
