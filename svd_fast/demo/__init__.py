@@ -38,10 +38,10 @@ class DemoSettings:
     speeds: dict[str, float] = field(default_factory=lambda: {"slow": 0.5, "fast": 1.5})
     reels: int = 12  # training files, each a run of scenes joined by hard cuts
     scenes_per_reel: int = 16
-    vae_steps: int = 300
-    vae_learning_rate: float = 2e-3
-    vae_clips_per_step: int = 2
-    unet_steps: int = 600
+    vae_steps: int = 400
+    vae_learning_rate: float = 1e-3
+    vae_clips_per_step: int = 1
+    unet_steps: int = 800
     unet_batch_size: int = 4
     unet_learning_rate: float = 1e-3
     sample_steps: int = 12
@@ -123,8 +123,11 @@ def run_demo(out: Path, settings: DemoSettings, seed: int, progress: Callable[[s
             work / "clips", settings.reels, settings.scenes_per_reel, settings.num_frames, settings.size, settings.fps, settings.speeds, seed
         )
     with timer.stage("curate"):
-        summary["curation"] = train.curate_clips(work / "clips", out / "manifest.parquet")
-        joined = train.join_ground_truth(out / "manifest.parquet", specs)
+        # Curation keeps its resumable parts beside its manifest: both stay in work/, the manifest is copied out.
+        manifest = work / "manifest.parquet"
+        summary["curation"] = train.curate_clips(work / "clips", manifest)
+        outputs.write_atomic(out / "manifest.parquet", lambda temporary: shutil.copyfile(manifest, temporary))
+        joined = train.join_ground_truth(manifest, specs)
         buckets = train.motion_buckets(joined)
         summary["motion_buckets"] = buckets
     moving = [spec for spec in specs if spec.speed != "static"]
@@ -137,13 +140,13 @@ def run_demo(out: Path, settings: DemoSettings, seed: int, progress: Callable[[s
         held_out_clips = np.stack([world.render(replace(spec, speed_px=settings.speeds["fast"]), settings.num_frames, settings.size) for spec in held_out])
         summary["autoencoder"] = {
             "steps": settings.vae_steps,
-            "final_reconstruction_mse": round(float(np.mean(vae_losses[-10:])), 6),
+            "final_weighted_reconstruction_mse": round(float(np.mean(vae_losses[-10:])), 6),
             "held_out_reconstruction_psnr": round(autoencoder.reconstruction_psnr(vae, held_out_clips), 2),
             "scaling_factor": round(float(vae.config.scaling_factor), 5),
         }
         base_model = autoencoder.save_base_pipeline(work / "base_model", vae, DEMO_UNET_CONFIG, seed)
     with timer.stage("train UNet (DeepSpeed ZeRO-2)"):
-        result = train.train_unet(base_model, out / "manifest.parquet", work / "train", settings.unet_training(), seed)
+        result = train.train_unet(base_model, manifest, work / "train", settings.unet_training(), seed)
         summary["training"] = {
             "steps": result.steps,
             "samples_per_second": round(result.samples_per_second, 3),
@@ -155,7 +158,7 @@ def run_demo(out: Path, settings: DemoSettings, seed: int, progress: Callable[[s
         if pipeline.exists():
             shutil.rmtree(pipeline)
         shutil.move(str(result.export_path), pipeline)
-        outputs.plot_losses(out / "loss.png", {"autoencoder: reconstruction MSE": vae_losses, "UNet: EDM loss (SVD objective)": result.losses})
+        outputs.plot_losses(out / "loss.png", {"autoencoder: reconstruction MSE (disk pixels x10)": vae_losses, "UNet: EDM loss (SVD objective)": result.losses})
     with timer.stage("generate and evaluate"):
         pipe = evaluate.load_pipeline(pipeline)
         entries, videos = evaluate.evaluate(pipe, held_out, buckets, settings.speeds, settings.sampling(), seed)
