@@ -4,6 +4,8 @@ and on the motion_bucket_id curation assigned."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,11 @@ def train_unet(base_model: Path, manifest: Path, output_dir: Path, settings: dic
     DeepSpeed ZeRO-2; returns its TrainResult (losses, exported pipeline folder)."""
     from svd_fast.training import TrainConfig, train  # noqa: PLC0415
 
+    # A single-process run on a shared machine: a free port, so another training there cannot collide with it.
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
     config = TrainConfig(
         model=str(base_model),
         data=str(manifest),
