@@ -43,7 +43,9 @@ test: setup
 lint: $(VENV)/.deps-installed
 	$(BIN)/ruff check svd_fast tests bench
 
+# The demo refuses a non-empty --out, so each `make demo` starts from a fresh demo_out/.
 demo: setup
+	rm -rf demo_out
 	$(BIN)/svd-fast demo --out demo_out
 
 bench: setup

@@ -107,17 +107,3 @@ def test_make_tiny_refuses_non_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("user data")
     assert main(["make-tiny", str(tmp_path)]) == 2
     assert (tmp_path / "keep.txt").read_text() == "user data"
-
-
-@pytest.mark.slow
-def test_demo_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--train-steps", "3", "--sample-steps", "2"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["curation"]["removed_by_filter"]["flow_mean_norm_ge0.001"] == 1  # the static sample
-    assert len(summary["training"]["losses"]) == 3 and summary["training"]["kernels"] == "applied"
-    assert set(summary["stage_seconds"]) == {"write sample clips", "curate", "write tiny base model", "train (DeepSpeed ZeRO)", "generate"}
-    assert summary["backends_used"]["group_norm"] and summary["backends_used"]["edm_euler_step"]
-    with av.open(str(out / "generated.mp4")) as container:
-        assert sum(1 for _ in container.decode(video=0)) == 8
-    assert (out / "loss.png").stat().st_size > 1000 and (out / "manifest.parquet").is_file()

@@ -1,0 +1,97 @@
+"""The demo's files, each written atomically (a temporary file in the same folder, then os.replace), so an
+interrupted run never leaves a truncated video, image or summary behind."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VIEW_SCALE = 4  # videos and figures show the 32x32 frames enlarged, pixels kept sharp
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(temporary path)`` (same folder and suffix, so format detection by extension works), then
+    move the result into place."""
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def enlarge(frames: np.ndarray, scale: int = VIEW_SCALE) -> np.ndarray:
+    return frames.repeat(scale, axis=-3).repeat(scale, axis=-2)
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int) -> Path:
+    from svd_fast.data.synthetic import write_video as encode  # noqa: PLC0415
+
+    return write_atomic(path, lambda temporary: encode(temporary, enlarge(frames), fps=fps, codec="h264"))
+
+
+def write_png(path: Path, image: np.ndarray) -> Path:
+    from PIL import Image  # noqa: PLC0415
+
+    return write_atomic(path, lambda temporary: Image.fromarray(image).save(temporary))
+
+
+def write_json(path: Path, value: Any) -> Path:
+    return write_atomic(path, lambda temporary: temporary.write_text(json.dumps(value, indent=2, default=str) + "\n"))
+
+
+def _pyplot():
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def plot_comparison(path: Path, rows: list[tuple[str, np.ndarray]]) -> Path:
+    """One row per (label, frames (F, H, W, 3) uint8), one column per frame."""
+    plt = _pyplot()
+    columns = rows[0][1].shape[0]
+    figure, axes = plt.subplots(len(rows), columns, figsize=(1.1 * columns + 1.2, 1.15 * len(rows)), dpi=100, squeeze=False)
+    for row, (label, frames) in enumerate(rows):
+        for column in range(columns):
+            axis = axes[row][column]
+            axis.imshow(frames[column], interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(f"frame {column}", fontsize=8)
+        axes[row][0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+    figure.tight_layout()
+    write_atomic(path, lambda temporary: figure.savefig(temporary))
+    plt.close(figure)
+    return path
+
+
+def plot_losses(path: Path, curves: dict[str, list[float]]) -> Path:
+    """Each training loss per step (log scale) with its running mean: single steps draw one random noise level
+    each and jump by 10x, the running mean shows whether the model learns."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.5), dpi=100, squeeze=False)
+    for axis, (title, losses) in zip(axes[0], curves.items()):
+        steps = np.arange(1, len(losses) + 1)
+        window = max(1, min(50, len(losses) // 10))
+        running = np.convolve(losses, np.ones(window) / window, mode="valid")
+        axis.plot(steps, losses, linewidth=0.6, alpha=0.35, label="per step")
+        axis.plot(steps[window - 1 :], running, linewidth=2.0, label=f"running mean of {window}")
+        axis.set_yscale("log")
+        axis.set_xlabel("step")
+        axis.set_title(title, fontsize=9)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    write_atomic(path, lambda temporary: figure.savefig(temporary))
+    plt.close(figure)
+    return path
