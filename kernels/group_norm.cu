@@ -23,6 +23,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,7 +39,8 @@ namespace svd_fast {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMinBlocks = 4;                    // 4 x 256 threads = 50% occupancy: <= 64 registers
+constexpr int kMinBlocks = 4;          // forward: 4 x 256 threads = 50% occupancy, <= 64 registers
+constexpr int kBackwardMinBlocks = 2;  // backward (training only): two loaded tensors per element, <= 128 registers
 constexpr int kUnroll = 4;                       // vectors in flight per thread
 constexpr int64_t kTileVectors = 2 * kUnroll * kThreads;
 constexpr int kDefaultSharedBytes = 48 * 1024;   // above this a kernel must opt in
@@ -134,6 +137,24 @@ struct GroupBase {
   }
 };
 
+// Conversions in the loops through the CUDA intrinsics on the raw bits: c10's BFloat16 conversions cost
+// sm_90 register spills at the 64-register budget; these are one instruction each.
+__device__ __forceinline__ float to_acc(c10::Half v) { return __half2float(__ushort_as_half(v.x)); }
+__device__ __forceinline__ float to_acc(c10::BFloat16 v) { return __uint_as_float(uint32_t(v.x) << 16); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t from_acc(at::opmath_type<scalar_t> v) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return c10::Half(__half_as_ushort(__float2half_rn(v)), c10::Half::from_bits());
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return c10::BFloat16(__bfloat16_as_ushort(__float2bfloat16_rn(v)), c10::BFloat16::from_bits());
+  } else {
+    return v;
+  }
+}
+
 __device__ __forceinline__ float fast_silu(float z) { return __fdividef(z, 1.0f + __expf(-z)); }
 __device__ __forceinline__ double fast_silu(double z) { return z / (1.0 + exp(-z)); }
 __device__ __forceinline__ float sigmoid(float z) { return __fdividef(1.0f, 1.0f + __expf(-z)); }
@@ -202,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) partial_stats_kernel(con
       if (v + u * kThreads >= end) break;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const acc_t shifted = static_cast<acc_t>(in[u].v[e]) - pivot;
+        const acc_t shifted = to_acc(in[u].v[e]) - pivot;
         sums[0] += shifted;
         sums[1] += shifted * shifted;
       }
@@ -292,9 +313,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) normalize_kernel(const s
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const int32_t d = kChannelsLast ? channel[u] + e : channel[u];
-        acc_t z = (static_cast<acc_t>(in[u].v[e]) - mean) * scale[d] + shift[d];
+        acc_t z = (to_acc(in[u].v[e]) - mean) * scale[d] + shift[d];
         if constexpr (kSilu) z = fast_silu(z);
-        out.v[e] = static_cast<scalar_t>(z);
+        out.v[e] = from_acc<scalar_t>(z);
       }
       *reinterpret_cast<Vec<scalar_t, V>*>(y + offset[u]) = out;
     }
@@ -329,7 +350,7 @@ __device__ __forceinline__ void grad_before_affine(acc_t dy, acc_t xhat, acc_t w
 // Writes per block: [0] sum dxhat, [1] sum dxhat * xhat, [2] sum dz * xhat, [3] sum dz, each an array of
 // gridDim.x values laid out (N, G, D, tiles).
 template <typename scalar_t, int V, bool kSilu>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) backward_partials_kernel(
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks) backward_partials_kernel(
     const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, GroupBase base, int64_t channel_stride, Walk w,
     const float* __restrict__ mean_in, const float* __restrict__ rstd_in, const scalar_t* __restrict__ weight,
     const scalar_t* __restrict__ bias, at::opmath_type<scalar_t>* __restrict__ partials) {
@@ -357,9 +378,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_partials_kernel
       if (v + u * kThreads >= end) break;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const acc_t xhat = (static_cast<acc_t>(xs[u].v[e]) - mean) * rstd;
+        const acc_t xhat = (to_acc(xs[u].v[e]) - mean) * rstd;
         acc_t dz, dxhat;
-        grad_before_affine<kSilu>(static_cast<acc_t>(dys[u].v[e]), xhat, wt, bs, dz, dxhat);
+        grad_before_affine<kSilu>(to_acc(dys[u].v[e]), xhat, wt, bs, dz, dxhat);
         sums[0] += dxhat;
         sums[1] += dxhat * xhat;
         sums[2] += dz * xhat;
@@ -375,7 +396,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_partials_kernel
 }
 
 template <typename scalar_t, int V, bool kSilu>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) backward_dx_kernel(
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks) backward_dx_kernel(
     const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, GroupBase base, int64_t channel_stride, Walk w,
     const float* __restrict__ mean_in, const float* __restrict__ rstd_in, const scalar_t* __restrict__ weight,
     const scalar_t* __restrict__ bias, const at::opmath_type<scalar_t>* __restrict__ mean_dxhat_in,
@@ -407,10 +428,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_dx_kernel(
       Vec<scalar_t, V> out;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const acc_t xhat = (static_cast<acc_t>(xs[u].v[e]) - mean) * rstd;
+        const acc_t xhat = (to_acc(xs[u].v[e]) - mean) * rstd;
         acc_t dz, dxhat;
-        grad_before_affine<kSilu>(static_cast<acc_t>(dys[u].v[e]), xhat, wt, bs, dz, dxhat);
-        out.v[e] = static_cast<scalar_t>(rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat));
+        grad_before_affine<kSilu>(to_acc(dys[u].v[e]), xhat, wt, bs, dz, dxhat);
+        out.v[e] = from_acc<scalar_t>(rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat));
       }
       *reinterpret_cast<Vec<scalar_t, V>*>(dx + offset[u]) = out;
     }
