@@ -44,11 +44,11 @@ constexpr int kMaxHeadDim = 128;   // four channels per lane at most
 constexpr int kRowBlock = 4;       // rows per register block; one float4 of probabilities per frame
 static_assert(kRowBlock == 4, "the row blocks are read and written as one float4 (.x .y .z .w)");
 constexpr int kBlockWarps = 4;
-// Resident forward blocks per SM that the register budget must allow. SVD's case (fp16/bf16, 16-byte loads): 8
-// blocks x 4 warps = 32 of 64 warp slots, 50% occupancy, <= 64 registers. float32 and unaligned inputs need more
-// registers (float chunks hold half the elements; scalar loads keep more addresses live) and get 4 blocks: no spills.
-template <typename scalar_t, bool kVector>
-constexpr int kForwardMinBlocks = sizeof(scalar_t) == 2 && kVector ? 8 : 4;
+// Resident forward blocks per SM that the register budget must allow. SVD's case (fp16/bf16, 16-byte loads,
+// D = 64): 8 blocks x 4 warps = 32 of 64 warp slots, 50% occupancy, <= 64 registers. float32, unaligned inputs
+// and D <= 32 (whose fully unrolled PV loop keeps more values live) would spill there and get 4 blocks.
+template <typename scalar_t, int kDimsPerLane, bool kVector>
+constexpr int kForwardMinBlocks = sizeof(scalar_t) == 2 && kVector && kDimsPerLane > 1 ? 8 : 4;
 constexpr int kDefaultSharedBytes = 48 * 1024;  // above this a kernel must opt in
 constexpr int kReservedSharedPerBlock = 1024;   // what the hardware reserves per resident block (sm_80+)
 
@@ -197,7 +197,7 @@ __device__ __forceinline__ unsigned char* shared_base() {
 }
 
 template <typename scalar_t, int kDimsPerLane, bool kVector>
-__global__ void __launch_bounds__(kBlockWarps* kWarpSize, kForwardMinBlocks<scalar_t, kVector>)
+__global__ void __launch_bounds__(kBlockWarps* kWarpSize, kForwardMinBlocks<scalar_t, kDimsPerLane, kVector>)
     temporal_attention_forward_kernel(
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
     TemporalStrides qs, TemporalStrides ks, TemporalStrides vs, PositionGrid grid, TileLayout t,
@@ -260,9 +260,6 @@ __global__ void __launch_bounds__(kBlockWarps* kWarpSize, kForwardMinBlocks<scal
       float acc[kRowBlock] = {};
       if (j < t.frames) {
         const scalar_t* k_row = k_tile + j * t.row_stride;
-        // Not unrolled: each chunk already gives 4 * C independent FMAs, and unrolling spills on sm_80 at the
-        // 64-register budget.
-#pragma unroll 1
         for (int d = 0; d < t.padded_dim; d += C) {
           float kc[C];
           load_chunk(k_row + d, kc);
@@ -523,7 +520,7 @@ LaunchShape forward_launch_shape(const TileLayout& t, int64_t total_positions) {
   const auto bytes = [&](int positions) {
     return positions * forward_position_bytes<scalar_t>(t) + kBlockWarps * forward_warp_bytes(t);
   };
-  const bool two_fit = (bytes(2) + kReservedSharedPerBlock) * kForwardMinBlocks<scalar_t, true> <= limits.shared_per_sm;
+  const bool two_fit = (bytes(2) + kReservedSharedPerBlock) * kForwardMinBlocks<scalar_t, 2, true> <= limits.shared_per_sm;
   const int positions = two_fit ? 2 : 1;
   TORCH_CHECK(bytes(positions) <= limits.max_shared_per_block, "temporal_attention_forward: one position needs ",
               bytes(positions), " bytes of shared memory (num_frames and head_dim too large together), the device "

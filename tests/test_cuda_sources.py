@@ -32,10 +32,11 @@ CMAKE_MACROS_STUB = "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n"
 
 # Register ceilings that the launch shapes rely on for >= 50% theoretical occupancy (32 of 64 warps per SM with
 # 65,536 registers: <= 64 per thread), keyed by a pattern of the mangled kernel name. The temporal attention
-# forward declares it (__launch_bounds__(128, 8)) for SVD's case, fp16/bf16 with 16-byte loads (template arguments
-# <Half or BFloat16, dims per lane, true>); the GroupNorm forward kernels (256 threads) with __launch_bounds__(256, 4).
+# forward declares it (__launch_bounds__(128, 8)) for SVD's case, fp16/bf16 with 16-byte loads and D = 64 (template
+# arguments <Half or BFloat16, 2..4 dims per lane, true>); the GroupNorm forward kernels (256 threads) with
+# __launch_bounds__(256, 4).
 REGISTER_CEILINGS = {
-    r"temporal_attention_forward_kernelIN3c10(4Half|8BFloat16)ELi\dELb1E": 64,
+    r"temporal_attention_forward_kernelIN3c10(4Half|8BFloat16)ELi[2-4]ELb1E": 64,
     r"normalize_kernel": 64,
     r"partial_stats_kernel": 64,
 }
