@@ -502,7 +502,7 @@ DeviceLimits device_limits() {
 struct LaunchShape {
   unsigned blocks;
   int threads;
-  int positions_per_block;  // forward
+  int positions_per_block;  // the backward has one warp per position: also its warps per block
   size_t shared_bytes;
 };
 
