@@ -11,10 +11,11 @@ Install with `pip install --no-build-isolation -e .` so the build uses the torch
 
 import glob
 import os
+import re
 
 import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension, _get_cuda_arch_flags
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,6 +37,13 @@ def build_cuda_kernels() -> bool:
     return possible
 
 
+def cuda_architectures() -> str:
+    """The compute capabilities nvcc builds SASS for, "80,90", for svd_fast._C.cuda_architectures(). Read from
+    the same -gencode flags CUDAExtension passes (TORCH_CUDA_ARCH_LIST, else the visible GPUs)."""
+    codes = {int(code) for flag in _get_cuda_arch_flags() for code in re.findall(r"code=sm_(\d+)", flag)}
+    return ",".join(str(code) for code in sorted(codes))
+
+
 def extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cxx_flags = ["-O3", "-fvisibility=hidden"]
@@ -52,8 +60,8 @@ def extension():
         "svd_fast._C",
         cpp_sources + cuda_sources,
         include_dirs=include_dirs,
-        define_macros=[("SVD_FAST_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags + ["-DSVD_FAST_WITH_CUDA=1"], "nvcc": nvcc_flags},
+        define_macros=[("SVD_FAST_WITH_CUDA", "1"), ("SVD_FAST_CUDA_ARCHITECTURES", cuda_architectures())],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     )
 
 

@@ -1,4 +1,4 @@
-// Fused EDM sampling ops: op schemas, CPU kernels, and the dispatcher entry points declared in ops.h.
+// Fused EDM sampling ops: op schemas and CPU kernels.
 //
 // edm_euler_step:          guided = u + w[b, f] * (c - u); D = c_skip * x + c_out * guided;
 //                          x_next = x + (x - D) * (sigma_next - sigma) / sigma   (one pass over memory)
@@ -15,7 +15,6 @@
 #include <tuple>
 
 #include "edm_step_common.h"
-#include "ops.h"
 
 namespace svd_fast {
 namespace {
@@ -137,23 +136,6 @@ at::Tensor edm_prepare_model_input_cpu(const at::Tensor& x_in, const at::Tensor&
 }
 
 }  // namespace
-
-std::tuple<at::Tensor, at::Tensor> edm_euler_step(const at::Tensor& x, const at::Tensor& model_out_uncond,
-                                                  const std::optional<at::Tensor>& model_out_cond, double sigma,
-                                                  double sigma_next, const std::optional<at::Tensor>& guidance,
-                                                  bool return_denoised) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("svd_fast::edm_euler_step", "")
-                       .typed<decltype(edm_euler_step)>();
-  return op.call(x, model_out_uncond, model_out_cond, sigma, sigma_next, guidance, return_denoised);
-}
-
-at::Tensor edm_prepare_model_input(const at::Tensor& x, const at::Tensor& cond_latents, double sigma, bool do_cfg) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("svd_fast::edm_prepare_model_input", "")
-                       .typed<decltype(edm_prepare_model_input)>();
-  return op.call(x, cond_latents, sigma, do_cfg);
-}
 
 TORCH_LIBRARY_FRAGMENT(svd_fast, m) {
   m.def(

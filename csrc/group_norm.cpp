@@ -1,7 +1,8 @@
-// GroupNorm(+SiLU): op schemas, CPU kernels, and the dispatcher entry points declared in ops.h.
+// GroupNorm(+SiLU): op schemas and CPU kernels.
 //
-// Layouts: input of shape (N, C, *spatial) stored contiguous (N, C, S) or channels_last
-// (N, S, C); anything else is made contiguous first. Elementwise math is in at::opmath_type
+// Layouts (group_norm_common.h): planar (contiguous (N, C, S), or a channel-planar strided view such as SVD's
+// permuted (B, C, F, H, W) one, read in place) or channels_last (N, S, C); anything else is made contiguous
+// first. Outputs take the input's strides. Elementwise math is in at::opmath_type
 // (float for fp16/bf16/fp32, double for fp64). The reductions over a whole group (up to millions
 // of elements) add short opmath blocks into double, since one long float sum loses ~count * 2^-24
 // relative precision; the forward's mean pass sums x minus a pivot and the variance pass sums
@@ -10,7 +11,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <c10/core/MemoryFormat.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,23 +18,27 @@
 #include <vector>
 
 #include "group_norm_common.h"
-#include "ops.h"
 
 namespace svd_fast {
 namespace {
 
+// Offset of element 0 of channel `channel` of sample n in the planar layout.
+inline int64_t planar_base(const GroupNormGeometry& g, int64_t n, int64_t channel) {
+  return n * g.batch_stride + channel * g.channel_stride;
+}
+
 // Walks the elements of one (sample, group) in memory order for either layout and hands each
-// element's offset and channel to `visit`. Contiguous: D channel rows of S elements;
+// element's offset and channel to `visit`. Planar: D channels of `outer` runs of `inner` elements;
 // channels_last: S rows of D consecutive channels.
 template <typename Visit>
 inline void for_each_in_group(const GroupNormGeometry& g, int64_t n, int64_t group, Visit&& visit) {
   const int64_t first_channel = group * g.channels_per_group;
   if (!g.channels_last) {
-    const int64_t base = (n * g.channels + first_channel) * g.spatial;
-    for (int64_t d = 0; d < g.channels_per_group; ++d) {
-      const int64_t row = base + d * g.spatial;
-      const int64_t channel = first_channel + d;
-      for (int64_t s = 0; s < g.spatial; ++s) visit(row + s, channel);
+    for (int64_t channel = first_channel; channel < first_channel + g.channels_per_group; ++channel) {
+      for (int64_t o = 0; o < g.outer; ++o) {
+        const int64_t row = planar_base(g, n, channel) + o * g.outer_stride;
+        for (int64_t i = 0; i < g.inner; ++i) visit(row + i, channel);
+      }
     }
   } else {
     const int64_t base = n * g.spatial * g.channels + first_channel;
@@ -74,13 +78,14 @@ inline double blocked_sum(const scalar_t* p, int64_t len, F f) {
 }
 
 // Calls visit(row_pointer_offset, length, first_channel, channel_step) for each contiguous run of a
-// group: contiguous layout, D runs of S elements of one channel; channels_last, S runs of D channels.
+// group: planar layout, D * outer runs of `inner` elements of one channel; channels_last, S runs of D channels.
 template <typename Visit>
 inline void for_each_run(const GroupNormGeometry& g, int64_t n, int64_t group, Visit&& visit) {
   const int64_t first_channel = group * g.channels_per_group;
   if (!g.channels_last) {
-    const int64_t base = (n * g.channels + first_channel) * g.spatial;
-    for (int64_t d = 0; d < g.channels_per_group; ++d) visit(base + d * g.spatial, g.spatial, first_channel + d, 0);
+    for (int64_t channel = first_channel; channel < first_channel + g.channels_per_group; ++channel) {
+      for (int64_t o = 0; o < g.outer; ++o) visit(planar_base(g, n, channel) + o * g.outer_stride, g.inner, channel, 0);
+    }
   } else {
     const int64_t base = n * g.spatial * g.channels + first_channel;
     for (int64_t s = 0; s < g.spatial; ++s) visit(base + s * g.channels, g.channels_per_group, first_channel, 1);
@@ -127,7 +132,7 @@ void forward_cpu_kernel(const GroupNormGeometry& geo, const scalar_t* x, const s
       // summands are of the size of the spread, not of the mean.
       const acc_t pivot = static_cast<acc_t>(
           x[geo.channels_last ? n * geo.spatial * geo.channels + group * geo.channels_per_group
-                              : (n * geo.channels + group * geo.channels_per_group) * geo.spatial]);
+                              : planar_base(geo, n, group * geo.channels_per_group)]);
       double shifted_sum = 0;
       for_each_run(geo, n, group, [&](int64_t offset, int64_t len, int64_t, int64_t) {
         shifted_sum += blocked_sum<acc_t>(x + offset, len, [pivot](acc_t v) { return v - pivot; });
@@ -213,10 +218,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward_cpu(
     const std::optional<at::Tensor>& bias, double eps, bool silu) {
   check_group_norm_args(input, num_groups, weight, bias);
   const GroupNormGeometry geo = group_norm_geometry(input, num_groups);
-  const at::Tensor x = input.contiguous(geo.memory_format);
+  const at::Tensor x = group_norm_kernel_input(input, geo);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor y = at::empty_like(x, x.options(), geo.memory_format);
+  at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({geo.batch, num_groups}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({geo.batch, num_groups}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_forward_cpu", [&] {
@@ -236,11 +241,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cpu(
   check_group_norm_args(input, num_groups, weight, bias);
   check_group_norm_backward_args(grad_output, input, mean, rstd, num_groups);
   const GroupNormGeometry geo = group_norm_geometry(input, num_groups);
-  const at::Tensor x = input.contiguous(geo.memory_format);
-  const at::Tensor dy = grad_output.contiguous(geo.memory_format);
+  const at::Tensor x = group_norm_kernel_input(input, geo);
+  const at::Tensor dy = group_norm_same_layout(grad_output, x);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor dx = at::empty_like(x, x.options(), geo.memory_format);
+  at::Tensor dx = at::empty_like(x);
   // Per-sample partial sums for dweight/dbias, summed over the batch afterwards: each (n, g)
   // task owns its own slice, so no two threads write the same element.
   at::Tensor dw_partial = at::zeros({geo.batch, geo.channels}, x.options().dtype(at::kDouble));
@@ -259,25 +264,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cpu(
 }
 
 }  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward(
-    const at::Tensor& input, int64_t num_groups, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool silu) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("svd_fast::group_norm_forward", "")
-                       .typed<decltype(group_norm_forward)>();
-  return op.call(input, num_groups, weight, bias, eps, silu);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
-    const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, int64_t num_groups, bool silu) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("svd_fast::group_norm_backward", "")
-                       .typed<decltype(group_norm_backward)>();
-  return op.call(grad_output, input, mean, rstd, weight, bias, num_groups, silu);
-}
 
 TORCH_LIBRARY_FRAGMENT(svd_fast, m) {
   m.def(

@@ -6,22 +6,47 @@
 #include <c10/core/MemoryFormat.h>
 #include <c10/util/Exception.h>
 
+#include <ATen/ops/empty_like.h>
+
 #include <optional>
 
 namespace svd_fast {
 
+// The layouts the kernels read in place. Planar: each channel's spatial elements are `outer` runs of `inner`
+// contiguous elements, element (n, c, o, i) at n*batch_stride + c*channel_stride + o*outer_stride + i. That covers
+// contiguous (N, C, S) input (outer = 1) and SVD's temporal resnets, which normalise a (B, C, F, H, W) permuted
+// view of a (B, F, C, H, W) tensor (outer = F, inner = H*W, outer_stride = C*H*W): read through its strides, it
+// costs no copy. Channels-last: memory (N, S, C). Any other layout is copied to contiguous first.
 struct GroupNormGeometry {
   int64_t batch;               // N
   int64_t channels;            // C
-  int64_t spatial;             // product of the dims after C (H*W or F*H*W)
+  int64_t spatial;             // product of the dims after C (H*W or F*H*W) = outer * inner
   int64_t num_groups;          // G
   int64_t channels_per_group;  // C / G
-  bool channels_last;          // memory is (N, spatial, C) rather than (N, C, spatial)
-  c10::MemoryFormat memory_format;
+  bool channels_last;          // memory is (N, spatial, C) rather than planar
+  int64_t outer, inner;                                // planar only
+  int64_t batch_stride, channel_stride, outer_stride;  // planar only, in elements
+  bool needs_copy;             // the input is in neither layout: the kernels get input.contiguous()
 };
 
+namespace group_norm_detail {
+
+// Planar with one strided outer spatial dim (dim 2) and the remaining spatial dims merged into a contiguous run.
+// Dense (no gaps or overlaps) so that empty_like(input) gives outputs with the same strides.
+inline bool strided_planar(const at::Tensor& input) {
+  if (!input.is_non_overlapping_and_dense()) return false;
+  int64_t expected = 1;
+  for (int64_t dim = input.dim() - 1; dim >= 3; --dim) {
+    if (input.size(dim) != 1 && input.stride(dim) != expected) return false;
+    expected *= input.size(dim);
+  }
+  return true;
+}
+
+}  // namespace group_norm_detail
+
 // channels_last(_3d) only when the input is stored that way and not also plainly contiguous
-// (a tensor with spatial size 1 is both, and the contiguous kernels are the simpler path).
+// (a tensor with spatial size 1 is both, and the planar kernels are the simpler path).
 inline GroupNormGeometry group_norm_geometry(const at::Tensor& input, int64_t num_groups) {
   GroupNormGeometry g{};
   g.batch = input.size(0);
@@ -29,18 +54,37 @@ inline GroupNormGeometry group_norm_geometry(const at::Tensor& input, int64_t nu
   g.spatial = input.numel() / (g.batch * g.channels);
   g.num_groups = num_groups;
   g.channels_per_group = g.channels / num_groups;
-  g.memory_format = c10::MemoryFormat::Contiguous;
-  g.channels_last = false;
-  if (!input.is_contiguous()) {
-    if (input.dim() == 4 && input.is_contiguous(c10::MemoryFormat::ChannelsLast)) {
-      g.memory_format = c10::MemoryFormat::ChannelsLast;
-      g.channels_last = true;
-    } else if (input.dim() == 5 && input.is_contiguous(c10::MemoryFormat::ChannelsLast3d)) {
-      g.memory_format = c10::MemoryFormat::ChannelsLast3d;
-      g.channels_last = true;
-    }
+  // Contiguous (N, C, S), also what a copied input becomes.
+  g.outer = 1;
+  g.inner = g.spatial;
+  g.batch_stride = g.channels * g.spatial;
+  g.channel_stride = g.spatial;
+  g.outer_stride = g.spatial;
+  if (input.is_contiguous()) return g;
+  if ((input.dim() == 4 && input.is_contiguous(c10::MemoryFormat::ChannelsLast)) ||
+      (input.dim() == 5 && input.is_contiguous(c10::MemoryFormat::ChannelsLast3d))) {
+    g.channels_last = true;
+  } else if (group_norm_detail::strided_planar(input)) {
+    g.outer = input.size(2);
+    g.inner = g.spatial / g.outer;
+    g.batch_stride = input.stride(0);
+    g.channel_stride = input.stride(1);
+    g.outer_stride = input.stride(2);
+  } else {
+    g.needs_copy = true;
   }
   return g;
+}
+
+// The tensor the kernels read: the input itself unless its layout is unsupported.
+inline at::Tensor group_norm_kernel_input(const at::Tensor& input, const GroupNormGeometry& g) {
+  return g.needs_copy ? input.contiguous() : input;
+}
+
+// `t` in the memory layout of `like` (same shape, dense): grad_output must be read with the input's strides.
+inline at::Tensor group_norm_same_layout(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides()) return t;
+  return at::empty_like(like).copy_(t);
 }
 
 inline void check_group_norm_args(const at::Tensor& input, int64_t num_groups,

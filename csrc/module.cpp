@@ -1,8 +1,18 @@
-// The pybind11 module svd_fast._C. Importing it also runs the TORCH_LIBRARY registrations of every
-// csrc/*.cpp and kernels/*.cu file linked into it, which makes torch.ops.svd_fast.* available.
+// The pybind11 module svd_fast._C. Importing it runs the TORCH_LIBRARY registrations of every csrc/*.cpp and
+// kernels/*.cu file linked into it, which defines torch.ops.svd_fast.*: those ops are the extension's only API
+// (as in pytorch/extension-cpp). The module body itself only reports how the extension was built.
 #include <torch/extension.h>
+#include <torch/version.h>
 
-#include "ops.h"
+#include <string>
+#include <vector>
+
+// With CUDA, the build (setup.py, CMakeLists.txt) defines SVD_FAST_CUDA_ARCHITECTURES as the comma-separated
+// compute capabilities the kernels were compiled for, e.g. 80,90 (numbers: a string literal would need shell
+// quoting through ninja).
+#ifndef SVD_FAST_CUDA_ARCHITECTURES
+#define SVD_FAST_CUDA_ARCHITECTURES
+#endif
 
 namespace {
 
@@ -14,31 +24,24 @@ bool built_with_cuda() {
 #endif
 }
 
+std::vector<int> cuda_architectures() { return {SVD_FAST_CUDA_ARCHITECTURES}; }
+
+std::string cxx_compiler() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("gcc ") + __VERSION__;
+#else
+  return "unknown";
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "svd_fast compiled kernels (CPU always, CUDA when built with it)";
+  m.doc() = "svd_fast compiled kernels: importing registers torch.ops.svd_fast.*; the functions report the build";
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
-
-  m.def("group_norm_forward", &svd_fast::group_norm_forward, "GroupNorm(+SiLU) forward",
-        py::arg("input"), py::arg("num_groups"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
-        py::arg("silu"));
-  m.def("group_norm_backward", &svd_fast::group_norm_backward, "GroupNorm(+SiLU) backward",
-        py::arg("grad_output"), py::arg("input"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
-        py::arg("bias"), py::arg("num_groups"), py::arg("silu"));
-
-  m.def("edm_euler_step", &svd_fast::edm_euler_step, "Fused EDM guidance + v-prediction denoiser + Euler step",
-        py::arg("x"), py::arg("model_out_uncond"), py::arg("model_out_cond"), py::arg("sigma"),
-        py::arg("sigma_next"), py::arg("guidance"), py::arg("return_denoised"));
-  m.def("edm_prepare_model_input", &svd_fast::edm_prepare_model_input,
-        "EDM c_in scaling + conditioning concat + CFG batch doubling", py::arg("x"), py::arg("cond_latents"),
-        py::arg("sigma"), py::arg("do_cfg"));
-
-  m.def("temporal_attention_forward", &svd_fast::temporal_attention_forward,
-        "Fused attention over the frame axis of frame-major q/k/v; returns (out, lse)", py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("num_frames"), py::arg("num_heads"), py::arg("scale"));
-  m.def("temporal_attention_backward", &svd_fast::temporal_attention_backward,
-        "Backward of temporal_attention_forward; returns (grad_q, grad_k, grad_v)", py::arg("grad_out"), py::arg("q"),
-        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("num_frames"), py::arg("num_heads"),
-        py::arg("scale"));
+  m.def("cuda_architectures", &cuda_architectures, "Compute capabilities (e.g. 90 for sm_90) the CUDA kernels were compiled for; empty without CUDA");
+  m.def("cxx_compiler", &cxx_compiler, "The C++ compiler that built the extension");
+  m.def("torch_version", [] { return std::string(TORCH_VERSION); }, "The torch version the extension was built against");
 }

@@ -1,4 +1,4 @@
-// Fused temporal attention: op schemas, CPU kernels, and the dispatcher entry points declared in ops.h.
+// Fused temporal attention: op schemas and CPU kernels.
 //
 // Each position (b, s, h) attends over its F frames, reading q/k/v where they are in the frame-major
 // (B*F, S, H*D) layout (any strides; see temporal_attention_common.h) and writing the output in that
@@ -17,7 +17,6 @@
 #include <limits>
 #include <vector>
 
-#include "ops.h"
 #include "temporal_attention_common.h"
 
 namespace svd_fast {
@@ -255,24 +254,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_attention_backward_cpu(
 }
 
 }  // namespace
-
-std::tuple<at::Tensor, at::Tensor> temporal_attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                                              const at::Tensor& v, int64_t num_frames,
-                                                              int64_t num_heads, double scale) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("svd_fast::temporal_attention_forward", "")
-                       .typed<decltype(temporal_attention_forward)>();
-  return op.call(q, k, v, num_frames, num_heads, scale);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_attention_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, int64_t num_frames, int64_t num_heads, double scale) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("svd_fast::temporal_attention_backward", "")
-                       .typed<decltype(temporal_attention_backward)>();
-  return op.call(grad_out, q, k, v, out, lse, num_frames, num_heads, scale);
-}
 
 TORCH_LIBRARY_FRAGMENT(svd_fast, m) {
   m.def(

@@ -1,7 +1,8 @@
 """Loads the compiled extension ``svd_fast._C`` and reports what it was built with.
 
 Importing ``svd_fast._C`` registers the C++ ops (``torch.ops.svd_fast.*``) for CPU and, when built
-with CUDA, for CUDA. The package works without it (reference and Triton backends); the reasons
+with CUDA, for CUDA: those ops are its only API. The module's own functions only report build facts
+(:func:`build_info`). The package works without it (reference and Triton backends); the reasons
 below are what the backend selector reports when the extension is missing.
 """
 
@@ -50,4 +51,10 @@ def build_info() -> dict[str, object]:
     module, reason = _load()
     if module is None:
         return {"extension": False, "reason": reason}
-    return {"extension": True, "cuda_kernels": bool(module.built_with_cuda())}
+    return {
+        "extension": True,
+        "cuda_kernels": bool(module.built_with_cuda()),
+        "cuda_architectures": [f"sm_{code}" for code in module.cuda_architectures()],
+        "compiler": module.cxx_compiler(),
+        "built_against_torch": module.torch_version(),
+    }

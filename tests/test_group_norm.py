@@ -247,3 +247,33 @@ def test_module_matches_torch_and_round_trips_state_dict() -> None:
         FusedGroupNorm(3, 4)
     with pytest.raises(ValueError, match="activation"):
         FusedGroupNorm(GROUPS, 4, activation="relu")
+
+
+def test_cpu_kernel_reads_permuted_temporal_view_in_place() -> None:
+    """SVD's temporal resnets normalise a (B, C, F, H, W) permuted view of a (B, F, C, H, W) tensor: the C++ kernel
+    reads it through its strides (layout logic shared with the CUDA kernel in csrc/group_norm_common.h), matches
+    the float64 truth, gives the backward of a contiguous copy, and returns outputs with the input's strides."""
+    batch, frames, channels, height, width = 2, 3, 8, 4, 5
+    base = torch.randn(batch, frames, channels, height, width, dtype=torch.float64) + 100.0
+    grad_base = torch.randn(batch, frames, channels, height, width, dtype=torch.float64)
+    weight = torch.rand(channels, dtype=torch.float64) + 0.5
+    bias = torch.randn(channels, dtype=torch.float64)
+    forward, backward = torch.ops.svd_fast.group_norm_forward, torch.ops.svd_fast.group_norm_backward
+    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        x, grad_output = (t.to(dtype).permute(0, 2, 1, 3, 4) for t in (base, grad_base))
+        w, b = weight.to(dtype), bias.to(dtype)
+        assert not x.is_contiguous()
+        y, mean, rstd = forward(x, GROUPS, w, b, EPS, True)
+        assert y.stride() == x.stride()
+        truth = _torch_group_norm(x.double(), weight, bias, silu=True)
+        torch.testing.assert_close(y.double(), truth, rtol=tolerance, atol=tolerance)
+        grads = backward(grad_output, x, mean, rstd, w, b, GROUPS, True)
+        assert grads[0].stride() == x.stride()
+        # The same op on a contiguous copy, with the same float32 statistics: the strided read changes nothing.
+        expected = backward(grad_output.contiguous(), x.contiguous(), mean, rstd, w, b, GROUPS, True)
+        for actual, reference_grad in zip(grads, expected):
+            torch.testing.assert_close(actual, reference_grad, rtol=tolerance, atol=tolerance)
+        # grad_output in another layout than x is read correctly too.
+        mixed = backward(grad_output.contiguous(), x, mean, rstd, w, b, GROUPS, True)
+        for actual, reference_grad in zip(mixed, expected):
+            torch.testing.assert_close(actual, reference_grad, rtol=tolerance, atol=tolerance)

@@ -319,3 +319,33 @@ def test_fused_block_rejects_what_it_cannot_reproduce() -> None:
         FusedTemporalBasicTransformerBlock.from_diffusers(block)
     with pytest.raises(ValueError, match="expected a diffusers TemporalBasicTransformerBlock"):
         FusedTemporalBasicTransformerBlock.from_diffusers(torch.nn.Linear(2, 2))
+
+
+def test_fused_block_cross_attention_runs_on_one_row_per_video() -> None:
+    """The single-token cross-attention projects B context rows (not B*S identical ones) and broadcasts: same
+    result as projecting every row, with the context built as diffusers' TransformerSpatioTemporalModel does."""
+    from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock
+
+    block = _diffusers_block()
+    fused = FusedTemporalBasicTransformerBlock.from_diffusers(block)
+    batch, frames, positions = 2, 5, 6
+    hidden = torch.randn(batch * frames, positions, block.norm_in.normalized_shape[0]) + 1.0
+    # diffusers: encoder_hidden_states (B*F, 1, C_ctx) -> first frame's token broadcast over the H*W positions.
+    encoder_hidden_states = torch.randn(batch * frames, 1, block.attn2.to_v.in_features)
+    first_frame = encoder_hidden_states[None, :].reshape(batch, frames, -1, encoder_hidden_states.shape[-1])[:, 0]
+    context = first_frame[:, None].broadcast_to(batch, positions, 1, encoder_hidden_states.shape[-1])
+    context = context.reshape(batch * positions, 1, encoder_hidden_states.shape[-1])
+    seen_rows = []
+    hook = block.attn2.to_v.register_forward_hook(lambda _module, args, _output: seen_rows.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            got = fused._cross_attention(hidden, frames, context)  # noqa: SLF001 - the shortcut under test
+            every_row = block.attn2.to_out[1](block.attn2.to_out[0](block.attn2.to_v(context)))  # (B*S, 1, C)
+            expected = (hidden.unflatten(0, (batch, frames)) + every_row.view(batch, 1, positions, -1)).flatten(0, 1)
+            diffusers_result = block(hidden, num_frames=frames, encoder_hidden_states=context)
+            fused_result = fused(hidden, num_frames=frames, encoder_hidden_states=context)
+    finally:
+        hook.remove()
+    assert seen_rows[0] == batch
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused_result, diffusers_result, rtol=1e-5, atol=1e-5)

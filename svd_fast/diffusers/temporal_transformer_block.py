@@ -9,6 +9,10 @@ activation disappear.
 
 The cross-attention in SVD's temporal blocks attends to one context token per position, so it is
 exactly ``to_out(to_v(context))`` (the softmax over one key is 1): no query, key or norm2 is computed.
+That context is the same token for every position of a video: diffusers' TransformerSpatioTemporalModel, the
+only model built from these blocks, broadcasts the first frame's context over the B*S positions (its
+``time_context``). So to_v and to_out run on the B rows of position 0 (not on B*S identical rows, 18,432 at
+SVD-XT's top level) and the result is broadcast over positions and frames.
 Any other context (several tokens), or an attention configured in a way this block does not reproduce,
 falls back to running diffusers' own module on the permuted layout, which is exact.
 
@@ -123,7 +127,8 @@ class FusedTemporalBasicTransformerBlock(nn.Module):
     def _cross_attention(
         self, hidden_states: torch.Tensor, num_frames: int, encoder_hidden_states: torch.Tensor | None
     ) -> torch.Tensor:
-        """hidden_states + attn2(norm2(hidden_states), context), with context (B*S, tokens, C_ctx) position-major."""
+        """hidden_states + attn2(norm2(hidden_states), context), with context (B*S, tokens, C_ctx) position-major
+        (one token: the same for every position of a video, see the module docstring)."""
         attn = self.attn2
         batch_frames, positions, channels = hidden_states.shape
         batch = batch_frames // num_frames
@@ -135,10 +140,11 @@ class FusedTemporalBasicTransformerBlock(nn.Module):
             and _plain_cross_attention(attn)
         )
         if single_token:
-            context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
-            value = attn.to_out[1](attn.to_out[0](attn.to_v(context)))  # (B*S, 1, C)
+            per_video = encoder_hidden_states.unflatten(0, (batch, positions))[:, 0]  # (B, 1, C_ctx)
+            context = attn.norm_encoder_hidden_states(per_video) if attn.norm_cross else per_video
+            value = attn.to_out[1](attn.to_out[0](attn.to_v(context)))  # (B, 1, C)
             per_frame = hidden_states.unflatten(0, (batch, num_frames))
-            return (per_frame + value.view(batch, 1, positions, channels)).flatten(0, 1)
+            return (per_frame + value.view(batch, 1, 1, channels)).flatten(0, 1)
         # Any other context (or none: attn2 then attends over frames): diffusers' attention on its own layout.
         position_major = hidden_states.unflatten(0, (batch, num_frames)).transpose(1, 2)
         position_major = position_major.reshape(batch * positions, num_frames, channels)
