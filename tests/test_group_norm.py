@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_cuda
+from conftest import requires_cuda, requires_triton_interpreter
 
 from svd_fast import backends
 from svd_fast.nn import FusedGroupNorm
@@ -27,7 +27,7 @@ EPS = 1e-5
 BACKEND_PARAMS = [
     pytest.param("reference", "cpu", id="reference"),
     pytest.param("cpu", "cpu", id="cpu"),
-    pytest.param("triton", "cpu", id="triton-interpreter"),
+    pytest.param("triton", "cpu", id="triton-interpreter", marks=requires_triton_interpreter),
     pytest.param("cuda", "cuda", id="cuda", marks=requires_cuda),
     pytest.param("triton", "cuda", id="triton-cuda", marks=requires_cuda),
 ]
