@@ -8,11 +8,16 @@ off, so a launch is a plain Triton launch that records nothing in torch's kernel
 Under the Triton CPU interpreter (``TRITON_INTERPRET=1``, which must be set before triton is imported)
 kernels are interpreted functions that torch.compile cannot trace, so the ops are opaque custom ops
 there, with the same body as their fake: on fake tensors :func:`launch` does nothing.
+
+:func:`recorded_launches` captures what the launchers would launch (kernel, grid, arguments) without
+running anything, e.g. on meta tensors: bench/kernel_report.py compiles exactly those configurations
+ahead of time for GPU targets, without a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator
@@ -78,8 +83,33 @@ def on_device_of(tensor: torch.Tensor) -> Iterator[None]:
         yield
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+_recorders: list[list[Launch]] = []
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list[Launch]]:
+    """Inside the block, :func:`launch` appends to the yielded list instead of launching."""
+    records: list[Launch] = []
+    _recorders.append(records)
+    try:
+        yield records
+    finally:
+        _recorders.pop()
+
+
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """Launch ``kernel[grid](*args, **kwargs)``, traceable by torch.compile outside the interpreter."""
+    if _recorders:
+        _recorders[-1].append(Launch(kernel, tuple(grid), args, kwargs))
+        return
     if interpreting():
         if any(isinstance(arg, FakeTensor) for arg in args):
             return
