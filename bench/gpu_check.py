@@ -313,16 +313,9 @@ def stage_correctness(out: Path, dry_run: bool) -> dict:
 
 def _diffusers_attention(q, k, v, frames: int, heads: int):
     """diffusers' temporal attention path: (B*F, S, C) -> (B*S, heads, F, D) -> SDPA -> back."""
-    import torch.nn.functional as F
+    from bench_temporal_attention import diffusers_path
 
-    batch_frames, positions, channels = q.shape
-    batch, head_dim = batch_frames // frames, channels // heads
-
-    def to_heads(t):
-        return t.reshape(batch, frames, positions, heads, head_dim).permute(0, 2, 3, 1, 4).reshape(batch * positions, heads, frames, head_dim)
-
-    out = F.scaled_dot_product_attention(to_heads(q), to_heads(k), to_heads(v))
-    return out.reshape(batch, positions, heads, frames, head_dim).permute(0, 3, 1, 2, 4).reshape(batch_frames, positions, channels)
+    return diffusers_path(q, k, v, frames, heads)
 
 
 def _torch_edm_step(x, uncond, cond, sigma: float, sigma_next: float, guidance):
