@@ -3,7 +3,7 @@
     python bench/gpu_check.py --out DIR [--dry-run] [--budget SECONDS]
 
 Stages run in order of value, each in its own process under a time box (so a hang or a crash of one
-stage is recorded and the next still runs): preflight, build, pytest, correctness, ops, unet_step,
+stage is recorded and the next still runs): preflight, build, correctness, ops, pytest, unet_step,
 end_to_end, vae_decode, optical_flow. Each stage writes DIR/stages/NAME.json; the driver merges them
 into DIR/gpu_report.json and DIR/gpu_report.md (printed at the end). ``--dry-run`` runs the same on a
 CPU machine: stages that need CUDA are skipped with their reason, correctness and ops run at tiny shapes,
@@ -31,11 +31,11 @@ WHEEL_DIR = ROOT / ".whl"
 SITE_DIR = Path(os.environ.get("SVD_FAST_GPU_SITE", "/tmp/svd_fast_gpu_site"))
 # Seconds per stage on the GPU machine, most valuable first; together <= 6 minutes with the driver's overhead.
 BUDGETS = {
-    "preflight": 20,
-    "build": 100,
+    "preflight": 15,
+    "build": 90,
+    "correctness": 45,
+    "ops": 40,
     "pytest": 50,
-    "correctness": 35,
-    "ops": 35,
     "unet_step": 45,
     "end_to_end": 45,
     "vae_decode": 20,
@@ -181,32 +181,42 @@ def stage_build(out: Path, dry_run: bool) -> dict:
 
 
 def stage_pytest(out: Path, dry_run: bool) -> dict:
-    report = out / "pytest_junit.xml"
     env = dict(os.environ)
     if dry_run:
         env["SVD_FAST_GPU_TESTS_MUST_RUN"] = "0"
     tests = ["tests/test_group_norm.py", "tests/test_temporal_attention.py", "tests/test_edm_step.py",
              "tests/test_gpu_test_path.py"] if dry_run else ["tests"]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs", f"--junitxml={report}", *tests],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    (out / "pytest.log").write_text(result.stdout + result.stderr)
-    counts = _junit_counts(report)
-    if result.returncode not in (0, 5) or counts["failed"]:  # 5: nothing selected
+    log = out / "pytest.log"
+    # Verbose, one line per case, so that a run cut short by the time box still yields its counts.
+    with log.open("w") as stream:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-rfEs", *tests],
+            cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            returncode = process.wait(timeout=float(os.environ.get("SVD_FAST_GPU_CHECK_SECONDS", "3600")) - 3)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            returncode = None
+    counts = _pytest_counts(log.read_text())
+    if returncode is None:
+        raise StageFailure(f"pytest -m gpu cut short by the time box: {counts} so far; see pytest.log", {"pytest": counts})
+    if returncode not in (0, 5) or counts["failed"]:  # 5: nothing selected
         raise StageFailure(f"pytest -m gpu: {counts}; see pytest.log", {"pytest": counts})
     return {"pytest": counts}
 
 
-def _junit_counts(report: Path) -> dict[str, int]:
-    import xml.etree.ElementTree as ElementTree
+def _pytest_counts(log: str) -> dict[str, int]:
+    """passed / failed (errors included) / skipped from ``pytest -v`` result lines."""
+    import re
 
-    if not report.exists():
-        return {"passed": 0, "failed": 0, "skipped": 0}
-    suite = ElementTree.parse(report).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    total, failures, errors, skipped = (int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped"))
-    return {"passed": total - failures - errors - skipped, "failed": failures + errors, "skipped": skipped}
+    outcomes = re.findall(r"::\S+ (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", log)
+    return {
+        "passed": sum(o in ("PASSED", "XPASS") for o in outcomes),
+        "failed": sum(o in ("FAILED", "ERROR") for o in outcomes),
+        "skipped": sum(o in ("SKIPPED", "XFAIL") for o in outcomes),
+    }
 
 
 class StageFailure(RuntimeError):
@@ -222,9 +232,21 @@ def _allowed(own_error: float, dtype, magnitude: float) -> float:
     return 2 * own_error + _torch().finfo(dtype).eps * magnitude
 
 
-def _check(rows: list, op: str, shape, dtype, backend: str, error: float, tolerance: float) -> None:
+def _check(rows: list, op: str, shape, dtype, backend: str, error: float, tolerance: float, failure: str | None = None) -> None:
     rows.append({"op": op, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "backend": backend,
-                 "max_abs_err": error, "tolerance": tolerance, "ok": bool(error <= tolerance)})  # fmt: skip
+                 "max_abs_err": error, "tolerance": tolerance, "ok": failure is None and bool(error <= tolerance),
+                 "error": failure})  # fmt: skip
+
+
+def _run(backend: str, fn: Callable[[], object]) -> tuple[object, str | None]:
+    """``fn()`` on ``backend``, or its error (one backend's failure must not hide the others' results)."""
+    from svd_fast import backends
+
+    try:
+        with backends.use_backend(backend):
+            return fn(), None
+    except Exception as error:  # noqa: BLE001 - recorded in the report
+        return None, repr(error)[:500]
 
 
 def correctness_shapes(dry_run: bool) -> dict:
@@ -243,7 +265,6 @@ def stage_correctness(out: Path, dry_run: bool) -> dict:
     torch = _torch()
     import torch.nn.functional as F
 
-    from svd_fast import backends
     from svd_fast.ops import edm_euler_step, group_norm, temporal_attention
     from svd_fast.reference import edm_step as reference_edm
     from svd_fast.reference import group_norm as reference_gn
@@ -260,8 +281,10 @@ def stage_correctness(out: Path, dry_run: bool) -> dict:
         weight = (torch.rand(channels, device=device, generator=generator) + 0.5).to(dtype)
         bias = torch.randn(channels, device=device, generator=generator).to(dtype)
         for backend in _available_backends("group_norm", x):
-            with backends.use_backend(backend):
-                y = group_norm(x, 32, weight, bias, 1e-5, "silu")
+            y, failure = _run(backend, lambda: group_norm(x, 32, weight, bias, 1e-5, "silu"))
+            if failure:
+                _check(rows, "group_norm_silu", label_shape, dtype, backend, float("nan"), float("nan"), failure)
+                continue
             # Per sample: GroupNorm is per sample, and float64 copies of the largest input would need 30 GB.
             error = own = magnitude = 0.0
             for n in range(x.shape[0]):
@@ -289,11 +312,9 @@ def stage_correctness(out: Path, dry_run: bool) -> dict:
     magnitude = truth.abs().max().item()
     own = (_diffusers_attention(q, k, v, frames, heads).double() - truth).abs().max().item()
     for backend in _available_backends("temporal_attention", q, num_frames=frames, head_dim=head_dim):
-        with backends.use_backend(backend):
-            got = temporal_attention(q, k, v, frames, heads)
-        _check(rows, "temporal_attention", shapes["attention"], dtype, backend,
-               (got.double() - truth).abs().max().item(), _allowed(own, dtype, magnitude))  # fmt: skip
-    del q, k, v, truth
+        got, failure = _run(backend, lambda: temporal_attention(q, k, v, frames, heads))
+        error = float("nan") if failure else (got.double() - truth).abs().max().item()
+        _check(rows, "temporal_attention", shapes["attention"], dtype, backend, error, _allowed(own, dtype, magnitude), failure)
 
     shape = shapes["edm"]
     x, uncond, cond = (torch.randn(shape, device=device, generator=generator).to(dtype) for _ in range(3))
@@ -301,10 +322,9 @@ def stage_correctness(out: Path, dry_run: bool) -> dict:
     truth, _ = reference_edm.edm_euler_step(x.double(), uncond.double(), cond.double(), 1.5, 1.2, guidance.double().expand(shape[0], -1), False)
     own = (_torch_edm_step(x, uncond, cond, 1.5, 1.2, guidance).double() - truth).abs().max().item()
     for backend in _available_backends("edm_euler_step", x):
-        with backends.use_backend(backend):
-            got = edm_euler_step(x, uncond, cond, 1.5, 1.2, guidance)
-        _check(rows, "edm_euler_step", shape, dtype, backend, (got.double() - truth).abs().max().item(),
-               _allowed(own, dtype, truth.abs().max().item()))  # fmt: skip
+        got, failure = _run(backend, lambda: edm_euler_step(x, uncond, cond, 1.5, 1.2, guidance))
+        error = float("nan") if failure else (got.double() - truth).abs().max().item()
+        _check(rows, "edm_euler_step", shape, dtype, backend, error, _allowed(own, dtype, truth.abs().max().item()), failure)
     failed = [row for row in rows if not row["ok"]]
     if failed:
         raise StageFailure(f"{len(failed)} correctness case(s) over tolerance", {"correctness": rows})
@@ -506,9 +526,9 @@ def stage_optical_flow(out: Path, dry_run: bool) -> dict:
 STAGES: dict[str, Callable[[Path, bool], dict]] = {
     "preflight": stage_preflight,
     "build": stage_build,
-    "pytest": stage_pytest,
     "correctness": stage_correctness,
     "ops": stage_ops,
+    "pytest": stage_pytest,
     "unet_step": stage_unet_step,
     "end_to_end": stage_end_to_end,
     "vae_decode": stage_vae_decode,
@@ -558,7 +578,8 @@ def drive(out: Path, dry_run: bool, budget: float, only: list[str] | None) -> di
         command = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--stage", name] + (["--dry-run"] if dry_run else [])
         print(f"[gpu_check] {name} (time box {limit:.0f} s)", flush=True)
         try:
-            subprocess.run(command, cwd=ROOT, env={**env, "SVD_FAST_GPU_CHECK_STAGE": name}, timeout=limit)
+            stage_env = {**env, "SVD_FAST_GPU_CHECK_STAGE": name, "SVD_FAST_GPU_CHECK_SECONDS": str(limit)}
+            subprocess.run(command, cwd=ROOT, env=stage_env, timeout=limit)
         except subprocess.TimeoutExpired:
             partial = out / "stages" / f"{name}.partial.json"
             results = json.loads(partial.read_text()) if partial.exists() else {}
