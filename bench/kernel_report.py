@@ -316,8 +316,9 @@ def _parse_ptxas_verbose(text: str, stem: str) -> list[dict]:
         function = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
         if function:
             demangled = subprocess.run(["c++filt", function.group(1)], capture_output=True, text=True).stdout.strip()
+            name = demangled.removeprefix("void ").replace("(anonymous namespace)::", "").split("(")[0]
             current = {
-                "kernel": f"{stem}:{demangled.split('(')[0]}", "backend": "cuda", "target": function.group(2),
+                "kernel": f"{stem}:{name}", "backend": "cuda", "target": function.group(2),
                 "shape": "all (block size fixed per kernel)", "registers": 0, "spill_bytes": 0, "shared_bytes": 0,
                 "grid": None, "min_bytes": None, "sass_per_element": None,
             }  # fmt: skip
