@@ -10,7 +10,7 @@ wheel ships it). CUDA: kernels/*.cu compiled with ``nvcc -Xptxas -v`` for the sa
 Per row: registers, spill bytes (local memory), shared bytes, theoretical occupancy at the launch's
 block size (registers, shared memory and threads against the target's per-SM limits), grid, min_bytes
 (compulsory bytes the launch reads and writes: every distinct tensor argument once) and, for kernels
-without loops, sass_per_element (static SASS instruction count / elements one program handles).
+without loops, sass_per_element (static SASS instructions one thread runs / elements one thread handles).
 Must run with the Triton interpreter off (TRITON_INTERPRET unset or 0).
 """
 
@@ -263,7 +263,10 @@ def triton_rows(targets: list[str]) -> list[dict]:
                         "num_warps": compiled["num_warps"],
                         "min_bytes": sum(_distinct_bytes(t) for t in {id(a): a for a in launch.args if isinstance(a, torch.Tensor)}.values()),
                         "sass_per_element": (
-                            round(compiled["sass_instructions"] / elements, 2) if elements and not compiled["has_loop"] else None
+                            # Each thread runs every static instruction once and handles elements / threads elements.
+                            round(compiled["sass_instructions"] * compiled["num_warps"] * 32 / elements, 1)
+                            if elements and not compiled["has_loop"]
+                            else None
                         ),
                     })  # fmt: skip
     return rows
