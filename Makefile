@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h kernels/*.cu kernels/*.cuh) setup.py
 
-.PHONY: setup build test lint demo bench system-deps
+.PHONY: setup build test lint demo bench system-deps gpu-wheels
 
 setup: $(VENV)/.deps-installed build system-deps
 
@@ -50,3 +50,15 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m pytest bench -q -o python_files="bench_*.py" --benchmark-only --benchmark-json=bench/last_run.json
+
+# Wheels the GPU machine's image lacks (it has torch, triton, numpy, transformers, ...), for bench/gpu_check.sh
+# to install offline. Run where PyPI is reachable; at most 40 MiB may travel with the job.
+GPU_WHEELS ?= diffusers==0.42.1 pillow==13.0.0
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	for spec in $(GPU_WHEELS); do \
+	  $(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "$$spec" || exit 1; \
+	done
+	@total=$$(du -cb .whl/*.whl | tail -1 | cut -f1); ls -l .whl; \
+	  echo "total $$total bytes"; test $$total -lt 41943040 || { echo "over 40 MiB"; exit 1; }

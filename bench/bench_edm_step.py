@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler
 
 from svd_fast import backends
-from svd_fast.diffusers.tiny import SVD_SCHEDULER_CONFIG
 from svd_fast.ops import edm_euler_step, edm_prepare_model_input
-from svd_fast.sampling import frame_guidance
+from svd_fast.sampling import frame_guidance, karras_sigmas
 
 BATCHES = (1, 2)
 FRAMES, CHANNELS = 25, 4
@@ -48,17 +46,27 @@ def compiled_step():
     return torch.compile(_diffusers_step_math, dynamic=False)
 
 
+def _diffusers_scheduler(device: torch.device):
+    """diffusers' scheduler at SVD's 25 steps; imported here because the GPU image may lack diffusers (only the
+    diffusers cases then skip)."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: its baseline is not measured")
+    from svd_fast.diffusers.tiny import SVD_SCHEDULER_CONFIG
+
+    scheduler = diffusers.EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(25, device=device)
+    return scheduler
+
+
 def _inputs(batch: int, device: torch.device):
     (height, width), dtype = _geometry(device)
     shape = (batch, FRAMES, CHANNELS, height, width)
-    scheduler = EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG)
-    scheduler.set_timesteps(25, device=device)
-    sigma, sigma_next = scheduler.sigmas[STEP], scheduler.sigmas[STEP + 1]
+    sigmas = karras_sigmas(25).to(device)  # SVD's schedule, the same sigmas as diffusers' scheduler
+    sigma, sigma_next = sigmas[STEP], sigmas[STEP + 1]
     x = (torch.randn(shape, device=device) * sigma.item()).to(dtype)
     raw = torch.randn((2 * batch, *shape[1:]), device=device, dtype=dtype)
     uncond, cond = raw.chunk(2)
     guidance = frame_guidance(FRAMES, 1.0, 3.0, batch_size=batch, device=device, dtype=dtype)
-    return scheduler, x, uncond, cond, guidance, sigma, sigma_next
+    return x, uncond, cond, guidance, sigma, sigma_next
 
 
 VARIANTS = ["fused", "fused-cuda", "diffusers", "torch-compile"]
@@ -69,7 +77,7 @@ VARIANTS = ["fused", "fused-cuda", "diffusers", "torch-compile"]
 def test_edm_euler_step(timed, device: torch.device, compiled_step, variant: str, batch: int) -> None:
     if variant == "fused-cuda" and device.type != "cuda":
         pytest.skip("the CUDA kernel needs a GPU")
-    scheduler, x, uncond, cond, guidance, sigma, sigma_next = _inputs(batch, device)
+    x, uncond, cond, guidance, sigma, sigma_next = _inputs(batch, device)
     if variant.startswith("fused"):
         backend = "cuda" if variant == "fused-cuda" else "auto"
         sigma_f, sigma_next_f = sigma.item(), sigma_next.item()
@@ -79,6 +87,7 @@ def test_edm_euler_step(timed, device: torch.device, compiled_step, variant: str
                 return edm_euler_step(x, uncond, cond, sigma_f, sigma_next_f, guidance)
 
     elif variant == "diffusers":
+        scheduler = _diffusers_scheduler(device)
         t = scheduler.timesteps[STEP]
 
         def run():
@@ -98,7 +107,7 @@ def test_edm_euler_step(timed, device: torch.device, compiled_step, variant: str
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("variant", ["fused", "diffusers"])
 def test_edm_prepare_model_input(timed, device: torch.device, variant: str, batch: int) -> None:
-    scheduler, x, _uncond, _cond, _guidance, sigma, _sigma_next = _inputs(batch, device)
+    x, _uncond, _cond, _guidance, sigma, _sigma_next = _inputs(batch, device)
     image_latents = torch.randn(batch, CHANNELS, *x.shape[3:], device=device, dtype=x.dtype)
     if variant == "fused":
         sigma_f = sigma.item()
@@ -109,6 +118,7 @@ def test_edm_prepare_model_input(timed, device: torch.device, variant: str, batc
     else:
         repeated = image_latents.unsqueeze(1).repeat(1, FRAMES, 1, 1, 1)
         pipeline_cond = torch.cat([torch.zeros_like(repeated), repeated])  # built once per run by the pipeline
+        scheduler = _diffusers_scheduler(device)
         t = scheduler.timesteps[STEP]
 
         def run():

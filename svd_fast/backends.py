@@ -1,4 +1,4 @@
-"""Backend selection for svd_fast ops.
+"""The backend registry: which implementation of an op runs a call, and why the others cannot.
 
 Every op has up to four implementations:
 
@@ -7,33 +7,25 @@ Every op has up to four implementations:
 * ``cuda``: CUDA kernel in the compiled extension (CUDA tensors, extension built with CUDA).
 * ``triton``: Triton kernel (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 
-By default an op picks the first usable backend in :data:`DEFAULT_ORDER` for the device of its
-input. A backend can be forced with the environment variable ``SVD_FAST_BACKEND`` or, for a
-block of code, with :func:`use_backend`; a forced backend that cannot run raises
-:class:`BackendUnavailableError` naming the reason. It never falls back silently.
-
-:func:`last_backend` tells which backend the last call of an op ran on.
+Each op declares, once per backend, what that backend accepts (:func:`register`): device types,
+dtypes, limits on facts of the call (e.g. at most 64 frames) and its priority per device type. An
+op call asks :func:`select_backend` with its input and those facts; the first backend by priority
+that accepts the call and is built/installed runs it. A backend can be forced with the environment
+variable ``SVD_FAST_BACKEND`` or, for a block of code, with :func:`use_backend`; a forced backend
+that cannot run raises :class:`BackendUnavailableError` naming the reason. It never falls back
+silently. :func:`last_backend` tells which backend the last call of an op ran on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
 BACKENDS: tuple[str, ...] = ("reference", "cpu", "cuda", "triton")
-
-# Preference per device type when nothing is forced. Triton on CPU tensors only runs in the
-# (slow) interpreter, so it is never an automatic choice there. On CUDA, Triton comes first for now:
-# its kernels' arithmetic is checked against the references on every CI run (under the interpreter),
-# while the CUDA kernels have only been compiled, never run (no GPU was lent to development yet).
-# Re-rank from bench/gpu_session.sh's measurements once the CUDA tests have passed on a GPU.
-DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = {
-    "cuda": ("triton", "cuda", "reference"),
-    "cpu": ("cpu", "reference"),
-}
 
 ENV_VAR = "SVD_FAST_BACKEND"
 
@@ -45,6 +37,75 @@ _last_backend: dict[str, str] = {}
 
 class BackendUnavailableError(RuntimeError):
     """Raised when a forced backend cannot run, or no backend can run an op."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    """An upper bound on one fact of a call, e.g. ``Limit("num_frames", 64, "frames per position")``."""
+
+    fact: str
+    maximum: int
+    description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """What one backend of one op accepts, and its rank per device type (lower runs first).
+
+    A device type missing from ``priority`` is never chosen automatically there, only when forced
+    (e.g. Triton on CPU tensors, which runs in the slow interpreter).
+    """
+
+    op: str
+    backend: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    priority: Mapping[str, int]
+    limits: tuple[Limit, ...] = ()
+
+    def rejection(self, device: torch.device, dtype: torch.dtype, facts: Mapping[str, int]) -> str | None:
+        """Why this backend cannot run the call (None when it can)."""
+        if device.type not in self.devices:
+            return f"input is on {device.type}, the {self.backend} backend takes {'/'.join(self.devices)} tensors"
+        if dtype not in self.dtypes:
+            return f"the {self.backend} kernel does not take {dtype} input (takes {', '.join(map(str, self.dtypes))})"
+        for limit in self.limits:
+            value = facts[limit.fact]
+            if value > limit.maximum:
+                return f"the {self.backend} kernel holds at most {limit.maximum} {limit.description}, got {limit.fact}={value}"
+        return _build_reason(self.backend, device)
+
+
+_registry: dict[str, dict[str, Entry]] = {}
+
+
+def register(
+    op: str,
+    backend: str,
+    *,
+    devices: tuple[str, ...],
+    dtypes: tuple[torch.dtype, ...],
+    priority: Mapping[str, int],
+    limits: tuple[Limit, ...] = (),
+) -> Entry:
+    """Declare ``backend`` of ``op``: the devices, dtypes and limits it accepts and its priority per device type."""
+    if backend not in BACKENDS:
+        raise ValueError(f"register: unknown backend {backend!r}; expected one of {BACKENDS}")
+    entries = _registry.setdefault(op, {})
+    if backend in entries:
+        raise ValueError(f"register: {op!r} already declares backend {backend!r}")
+    entry = Entry(op, backend, tuple(devices), tuple(dtypes), dict(priority), tuple(limits))
+    entries[backend] = entry
+    return entry
+
+
+def entries(op: str) -> dict[str, Entry]:
+    """The declared backends of ``op`` (backend -> Entry)."""
+    return dict(_registry[op])
+
+
+def registered_ops() -> tuple[str, ...]:
+    return tuple(_registry)
 
 
 def _validate_name(name: str, source: str) -> str:
@@ -83,57 +144,61 @@ def backends_used() -> dict[str, str]:
     return dict(_last_backend)
 
 
-UnavailableReason = Callable[[str], "str | None"]
+def unavailable_reasons(op_name: str, x: torch.Tensor, **facts: int) -> dict[str, str | None]:
+    """backend -> why it cannot run this call of ``op_name`` on ``x`` (None: it can), for every backend."""
+    declared = _registry[op_name]
+    return {
+        backend: (
+            declared[backend].rejection(x.device, x.dtype, facts)
+            if backend in declared
+            else f"{op_name} has no {backend} implementation"
+        )
+        for backend in BACKENDS
+    }
 
 
-def select_backend(
-    op_name: str,
-    device: torch.device,
-    unavailable_reason: UnavailableReason,
-    order: Mapping[str, tuple[str, ...]] = DEFAULT_ORDER,
-) -> str:
-    """Choose the backend for one call of ``op_name`` on ``device``.
+def select_backend(op_name: str, x: torch.Tensor, **facts: int) -> str:
+    """Choose the backend for one call of ``op_name`` whose main input is ``x``.
 
-    ``unavailable_reason(backend)`` returns None when the backend can run this call, else a short
-    reason. ``order`` lets an op whose benchmarks rank its backends differently override the default
-    preference per device type. The choice is recorded for :func:`last_backend`.
+    ``facts`` are the call's values the entries' limits name (e.g. ``num_frames=25``). The choice is
+    recorded for :func:`last_backend`.
     """
+    declared = _registry[op_name]
     forced = forced_backend()
     if forced is not None:
-        reason = unavailable_reason(forced)
+        entry = declared.get(forced)
+        reason = f"{op_name} has no {forced} implementation" if entry is None else entry.rejection(x.device, x.dtype, facts)
         if reason is not None:
             raise BackendUnavailableError(f"{op_name}: backend {forced!r} was forced but cannot run: {reason}")
         chosen = forced
     else:
+        ranked = sorted(
+            (entry for entry in declared.values() if x.device.type in entry.priority),
+            key=lambda entry: entry.priority[x.device.type],
+        )
         reasons: dict[str, str] = {}
         chosen = None
-        for backend in order.get(device.type, ("reference",)):
-            reason = unavailable_reason(backend)
+        for entry in ranked:
+            reason = entry.rejection(x.device, x.dtype, facts)
             if reason is None:
-                chosen = backend
+                chosen = entry.backend
                 break
-            reasons[backend] = reason
+            reasons[entry.backend] = reason
         if chosen is None:
-            listing = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+            listing = "; ".join(f"{name}: {why}" for name, why in reasons.items()) or f"none ranked for {x.device.type}"
             raise BackendUnavailableError(f"{op_name}: no backend can run this call ({listing})")
     _last_backend[op_name] = chosen
     return chosen
 
 
-def common_unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """Availability shared by all ops: is the backend built/installed and usable on this device?"""
+def _build_reason(backend: str, device: torch.device) -> str | None:
+    """Is the backend built/installed and usable on this device?"""
     from svd_fast import _extension, _triton  # noqa: PLC0415 - both import backends (for the error type)
 
-    if backend == "reference":
-        return None
     if backend == "cpu":
-        if device.type != "cpu":
-            return f"input is on {device.type}, the cpu backend takes CPU tensors"
         return _extension.unavailable_reason()
     if backend == "cuda":
-        if device.type != "cuda":
-            return f"input is on {device.type}, the cuda backend takes CUDA tensors"
         return _extension.cuda_unavailable_reason()
     if backend == "triton":
         return _triton.unavailable_reason(device)
-    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return None

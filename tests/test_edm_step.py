@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import requires_cuda, requires_triton_interpreter
 
 from svd_fast import backends
 from svd_fast.ops import edm_euler_step, edm_prepare_model_input
@@ -23,7 +23,7 @@ SIGMA_PAIRS = ((700.0, 421.7), (1.3, 0.7), (0.05, 0.0))
 BACKEND_PARAMS = [
     pytest.param("reference", "cpu", id="reference"),
     pytest.param("cpu", "cpu", id="cpu"),
-    pytest.param("triton", "cpu", id="triton-interpreter"),
+    pytest.param("triton", "cpu", id="triton-interpreter", marks=requires_triton_interpreter),
     pytest.param("cuda", "cuda", id="cuda", marks=requires_cuda),
     pytest.param("triton", "cuda", id="triton-cuda", marks=requires_cuda),
 ]
@@ -142,7 +142,7 @@ def test_euler_step_layouts(backend: str, device: str, layout: str) -> None:
         torch.testing.assert_close(result.double().cpu(), truth.cpu(), rtol=1e-6, atol=4e-7 * truth.abs().max().item())
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=requires_triton_interpreter)])
 def test_halves_are_read_in_place(backend: str) -> None:
     """The two halves of the UNet's (2B, ...) output and frame-strided views are not copied (no aten::clone,
     which .contiguous() runs); a layout the kernels cannot read in place is, so the check can fail."""
@@ -206,7 +206,8 @@ def test_prepare_model_input_matches_reference(backend: str, device: str, dtype:
                 assert torch.equal(halves[0][:, :, channels:], torch.zeros_like(expected_cond))
 
 
-def test_prepare_model_input_order_matches_diffusers_pipeline() -> None:
+@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=requires_triton_interpreter)])
+def test_prepare_model_input_order_matches_diffusers_pipeline(backend: str) -> None:
     """diffusers: cat([latents] * 2) -> scale_model_input -> cat with cat([zeros, image_latents]) on channels."""
     from diffusers import EulerDiscreteScheduler  # noqa: PLC0415
 
@@ -221,24 +222,23 @@ def test_prepare_model_input_order_matches_diffusers_pipeline() -> None:
     repeated = image_latents.unsqueeze(1).repeat(1, SHAPE[1], 1, 1, 1)
     pipeline_cond = torch.cat([torch.zeros_like(repeated), repeated])
     expected = torch.cat([scheduler.scale_model_input(torch.cat([x] * 2), t), pipeline_cond], dim=2)
-    for backend in ("reference", "cpu", "triton"):
-        with backends.use_backend(backend):
-            out = edm_prepare_model_input(x, image_latents, sigma, do_cfg=True)
-        torch.testing.assert_close(out, expected, rtol=2e-7, atol=0, msg=backend)
+    with backends.use_backend(backend):
+        out = edm_prepare_model_input(x, image_latents, sigma, do_cfg=True)
+    torch.testing.assert_close(out, expected, rtol=2e-7, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_opcheck(backend: str) -> None:
+@pytest.mark.parametrize(("backend", "device"), [p for p in BACKEND_PARAMS if p.values[0] != "reference"])
+def test_opcheck(backend: str, device: str) -> None:
     """torch.library consistency (schema, fake/meta implementation, torch.compile tracing) of the compiled ops."""
     suffix = "_triton" if backend == "triton" else ""
     euler = getattr(torch.ops.svd_fast, f"edm_euler_step{suffix}")
     prepare = getattr(torch.ops.svd_fast, f"edm_prepare_model_input{suffix}")
-    x = _latents(1.0)
-    _raw, uncond, cond = _model_outputs()
-    guidance = _guidance().expand(SHAPE[0], -1)
+    x = _latents(1.0).to(device)
+    _raw, uncond, cond = (t.to(device) for t in _model_outputs())
+    guidance = _guidance().expand(SHAPE[0], -1).to(device)
     torch.library.opcheck(euler, (x, uncond, cond, 1.0, 0.5, guidance, True))
     torch.library.opcheck(euler, (x, uncond, None, 1.0, 0.0, None, False))
-    torch.library.opcheck(prepare, (x, torch.randn(SHAPE[0], SHAPE[1], 4, *SHAPE[3:]), 1.0, True))
+    torch.library.opcheck(prepare, (x, torch.randn(SHAPE[0], SHAPE[1], 4, *SHAPE[3:], device=device), 1.0, True))
 
 
 def _bad_step_calls():

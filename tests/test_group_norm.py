@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_cuda
+from conftest import requires_cuda, requires_triton_interpreter
 
 from svd_fast import backends
 from svd_fast.nn import FusedGroupNorm
@@ -27,7 +27,7 @@ EPS = 1e-5
 BACKEND_PARAMS = [
     pytest.param("reference", "cpu", id="reference"),
     pytest.param("cpu", "cpu", id="cpu"),
-    pytest.param("triton", "cpu", id="triton-interpreter"),
+    pytest.param("triton", "cpu", id="triton-interpreter", marks=requires_triton_interpreter),
     pytest.param("cuda", "cuda", id="cuda", marks=requires_cuda),
     pytest.param("triton", "cuda", id="triton-cuda", marks=requires_cuda),
 ]
@@ -81,6 +81,51 @@ def test_forward_matches_float64(backend, device, dtype, rank, channels_last) ->
         error = (y.double() - truth).abs().max().item()
         floor = 4 * torch.finfo(dtype).eps * max(1.0, truth.abs().max().item())
         assert error <= 2 * torch_error + floor, (affine, silu, error, torch_error)
+
+
+def _temporal_resnet_view(x_frames: torch.Tensor, batch: int) -> torch.Tensor:
+    """SVD's temporal resnets: (B*F, C, H, W) activations seen as (B, C, F, H, W) by a permute (no copy)."""
+    return x_frames.unflatten(0, (batch, -1)).permute(0, 2, 1, 3, 4)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKEND_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_permuted_temporal_view_matches_float64(backend, device, dtype) -> None:
+    """The (B, C, F, H, W) permuted view, forward and float32 gradients, against the float64 truth."""
+    batch, channels, frames, height, width = SHAPES["5d"]
+    frames_first, weight, bias = _inputs((batch * frames, channels, height, width), dtype, device)
+    x = _temporal_resnet_view(frames_first, batch)
+    assert not x.is_contiguous()
+    truth = _torch_group_norm(x.double(), _double(weight), _double(bias), True)
+    torch_error = (_torch_group_norm(x, weight, bias, True).double() - truth).abs().max().item()
+    with backends.use_backend(backend):
+        y = group_norm(x, GROUPS, weight, bias, EPS, activation="silu")
+    assert backends.last_backend("group_norm") == backend and y.is_contiguous()
+    floor = 4 * torch.finfo(dtype).eps * max(1.0, truth.abs().max().item())
+    assert (y.double() - truth).abs().max().item() <= 2 * torch_error + floor
+    if dtype != torch.float32 or backend == "reference":
+        return
+    grad_output = torch.randn(x.shape, dtype=dtype, device=device)
+    expected = _gradients("reference", *(_double(t) for t in (x, weight, bias, grad_output)), True)
+    torch_grads = _gradients("reference", x, weight, bias, grad_output, True)
+    for name, actual, truth_grad, torch_grad in zip(("x", "weight", "bias"), _gradients(backend, x, weight, bias, grad_output, True), expected, torch_grads):
+        error = (actual.double() - truth_grad).abs().max().item()
+        torch_grad_error = (torch_grad.double() - truth_grad).abs().max().item()
+        floor = 4 * torch.finfo(torch.float32).eps * max(1.0, truth_grad.abs().max().item())
+        assert error <= 2 * torch_grad_error + floor, name
+
+
+def test_triton_reads_the_permuted_view_in_place_and_keeps_the_grid_one_dimensional() -> None:
+    pytest.importorskip("triton", reason="the Triton launch plan needs triton")
+    from svd_fast.triton import group_norm as triton_group_norm
+
+    view = _temporal_resnet_view(torch.empty(2 * 25, 320, 72, 128, device="meta"), 2)
+    assert triton_group_norm.layout_strides(view) == (25 * 320 * 72 * 128, 72 * 128, 320 * 72 * 128, 1)
+    # A crop of W: rows of a frame no longer follow each other at a fixed stride, H and W cannot merge.
+    assert triton_group_norm.layout_strides(torch.empty(2, 4, 6, 10)[..., :7]) is None
+    # The VAE's 5-D norms at 200 frames: ~115,000 tiles per group, far over grid dimension 1's 65,535.
+    plan = triton_group_norm.launch_plan((1, 128, 200, 576, 1024), 32)
+    assert len(plan.grid) == 1 and plan.tiles > 65_535 and plan.grid[0] < 2**31
 
 
 @pytest.mark.parametrize(("backend", "device"), COMPILED_BACKEND_PARAMS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_cuda
+from conftest import requires_cuda, requires_triton_interpreter
 
 from svd_fast import backends
 from svd_fast.ops import temporal_attention
@@ -21,7 +21,7 @@ from svd_fast.reference import temporal_attention as reference
 BACKEND_PARAMS = [
     pytest.param("reference", "cpu", id="reference"),
     pytest.param("cpu", "cpu", id="cpu"),
-    pytest.param("triton", "cpu", id="triton-interpreter"),
+    pytest.param("triton", "cpu", id="triton-interpreter", marks=requires_triton_interpreter),
     pytest.param("cuda", "cuda", id="cuda", marks=requires_cuda),
     pytest.param("triton", "cuda", id="triton-cuda", marks=requires_cuda),
 ]
@@ -144,11 +144,11 @@ def test_cpu_kernel_gradcheck_float64() -> None:
         assert torch.autograd.gradcheck(lambda *t: temporal_attention(*t, 5, 2), (q, k, v))
 
 
-@pytest.mark.parametrize("op_name", ["temporal_attention_forward", "temporal_attention_forward_triton"])
-def test_opcheck(op_name: str) -> None:
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_PARAMS if p.values[0] != "reference"])
+def test_opcheck(backend: str, device: str) -> None:
     """Schema, fake implementation and autograd registration agree with the kernels (torch.library.opcheck)."""
-    q, k, v = (t.detach().requires_grad_() for t in _qkv(1, 3, 2, 2, 16, torch.float32, layout="contiguous"))
-    torch.library.opcheck(getattr(torch.ops.svd_fast, op_name), (q, k, v, 3, 2, 0.25))
+    q, k, v = (t.detach().to(device).requires_grad_() for t in _qkv(1, 3, 2, 2, 16, torch.float32, layout="contiguous"))
+    torch.library.opcheck(getattr(torch.ops.svd_fast, COMPILED_OPS[backend]), (q, k, v, 3, 2, 0.25))
 
 
 def test_compiles_with_torch_compile() -> None:
@@ -231,7 +231,7 @@ def _block_inputs(block, batch=2, frames=5, positions=6):
     return hidden, context, frames
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=requires_triton_interpreter)])
 def test_fused_block_matches_diffusers_block(backend: str) -> None:
     from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock
 

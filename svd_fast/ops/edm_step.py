@@ -7,7 +7,7 @@
 
 Each checks its arguments, picks a backend (see :mod:`svd_fast.backends`) and runs it. The compiled
 backends are torch ops (``torch.ops.svd_fast.edm_*`` from C++/CUDA, ``torch.ops.svd_fast.edm_*_triton``
-from Triton) with fake implementations for torch.compile. Sampling only: no autograd formula is
+from Triton); what each backend accepts is declared here to :mod:`svd_fast.backends`. Sampling only: no autograd formula is
 registered and the outputs must not be differentiated.
 
 Math runs in float32 for float32/float16/bfloat16 storage (float64 on the reference backend for
@@ -21,12 +21,22 @@ import math
 
 import torch
 
-from svd_fast import _extension, backends
+from svd_fast import _extension, _triton, backends
 from svd_fast.reference import edm_step as reference
 
 EULER_OP_NAME = "edm_euler_step"
 PREPARE_OP_NAME = "edm_prepare_model_input"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOAT32_MATH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+EULER_OPS = {"cpu": "edm_euler_step", "cuda": "edm_euler_step", "triton": "edm_euler_step_triton"}
+PREPARE_OPS = {"cpu": "edm_prepare_model_input", "cuda": "edm_prepare_model_input", "triton": "edm_prepare_model_input_triton"}
+
+# The compiled and Triton kernels compute in float32 and do not take float64 input.
+for _op_name in (EULER_OP_NAME, PREPARE_OP_NAME):
+    backends.register(_op_name, "reference", devices=("cpu", "cuda"), dtypes=SUPPORTED_DTYPES, priority={"cpu": 1, "cuda": 2})
+    backends.register(_op_name, "cpu", devices=("cpu",), dtypes=FLOAT32_MATH_DTYPES, priority={"cpu": 0})
+    backends.register(_op_name, "cuda", devices=("cuda",), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 1})
+    backends.register(_op_name, "triton", devices=("cuda", "cpu"), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 0})
 
 GuidanceLike = torch.Tensor | float | None
 
@@ -63,13 +73,13 @@ def edm_euler_step(
     if not isinstance(return_denoised, bool):
         raise TypeError(f"{EULER_OP_NAME}: return_denoised must be a bool, got {type(return_denoised).__name__}")
 
-    backend = backends.select_backend(EULER_OP_NAME, x.device, lambda name: _unavailable_reason(name, x))
+    backend = backends.select_backend(EULER_OP_NAME, x)
     if backend == "reference":
         x_next, denoised = reference.edm_euler_step(
             x, model_out_uncond, model_out_cond, sigma, sigma_next, guidance_2d, return_denoised
         )
     else:
-        op = torch.ops.svd_fast.edm_euler_step_triton if backend == "triton" else torch.ops.svd_fast.edm_euler_step
+        op = getattr(torch.ops.svd_fast, EULER_OPS[backend])
         x_next, denoised = op(x, model_out_uncond, model_out_cond, sigma, sigma_next, guidance_2d, return_denoised)
     return (x_next, denoised) if return_denoised else x_next
 
@@ -93,19 +103,10 @@ def edm_prepare_model_input(
     if not isinstance(do_cfg, bool):
         raise TypeError(f"{PREPARE_OP_NAME}: do_cfg must be a bool, got {type(do_cfg).__name__}")
 
-    backend = backends.select_backend(PREPARE_OP_NAME, x.device, lambda name: _unavailable_reason(name, x))
+    backend = backends.select_backend(PREPARE_OP_NAME, x)
     if backend == "reference":
         return reference.edm_prepare_model_input(x, cond, sigma, do_cfg)
-    if backend == "triton":
-        return torch.ops.svd_fast.edm_prepare_model_input_triton(x, cond, sigma, do_cfg)
-    return torch.ops.svd_fast.edm_prepare_model_input(x, cond, sigma, do_cfg)
-
-
-def _unavailable_reason(backend: str, x: torch.Tensor) -> str | None:
-    reason = backends.common_unavailable_reason(backend, x.device)
-    if reason is None and backend != "reference" and x.dtype == torch.float64:
-        return "the compiled and triton kernels compute in float32 and do not take float64 input"
-    return reason
+    return getattr(torch.ops.svd_fast, PREPARE_OPS[backend])(x, cond, sigma, do_cfg)
 
 
 # --- argument checks ---------------------------------------------------------------------------
@@ -202,31 +203,7 @@ def _broadcast_cond_latents(x: torch.Tensor, cond_latents: object) -> torch.Tens
     return cond_latents.expand(batch, frames, *shape[2:])
 
 
-# --- torch.library registration: Triton ops and fake implementations -----------------------------
-
-
-@torch.library.custom_op("svd_fast::edm_euler_step_triton", mutates_args=())
-def _edm_euler_step_triton(
-    x: torch.Tensor,
-    model_out_uncond: torch.Tensor,
-    model_out_cond: torch.Tensor | None,
-    sigma: float,
-    sigma_next: float,
-    guidance: torch.Tensor | None,
-    return_denoised: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from svd_fast.triton import edm_step as triton_edm_step  # noqa: PLC0415 - triton is optional
-
-    return triton_edm_step.euler_step(x, model_out_uncond, model_out_cond, sigma, sigma_next, guidance, return_denoised)
-
-
-@torch.library.custom_op("svd_fast::edm_prepare_model_input_triton", mutates_args=())
-def _edm_prepare_model_input_triton(
-    x: torch.Tensor, cond_latents: torch.Tensor, sigma: float, do_cfg: bool
-) -> torch.Tensor:
-    from svd_fast.triton import edm_step as triton_edm_step  # noqa: PLC0415 - triton is optional
-
-    return triton_edm_step.prepare_model_input(x, cond_latents, sigma, do_cfg)
+# --- torch.library registration: Triton ops, fake implementations of the C++ ops -----------------------
 
 
 def _euler_step_fake(x, model_out_uncond, model_out_cond, sigma, sigma_next, guidance, return_denoised):
@@ -240,12 +217,12 @@ def _prepare_model_input_fake(x, cond_latents, sigma, do_cfg):
     return x.new_empty((out_batch, frames, channels + cond_latents.shape[2], height, width))
 
 
-def _register(euler_name: str, prepare_name: str) -> None:
-    torch.library.register_fake(euler_name)(_euler_step_fake)
-    torch.library.register_fake(prepare_name)(_prepare_model_input_fake)
+if _triton.available():
+    from svd_fast.triton import edm_step as triton_edm_step
 
-
-_register("svd_fast::edm_euler_step_triton", "svd_fast::edm_prepare_model_input_triton")
+    _triton.register_op("svd_fast::edm_euler_step_triton", triton_edm_step.euler_step)
+    _triton.register_op("svd_fast::edm_prepare_model_input_triton", triton_edm_step.prepare_model_input)
 if _extension.unavailable_reason() is None:
     _extension.extension()  # loading svd_fast._C defines svd_fast::edm_euler_step / edm_prepare_model_input
-    _register("svd_fast::edm_euler_step", "svd_fast::edm_prepare_model_input")
+    torch.library.register_fake("svd_fast::edm_euler_step")(_euler_step_fake)
+    torch.library.register_fake("svd_fast::edm_prepare_model_input")(_prepare_model_input_fake)

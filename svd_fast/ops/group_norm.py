@@ -1,27 +1,35 @@
 """GroupNorm with an optional fused SiLU: the public op.
 
 ``group_norm(x, num_groups, weight, bias, eps, activation)`` checks its arguments, picks a backend
-(see :mod:`svd_fast.backends`) and runs it. The compiled backends are torch ops
-(``torch.ops.svd_fast.group_norm_forward`` from C++, ``torch.ops.svd_fast.group_norm_forward_triton``
-from Triton) with fake implementations for torch.compile and autograd formulas registered here; the
-reference backend is differentiable PyTorch.
+(see :mod:`svd_fast.backends`, where this module declares what each backend accepts) and runs it. The
+compiled backends are torch ops (``torch.ops.svd_fast.group_norm_forward`` from C++,
+``torch.ops.svd_fast.group_norm_forward_triton`` from Triton) with autograd formulas registered here;
+the reference backend is differentiable PyTorch.
 """
 
 from __future__ import annotations
 
 import torch
 
-from svd_fast import _extension, backends
+from svd_fast import _extension, _triton, backends
 from svd_fast.ops._library import register_differentiable_op
 from svd_fast.reference import group_norm as reference
 
 OP_NAME = "group_norm"
 ACTIVATIONS = (None, "silu")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOAT32_MATH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FORWARD_OPS = {"cpu": "group_norm_forward", "cuda": "group_norm_forward", "triton": "group_norm_forward_triton"}
+
 # On CPU tensors ATen's own vectorised GroupNorm and SiLU (the reference path) measured 2x faster than
 # the scalar C++ kernel on SVD shapes (bench/RESULTS.md), so auto mode prefers it there; the C++ kernel
-# stays available with use_backend("cpu").
-AUTO_ORDER = {**backends.DEFAULT_ORDER, "cpu": ("reference", "cpu")}
+# stays available with use_backend("cpu"). On CUDA, Triton first: its arithmetic is checked against the
+# float64 truth on every CI run (under the interpreter); the CUDA kernels are ranked from GPU measurements.
+backends.register(OP_NAME, "reference", devices=("cpu", "cuda"), dtypes=SUPPORTED_DTYPES, priority={"cpu": 0, "cuda": 2})
+backends.register(OP_NAME, "cpu", devices=("cpu",), dtypes=SUPPORTED_DTYPES, priority={"cpu": 1})
+backends.register(OP_NAME, "cuda", devices=("cuda",), dtypes=SUPPORTED_DTYPES, priority={"cuda": 1})
+# The Triton kernels compute in float32 and do not take float64 input.
+backends.register(OP_NAME, "triton", devices=("cuda", "cpu"), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 0})
 
 
 def group_norm(
@@ -39,19 +47,11 @@ def group_norm(
     """
     _check_arguments(x, num_groups, weight, bias, eps, activation)
     silu = activation == "silu"
-    backend = backends.select_backend(OP_NAME, x.device, lambda name: _unavailable_reason(name, x), AUTO_ORDER)
+    backend = backends.select_backend(OP_NAME, x)
     if backend == "reference":
         return reference.group_norm(x, num_groups, weight, bias, eps, silu)
-    forward_op = torch.ops.svd_fast.group_norm_forward_triton if backend == "triton" else torch.ops.svd_fast.group_norm_forward
-    output, _mean, _rstd = forward_op(x, num_groups, weight, bias, eps, silu)
+    output, _mean, _rstd = getattr(torch.ops.svd_fast, FORWARD_OPS[backend])(x, num_groups, weight, bias, eps, silu)
     return output
-
-
-def _unavailable_reason(backend: str, x: torch.Tensor) -> str | None:
-    reason = backends.common_unavailable_reason(backend, x.device)
-    if reason is None and backend == "triton" and x.dtype == torch.float64:
-        return "the triton kernels compute in float32 and do not take float64 input"
-    return reason
 
 
 def _check_arguments(
@@ -90,37 +90,7 @@ def _check_arguments(
         raise ValueError(f"group_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-# --- torch.library registration: Triton ops, fake implementations, autograd -----------------
-
-
-@torch.library.custom_op("svd_fast::group_norm_forward_triton", mutates_args=())
-def _group_norm_forward_triton(
-    x: torch.Tensor,
-    num_groups: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    silu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from svd_fast.triton import group_norm as triton_group_norm  # noqa: PLC0415 - triton is optional
-
-    return triton_group_norm.forward(x, num_groups, weight, bias, eps, silu)
-
-
-@torch.library.custom_op("svd_fast::group_norm_backward_triton", mutates_args=())
-def _group_norm_backward_triton(
-    grad_output: torch.Tensor,
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    num_groups: int,
-    silu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from svd_fast.triton import group_norm as triton_group_norm  # noqa: PLC0415 - triton is optional
-
-    return triton_group_norm.backward(grad_output, x, mean, rstd, weight, bias, num_groups, silu)
+# --- torch.library registration: fake implementations of the C++ ops, autograd -----------------
 
 
 def _forward_fake(x, num_groups, weight, bias, eps, silu):
@@ -166,13 +136,17 @@ def _autograd_backward(backward_op):
     return backward
 
 
-def _register(forward_name: str, backward_name: str) -> None:
+if _triton.available():
+    from svd_fast.triton import group_norm as triton_group_norm
+
+    _triton.register_op("svd_fast::group_norm_forward_triton", triton_group_norm.forward)
+    _triton.register_op("svd_fast::group_norm_backward_triton", triton_group_norm.backward)
     register_differentiable_op(
-        forward_name, backward_name, _forward_fake, _backward_fake, _setup_context, _autograd_backward
+        "svd_fast::group_norm_forward_triton", "svd_fast::group_norm_backward_triton", _setup_context, _autograd_backward
     )
-
-
-_register("svd_fast::group_norm_forward_triton", "svd_fast::group_norm_backward_triton")
 if _extension.unavailable_reason() is None:
     _extension.extension()  # loading svd_fast._C defines svd_fast::group_norm_forward/backward
-    _register("svd_fast::group_norm_forward", "svd_fast::group_norm_backward")
+    register_differentiable_op(
+        "svd_fast::group_norm_forward", "svd_fast::group_norm_backward", _setup_context, _autograd_backward,
+        fakes=(_forward_fake, _backward_fake),
+    )

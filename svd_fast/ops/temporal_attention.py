@@ -7,7 +7,8 @@ strides: slices of a fused projection work too) and writes the output in the sam
 
 The compiled backends are torch ops (``torch.ops.svd_fast.temporal_attention_forward`` from C++ for CPU
 and CUDA, ``torch.ops.svd_fast.temporal_attention_forward_triton`` from Triton) returning the output
-and the log-sum-exp the backward needs; fake implementations and autograd are registered here. Any
+and the log-sum-exp the backward needs; autograd is registered here, and what each backend accepts is
+declared here to :mod:`svd_fast.backends`. Any
 number of positions B*S*H works (the grids are 1-D), unlike PyTorch's flash/efficient SDPA kernels,
 which fail above 65,535 batch*heads on CUDA.
 """
@@ -18,15 +19,31 @@ import math
 
 import torch
 
-from svd_fast import _extension, backends
+from svd_fast import _extension, _triton, backends
 from svd_fast.ops._library import register_differentiable_op
 from svd_fast.reference import temporal_attention as reference
 
 OP_NAME = "temporal_attention"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# What the GPU kernels (Triton and CUDA) hold in registers: frames and head channels per position.
+FLOAT32_MATH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FORWARD_OPS = {
+    "cpu": "temporal_attention_forward", "cuda": "temporal_attention_forward", "triton": "temporal_attention_forward_triton"
+}  # fmt: skip
+# What the GPU kernels (Triton and CUDA) hold on chip: frames and head channels per position.
 GPU_MAX_FRAMES = 64
 GPU_MAX_HEAD_DIM = 128
+GPU_LIMITS = (
+    backends.Limit("num_frames", GPU_MAX_FRAMES, "frames per position"),
+    backends.Limit("head_dim", GPU_MAX_HEAD_DIM, "channels per head"),
+)
+
+backends.register(OP_NAME, "reference", devices=("cpu", "cuda"), dtypes=SUPPORTED_DTYPES, priority={"cpu": 1, "cuda": 2})
+backends.register(OP_NAME, "cpu", devices=("cpu",), dtypes=SUPPORTED_DTYPES, priority={"cpu": 0})
+# The GPU kernels compute in float32 and do not take float64 input.
+backends.register(OP_NAME, "cuda", devices=("cuda",), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 1}, limits=GPU_LIMITS)
+backends.register(
+    OP_NAME, "triton", devices=("cuda", "cpu"), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 0}, limits=GPU_LIMITS
+)
 
 
 def temporal_attention(
@@ -46,31 +63,11 @@ def temporal_attention(
     _check_arguments(q, k, v, num_frames, num_heads, scale)
     head_dim = q.shape[2] // num_heads
     scale = head_dim**-0.5 if scale is None else float(scale)
-    backend = backends.select_backend(
-        OP_NAME, q.device, lambda name: _unavailable_reason(name, q, num_frames, head_dim)
-    )
+    backend = backends.select_backend(OP_NAME, q, num_frames=num_frames, head_dim=head_dim)
     if backend == "reference":
         return reference.temporal_attention(q, k, v, num_frames, num_heads, scale)
-    forward_op = (
-        torch.ops.svd_fast.temporal_attention_forward_triton
-        if backend == "triton"
-        else torch.ops.svd_fast.temporal_attention_forward
-    )
-    output, _lse = forward_op(q, k, v, num_frames, num_heads, scale)
+    output, _lse = getattr(torch.ops.svd_fast, FORWARD_OPS[backend])(q, k, v, num_frames, num_heads, scale)
     return output
-
-
-def _unavailable_reason(backend: str, q: torch.Tensor, num_frames: int, head_dim: int) -> str | None:
-    reason = backends.common_unavailable_reason(backend, q.device)
-    if reason is not None or backend not in ("triton", "cuda"):
-        return reason
-    if q.dtype == torch.float64:
-        return f"the {backend} kernel computes in float32 and does not take float64 input"
-    if num_frames > GPU_MAX_FRAMES:
-        return f"the {backend} kernel holds at most {GPU_MAX_FRAMES} frames per position, got num_frames={num_frames}"
-    if head_dim > GPU_MAX_HEAD_DIM:
-        return f"the {backend} kernel takes head_dim <= {GPU_MAX_HEAD_DIM}, got {head_dim}"
-    return None
 
 
 def _check_arguments(
@@ -107,33 +104,7 @@ def _check_arguments(
         raise ValueError(f"temporal_attention: scale must be a positive finite float or None, got {scale!r}")
 
 
-# --- torch.library registration: Triton ops, fake implementations, autograd -----------------
-
-
-@torch.library.custom_op("svd_fast::temporal_attention_forward_triton", mutates_args=())
-def _temporal_attention_forward_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int, num_heads: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from svd_fast.triton import temporal_attention as triton_temporal_attention  # noqa: PLC0415 - triton is optional
-
-    return triton_temporal_attention.forward(q, k, v, num_frames, num_heads, scale)
-
-
-@torch.library.custom_op("svd_fast::temporal_attention_backward_triton", mutates_args=())
-def _temporal_attention_backward_triton(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    num_frames: int,
-    num_heads: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from svd_fast.triton import temporal_attention as triton_temporal_attention  # noqa: PLC0415 - triton is optional
-
-    return triton_temporal_attention.backward(grad_out, q, k, v, out, lse, num_frames, num_heads, scale)
+# --- torch.library registration: fake implementations of the C++ ops, autograd -----------------
 
 
 def _forward_fake(q, k, v, num_frames, num_heads, scale):
@@ -162,13 +133,18 @@ def _autograd_backward(backward_op):
     return backward
 
 
-def _register(forward_name: str, backward_name: str) -> None:
+if _triton.available():
+    from svd_fast.triton import temporal_attention as triton_temporal_attention
+
+    _triton.register_op("svd_fast::temporal_attention_forward_triton", triton_temporal_attention.forward)
+    _triton.register_op("svd_fast::temporal_attention_backward_triton", triton_temporal_attention.backward)
     register_differentiable_op(
-        forward_name, backward_name, _forward_fake, _backward_fake, _setup_context, _autograd_backward
-    )
-
-
-_register("svd_fast::temporal_attention_forward_triton", "svd_fast::temporal_attention_backward_triton")
+        "svd_fast::temporal_attention_forward_triton", "svd_fast::temporal_attention_backward_triton",
+        _setup_context, _autograd_backward,
+    )  # fmt: skip
 if _extension.unavailable_reason() is None:
     _extension.extension()  # loading svd_fast._C defines svd_fast::temporal_attention_forward/backward
-    _register("svd_fast::temporal_attention_forward", "svd_fast::temporal_attention_backward")
+    register_differentiable_op(
+        "svd_fast::temporal_attention_forward", "svd_fast::temporal_attention_backward", _setup_context, _autograd_backward,
+        fakes=(_forward_fake, _backward_fake),
+    )

@@ -7,14 +7,19 @@ p = s*H + h of one video b: it reads q/k/v once and writes out (+ lse) once, and
 compute every gradient of its positions without atomics. Consecutive p are consecutive D-sized chunks of
 a row in the usual layout, so each frame's [BLOCK_P, D] slice is one coalesced run of memory.
 
-Register tiles are [BLOCK_P, F_PAD, D_PAD] (frames and head_dim padded to powers of two and masked);
-key frames are streamed one at a time as [BLOCK_P, D_PAD] tiles with an online softmax over them.
+Tiles are [BLOCK_P, F_PAD, D_PAD] (frames and head_dim padded to powers of two, masked: padded frames are
+never loaded). The forward loads q, k and v of all frames once and computes scores and output as batched
+matrix products with an exact softmax; the backward streams key frames one at a time as [BLOCK_P, D_PAD]
+tiles, recomputing the probabilities from the saved log-sum-exp.
 Grid: 1-D, B * cdiv(S*H, BLOCK_P) programs (grid dim 0 allows 2^31 - 1; dims 1 and 2 only 65,535).
-All offsets are int64. Loads are converted to float32 before any arithmetic (the interpreter's bf16
-arithmetic is wrong, and float32 is the intended math precision anyway).
+All offsets are int64. Accumulation is float32; the backward converts loads to float32 before any
+arithmetic (the interpreter's bf16 arithmetic is wrong), the forward multiplies float16 natively and
+bfloat16/float32 in float32.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -26,14 +31,19 @@ from svd_fast import _triton
 MAX_FRAMES = 64
 MAX_HEAD_DIM = 128
 
-# Elements of one [BLOCK_P, F_PAD, D_PAD] register tile: the forward holds two (q, accumulator), the
-# backward three (q, grad_out, grad_q), plus broadcast temporaries. ptxas (sm_90, checked offline) needs
-# about 8 registers per tile element per thread, so tiles get one warp per 256 elements: e.g. F=25, D=64:
-# 64 (forward) / 111 (backward) registers at 2048 elements and 8 warps, no spills; 16 warps for the
-# largest tiles (F_PAD * D_PAD = 8192 at the limits). Under the CPU interpreter BLOCK_P is capped small so
-# that the tests' tiny tensors span several blocks per video, with a partial last block.
-GPU_TILE_ELEMENTS = 2048
-ELEMENTS_PER_WARP = 256
+# Elements of one [BLOCK_P, F_PAD, D_PAD] tile. The forward holds q, k, v tiles and a [BLOCK_P, F_PAD, F_PAD]
+# score tile; 2048 elements (one position at F=25 -> 32, D=64; two at F=14) with 4 warps compile to 60
+# registers and 9 KB of shared memory on sm_90, no spills, 50% occupancy (bench/kernel_report.py); 4096
+# elements needed 79 registers (37.5%). The backward streams key frames one at a time
+# and holds three tiles (q, grad_out, grad_q): about 8 registers per tile element per thread, so one warp
+# per 256 elements, e.g. F=25, D=64: 111 registers at 2048 elements and 8 warps, no spills. Under the CPU
+# interpreter BLOCK_P is capped small so that the tests' tiny tensors span several blocks per video.
+GPU_FORWARD_TILE_ELEMENTS = 2048
+FORWARD_WARPS = 4
+GPU_BACKWARD_TILE_ELEMENTS = 2048
+BACKWARD_ELEMENTS_PER_WARP = 256
+# tl.dot's smallest operand dimension.
+DOT_MIN = 16
 MIN_WARPS, MAX_WARPS = 4, 16
 INTERPRETER_MAX_BLOCK_P = 4
 LOG2_E = 1.4426950408889634
@@ -104,30 +114,28 @@ def _forward_kernel(
     positions, heads, score_scale,
     q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2,
     F: tl.constexpr, D: tl.constexpr, F_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Exact softmax over all F key frames at once: each program loads the q, k and v of all frames of its
+    BLOCK_P positions once ([BLOCK_P, F_PAD, D_PAD] tiles, padded frames and channels masked, never loaded)
+    and computes scores and output as batched matrix products with float32 accumulation."""
     b, p, position_valid = _block_positions(positions, BLOCK_P)
-    tile_mask, frame_mask, stat_mask = _masks(position_valid, F, D, F_PAD, D_PAD)
-    q_offsets = _frame_tile_offsets(b, p, heads, q_s0, q_s1, q_s2, F, D, F_PAD, D_PAD)
-    # Scores in log2 units (exp2 is the cheap instruction): fold scale * log2(e) into q once.
-    q = tl.load(q_ptr + q_offsets, mask=tile_mask, other=0.0).to(tl.float32) * score_scale
-    running_max = tl.full([BLOCK_P, F_PAD], float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros([BLOCK_P, F_PAD], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_P, F_PAD, D_PAD], dtype=tl.float32)
-    for j in range(F):
-        k_offsets = _one_frame_offsets(b, j, p, heads, k_s0, k_s1, k_s2, F, D, D_PAD)
-        v_offsets = _one_frame_offsets(b, j, p, heads, v_s0, v_s1, v_s2, F, D, D_PAD)
-        k_j = tl.load(k_ptr + k_offsets, mask=frame_mask, other=0.0).to(tl.float32)
-        v_j = tl.load(v_ptr + v_offsets, mask=frame_mask, other=0.0).to(tl.float32)
-        # Masked lanes load 0, so every score is finite: no inf - inf below.
-        score = tl.sum(q * k_j[:, None, :], axis=2)
-        new_max = tl.maximum(running_max, score)
-        rescale = tl.exp2(running_max - new_max)  # 0 on the first frame (running_max = -inf)
-        weight = tl.exp2(score - new_max)
-        running_sum = running_sum * rescale + weight
-        acc = acc * rescale[:, :, None] + weight[:, :, None] * v_j[:, None, :]
-        running_max = new_max
-    out = acc / running_sum[:, :, None]
-    lse = (running_max + tl.log2(running_sum)) * _LN_2
+    tile_mask, _frame_mask, stat_mask = _masks(position_valid, F, D, F_PAD, D_PAD)
+    q = tl.load(q_ptr + _frame_tile_offsets(b, p, heads, q_s0, q_s1, q_s2, F, D, F_PAD, D_PAD), mask=tile_mask, other=0.0)
+    k = tl.load(k_ptr + _frame_tile_offsets(b, p, heads, k_s0, k_s1, k_s2, F, D, F_PAD, D_PAD), mask=tile_mask, other=0.0)
+    v = tl.load(v_ptr + _frame_tile_offsets(b, p, heads, v_s0, v_s1, v_s2, F, D, F_PAD, D_PAD), mask=tile_mask, other=0.0)
+    if not NATIVE_DOT:
+        # bfloat16 and float32 multiply in float32 (bfloat16 values are exact in TF32; float32 needs IEEE).
+        q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
+    # Scores in log2 units (exp2 is the cheap instruction), scale * log2(e) applied in float32.
+    score = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION) * score_scale  # [BLOCK_P, F_PAD, F_PAD]
+    key_valid = (tl.arange(0, F_PAD) < F)[None, None, :]
+    score = tl.where(key_valid, score, float("-inf"))
+    row_max = tl.max(score, axis=2)
+    prob = tl.exp2(score - row_max[:, :, None])
+    row_sum = tl.sum(prob, axis=2)
+    out = tl.dot(prob.to(v.dtype), v, input_precision=PRECISION) / row_sum[:, :, None]
+    lse = (row_max + tl.log2(row_sum)) * _LN_2
     out_offsets, lse_offsets = _contiguous_offsets(b, p, positions, F, D, F_PAD, D_PAD)
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(lse_ptr + lse_offsets, lse, mask=stat_mask)
@@ -182,40 +190,52 @@ def _kernel_output_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-class _Blocking:
-    """Problem sizes, padded tile shape and grid of one call."""
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """Tile shape, warps and 1-D grid of one call (see :func:`launch_plan`)."""
 
-    def __init__(self, q: torch.Tensor, num_frames: int, num_heads: int) -> None:
-        self.batch = q.shape[0] // num_frames
-        self.positions = q.shape[1] * num_heads
-        self.heads = num_heads
-        self.frames = num_frames
-        self.head_dim = q.shape[2] // num_heads
-        self.frames_pad = triton.next_power_of_2(num_frames)
-        self.head_dim_pad = triton.next_power_of_2(self.head_dim)
-        per_position = self.frames_pad * self.head_dim_pad
-        if _triton.interpreting():
-            block_p = INTERPRETER_MAX_BLOCK_P
-        else:
-            block_p = max(1, GPU_TILE_ELEMENTS // per_position)
-        self.block_p = max(1, min(block_p, triton.next_power_of_2(self.positions)))
-        tile_elements = self.block_p * per_position
-        self.num_warps = min(MAX_WARPS, max(MIN_WARPS, tile_elements // ELEMENTS_PER_WARP))
-        # 1-D grid: B * blocks can exceed 65,535 (e.g. 2 * 9216 * 5 positions), dim 0 allows 2^31 - 1.
-        self.grid = (self.batch * triton.cdiv(self.positions, self.block_p),)
+    batch: int
+    positions: int  # S * H per video
+    frames: int
+    head_dim: int
+    frames_pad: int
+    head_dim_pad: int
+    block_p: int
+    num_warps: int
+    grid: tuple[int]
 
-    def empty(self) -> bool:
-        """No positions (B = 0 or S = 0): nothing to launch, the outputs have no elements."""
-        return self.batch * self.positions == 0
-
-    def kwargs(self) -> dict[str, int]:
+    def kwargs(self, interpreter: bool) -> dict[str, int]:
         launch_kwargs = {
             "F": self.frames, "D": self.head_dim, "F_PAD": self.frames_pad, "D_PAD": self.head_dim_pad,
             "BLOCK_P": self.block_p,
         }  # fmt: skip
-        if not _triton.interpreting():
+        if not interpreter:
             launch_kwargs["num_warps"] = self.num_warps
         return launch_kwargs
+
+
+def launch_plan(
+    q_shape: tuple[int, int, int], num_frames: int, num_heads: int, backward: bool = False, interpreter: bool = False
+) -> LaunchPlan:
+    """Blocking of the forward (or backward) kernel for q of ``q_shape`` (B*F, S, H*D). The forward's batched
+    matrix products need every dimension >= 16, so it pads frames and head channels to at least 16 (padded
+    frames are masked, never loaded). Neither the dtype, the strides nor the compute capability change it."""
+    batch = q_shape[0] // num_frames
+    positions = q_shape[1] * num_heads
+    head_dim = q_shape[2] // num_heads
+    minimum = 1 if backward else DOT_MIN
+    frames_pad = max(minimum, triton.next_power_of_2(num_frames))
+    head_dim_pad = max(minimum, triton.next_power_of_2(head_dim))
+    per_position = frames_pad * head_dim_pad
+    tile_elements = GPU_BACKWARD_TILE_ELEMENTS if backward else GPU_FORWARD_TILE_ELEMENTS
+    block_p = INTERPRETER_MAX_BLOCK_P if interpreter else max(1, tile_elements // per_position)
+    block_p = max(1, min(block_p, triton.next_power_of_2(max(positions, 1))))
+    num_warps = (
+        min(MAX_WARPS, max(MIN_WARPS, block_p * per_position // BACKWARD_ELEMENTS_PER_WARP)) if backward else FORWARD_WARPS
+    )
+    # 1-D grid: B * blocks can exceed 65,535 (e.g. 2 * 9216 * 5 positions), dim 0 allows 2^31 - 1.
+    grid = (batch * triton.cdiv(positions, block_p),)
+    return LaunchPlan(batch, positions, num_frames, head_dim, frames_pad, head_dim_pad, block_p, num_warps, grid)
 
 
 def forward(
@@ -223,17 +243,19 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Arguments as checked by svd_fast.ops.temporal_attention; returns (out, lse): out contiguous
     (B*F, S, H*D) in q's dtype, lse contiguous float32 (B*F, S, H) natural-log sums for the backward."""
-    blocking = _Blocking(q, num_frames, num_heads)
+    interpreter = _triton.interpreting()
+    plan = launch_plan(tuple(q.shape), num_frames, num_heads, interpreter=interpreter)
     out = torch.empty(q.shape, dtype=_kernel_output_dtype(q.dtype), device=q.device)
     lse = torch.empty((q.shape[0], q.shape[1], num_heads), dtype=torch.float32, device=q.device)
-    if blocking.empty():
+    if plan.batch * plan.positions == 0:
         return out.to(q.dtype), lse
     _triton.launch(
-        _forward_kernel, blocking.grid,
+        _forward_kernel, plan.grid,
         q, k, v, out, lse,
-        blocking.positions, num_heads, scale * LOG2_E,
+        plan.positions, num_heads, scale * LOG2_E,
         *q.stride(), *k.stride(), *v.stride(),
-        **blocking.kwargs(),
+        NATIVE_DOT=q.dtype == torch.float16, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **plan.kwargs(interpreter),
     )  # fmt: skip
     return out.to(q.dtype), lse
 
@@ -251,17 +273,18 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of forward() (recomputing the probabilities from lse): (grad_q, grad_k, grad_v), each
     contiguous (B*F, S, H*D) in q's dtype."""
-    blocking = _Blocking(q, num_frames, num_heads)
+    interpreter = _triton.interpreting()
+    plan = launch_plan(tuple(q.shape), num_frames, num_heads, backward=True, interpreter=interpreter)
     grad_q, grad_k, grad_v = (
         torch.empty(q.shape, dtype=_kernel_output_dtype(q.dtype), device=q.device) for _ in range(3)
     )
-    if blocking.empty():
+    if plan.batch * plan.positions == 0:
         return grad_q.to(q.dtype), grad_k.to(q.dtype), grad_v.to(q.dtype)
     _triton.launch(
-        _backward_kernel, blocking.grid,
+        _backward_kernel, plan.grid,
         grad_out, q, k, v, out, lse.contiguous(), grad_q, grad_k, grad_v,
-        blocking.positions, num_heads, scale,
+        plan.positions, num_heads, scale,
         *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        **blocking.kwargs(),
+        **plan.kwargs(interpreter),
     )  # fmt: skip
     return grad_q.to(q.dtype), grad_k.to(q.dtype), grad_v.to(q.dtype)
