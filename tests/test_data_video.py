@@ -337,8 +337,10 @@ def test_gpu_loader_without_gpu_points_to_cpu_dataset(videos: dict[str, Path]) -
         next(dali_clip_loader([videos["h264"]], batch_size=1, num_frames=4, size=(16, 16)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none present)")
+@pytest.mark.gpu
+@pytest.mark.gpu_optional
 def test_gpu_loader_matches_cpu_dataset(videos: dict[str, Path]) -> None:
+    pytest.importorskip("nvidia.dali", reason="the GPU loader needs nvidia-dali (not in the GPU image)")
     batches = list(dali_clip_loader([videos["h264"]], batch_size=1, num_frames=4, size=(48, 64), shuffle=False))
     cpu = list(VideoClipDataset([videos["h264"]], num_frames=4, size=(48, 64)))
     assert len(batches) == len(cpu)
