@@ -16,6 +16,7 @@ save_pretrained writes the same model_index.json.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 from diffusers.utils.torch_utils import randn_tensor
 
 from svd_fast import backends
+from svd_fast.diffusers.scheduler import FusedEulerDiscreteScheduler
 from svd_fast.diffusers.step_cache import CachedUNetStep
 from svd_fast.sampling.samplers import sample
 
@@ -168,9 +170,18 @@ def fused_pipeline_class(pipeline_class: type) -> type:
     return _CLASSES[pipeline_class]
 
 
-def set_sampling(pipe: Any, backend: str, sampler: str, cache_interval: int) -> None:
+def fuse_denoising_loop(
+    pipe: Any, backend: str, sampler: str, cache_interval: int, undo: list[Callable[[], None]], report: Counter
+) -> None:
+    """optimize()'s sampling patch: the fused scheduler, the fused loop's class and its settings, each undoable."""
+    original_scheduler, original_class = pipe.scheduler, type(pipe)
+    pipe.scheduler = FusedEulerDiscreteScheduler.from_config(original_scheduler.config)
+    undo.append(lambda: setattr(pipe, "scheduler", original_scheduler))
     setattr(pipe, _SETTINGS_ATTRIBUTE, {"backend": backend, "sampler": sampler, "cache_interval": cache_interval})
-
-
-def clear_sampling(pipe: Any) -> None:
-    vars(pipe).pop(_SETTINGS_ATTRIBUTE, None)
+    undo.append(lambda: vars(pipe).pop(_SETTINGS_ATTRIBUTE, None))
+    pipe.__class__ = fused_pipeline_class(original_class)
+    undo.append(lambda: setattr(pipe, "__class__", original_class))
+    report["scheduler -> FusedEulerDiscreteScheduler"] += 1
+    report[f"denoising loop -> fused input preparation + guidance + {sampler} step"] += 1
+    if cache_interval > 1:
+        report[f"UNet step caching: deep features reused for {cache_interval - 1} of every {cache_interval} steps"] += 1

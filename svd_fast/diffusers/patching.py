@@ -43,8 +43,7 @@ from torch import nn
 from svd_fast import backends
 from svd_fast.diffusers.attention_processors import FlashAttnSelfAttnProcessor, SingleTokenCrossAttnProcessor, flash_attn_unavailable_reason
 from svd_fast.diffusers.cuda_graph import CUDAGraphedForward
-from svd_fast.diffusers.denoising_loop import clear_sampling, fused_pipeline_class, set_sampling
-from svd_fast.diffusers.scheduler import FusedEulerDiscreteScheduler
+from svd_fast.diffusers.denoising_loop import fuse_denoising_loop
 from svd_fast.diffusers.step_cache import check_cache_interval
 from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock, unsupported_reason
 from svd_fast.nn.group_norm import FusedGroupNorm
@@ -284,20 +283,6 @@ def _enable_forward_chunking(unet: nn.Module, undo: list[Callable[[], None]], re
     report["UNet feed-forward chunking"] += 1
 
 
-def _fuse_denoising_loop(pipe: Any, backend: str, sampler: str, cache_interval: int, undo: list[Callable[[], None]], report: Counter) -> None:
-    original_scheduler, original_class = pipe.scheduler, type(pipe)
-    pipe.scheduler = FusedEulerDiscreteScheduler.from_config(original_scheduler.config)
-    undo.append(lambda: setattr(pipe, "scheduler", original_scheduler))
-    set_sampling(pipe, backend, sampler, cache_interval)
-    undo.append(lambda: clear_sampling(pipe))
-    pipe.__class__ = fused_pipeline_class(original_class)
-    undo.append(lambda: setattr(pipe, "__class__", original_class))
-    report["scheduler -> FusedEulerDiscreteScheduler"] += 1
-    report[f"denoising loop -> fused input preparation + guidance + {sampler} step"] += 1
-    if cache_interval > 1:
-        report[f"UNet step caching: deep features reused for {cache_interval - 1} of every {cache_interval} steps"] += 1
-
-
 def _settings(**settings: Any) -> dict[str, Any]:
     return {key: str(value) if isinstance(value, torch.dtype) else value for key, value in settings.items()}
 
@@ -397,7 +382,7 @@ def _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, sched
         if attention == "flash-attn":
             _patch_self_attention(model, undo, report)
     if is_pipeline and scheduler:
-        _fuse_denoising_loop(target, backend, sampler, cache_interval, undo, report)
+        fuse_denoising_loop(target, backend, sampler, cache_interval, undo, report)
     if low_memory:
         _enable_forward_chunking(target.unet if is_pipeline else target, undo, report)
         if is_pipeline and torch.cuda.is_available():
