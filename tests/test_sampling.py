@@ -16,6 +16,7 @@ from diffusers import EulerDiscreteScheduler
 
 from svd_fast.diffusers.scheduler import FusedEulerDiscreteScheduler
 from svd_fast.diffusers.tiny import SVD_SCHEDULER_CONFIG, tiny_pipeline
+from svd_fast.ops.edm_step import edm_euler_step
 from svd_fast.sampling import (
     GUIDANCE_PRESETS,
     edm_scalings,
@@ -353,6 +354,8 @@ def test_old_scheduler_name_is_a_deprecated_alias() -> None:
         ("max_guidance", lambda: frame_guidance(4, 1.0, float("nan"))),
         ("sigmas", lambda: sample(_fake_unet, torch.zeros(1, 1, 4, 2, 2), torch.zeros(1, 4, 2, 2), [1.0])),
         ("sigmas", lambda: sample(_fake_unet, torch.zeros(1, 1, 4, 2, 2), torch.zeros(1, 4, 2, 2), [1.0, 0.0, 0.5, 0.0])),
+        ("guidance", lambda: edm_euler_step(*torch.zeros(3, 1, 2, 4, 2, 2), 1.0, 0.5, float("nan"))),
+        ("guidance", lambda: edm_euler_step(*torch.zeros(3, 1, 2, 4, 2, 2), 1.0, 0.5, torch.tensor([1.0, float("nan")]))),
         ("sampler", lambda: sample(_fake_unet, torch.zeros(1, 1, 4, 2, 2), torch.zeros(1, 4, 2, 2), [1.0, 0.0], sampler="heun")),
     ],
 )
