@@ -197,3 +197,12 @@ def test_batch_over_two_ray_actors_matches_one_process(tiny_model: Path, tmp_pat
             a = np.asarray(Image.open(local / f"img{seed}" / frame), dtype=np.int16)
             b = np.asarray(Image.open(spread / f"img{seed}" / frame), dtype=np.int16)
             assert np.abs(a - b).max() <= 2
+
+
+def test_low_memory_generates(tiny_model: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "low.gif"
+    code = main(["generate", "--model", str(tiny_model), "--image", str(image), "--out", str(out), "--steps", "1", "--frames", "2", "--low-memory"])
+    assert code == 0, capsys.readouterr().err
+    assert '"UNet feed-forward chunking": 1' in capsys.readouterr().out
+    with Image.open(out) as gif:
+        assert gif.n_frames >= 1 and gif.size == (64, 64)
