@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -111,10 +112,12 @@ def ode_accuracy(pipe, image, frames: int, step_counts: tuple[int, ...], referen
             svd_fast.restore(pipe)
 
     reference = final(reference_steps, "euler")
+    print(f"reference euler@{reference_steps} done", file=sys.stderr, flush=True)
     errors = {}
     for sampler, counts in (("euler", step_counts), ("dpmpp-2m", step_counts)):
         for steps in counts:
             errors[f"{sampler}@{steps}"] = round(float((final(steps, sampler) - reference).norm() / reference.norm()), 6)
+            print(f"{sampler}@{steps}: {errors[f'{sampler}@{steps}']}", file=sys.stderr, flush=True)
     return {"reference": f"euler@{reference_steps}", "relative_l2_error": errors}
 
 
