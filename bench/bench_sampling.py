@@ -90,6 +90,7 @@ def speed(pipe, image, steps: int, frames: int, repeats: int) -> dict:
             "unet_s": round(statistics.median(r[2] for r in runs), 3),
             "relative_deviation_from_stock": float((latents - reference).norm() / reference.norm()),
         }
+        print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
     stock = results["stock"]
     for result in results.values():
         result["end_to_end_speedup"] = round(stock["end_to_end_s"] / result["end_to_end_s"], 2)
