@@ -1,7 +1,17 @@
-"""Reading conditioning images and writing generated frames as .mp4, .gif or a folder of PNGs."""
+"""Reading conditioning images and writing generated frames as .mp4, .gif or a folder of PNGs.
+
+Every output is written under a temporary name in its destination folder and moved into place with
+os.replace only when complete: a failure (full disk, file-size limit, kill) never leaves a half-written
+video or frame folder under the output's name, and a previous output of the same name survives until the
+new one is whole. Temporary names start with :data:`PARTIAL_PREFIX`; :func:`remove_partials` clears the ones
+a killed process left behind.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,21 +19,33 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MIN_IMAGE_SIDE = 16
+PARTIAL_PREFIX = ".svd-fast-partial-"
 
 
 class MediaError(ValueError):
     """An input image cannot be read or an output path cannot be written."""
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """The image at ``path`` as RGB; MediaError naming the file when it is missing or unreadable."""
+def load_image(path: str | Path, max_size: tuple[int, int] | None = None) -> Image.Image:
+    """The image at ``path`` as RGB; MediaError naming the file when it is missing, unreadable or smaller
+    than MIN_IMAGE_SIDE pixels a side. With ``max_size`` (width, height), an image with more than twice
+    as many pixels is shrunk to that size while decoding (JPEG draft mode) and before any conversion, so a
+    huge photo costs what its output size costs (the pipeline resizes to the output size anyway)."""
     path = Path(path)
     if not path.is_file():
         raise MediaError(f"--image: {path} does not exist")
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if min(width, height) < MIN_IMAGE_SIDE:
+                raise MediaError(f"--image: {path} is {width}x{height} pixels; it must be at least {MIN_IMAGE_SIDE} a side")
+            if max_size is not None and width * height > 2 * max_size[0] * max_size[1]:
+                image.draft("RGB", max_size)
+                return image.convert("RGB").resize(max_size, Image.Resampling.LANCZOS)
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise MediaError(f"--image: {path} is not a readable image ({error})") from error
 
 
@@ -38,23 +60,61 @@ def output_kind(path: str | Path) -> str:
 
 
 def write_frames(frames: Sequence[Image.Image] | np.ndarray, path: str | Path, fps: float = 7) -> Path:
-    """Write frames (PIL images or uint8 (F, H, W, 3)) to ``path`` as decided by :func:`output_kind`."""
+    """Write frames (PIL images or uint8 (F, H, W, 3)) to ``path`` as decided by :func:`output_kind`,
+    atomically (see the module docstring)."""
     path = Path(path)
     kind = output_kind(path)
+    if not fps > 0:
+        raise MediaError(f"write_frames: fps must be > 0, got {fps!r}")
     images = [frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame)) for frame in frames]
     if not images:
         raise MediaError("write_frames: no frames to write")
-    if kind == "frames":
-        path.mkdir(parents=True, exist_ok=True)
-        for index, image in enumerate(images):
-            image.save(path / f"frame_{index:04d}.png")
-        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "gif":
-        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    if kind == "frames":
+        _write_folder_atomically(images, path)
         return path
-    _write_mp4(np.stack([np.asarray(image.convert("RGB")) for image in images]), path, fps)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{PARTIAL_PREFIX}{path.stem}-", suffix=path.suffix)
+    os.close(descriptor)
+    try:
+        if kind == "gif":
+            images[0].save(temporary, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+        else:
+            _write_mp4(np.stack([np.asarray(image.convert("RGB")) for image in images]), Path(temporary), fps)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
     return path
+
+
+def _write_folder_atomically(images: list[Image.Image], path: Path) -> None:
+    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{PARTIAL_PREFIX}{path.name}-"))
+    try:
+        for index, image in enumerate(images):
+            image.save(temporary / f"frame_{index:04d}.png")
+        if path.exists():
+            # A folder cannot replace a non-empty one in a single rename: move the old one aside first.
+            previous = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{PARTIAL_PREFIX}{path.name}-previous-"))
+            os.replace(path, previous / path.name)
+            os.replace(temporary, path)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def remove_partials(folder: str | Path) -> int:
+    """Delete the temporary outputs a killed run left in ``folder``; returns how many."""
+    removed = 0
+    for leftover in Path(folder).glob(f"{PARTIAL_PREFIX}*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def _write_mp4(frames: np.ndarray, path: Path, fps: float) -> None:
@@ -64,7 +124,7 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: float) -> None:
     pad_y, pad_x = frames.shape[1] % 2, frames.shape[2] % 2
     if pad_y or pad_x:
         frames = np.pad(frames, ((0, 0), (0, pad_y), (0, pad_x), (0, 0)), mode="edge")
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=max(1, int(round(fps))))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import requires_cuda
+from diffusers import DDIMScheduler, StableVideoDiffusionPipeline
 from PIL import Image
 
 import svd_fast
@@ -59,7 +60,8 @@ def test_optimized_output_matches_original(pipe, image, original, backend: str) 
         # each spatio-temporal transformer has a spatial and a temporal cross-attention (attn2)
         assert patched["cross-attention -> single-token shortcut to_out(to_v(ctx))"] == 2 * transformers > 0
         assert patched["TemporalBasicTransformerBlock -> frame-major fused temporal attention"] == transformers
-        assert type(pipe.scheduler).__name__ == "EDMEulerScheduler"
+        assert type(pipe.scheduler).__name__ == "FusedEulerDiscreteScheduler"
+        assert patched["denoising loop -> fused input preparation + guidance + euler step"] == 1
         optimized = _latents(pipe, image)
         # Same fp32 math in another order: relative error at float32 rounding level, far below the
         # 1e-2 differences a wrong norm, activation or step would make.
@@ -85,6 +87,7 @@ def test_restore_gives_back_original_modules_and_output(pipe, image, original) -
     assert not any(type(getattr(module, "processor", None)).__name__ == "SingleTokenCrossAttnProcessor" for module in pipe.unet.modules())
     assert not any(type(module).__name__ == "FusedTemporalBasicTransformerBlock" for module in pipe.unet.modules())
     assert svd_fast.describe(pipe) == {}
+    assert type(pipe) is StableVideoDiffusionPipeline and "_svd_fast_sampling" not in vars(pipe)
     assert torch.equal(_latents(pipe, image), original)
 
 
@@ -92,8 +95,9 @@ def test_optimize_bare_unet_and_errors(pipe) -> None:
     unet = pipe.unet
     svd_fast.optimize(unet, backend="reference")
     try:
-        assert "scheduler -> EDMEulerScheduler (fused guidance + Euler step)" not in svd_fast.describe(unet)["patched"]
-        with pytest.raises(ValueError, match="already optimized"):
+        assert "scheduler -> FusedEulerDiscreteScheduler" not in svd_fast.describe(unet)["patched"]
+        assert svd_fast.optimize(unet, backend="reference") is unet  # the same call again: nothing changes
+        with pytest.raises(ValueError, match="already optimized with other arguments"):
             svd_fast.optimize(unet)
     finally:
         svd_fast.restore(unet)
@@ -241,3 +245,149 @@ def test_cuda_graph_wrapper_runs_eagerly_where_it_cannot_capture() -> None:
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x), linear(x))
     assert wrapped.captures == {}
+
+
+# --- the fused denoising loop -------------------------------------------------------------------------
+
+
+def _call(pipe, image, **kwargs):
+    arguments = {
+        "height": TINY_HEIGHT, "width": TINY_WIDTH, "num_frames": TINY_NUM_FRAMES, "num_inference_steps": 2,
+        "generator": torch.Generator().manual_seed(0), "output_type": "latent",
+    }  # fmt: skip
+    return pipe(image, **{**arguments, **kwargs})
+
+
+def test_fused_loop_runs_every_op_and_keeps_the_pipeline_contract(pipe, image, monkeypatch) -> None:
+    """One optimized call with SVD_FAST_BACKEND=cpu runs all four svd_fast ops; callbacks, output_type and
+    return_dict behave as the stock pipeline's."""
+    steps_seen: list[int] = []
+
+    def callback(pipeline, step, timestep, tensors):
+        steps_seen.append(step)
+        return {"latents": tensors["latents"]}
+
+    stock_latents = _call(pipe, image, callback_on_step_end=callback).frames
+    stock_steps, steps_seen[:] = list(steps_seen), []
+    stock_frames = _call(pipe, image, output_type="np", return_dict=False)
+    monkeypatch.setenv("SVD_FAST_BACKEND", "cpu")
+    svd_fast.optimize(pipe)
+    try:
+        with torch.profiler.profile() as profile:
+            fused_latents = _call(pipe, image, callback_on_step_end=callback).frames
+        ran = {event.name for event in profile.events()}
+        for op in ("group_norm_forward", "temporal_attention_forward", "edm_prepare_model_input", "edm_euler_step"):
+            assert f"svd_fast::{op}" in ran, (op, sorted(name for name in ran if "svd_fast" in name))
+        assert steps_seen == stock_steps == [0, 1]
+        fused_frames = _call(pipe, image, output_type="np", return_dict=False)
+    finally:
+        svd_fast.restore(pipe)
+    assert ((fused_latents - stock_latents).norm() / stock_latents.norm()).item() < 1e-4
+    assert fused_frames.shape == stock_frames.shape
+    np.testing.assert_allclose(fused_frames, stock_frames, atol=1e-3)
+
+
+def test_compiled_unet_after_optimize_matches_eager(pipe) -> None:
+    unet = pipe.unet
+    sample = torch.randn(2, TINY_NUM_FRAMES, 8, TINY_HEIGHT // 2, TINY_WIDTH // 2)
+    context = torch.randn(2, 1, unet.config.cross_attention_dim)
+    time_ids = torch.tensor([[6.0, 127.0, 0.02]]).repeat(2, 1)
+    svd_fast.optimize(pipe, backend="cpu")
+    try:
+        with torch.no_grad():
+            eager = pipe.unet(sample, torch.tensor(0.5), context, time_ids).sample
+            compiled = torch.compile(pipe.unet, backend="aot_eager", fullgraph=True)
+            result = compiled(sample, torch.tensor(0.5), context, time_ids).sample
+    finally:
+        svd_fast.restore(pipe)
+        torch._dynamo.reset()
+    torch.testing.assert_close(result, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_step_caching_and_dpmpp_2m_stay_close_to_euler(pipe, image, original) -> None:
+    """cache_interval=3 runs the deep UNet levels on one step in three; both options change the result by
+    a bounded amount (3 steps of a random tiny model, where Euler itself is far from the ODE solution: loose
+    bounds that a broken cache or solver exceeds; the accuracy claims are measured in bench/bench_sampling.py)."""
+    deep_calls: list[int] = []
+    handle = pipe.unet.mid_block.register_forward_hook(lambda *args: deep_calls.append(1))
+    try:
+        for options, bound in (({"cache_interval": 3}, 0.1), ({"sampler": "dpmpp-2m"}, 0.3)):
+            svd_fast.optimize(pipe, **options)
+            try:
+                deep_calls.clear()
+                result = _latents(pipe, image)
+                if "cache_interval" in options:
+                    assert len(deep_calls) == 1  # 3 steps: the full pass on step 0 only
+            finally:
+                svd_fast.restore(pipe)
+            relative = ((result - original).norm() / original.norm()).item()
+            assert 0 < relative < bound, (options, relative)
+    finally:
+        handle.remove()
+
+
+# --- optimize() is checked, atomic and idempotent ------------------------------------------------------
+
+
+def test_optimize_rolls_back_on_a_failure_midway(pipe, image, original, monkeypatch) -> None:
+    import svd_fast.diffusers.patching as patching
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    scheduler, norm_out = pipe.scheduler, pipe.unet.conv_norm_out
+    monkeypatch.setattr(patching, "_patch_temporal_blocks", fail)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        svd_fast.optimize(pipe)
+    monkeypatch.undo()
+    assert pipe.scheduler is scheduler and pipe.unet.conv_norm_out is norm_out and type(pipe) is StableVideoDiffusionPipeline
+    assert all("forward" not in vars(module) for module in pipe.unet.modules())
+    assert not any(type(getattr(m, "processor", None)).__name__ == "SingleTokenCrossAttnProcessor" for m in pipe.unet.modules())
+    assert svd_fast.describe(pipe) == {}
+    svd_fast.optimize(pipe)  # a clean pipeline again: optimize and restore work
+    svd_fast.restore(pipe)
+
+
+def test_optimize_refuses_what_it_cannot_patch(pipe) -> None:
+    with pytest.raises(TypeError, match="Linear holds no diffusers"):
+        svd_fast.optimize(torch.nn.Linear(4, 4))
+    stock_scheduler = pipe.scheduler
+    pipe.scheduler = DDIMScheduler()
+    try:
+        with pytest.raises(ValueError, match="DDIMScheduler"):
+            svd_fast.optimize(pipe)
+        assert svd_fast.describe(pipe) == {} and isinstance(pipe.scheduler, DDIMScheduler)
+    finally:
+        pipe.scheduler = stock_scheduler
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        svd_fast.optimize(pipe, sampler="heun")
+    with pytest.raises(ValueError, match="cache_interval"):
+        svd_fast.optimize(pipe, cache_interval=0)
+    svd_fast.optimize(pipe)
+    try:
+        assert svd_fast.optimize(pipe) is pipe  # idempotent
+        with pytest.raises(ValueError, match="already optimized"):
+            svd_fast.optimize(pipe.unet)  # would wrap the cross-attention twice
+    finally:
+        svd_fast.restore(pipe)
+
+
+def test_low_memory_chunks_feed_forward_and_restores(pipe) -> None:
+    unet = pipe.unet
+    sample = torch.randn(2, 2, 8, TINY_HEIGHT // 2, TINY_WIDTH // 2)
+    context = torch.randn(2, 1, unet.config.cross_attention_dim)
+    time_ids = torch.tensor([[6.0, 127.0, 0.02]]).repeat(2, 1)
+    with torch.no_grad():
+        expected = unet(sample, torch.tensor(0.5), context, time_ids).sample
+    stock_blocks = [m for m in unet.modules() if hasattr(m, "set_chunk_feed_forward")]
+    svd_fast.optimize(unet, low_memory=True)
+    try:
+        chunked = [m for m in unet.modules() if hasattr(m, "set_chunk_feed_forward")]
+        assert chunked and all(m._chunk_size == 1 for m in chunked)  # noqa: SLF001
+        assert svd_fast.describe(unet)["patched"]["UNet feed-forward chunking"] == 1
+        with torch.no_grad():
+            result = unet(sample, torch.tensor(0.5), context, time_ids).sample
+    finally:
+        svd_fast.restore(unet)
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-5)
+    assert all(m._chunk_size is None for m in stock_blocks)  # noqa: SLF001

@@ -13,8 +13,10 @@ What is patched (weights and state_dict keys stay the diffusers ones):
 * every TemporalBasicTransformerBlock: :class:`svd_fast.diffusers.FusedTemporalBasicTransformerBlock`, which
   keeps the frame-major layout (no permute copies) and attends over frames with the fused
   ``temporal_attention`` op (the block object is swapped; its submodules are shared);
-* the pipeline's scheduler: :class:`svd_fast.diffusers.scheduler.EDMEulerScheduler` (fused EDM Euler step) built
-  from the pipeline's own scheduler config;
+* the pipeline's scheduler: :class:`svd_fast.diffusers.scheduler.FusedEulerDiscreteScheduler` (fused EDM Euler
+  step) built from the pipeline's own scheduler config, and its denoising loop: the pipeline's class becomes the
+  subclass from :mod:`svd_fast.diffusers.denoising_loop` whose ``__call__`` runs the fused input preparation,
+  guidance and step (Euler, or DPM-Solver++(2M) with ``sampler="dpmpp-2m"``), optionally with step caching;
 * spatial self-attention: flash-attn (:class:`svd_fast.diffusers.attention_processors.FlashAttnSelfAttnProcessor`) when it
   is installed, else diffusers' default PyTorch SDPA (which itself picks the flash / cuDNN kernels on GPU);
 * optionally (``cuda_graphs=True``) the UNet forward, captured as a CUDA graph and replayed
@@ -32,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
 from diffusers.models.attention import TemporalBasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D, TemporalResnetBlock
@@ -40,10 +43,12 @@ from torch import nn
 from svd_fast import backends
 from svd_fast.diffusers.attention_processors import FlashAttnSelfAttnProcessor, SingleTokenCrossAttnProcessor, flash_attn_unavailable_reason
 from svd_fast.diffusers.cuda_graph import CUDAGraphedForward
-from svd_fast.diffusers.scheduler import EDMEulerScheduler
+from svd_fast.diffusers.denoising_loop import fuse_denoising_loop
+from svd_fast.diffusers.step_cache import check_cache_interval
 from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock, unsupported_reason
 from svd_fast.nn.group_norm import FusedGroupNorm
 from svd_fast.ops.group_norm import group_norm
+from svd_fast.sampling.samplers import check_sampler
 
 LOGGER = logging.getLogger(__name__)
 
@@ -59,6 +64,9 @@ COPIED_FORWARDS: dict[str, str] = {
     "diffusers.models.resnet.ResnetBlock2D.forward": "e3f38e1722955caf",
     "diffusers.models.resnet.TemporalResnetBlock.forward": "05a7bbf4a3c8ad01",
     "diffusers.models.attention.TemporalBasicTransformerBlock.forward": "7eafa694dd59e03e",
+    # denoising_loop.FusedDenoisingLoop.__call__ and step_cache.CachedUNetStep follow these two:
+    "diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion.StableVideoDiffusionPipeline.__call__": "dc8bf70786247eee",
+    "diffusers.models.unets.unet_spatio_temporal_condition.UNetSpatioTemporalConditionModel.forward": "968edca6b909fb45",
 }
 
 
@@ -214,6 +222,71 @@ def _is_pipeline(target: Any) -> bool:
     return hasattr(target, "unet") and hasattr(target, "vae") and hasattr(target, "scheduler")
 
 
+def _has_patch_targets(module: nn.Module) -> bool:
+    return any(isinstance(m, (ResnetBlock2D, TemporalResnetBlock, TemporalBasicTransformerBlock, Attention)) for m in module.modules())
+
+
+def _patched_by_svd_fast(module: nn.Module) -> bool:
+    """Whether some submodule already carries one of optimize()'s patches (e.g. the UNet of an optimized
+    pipeline): patching it again would wrap processors twice."""
+    for m in module.modules():
+        if isinstance(m, (FusedTemporalBasicTransformerBlock, FusedGroupNorm)) or isinstance(
+            getattr(m, "processor", None), (SingleTokenCrossAttnProcessor, FlashAttnSelfAttnProcessor)
+        ):
+            return True
+        if _resnet_block_patch(m) is not None and "forward" in vars(m):
+            return True
+    return False
+
+
+def _check_target(target: Any, scheduler: bool) -> bool:
+    """Raise TypeError/ValueError for what optimize() cannot patch; True for a pipeline, False for a module."""
+    is_pipeline = _is_pipeline(target)
+    if is_pipeline:
+        if not isinstance(target, StableVideoDiffusionPipeline):
+            raise TypeError(f"optimize: target must be a StableVideoDiffusionPipeline, got {type(target).__name__}")
+        if scheduler:
+            config = target.scheduler.config
+            if not isinstance(target.scheduler, EulerDiscreteScheduler) or config.get("prediction_type") != "v_prediction":
+                raise ValueError(
+                    f"optimize: the fused sampling needs SVD's v-prediction EulerDiscreteScheduler, but the pipeline has "
+                    f"{type(target.scheduler).__name__} (prediction_type={config.get('prediction_type')!r}); pass scheduler=False "
+                    "to keep it and patch only the models"
+                )
+        models = (target.unet, target.vae)
+    elif isinstance(target, nn.Module):
+        if not _has_patch_targets(target):
+            raise TypeError(
+                f"optimize: {type(target).__name__} holds no diffusers resblock, attention or temporal transformer block "
+                "to optimize; pass a StableVideoDiffusionPipeline, its UNet or its VAE"
+            )
+        models = (target,)
+    else:
+        raise TypeError(f"optimize: expected a StableVideoDiffusionPipeline or a torch.nn.Module, got {type(target).__name__}")
+    for model in models:
+        if _patched_by_svd_fast(model):
+            raise ValueError(
+                f"optimize: {type(model).__name__} is already optimized (as part of its pipeline or on its own); "
+                "call svd_fast.restore on what was optimized first"
+            )
+    return is_pipeline
+
+
+def _enable_forward_chunking(unet: nn.Module, undo: list[Callable[[], None]], report: Counter) -> None:
+    """Feed-forward chunking over the batch dimension; undone by giving each block back its own setting
+    (diffusers has no disable_forward_chunking for this UNet)."""
+    blocks = [m for m in unet.modules() if hasattr(m, "set_chunk_feed_forward")]
+    previous = [(m, getattr(m, "_chunk_size", None), getattr(m, "_chunk_dim", 0)) for m in blocks]
+    for block in blocks:
+        block.set_chunk_feed_forward(chunk_size=1, dim=0)
+    undo.append(lambda: [m.set_chunk_feed_forward(chunk_size=size, dim=dim) for m, size, dim in previous])
+    report["UNet feed-forward chunking"] += 1
+
+
+def _settings(**settings: Any) -> dict[str, Any]:
+    return {key: str(value) if isinstance(value, torch.dtype) else value for key, value in settings.items()}
+
+
 def optimize(
     target: Any,
     backend: str = "auto",
@@ -223,20 +296,32 @@ def optimize(
     scheduler: bool = True,
     attention: str = "auto",
     cuda_graphs: bool = False,
+    sampler: str = "euler",
+    cache_interval: int = 1,
 ) -> Any:
     """Patch ``target`` (a StableVideoDiffusionPipeline, or a bare UNet / VAE / any module holding diffusers
     resblocks) in place with svd_fast's kernels and return it. Undo with :func:`restore`.
+
+    The target is checked before anything changes, and an exception partway undoes every patch made so far.
+    Optimizing an optimized target with the same arguments returns it unchanged; with other arguments it
+    is a ValueError (restore first).
 
     ``backend``: "auto" or one of svd_fast.backends.BACKENDS, forced for every patched op.
     ``dtype``: "fp16"/"bf16"/"fp32" or a torch dtype to convert the weights to (not undone).
     ``channels_last``: convert the UNet (and VAE) convolutions' memory format (not undone).
     ``low_memory``: feed-forward chunking in the UNet, and model CPU offload when CUDA is present.
-    ``scheduler``: swap in the fused EDM Euler scheduler (pipelines only).
+    ``scheduler``: fused sampling (pipelines only): the FusedEulerDiscreteScheduler and the fused denoising loop
+    (input preparation, guidance and step as svd_fast ops). Needs SVD's v-prediction EulerDiscreteScheduler.
     ``attention``: spatial self-attention through "flash-attn" (the optional package; an error if it is not
     installed), "sdpa" (diffusers' default, PyTorch's scaled_dot_product_attention), or "auto" (flash-attn
     when installed, else SDPA).
     ``cuda_graphs``: capture the UNet forward as a CUDA graph per input shape and replay it (inference on
     CUDA; needs a CUDA device; not with ``low_memory``, whose offload moves weights between calls).
+    ``sampler``: "euler" (SVD's, the stock result) or "dpmpp-2m" (DPM-Solver++(2M): second order, about half
+    the steps for the same ODE accuracy; see bench/bench_sampling.py). Pipelines with ``scheduler`` only.
+    ``cache_interval``: N > 1 runs the full UNet every N-th step only and, in between, just its outermost
+    level on the deep features kept from the last full step (DeepCache; faster, and a small deviation from
+    the uncached result, see :mod:`svd_fast.diffusers.step_cache`). 1: off.
     """
     if backend not in backends.BACKENDS + ("auto",):
         raise ValueError(f"optimize: backend must be 'auto' or one of {backends.BACKENDS}, got {backend!r}")
@@ -244,8 +329,18 @@ def optimize(
         if dtype not in DTYPES:
             raise ValueError(f"optimize: dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
         dtype = DTYPES[dtype]
+    elif dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"optimize: dtype must be a str or a torch.dtype, got {type(dtype).__name__}")
+    check_sampler(sampler)
+    check_cache_interval(cache_interval)
+    settings = _settings(
+        backend=backend, dtype=dtype, channels_last=channels_last, low_memory=low_memory, scheduler=scheduler,
+        attention=attention, cuda_graphs=cuda_graphs, sampler=sampler, cache_interval=cache_interval,
+    )  # fmt: skip
     if getattr(target, _UNDO_ATTRIBUTE, None):
-        raise ValueError("optimize: target is already optimized; call svd_fast.restore(target) first")
+        if getattr(target, _REPORT_ATTRIBUTE, {}).get("settings") == settings:
+            return target
+        raise ValueError("optimize: target is already optimized with other arguments; call svd_fast.restore(target) first")
     attention = _resolve_attention(attention)
     if cuda_graphs and not torch.cuda.is_available():
         raise ValueError("optimize: cuda_graphs=True needs a CUDA device, and none is available")
@@ -254,12 +349,27 @@ def optimize(
             "optimize: cuda_graphs=True cannot be combined with low_memory=True: CPU offload moves the weights "
             "between calls, which a captured graph cannot follow"
         )
-    is_pipeline = _is_pipeline(target)
-    if not is_pipeline and not isinstance(target, nn.Module):
-        raise TypeError(f"optimize: expected a StableVideoDiffusionPipeline or a torch.nn.Module, got {type(target).__name__}")
+    is_pipeline = _check_target(target, scheduler)
+    if (sampler != "euler" or cache_interval > 1) and not (is_pipeline and scheduler):
+        raise ValueError("optimize: sampler and cache_interval apply to the fused sampling of a pipeline (scheduler=True)")
+    if cuda_graphs and cache_interval > 1:
+        raise ValueError("optimize: cache_interval > 1 runs the UNet level by level and cannot be combined with cuda_graphs=True")
 
     undo: list[Callable[[], None]] = []
     report: Counter = Counter()
+    try:
+        _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval, undo, report)
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
+    setattr(target, _UNDO_ATTRIBUTE, undo)
+    setattr(target, _REPORT_ATTRIBUTE, {"backend": backend, "attention": attention, "patched": dict(report), "settings": settings})
+    LOGGER.info("svd_fast.optimize: %s", dict(report))
+    return target
+
+
+def _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval, undo, report) -> None:
     models = [target.unet, target.vae] if is_pipeline else [target]
     if dtype is not None:
         target.to(dtype=dtype)
@@ -272,26 +382,15 @@ def optimize(
         if attention == "flash-attn":
             _patch_self_attention(model, undo, report)
     if is_pipeline and scheduler:
-
-        original_scheduler = target.scheduler
-        target.scheduler = EDMEulerScheduler.from_config(original_scheduler.config)
-        undo.append(lambda: setattr(target, "scheduler", original_scheduler))
-        report["scheduler -> EDMEulerScheduler (fused guidance + Euler step)"] += 1
+        fuse_denoising_loop(target, backend, sampler, cache_interval, undo, report)
     if low_memory:
-        unet = target.unet if is_pipeline else target
-        if hasattr(unet, "enable_forward_chunking"):
-            unet.enable_forward_chunking(chunk_size=1, dim=0)
-            undo.append(unet.disable_forward_chunking)
-            report["UNet feed-forward chunking"] += 1
+        _enable_forward_chunking(target.unet if is_pipeline else target, undo, report)
         if is_pipeline and torch.cuda.is_available():
             target.enable_model_cpu_offload()
+            undo.append(target.remove_all_hooks)
             report["model CPU offload"] += 1
     if cuda_graphs:
         _capture_cuda_graphs(target.unet if is_pipeline else target, undo, report)
-    setattr(target, _UNDO_ATTRIBUTE, undo)
-    setattr(target, _REPORT_ATTRIBUTE, {"backend": backend, "attention": attention, "patched": dict(report)})
-    LOGGER.info("svd_fast.optimize: %s", dict(report))
-    return target
 
 
 def restore(target: Any) -> Any:
@@ -307,6 +406,6 @@ def restore(target: Any) -> Any:
 
 
 def describe(target: Any) -> dict[str, Any]:
-    """What :func:`optimize` patched in ``target``: backend, self-attention path and a count per kind of patch
-    ({} if not optimized)."""
+    """What :func:`optimize` patched in ``target``: backend, self-attention path, a count per kind of patch
+    and the arguments it was called with ({} if not optimized)."""
     return dict(getattr(target, _REPORT_ATTRIBUTE, {}))

@@ -159,6 +159,8 @@ def _guidance_2d(x: torch.Tensor, model_out_cond: torch.Tensor | None, guidance:
     if guidance is None:
         raise ValueError(f"{EULER_OP_NAME}: guidance is required when model_out_cond is given")
     if isinstance(guidance, (int, float)) and not isinstance(guidance, bool):
+        if not math.isfinite(guidance):
+            raise ValueError(f"{EULER_OP_NAME}: guidance must be finite, got {guidance!r}")
         return torch.full((batch, frames), float(guidance), dtype=torch.float32, device=x.device)
     if not isinstance(guidance, torch.Tensor):
         raise TypeError(f"{EULER_OP_NAME}: guidance must be a tensor or a float, got {type(guidance).__name__}")
@@ -174,6 +176,9 @@ def _guidance_2d(x: torch.Tensor, model_out_cond: torch.Tensor | None, guidance:
             f"{EULER_OP_NAME}: guidance must have shape (F,)=({frames},), (B, F)=({batch}, {frames}) or "
             f"(B, F, 1, 1, 1), one weight per frame, got {shape}"
         )
+    # One small (B, F) reduction: the weights are read once per step, a NaN would poison every frame.
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError(f"{EULER_OP_NAME}: guidance must be finite, got {weights.tolist()}")
     return weights.to(torch.float32)
 
 

@@ -11,7 +11,6 @@ schedules agree to the last bit (tests check it).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,19 +22,6 @@ SVD_RHO = 7.0
 # sqrt(sigma_max^2 + 1) rather than sigma_max (the variance of x at sigma for unit-variance data).
 SVD_TIMESTEP_SPACING = "leading"
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
-
-
-@dataclass(frozen=True)
-class KarrasSchedule:
-    """sigmas: float32 (n + 1,) ending in 0; timesteps: float32 (n,) = 0.25 ln sigma; init_noise_sigma: float32 0-d."""
-
-    sigmas: torch.Tensor
-    timesteps: torch.Tensor
-    init_noise_sigma: torch.Tensor
-
-    @property
-    def num_steps(self) -> int:
-        return self.timesteps.numel()
 
 
 def karras_sigmas(
@@ -63,24 +49,6 @@ def init_noise_sigma(sigmas: torch.Tensor, timestep_spacing: str = SVD_TIMESTEP_
     if timestep_spacing in ("linspace", "trailing"):
         return max_sigma
     return (max_sigma**2 + 1) ** 0.5
-
-
-def karras_schedule(
-    num_steps: int,
-    sigma_min: float = SVD_SIGMA_MIN,
-    sigma_max: float = SVD_SIGMA_MAX,
-    rho: float = SVD_RHO,
-    timestep_spacing: str = SVD_TIMESTEP_SPACING,
-    device: torch.device | str | None = None,
-) -> KarrasSchedule:
-    """The whole SVD sampling schedule. sigmas stay on the CPU (read as Python floats every step);
-    timesteps go to ``device`` (the UNet's)."""
-    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
-    return KarrasSchedule(
-        sigmas=sigmas,
-        timesteps=edm_timesteps(sigmas).to(device),
-        init_noise_sigma=init_noise_sigma(sigmas, timestep_spacing),
-    )
 
 
 def check_schedule_arguments(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> None:
