@@ -46,12 +46,15 @@ def cuda_architectures() -> str:
 
 def extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for in the CPU kernels is an OpenMP region in torch's CPU builds; without the
+    # flag the pragma is ignored and every kernel runs on one thread.
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")]
     if not build_cuda_kernels():
         print("svd_fast: building CPU kernels only")
         return CppExtension(
-            "svd_fast._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "svd_fast._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
     print(f"svd_fast: building CPU and CUDA kernels (CUDA_HOME={CUDA_HOME})")
     cuda_sources = sorted(glob.glob("kernels/*.cu"))
@@ -62,6 +65,7 @@ def extension():
         include_dirs=include_dirs,
         define_macros=[("SVD_FAST_WITH_CUDA", "1"), ("SVD_FAST_CUDA_ARCHITECTURES", cuda_architectures())],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 
