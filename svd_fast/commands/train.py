@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from svd_fast.commands.errors import UsageError
 
 EXAMPLES = """examples:
   svd-fast make-tiny models/tiny-svd && svd-fast train --config configs/train_tiny_cpu.yaml
   svd-fast train --config configs/train_tiny_cpu.yaml --set max_steps=5 --set precision='"bf16"'
   svd-fast train --config configs/train_tiny_cpu.yaml --set resume_from='"latest"'
-  deepspeed --num_gpus 8 -m svd_fast.train --config configs/train_svd_zero2.yaml          # multi-GPU
-  torchrun --nproc_per_node 8 -m svd_fast.train --config configs/train_svd_zero3_offload.yaml
+  deepspeed --num_gpus 8 -m svd_fast.train --config configs/train_svd_xt_25x576x1024_8gpu_zero2.yaml   # multi-GPU
+  torchrun --nproc_per_node 8 -m svd_fast.train --config configs/train_svd_xt_25x576x1024_8gpu_zero3.yaml
 This command runs one process (several GPUs: use a launcher as above). --set values are JSON (strings quoted);
-unknown keys and impossible values are rejected before any model loads. Writes OUTPUT_DIR/train_log.jsonl,
-OUTPUT_DIR/checkpoints/step_N (DeepSpeed + trainer state) and OUTPUT_DIR/pipeline (a diffusers folder)."""
+unknown keys, wrongly typed or impossible values, missing paths and an unwritable output_dir are rejected before
+any model loads. Writes OUTPUT_DIR/train_log.jsonl, OUTPUT_DIR/checkpoints/step_N (DeepSpeed + trainer state,
+complete when complete.json is there; checkpoints/latest names the newest complete one) and OUTPUT_DIR/pipeline
+(a diffusers folder). resume_from: "latest" resumes from the newest complete checkpoint."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +39,7 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}", "e.g. --set max_steps=5")
         try:
             values[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -42,12 +47,29 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return values
 
 
-def run(args: argparse.Namespace) -> int:
-    from svd_fast.training import TrainConfig, train  # noqa: PLC0415 - keep `svd-fast --help` fast
+def load_config(args: argparse.Namespace):
+    """The config file with the --set overrides, checked (types, values, paths, writability) without loading
+    any model; every problem is a UsageError naming the key."""
+    from svd_fast.training import TrainConfig  # noqa: PLC0415 - keep `svd-fast --help` fast
+    from svd_fast.training.checkpoint import resolve_resume  # noqa: PLC0415
+    from svd_fast.training.setup import check_inputs  # noqa: PLC0415
 
-    values = TrainConfig.from_file(args.config).to_dict()
-    values.update(parse_overrides(args.overrides))
-    result = train(TrainConfig.from_dict(values))
+    overrides = parse_overrides(args.overrides)
+    try:
+        values = TrainConfig.from_file(args.config).to_dict()
+        values.update(overrides)
+        config = TrainConfig.from_dict(values)
+        check_inputs(config)
+        resolve_resume(config.resume_from, Path(config.output_dir))
+    except ValueError as error:
+        raise UsageError(str(error), f"fix {args.config} or the --set values") from None
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    from svd_fast.training import train  # noqa: PLC0415
+
+    result = train(load_config(args))
     print(json.dumps({
         "steps": result.steps,
         "losses": result.losses,

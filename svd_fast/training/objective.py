@@ -1,4 +1,4 @@
-"""SVD's image-to-video training objective (EDM, v-prediction), see /work/shared/SVD_NOTES.md "Training".
+"""SVD's image-to-video training objective (EDM, v-prediction), as generative-models' SVD training and diffusers' pipeline.
 
 For clean latents x (VAE latents * scaling_factor) and a noise level s with ln s ~ N(P_mean, P_std^2):
   noisy = x + s * n,   D = c_skip * noisy + c_out * F(concat(c_in * noisy, cond_latent), c_noise)
@@ -144,9 +144,12 @@ def edm_loss(unet, batch: TrainingBatch, dtype: torch.dtype = torch.float32) -> 
     cond = (batch.cond_latent * keep_latent).unsqueeze(1).repeat(1, frames, 1, 1, 1)
     keep_image = (~batch.drop_image).float().view(-1, 1, 1)
     model_input = torch.cat([c_in.view(view) * noisy, cond], dim=2)
+    # c_noise stays fp32, as diffusers' sampler passes its timesteps (bf16 would round it by up to 2.9e-3; the
+    # UNet casts its time embedding to the compute dtype itself); added_time_ids take the compute dtype, as
+    # StableVideoDiffusionPipeline._get_add_time_ids gives them the image embeddings' dtype.
     output = unet(
         model_input.to(dtype),
-        c_noise.to(dtype),
+        c_noise.float(),
         encoder_hidden_states=(batch.image_embeds * keep_image).to(dtype),
         added_time_ids=batch.added_time_ids.to(dtype),
         return_dict=False,
