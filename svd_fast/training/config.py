@@ -18,6 +18,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw_torch", "adamw_deepspeed")
 OFFLOAD_DEVICES = ("none", "cpu")
 ACTIVATION_CHECKPOINTING = ("none", "temporal", "resnets", "all")
+TRAINED_PARAMETERS = ("full", "temporal")
 
 
 @dataclass
@@ -26,6 +27,7 @@ class TrainConfig:
     model: str = ""  # base diffusers pipeline folder (UNet initialisation + frozen VAE/CLIP + exported components)
     data: str | list[str] = ""  # folder, list of files, or a .parquet/.jsonl manifest (svd_fast.data)
     output_dir: str = "train_out"
+    latents_dir: str | None = None  # an `svd-fast encode` output: train from precomputed features instead of `data`
     # Clips
     num_frames: int = 14
     # SVD's native size, the size `svd-fast generate` samples at by default.
@@ -57,6 +59,7 @@ class TrainConfig:
     offload_param: str = "none"  # ZeRO-3 only
     precision: str = "bf16"  # the UNet's compute dtype; DeepSpeed keeps fp32 master weights for bf16/fp16
     deepspeed_config: str | None = None  # a DeepSpeed JSON merged with the keys this config derives (conflicts are errors)
+    trained_parameters: str = "full"  # full | temporal (only the layers SVD added to the image model, see TEMPORAL_PARAMETER)
     activation_checkpointing: str = "none"  # none | temporal | resnets | all (svd_fast.training.activation_checkpointing)
     use_svd_fast_kernels: bool = True
     device: str = "auto"  # auto | cpu | cuda
@@ -114,8 +117,12 @@ class TrainConfig:
             raise ValueError("offload_optimizer needs optimizer: adamw_deepspeed (DeepSpeed's CPU Adam)")
         if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
             raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got {self.activation_checkpointing!r}")
+        if self.trained_parameters not in TRAINED_PARAMETERS:
+            raise ValueError(f"trained_parameters must be one of {TRAINED_PARAMETERS}, got {self.trained_parameters!r}")
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"stride must be a positive integer, got {self.stride!r}")
+        if self.stride is not None and self.target_fps is not None:
+            raise ValueError("stride and target_fps: give one of them, not both")
         for name in ("target_fps", "default_fps"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ import torch
 
 from svd_fast.training.config import TrainConfig
 
+# The layers SVD added to the image model: temporal attention and resnets, their blends with the spatial path,
+# and the frame-position embedding (temporal-only fine-tunes train these and freeze the rest).
+TEMPORAL_PARAMETER = re.compile(r"temporal_transformer_blocks|temporal_res_block|time_mixer|time_pos_embed")
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -23,17 +27,27 @@ def check_inputs(config: TrainConfig) -> None:
     go together, a user DeepSpeed JSON merges cleanly. Raises ValueError naming the key."""
     if not config.model or not Path(config.model).is_dir():
         raise ValueError(f"model: {config.model!r} is not a diffusers pipeline folder")
-    sources = [config.data] if isinstance(config.data, str) else list(config.data)
-    if not sources or not all(sources):
-        raise ValueError("data: no data path given (a folder, a list of video files or a manifest)")
-    missing = [source for source in sources if not Path(source).exists()]
-    if missing:
-        raise ValueError(f"data: {missing[0]!r} does not exist")
+    if config.latents_dir is not None:
+        from svd_fast.training.latents import check_latents_dir  # noqa: PLC0415
+
+        check_latents_dir(Path(config.latents_dir), latents_settings(config))
+    else:
+        sources = [config.data] if isinstance(config.data, str) else list(config.data)
+        if not sources or not all(sources):
+            raise ValueError("data: no data path given (a folder, a list of video files or a manifest)")
+        missing = [source for source in sources if not Path(source).exists()]
+        if missing:
+            raise ValueError(f"data: {missing[0]!r} does not exist")
     _check_writable(Path(config.output_dir))
     device = resolve_device(config)
     if device.type == "cpu" and config.precision == "fp16":
         raise ValueError("precision: fp16 is unsupported on the CPU (DeepSpeed's CPU accelerator); use bf16 or fp32")
     build_deepspeed_config(config)
+
+
+def latents_settings(config: TrainConfig) -> dict[str, Any]:
+    """The config keys precomputed latents must have been encoded with."""
+    return {"num_frames": config.num_frames, "height": config.height, "width": config.width}
 
 
 def _check_writable(folder: Path) -> None:
@@ -166,6 +180,13 @@ def apply_svd_fast_kernels(unet: torch.nn.Module, enabled: bool) -> str:
     return "applied"
 
 
+def select_trained_parameters(unet: torch.nn.Module, trained: str) -> int:
+    """Freeze what ``trained`` (full | temporal) leaves out; returns the number of trained parameters."""
+    for name, param in unet.named_parameters():
+        param.requires_grad_(trained == "full" or bool(TEMPORAL_PARAMETER.search(name)))
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
 @dataclass
 class Models:
     pipeline: Any  # the base StableVideoDiffusionPipeline (frozen VAE, image encoder, feature extractor)
@@ -185,10 +206,13 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
     torch.manual_seed(config.seed)
     pipe = StableVideoDiffusionPipeline.from_pretrained(config.model, dtype=torch.float32)
     pipe.vae.to(device).eval().requires_grad_(False)
-    pipe.image_encoder.to(device).eval().requires_grad_(False)
+    pipe.image_encoder.eval().requires_grad_(False)
+    if config.latents_dir is None:  # with precomputed latents the image encoder is not used in the loop
+        pipe.image_encoder.to(device)
     unet = pipe.unet
     kernel_status = apply_svd_fast_kernels(unet, config.use_svd_fast_kernels)
     enable_activation_checkpointing(unet, config.activation_checkpointing)
+    select_trained_parameters(unet, config.trained_parameters)
     unet.train()
 
     optimizer = None

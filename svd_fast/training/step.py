@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from svd_fast.training.config import TrainConfig
-from svd_fast.training.objective import ObjectiveConfig, edm_loss, encode_batch
+from svd_fast.training.latents import stack_features
+from svd_fast.training.objective import ObjectiveConfig, TrainingBatch, edm_loss, encode_batch, sample_batch
 
 
 class ClipStream:
@@ -69,11 +70,21 @@ class ClipStream:
         return samples
 
 
-def collate(samples: list[dict[str, Any]], config: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    pixels = torch.stack([s["pixel_values"] for s in samples]).to(device)
+def conditioning_values(samples: list[dict[str, Any]], config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     fps = torch.tensor([float(s.get("fps") or config.default_fps) for s in samples])
-    motion = torch.tensor([float(s.get("motion_bucket_id", config.default_motion_bucket_id)) for s in samples])
-    return pixels, fps, motion
+    motion = torch.tensor([float(config.default_motion_bucket_id if s.get("motion_bucket_id") is None else s["motion_bucket_id"])
+                           for s in samples])
+    return fps, motion
+
+
+def make_batch(samples: list[dict[str, Any]], config: TrainConfig, objective: ObjectiveConfig, pipe, device: torch.device,
+               generator: torch.Generator) -> TrainingBatch:
+    """Decoded clips are encoded here; precomputed features (``svd-fast encode``) only sampled, with the same draws."""
+    fps, motion = conditioning_values(samples, config)
+    if "posterior_mean" in samples[0]:
+        return sample_batch(stack_features(samples, device), fps, motion, pipe.vae, objective, generator)
+    pixels = torch.stack([s["pixel_values"] for s in samples]).to(device)
+    return encode_batch(pixels, fps, motion, pipe.vae, pipe.image_encoder, pipe.feature_extractor, objective, generator)
 
 
 def sigma_bin_names(edges: list[float]) -> list[str]:
@@ -137,9 +148,8 @@ class StepRunner:
         bins = len(self.edges) + 1
         stats = StepStats(loss=0.0, lr=engine.get_lr()[0], samples=0, bin_sums=torch.zeros(bins), bin_counts=torch.zeros(bins))
         for _ in range(config.gradient_accumulation_steps):
-            pixels, fps, motion = collate(self._next_samples(), config, self.device)
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.rank * 7_919 + self.micro_step)
-            batch = encode_batch(pixels, fps, motion, pipe.vae, pipe.image_encoder, pipe.feature_extractor, self.objective, generator)
+            batch = make_batch(self._next_samples(), config, self.objective, pipe, self.device, generator)
             loss, per_sample = edm_loss(engine, batch, self.models.compute_dtype)
             engine.backward(loss)
             engine.step()
@@ -149,5 +159,5 @@ class StepRunner:
             which = torch.bucketize(batch.sigma.float().cpu(), self.edges)
             stats.bin_sums.index_add_(0, which, per_sample)
             stats.bin_counts.index_add_(0, which, torch.ones_like(per_sample))
-            stats.samples += pixels.shape[0]
+            stats.samples += batch.latents.shape[0]
         return stats

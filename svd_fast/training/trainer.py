@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from svd_fast.training.checkpoint import EMA_FILE, STATE_FILE, load_checkpoint, resolve_resume, save_checkpoint, write_atomic
 from svd_fast.training.config import TrainConfig
 from svd_fast.training.ema import ShardedEMA, full_shapes, gather_full, local_master_fragments
+from svd_fast.training.latents import PrecomputedClips
 from svd_fast.training.log import TrainLog
 from svd_fast.training.setup import Models, build_models, check_inputs, resolve_device, setup_distributed
 from svd_fast.training.step import ClipStream, StepRunner, restore_rng_state, rng_state
@@ -48,6 +49,8 @@ def as_config(config: TrainConfig | dict[str, Any] | str | Path) -> TrainConfig:
 
 
 def _open_dataset(config: TrainConfig, rank: int, world_size: int):
+    if config.latents_dir is not None:
+        return PrecomputedClips(config.latents_dir, config.shuffle, config.seed, rank, world_size)
     from svd_fast.data.video import VideoClipDataset  # noqa: PLC0415 - decoders load on demand
 
     return VideoClipDataset(
