@@ -88,3 +88,11 @@ def test_plan_memory_cli_json(tmp_path: Path, monkeypatch, capsys) -> None:
     assert plan["per_gpu_peak_gib"] == pytest.approx(parts, abs=0.03)
     assert plan["ema_gib"] == pytest.approx(4 * plan["trained_params"] / 8 / 2**30, abs=0.01)
     assert cli.main(["train", "--plan-memory", "--config", str(config), "--gpus", "0"]) == 2
+
+
+def test_temporal_only_training_counts_the_temporal_layers() -> None:
+    config = {"num_frames": 25}
+    full_trained, full_frozen, _ = memory_plan.parameter_counts(config, "full")
+    temporal_trained, temporal_frozen, _ = memory_plan.parameter_counts(config, "temporal")
+    assert full_frozen == 0 and full_trained == temporal_trained + temporal_frozen
+    assert 0.2 < temporal_trained / full_trained < 0.5  # SVD's temporal layers: roughly a third of the UNet

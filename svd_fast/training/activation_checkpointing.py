@@ -2,8 +2,9 @@
 their activations).
 
 Modes: ``temporal`` (each temporal transformer block and temporal resnet: the activations that grow with the
-frame count), ``resnets`` (each spatio-temporal resnet block, spatial and temporal halves), ``all`` (each down,
-mid and up block). The block's class is swapped for a subclass whose ``__call__`` runs the ordinary module call
+frame count), ``resnets`` (each spatio-temporal resnet block, spatial and temporal halves), ``all`` (each resnet
+block and each spatio-temporal transformer, as diffusers' own gradient checkpointing cuts the UNet: whole
+down/mid/up blocks would be too coarse, their recomputation alone holds tens of GiB at 25x576x1024). The block's class is swapped for a subclass whose ``__call__`` runs the ordinary module call
 under ``torch.utils.checkpoint`` (non-reentrant). Going through ``__call__`` (not ``forward``) makes the module
 hooks run again on recomputation, which ZeRO-3 needs to re-gather the block's parameters; parameter names and
 the state dict stay the same, and svd_fast's fused blocks and custom autograd ops are recomputed like any module.
@@ -20,7 +21,7 @@ MODE_PATTERNS = {
     "none": None,
     "temporal": re.compile(r"(^|\.)temporal_transformer_blocks\.\d+$|(^|\.)temporal_res_block$"),
     "resnets": re.compile(r"(^|\.)resnets\.\d+$"),
-    "all": re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)$"),
+    "all": re.compile(r"(^|\.)(resnets|attentions)\.\d+$"),
 }
 _CHECKPOINTED_CLASSES: dict[type, type] = {}
 
