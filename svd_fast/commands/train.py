@@ -79,10 +79,10 @@ def plan(args: argparse.Namespace) -> int:
     config = load_config(args, check_paths=False)  # a plan needs neither the model nor the data
     if args.gpus < 1:
         raise UsageError(f"--gpus must be >= 1, got {args.gpus}")
-    try:
-        result = plan_memory(config, gpus=args.gpus)
-    except ValueError as error:
-        raise UsageError(str(error), f"fix {args.config} or the --set values") from None
+    if config.precision == "fp32":
+        raise UsageError("precision: the memory plan models mixed precision (DeepSpeed's estimators assume 16-bit parameters)",
+                         "plan with --set precision=bf16")
+    result = plan_memory(config, gpus=args.gpus)
     print(json.dumps(result.to_dict()) if args.json else describe(result))
     return 0
 

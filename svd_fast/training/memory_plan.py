@@ -87,8 +87,8 @@ def model_states_bytes(config: TrainConfig, total: int, largest: int, gpus: int,
 
     offload = config.offload_optimizer != "none"
     if config.zero_stage == 3:
-        _, gpu = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=gpus, cpu_offload=offload,
-                                                       cpu_offload_params=config.offload_param != "none")
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=gpus, cpu_offload=offload,
+                                                          cpu_offload_params=config.offload_param != "none")
         return int(gpu) + (0 if config.offload_param != "none" else 2 * frozen // gpus)
     _, gpu = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=gpus if config.zero_stage else 1, cpu_offload=offload)
     return int(gpu) + 2 * frozen
