@@ -217,3 +217,16 @@ def test_truncated_and_empty_files_make_a_checkpoint_incomplete_and_latest_falls
     for tag in ("step_2", "step_3"):
         (root / tag / COMPLETE).unlink()
     assert resolve_resume("latest", Path(values["output_dir"])) is None  # nothing complete: start over, said in the log
+
+
+def test_failing_svd_fast_kernels_are_an_error_not_a_silent_fallback(monkeypatch) -> None:
+    from svd_fast.diffusers import patching
+    from svd_fast.training.setup import apply_svd_fast_kernels
+
+    def broken(unet):
+        raise TypeError("unsupported block")
+
+    monkeypatch.setattr(patching, "optimize", broken)
+    with pytest.raises(RuntimeError, match="use_svd_fast_kernels.*unsupported block"):
+        apply_svd_fast_kernels(torch.nn.Linear(1, 1), True)
+    assert apply_svd_fast_kernels(torch.nn.Linear(1, 1), False).startswith("disabled")
