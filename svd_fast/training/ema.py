@@ -82,12 +82,17 @@ def _collective_device() -> torch.device:
 
 
 class ShardedEMA:
-    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+    def __init__(self, module: torch.nn.Module, decay: float, device: torch.device | None = None) -> None:
+        """``device``: where the EMA lives (the CPU when DeepSpeed offloads the optimizer; default: beside the
+        fp32 masters)."""
         self.decay = decay
         self.updates = 0
         self.shapes = full_shapes(module)
         masters = local_master_fragments(module)
-        self.shadow = {name: MasterFragment(f.values.detach().float().clone(), f.start, f.shape, f.replicated) for name, f in masters.items()}
+        self.shadow = {
+            name: MasterFragment(f.values.detach().to(device or f.values.device, torch.float32, copy=True), f.start, f.shape, f.replicated)
+            for name, f in masters.items()
+        }
 
     def decay_at(self, update: int) -> float:
         return min(self.decay, (1.0 + update) / (10.0 + update))
@@ -97,7 +102,8 @@ class ShardedEMA:
         masters = local_master_fragments(module)
         names = list(self.shadow)
         weight = 1.0 - self.decay_at(self.updates)
-        torch._foreach_lerp_([self.shadow[n].values for n in names], [masters[n].values.float() for n in names], weight)
+        shadows = [self.shadow[n].values for n in names]
+        torch._foreach_lerp_(shadows, [masters[n].values.to(s.device, torch.float32) for n, s in zip(names, shadows)], weight)
         self.updates += 1
 
     def state_dict(self) -> dict:

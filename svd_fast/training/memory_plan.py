@@ -7,7 +7,7 @@ Accounting rules (all per GPU, GiB = 2**30 bytes):
   with the config's optimizer / parameter offload. For ZeRO-0/1 this is ZeRO-2's figure (a lower bound: they do
   not shard gradients).
 - ema: 4 bytes per trained parameter, divided by the number of GPUs when ZeRO shards the fp32 masters (the
-  EMA follows their partitioning, svd_fast.training.ema).
+  EMA follows their partitioning, svd_fast.training.ema); 0 with the optimizer offloaded (the EMA is on the CPU).
 - activations: the peak of one forward + backward of the real full-size UNet (diffusers'
   UNetSpatioTemporalConditionModel with SVD's config) at the config's frames, resolution, batch, precision
   and activation checkpointing, traced on fake tensors (torch's FakeTensorMode) with op-level accounting
@@ -164,7 +164,8 @@ def plan_memory(config: TrainConfig, gpus: int = 1, unet_kwargs: dict | None = N
     total, frozen, largest = parameter_counts(unet_kwargs, config.trained_parameters)
     model_states = model_states_bytes(config, total, largest, gpus, frozen)
     sharded = config.zero_stage >= 1 and gpus > 1
-    ema = 4 * total / (gpus if sharded else 1) if config.ema_decay > 0 else 0
+    on_gpu = config.ema_decay > 0 and config.offload_optimizer == "none"  # with the optimizer offloaded the EMA is on the CPU
+    ema = 4 * total / (gpus if sharded else 1) if on_gpu else 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
     activations = traced_activation_bytes(unet_kwargs, config.num_frames, (config.height // 8, config.width // 8),
                                           config.batch_size, dtype, config.activation_checkpointing)

@@ -82,7 +82,8 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
     dataset = _open_dataset(config, rank, world_size)
     models = build_models(config, device)
     engine = models.engine
-    ema = ShardedEMA(engine.module, config.ema_decay) if config.ema_decay > 0 else None
+    ema_device = torch.device("cpu") if config.offload_optimizer != "none" else None
+    ema = ShardedEMA(engine.module, config.ema_decay, ema_device) if config.ema_decay > 0 else None
 
     checkpoint_root = output_dir / "checkpoints"
     if rank == 0:
