@@ -41,9 +41,10 @@ TINY = {"frames": 8, "latent_hw": (8, 8), "label": "tiny-cpu"}
 def run_variant(name: str, tiny: bool, steps: int, warmup: int, batch_size: int) -> dict:
     import torch  # noqa: PLC0415
 
+    from svd_fast.training.activation_checkpointing import enable_activation_checkpointing  # noqa: PLC0415
     from svd_fast.training.config import TrainConfig  # noqa: PLC0415
     from svd_fast.training.objective import TrainingBatch, edm_loss  # noqa: PLC0415
-    from svd_fast.training.trainer import apply_svd_fast_kernels, deepspeed_config, setup_distributed  # noqa: PLC0415
+    from svd_fast.training.setup import apply_svd_fast_kernels, build_deepspeed_config, setup_distributed  # noqa: PLC0415
 
     engine_kind, stage, kernels, checkpointing = VARIANTS[name]
     geometry = TINY if tiny else FULL
@@ -58,8 +59,7 @@ def run_variant(name: str, tiny: bool, steps: int, warmup: int, batch_size: int)
     else:
         unet = UNetSpatioTemporalConditionModel()  # diffusers' defaults are SVD's UNet
     kernel_status = apply_svd_fast_kernels(unet, kernels) if kernels else "off"
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
+    enable_activation_checkpointing(unet, "all" if checkpointing else "none")
     unet.train()
     dtype = torch.bfloat16
     if engine_kind == "deepspeed":
@@ -68,7 +68,7 @@ def run_variant(name: str, tiny: bool, steps: int, warmup: int, batch_size: int)
 
         config = TrainConfig(zero_stage=stage, precision="bf16", batch_size=batch_size, learning_rate=1e-5)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
-        model, _, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, config=deepspeed_config(config))
+        model, _, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, config=build_deepspeed_config(config))
 
         def train_step(batch: TrainingBatch) -> float:
             loss, _ = edm_loss(model, batch, dtype)

@@ -18,7 +18,7 @@ from typing import NoReturn
 from svd_fast.commands.errors import EXIT_USAGE, UsageError
 
 # Subcommand modules, in the order --help lists them.
-COMMANDS = ("demo", "generate", "make_tiny", "train", "curate")
+COMMANDS = ("demo", "generate", "make_tiny", "train", "encode", "curate")
 
 EPILOG = """examples:
   svd-fast demo --out demo_out                      # the whole system on the embedded tiny model

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from svd_fast.commands.errors import EXIT_USAGE, UsageError  # noqa: PLC0415
     from svd_fast.commands.train import EXAMPLES, run  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(prog="python -m svd_fast.train", description=__doc__, epilog=EXAMPLES,
@@ -15,7 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML or JSON training config (see configs/)")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=JSON", help="override a config key (repeatable)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except UsageError as error:
+        if os.environ.get("RANK", "0") in ("0", ""):  # once per job, not once per process
+            print(error.line("train"), file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

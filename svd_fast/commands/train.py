@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from svd_fast.commands.errors import UsageError
 
 EXAMPLES = """examples:
   svd-fast make-tiny models/tiny-svd && svd-fast train --config configs/train_tiny_cpu.yaml
   svd-fast train --config configs/train_tiny_cpu.yaml --set max_steps=5 --set precision='"bf16"'
   svd-fast train --config configs/train_tiny_cpu.yaml --set resume_from='"latest"'
-  deepspeed --num_gpus 8 -m svd_fast.train --config configs/train_svd_zero2.yaml          # multi-GPU
-  torchrun --nproc_per_node 8 -m svd_fast.train --config configs/train_svd_zero3_offload.yaml
+  deepspeed --num_gpus 8 -m svd_fast.train --config configs/train_svd_xt_25x576x1024_8gpu_zero2.yaml   # multi-GPU
+  torchrun --nproc_per_node 8 -m svd_fast.train --config configs/train_svd_xt_25x576x1024_8gpu_zero3.yaml
+  svd-fast train --plan-memory --config configs/train_svd_xt_25x576x1024_8gpu_zero3.yaml --gpus 8 --json
 This command runs one process (several GPUs: use a launcher as above). --set values are JSON (strings quoted);
-unknown keys and impossible values are rejected before any model loads. Writes OUTPUT_DIR/train_log.jsonl,
-OUTPUT_DIR/checkpoints/step_N (DeepSpeed + trainer state) and OUTPUT_DIR/pipeline (a diffusers folder)."""
+unknown keys, wrongly typed or impossible values, missing paths and an unwritable output_dir are rejected before
+any model loads. Writes OUTPUT_DIR/train_log.jsonl, OUTPUT_DIR/checkpoints/step_N (DeepSpeed + trainer state,
+complete when complete.json is there; checkpoints/latest names the newest complete one) and OUTPUT_DIR/pipeline
+(a diffusers folder). resume_from: "latest" resumes from the newest complete checkpoint."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +32,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", required=True, help="YAML or JSON training config (see configs/)")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=JSON", help="override a config key (repeatable)")
+    parser.add_argument("--plan-memory", action="store_true",
+                        help="print the per-GPU memory plan of the config (no GPU, no model allocated) instead of training")
+    parser.add_argument("--gpus", type=int, default=1, help="with --plan-memory: number of GPUs (one process each)")
+    parser.add_argument("--json", action="store_true", help="with --plan-memory: print the plan as JSON")
     parser.set_defaults(func=run)
 
 
@@ -34,7 +44,7 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}", "e.g. --set max_steps=5")
         try:
             values[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -42,12 +52,47 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return values
 
 
-def run(args: argparse.Namespace) -> int:
-    from svd_fast.training import TrainConfig, train  # noqa: PLC0415 - keep `svd-fast --help` fast
+def load_config(args: argparse.Namespace, check_paths: bool = True):
+    """The config file with the --set overrides, checked (types, values and, with ``check_paths``, paths,
+    writability and resumability) without loading any model; every problem is a UsageError naming the key."""
+    from svd_fast.training import TrainConfig  # noqa: PLC0415 - keep `svd-fast --help` fast
+    from svd_fast.training.checkpoint import resolve_resume  # noqa: PLC0415
+    from svd_fast.training.setup import check_inputs  # noqa: PLC0415
 
-    values = TrainConfig.from_file(args.config).to_dict()
-    values.update(parse_overrides(args.overrides))
-    result = train(TrainConfig.from_dict(values))
+    overrides = parse_overrides(args.overrides)
+    try:
+        values = TrainConfig.from_file(args.config).to_dict()
+        values.update(overrides)
+        config = TrainConfig.from_dict(values)
+        if not check_paths:
+            return config
+        check_inputs(config)
+        resolve_resume(config.resume_from, Path(config.output_dir))
+    except ValueError as error:
+        raise UsageError(str(error), f"fix {args.config} or the --set values") from None
+    return config
+
+
+def plan(args: argparse.Namespace) -> int:
+    from svd_fast.training.memory_plan import describe, plan_memory  # noqa: PLC0415
+
+    config = load_config(args, check_paths=False)  # a plan needs neither the model nor the data
+    if args.gpus < 1:
+        raise UsageError(f"--gpus must be >= 1, got {args.gpus}")
+    if config.precision == "fp32":
+        raise UsageError("precision: the memory plan models mixed precision (DeepSpeed's estimators assume 16-bit parameters)",
+                         "plan with --set precision=bf16")
+    result = plan_memory(config, gpus=args.gpus)
+    print(json.dumps(result.to_dict()) if args.json else describe(result))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from svd_fast.training import train  # noqa: PLC0415
+
+    if getattr(args, "plan_memory", False):
+        return plan(args)
+    result = train(load_config(args))
     print(json.dumps({
         "steps": result.steps,
         "losses": result.losses,

@@ -2,6 +2,6 @@
 
 from svd_fast.training.config import TrainConfig
 from svd_fast.training.objective import ObjectiveConfig, TrainingBatch, edm_loss, encode_batch
-from svd_fast.training.trainer import TrainResult, train
+from svd_fast.training.trainer import TrainResult, as_config, train
 
-__all__ = ["ObjectiveConfig", "TrainConfig", "TrainResult", "TrainingBatch", "edm_loss", "encode_batch", "train"]
+__all__ = ["ObjectiveConfig", "TrainConfig", "TrainResult", "TrainingBatch", "as_config", "edm_loss", "encode_batch", "train"]

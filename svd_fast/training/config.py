@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,18 +17,22 @@ from svd_fast.training.objective import ObjectiveConfig
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw_torch", "adamw_deepspeed")
 OFFLOAD_DEVICES = ("none", "cpu")
+ACTIVATION_CHECKPOINTING = ("none", "temporal", "resnets", "all")
+TRAINED_PARAMETERS = ("full", "temporal")
 
 
 @dataclass
 class TrainConfig:
     # Inputs and outputs
     model: str = ""  # base diffusers pipeline folder (UNet initialisation + frozen VAE/CLIP + exported components)
-    data: Any = ""  # folder, list of files, or a .parquet/.jsonl manifest (svd_fast.data.video.VideoClipDataset)
+    data: str | list[str] = ""  # folder, list of files, or a .parquet/.jsonl manifest (svd_fast.data)
     output_dir: str = "train_out"
+    latents_dir: str | None = None  # an `svd-fast encode` output: train from precomputed features instead of `data`
     # Clips
     num_frames: int = 14
-    height: int = 320
-    width: int = 576
+    # SVD's native size, the size `svd-fast generate` samples at by default.
+    height: int = 576
+    width: int = 1024
     stride: int | None = None
     target_fps: float | None = None
     random_crop: bool = False
@@ -50,8 +57,10 @@ class TrainConfig:
     zero_stage: int = 2
     offload_optimizer: str = "none"
     offload_param: str = "none"  # ZeRO-3 only
-    precision: str = "bf16"
-    gradient_checkpointing: bool = False
+    precision: str = "bf16"  # the UNet's compute dtype; DeepSpeed keeps fp32 master weights for bf16/fp16
+    deepspeed_config: str | None = None  # a DeepSpeed JSON merged with the keys this config derives (conflicts are errors)
+    trained_parameters: str = "full"  # full | temporal (only the layers SVD added to the image model, see TEMPORAL_PARAMETER)
+    activation_checkpointing: str = "none"  # none | temporal | resnets | all (svd_fast.training.activation_checkpointing)
     use_svd_fast_kernels: bool = True
     device: str = "auto"  # auto | cpu | cuda
     # EMA, logging, checkpoints, export
@@ -73,6 +82,7 @@ class TrainConfig:
     sigma_bins: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])  # edges for sigma-binned loss
 
     def __post_init__(self) -> None:
+        check_types(self)
         positive = ("num_frames", "height", "width", "batch_size", "gradient_accumulation_steps", "max_steps", "log_every")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -105,6 +115,17 @@ class TrainConfig:
             raise ValueError("offload_optimizer needs zero_stage >= 1")
         if self.offload_optimizer != "none" and self.optimizer != "adamw_deepspeed":
             raise ValueError("offload_optimizer needs optimizer: adamw_deepspeed (DeepSpeed's CPU Adam)")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got {self.activation_checkpointing!r}")
+        if self.trained_parameters not in TRAINED_PARAMETERS:
+            raise ValueError(f"trained_parameters must be one of {TRAINED_PARAMETERS}, got {self.trained_parameters!r}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride must be a positive integer, got {self.stride!r}")
+        if self.stride is not None and self.target_fps is not None:
+            raise ValueError("stride and target_fps: give one of them, not both")
+        for name in ("target_fps", "default_fps"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.height % 8 or self.width % 8:
             raise ValueError(f"height and width must be multiples of 8 (VAE downsampling), got {self.height}x{self.width}")
         if list(self.sigma_bins) != sorted(self.sigma_bins) or any(edge <= 0 for edge in self.sigma_bins):
@@ -148,3 +169,36 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _matches(value: Any, declared: Any) -> bool:
+    """``value`` is an instance of the declared type; bool is not a number, an int is a float."""
+    origin = typing.get_origin(declared)
+    if declared is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(declared))
+    if declared is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(declared)
+        return isinstance(value, list) and all(_matches(element, item) for element in value)
+    if isinstance(value, bool):
+        return declared is bool
+    if declared is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, declared)
+
+
+def check_types(config: TrainConfig) -> None:
+    """Every value has its field's declared type, so ``max_steps: true`` or ``learning_rate: "1e-4"`` is an
+    error naming the key rather than a silently different run."""
+    hints = typing.get_type_hints(type(config))
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        declared = hints[item.name]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{item.name} must be a finite number, got {value!r}")
+        if not _matches(value, declared):
+            expected = declared.__name__ if isinstance(declared, type) else str(declared).replace("NoneType", "None")
+            raise ValueError(f"{item.name} must be of type {expected}, got {value!r} ({type(value).__name__})")

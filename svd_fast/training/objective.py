@@ -1,4 +1,4 @@
-"""SVD's image-to-video training objective (EDM, v-prediction), see /work/shared/SVD_NOTES.md "Training".
+"""SVD's image-to-video training objective (EDM, v-prediction), as generative-models' SVD training and diffusers' pipeline.
 
 For clean latents x (VAE latents * scaling_factor) and a noise level s with ln s ~ N(P_mean, P_std^2):
   noisy = x + s * n,   D = c_skip * noisy + c_out * F(concat(c_in * noisy, cond_latent), c_noise)
@@ -75,6 +75,37 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor
     return torch.rand(shape, generator=generator, dtype=torch.float64).float()
 
 
+@dataclass
+class ClipFeatures:
+    """The deterministic part of a batch's encoding (what ``svd-fast encode`` precomputes): the VAE posterior of
+    every frame, the CLIP embedding of the clean first frame, and the first frame itself (its noise-augmented
+    copy is VAE-encoded in the loop, with fresh noise each time, as SVD trains)."""
+
+    posterior_mean: torch.Tensor  # (B, F, C, h, w)
+    posterior_std: torch.Tensor  # (B, F, C, h, w)
+    image_embeds: torch.Tensor  # (B, 1, D)
+    first_frame: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+
+
+@torch.no_grad()
+def encode_clip_features(pixel_values: torch.Tensor, vae, image_encoder, feature_extractor) -> ClipFeatures:
+    """Encode ``pixel_values`` (B, F, 3, H, W) in [-1, 1] with the frozen VAE and CLIP image encoder."""
+    if pixel_values.dim() != 5 or pixel_values.shape[2] != 3:
+        raise ValueError(f"pixel_values must be (B, F, 3, H, W), got {tuple(pixel_values.shape)}")
+    batch, frames = pixel_values.shape[:2]
+    vae_dtype = next(vae.parameters()).dtype
+    posterior = vae.encode(pixel_values.flatten(0, 1).to(vae_dtype)).latent_dist
+    first = pixel_values[:, 0].float()
+    clip_dtype = next(image_encoder.parameters()).dtype
+    image_embeds = image_encoder(clip_pixel_values(first, feature_extractor).to(clip_dtype)).image_embeds
+    return ClipFeatures(
+        posterior_mean=posterior.mean.float().unflatten(0, (batch, frames)),
+        posterior_std=posterior.std.float().unflatten(0, (batch, frames)),
+        image_embeds=image_embeds.unsqueeze(1).float(),
+        first_frame=first,
+    )
+
+
 @torch.no_grad()
 def encode_batch(
     pixel_values: torch.Tensor,
@@ -88,26 +119,30 @@ def encode_batch(
 ) -> TrainingBatch:
     """Draw noise / noise levels / dropout from ``generator`` (on the CPU, so runs are reproducible on any
     device) and encode ``pixel_values`` (B, F, 3, H, W) in [-1, 1] with the frozen VAE and CLIP encoder."""
-    if pixel_values.dim() != 5 or pixel_values.shape[2] != 3:
-        raise ValueError(f"pixel_values must be (B, F, 3, H, W), got {tuple(pixel_values.shape)}")
-    device = pixel_values.device
-    batch, frames = pixel_values.shape[:2]
-    vae_dtype = next(vae.parameters()).dtype
-    # Targets: every frame through the VAE encoder, sampled from its posterior.
-    posterior = vae.encode(pixel_values.flatten(0, 1).to(vae_dtype)).latent_dist
-    eps = torch.randn(posterior.mean.shape, generator=generator).to(device, posterior.mean.dtype)
-    latents = (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
-    latents = latents.unflatten(0, (batch, frames)).float()
+    features = encode_clip_features(pixel_values, vae, image_encoder, feature_extractor)
+    return sample_batch(features, fps, motion_bucket_id, vae, config, generator)
 
-    first = pixel_values[:, 0].float()
+
+@torch.no_grad()
+def sample_batch(
+    features: ClipFeatures, fps: torch.Tensor, motion_bucket_id: torch.Tensor, vae, config: ObjectiveConfig, generator: torch.Generator
+) -> TrainingBatch:
+    """A training batch from encoded clips: target latents sampled from the posterior, the conditioning frame
+    noise-augmented in pixel space and VAE-encoded, noise levels and dropout; all draws from ``generator`` in a
+    fixed order, so precomputed and on-the-fly features give the same batch."""
+    device = features.posterior_mean.device
+    batch = features.posterior_mean.shape[0]
+    mean = features.posterior_mean.flatten(0, 1)
+    eps = torch.randn(mean.shape, generator=generator).to(device)
+    latents = ((mean + features.posterior_std.flatten(0, 1) * eps) * vae.config.scaling_factor).unflatten(0, (batch, -1))
+
+    first = features.first_frame.float()
     sigma_aug = torch.exp(config.cond_aug_mean + config.cond_aug_std * torch.randn(batch, generator=generator))
     aug_noise = torch.randn(first.shape, generator=generator).to(device)
     noisy_first = first + sigma_aug.to(device).view(-1, 1, 1, 1) * aug_noise
+    vae_dtype = next(vae.parameters()).dtype
     cond_latent = vae.encode(noisy_first.to(vae_dtype)).latent_dist.mode().float()
-
-    clip_dtype = next(image_encoder.parameters()).dtype
-    image_embeds = image_encoder(clip_pixel_values(first, feature_extractor).to(clip_dtype)).image_embeds
-    image_embeds = image_embeds.unsqueeze(1).float()
+    image_embeds = features.image_embeds
 
     added_time_ids = torch.stack(
         [fps.float().cpu() - 1.0, motion_bucket_id.float().cpu(), sigma_aug.float()], dim=1
@@ -144,9 +179,12 @@ def edm_loss(unet, batch: TrainingBatch, dtype: torch.dtype = torch.float32) -> 
     cond = (batch.cond_latent * keep_latent).unsqueeze(1).repeat(1, frames, 1, 1, 1)
     keep_image = (~batch.drop_image).float().view(-1, 1, 1)
     model_input = torch.cat([c_in.view(view) * noisy, cond], dim=2)
+    # c_noise stays fp32, as diffusers' sampler passes its timesteps (bf16 would round it by up to 2.9e-3; the
+    # UNet casts its time embedding to the compute dtype itself); added_time_ids take the compute dtype, as
+    # StableVideoDiffusionPipeline._get_add_time_ids gives them the image embeddings' dtype.
     output = unet(
         model_input.to(dtype),
-        c_noise.to(dtype),
+        c_noise.float(),
         encoder_hidden_states=(batch.image_embeds * keep_image).to(dtype),
         added_time_ids=batch.added_time_ids.to(dtype),
         return_dict=False,

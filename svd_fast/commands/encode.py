@@ -1,0 +1,72 @@
+"""`svd-fast encode`: precompute the training features of every clip (VAE posterior of each frame, CLIP embedding
+of the first frame) so that training runs without the per-frame VAE encode and the image encoder in its loop.
+Resumable: rerun the same command after an interruption; finished clips are kept."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from svd_fast.commands.errors import UsageError, require_positive, require_writable_dir
+
+EXAMPLES = """examples:
+  svd-fast encode --data data/manifest.parquet --model models/stable-video-diffusion-img2vid-xt --out latents/xt \\
+      --num-frames 25 --height 576 --width 1024 --target-fps 7
+  svd-fast train --config configs/train_svd_xt_25x576x1024_8gpu_zero2.yaml --set latents_dir=latents/xt
+Writes OUT/settings.json, OUT/clips/clip_NNNNNNNN.pt and, when every clip is done, OUT/complete.json.
+A training config reads it with latents_dir: OUT (its num_frames, height and width must match)."""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("encode", help="precompute training latents and CLIP embeddings of video clips",
+                                   description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="video folder, video file or curated manifest (.parquet/.jsonl)")
+    parser.add_argument("--model", required=True, help="diffusers SVD pipeline folder (its VAE and image encoder)")
+    parser.add_argument("--out", required=True, help="output folder (resumable)")
+    parser.add_argument("--num-frames", type=int, default=14)
+    parser.add_argument("--height", type=int, default=576)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--stride", type=int, default=None, help="take every STRIDE-th frame")
+    parser.add_argument("--target-fps", type=float, default=None, help="resample clips to this frame rate")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
+    for name in ("num_frames", "height", "width", "stride"):
+        require_positive(f"--{name.replace('_', '-')}", getattr(args, name), integer=True)
+    require_positive("--target-fps", args.target_fps)
+    if args.height % 8 or args.width % 8:
+        raise UsageError(f"--height and --width must be multiples of 8, got {args.height}x{args.width}")
+    if args.stride is not None and args.target_fps is not None:
+        raise UsageError("give --stride or --target-fps, not both")
+    if not Path(args.data).exists():
+        raise UsageError(f"--data {args.data} does not exist", "check the path")
+    if not Path(args.model).is_dir():
+        raise UsageError(f"--model {args.model} is not a diffusers pipeline folder", "check the path")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but CUDA is not available")
+    out = require_writable_dir("--out", args.out)
+
+    from diffusers import StableVideoDiffusionPipeline  # noqa: PLC0415
+
+    from svd_fast.data.video import VideoClipDataset  # noqa: PLC0415
+    from svd_fast.training.latents import encode_clips  # noqa: PLC0415
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    settings = {"data": str(Path(args.data).resolve()), "model": str(Path(args.model).resolve()), "num_frames": args.num_frames,
+                "height": args.height, "width": args.width, "stride": args.stride, "target_fps": args.target_fps}
+    dataset = VideoClipDataset(args.data, num_frames=args.num_frames, size=(args.height, args.width), stride=args.stride,
+                               target_fps=args.target_fps, shuffle=False)
+    pipe = StableVideoDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
+    pipe.vae.to(device).eval()
+    pipe.image_encoder.to(device).eval()
+    try:
+        clips = encode_clips(dataset, pipe, out, settings, device)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(json.dumps({"out": str(out), "clips": clips, "skipped": dataset.errors}))
+    return 0

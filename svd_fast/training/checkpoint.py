@@ -1,0 +1,183 @@
+"""Atomic, verifiable checkpoints and safe resumes.
+
+A checkpoint ``checkpoints/step_N`` holds DeepSpeed's files, each rank's trainer state
+(``trainer_state_rank{r}.pt``) and EMA shard (``ema_rank{r}.pt``), and last ``complete.json``: every file of the
+checkpoint with its size. Order of a save: DeepSpeed's files (without moving DeepSpeed's own ``latest``), the
+per-rank files (each written to a temporary file and renamed), fsync, a barrier, then rank 0 writes
+``complete.json`` and finally moves ``checkpoints/latest`` (again temporary file + rename). A kill or a full disk
+at any point leaves ``latest`` on the previous complete checkpoint; a checkpoint without ``complete.json``, or whose
+files are missing or have other sizes (truncated), is incomplete and never resumed from.
+
+Checkpoints are trusted input, but loading them runs no pickled code: DeepSpeed's files are read with
+``torch.load(weights_only=True)`` allowing exactly the classes DeepSpeed stores in them (:data:`DEEPSPEED_GLOBALS`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOGGER = logging.getLogger(__name__)
+LATEST = "latest"
+COMPLETE = "complete.json"
+STATE_FILE = "trainer_state_rank{rank}.pt"
+EMA_FILE = "ema_rank{rank}.pt"
+TAG = re.compile(r"^step_(\d+)$")
+
+
+def deepspeed_globals() -> list[type]:
+    """The non-tensor classes DeepSpeed pickles into its ZeRO checkpoints (found with
+    torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-2/3 fp32/bf16 checkpoints; the dynamic scaler
+    is fp16's)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: PLC0415
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415
+    from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = None) -> Any:
+    with torch.serialization.safe_globals(deepspeed_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def use_safe_loading(engine) -> None:
+    """Make the engine read its checkpoints with :func:`safe_load` (DeepSpeed's own engine unpickles freely)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: PLC0415
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise ValueError(f"checkpoints: DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__} is not supported")
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return safe_load(path, map_location=map_location)
+
+    engine.checkpoint_engine.__class__ = WeightsOnlyCheckpointEngine
+
+
+def write_atomic(path: Path, write: Any) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync, then rename over ``path``."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with temporary.open("wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_torch_atomic(obj: Any, path: Path) -> None:
+    write_atomic(path, lambda file: torch.save(obj, file))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as file:
+                os.fsync(file.fileno())
+
+
+def incomplete_reason(folder: Path) -> str | None:
+    """None for a complete checkpoint, else why not."""
+    marker = folder / COMPLETE
+    if not marker.is_file():
+        return f"no {COMPLETE} (the save was interrupted)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        return f"unreadable {COMPLETE} ({error})"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def save_checkpoint(engine, root: Path, step: int, rank_files: dict[str, Any], rank: int) -> Path:
+    """Write ``root/step_{step}`` (DeepSpeed + ``rank_files``: file name -> object for torch.save, per rank),
+    mark it complete and move ``latest`` to it. A collective: every rank calls it."""
+    tag = f"step_{step}"
+    folder = root / tag
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if folder.exists():  # an interrupted save of this step, or a history this run replaces
+            shutil.rmtree(folder)
+        for stale in root.glob(f".{LATEST}.tmp*"):  # left by a save killed while moving `latest`
+            stale.unlink()
+    torch.distributed.barrier()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    for name, obj in rank_files.items():
+        save_torch_atomic(obj, folder / name)
+    torch.distributed.barrier()
+    if rank == 0:
+        _fsync_tree(folder)
+        files = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*")) if path.is_file()}
+        write_atomic(folder / COMPLETE, lambda file: file.write(json.dumps({"step": step, "files": files}).encode()))
+        write_atomic(root / LATEST, lambda file: file.write(tag.encode()))
+    torch.distributed.barrier()
+    return folder
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, newest first."""
+    tagged = [(int(match.group(1)), path) for path in root.iterdir() if path.is_dir() and (match := TAG.match(path.name))]
+    return [path for _, path in sorted(tagged, reverse=True) if incomplete_reason(path) is None]
+
+
+def resolve_resume(resume_from: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from, or None to start at step 0.
+
+    ``"latest"``: the checkpoint ``latest`` names when it is complete, else the newest complete one (said in
+    the log); a checkpoints folder without any complete checkpoint means every save was interrupted, so
+    training starts over (also said). No checkpoints folder at all is an error: nothing was ever saved there.
+    """
+    if resume_from is None:
+        return None
+    if resume_from != LATEST:
+        path = Path(resume_from)
+        if not path.is_dir():
+            raise ValueError(f"resume_from: {str(path)!r} is not a checkpoint folder")
+        reason = incomplete_reason(path)
+        if reason is not None:
+            raise ValueError(f"resume_from: {str(path)!r} is not a complete checkpoint of this trainer: {reason}")
+        return path
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        raise ValueError(f"resume_from: 'latest' but {root} does not exist (no checkpoint in output_dir)")
+    marker = root / LATEST
+    named = root / marker.read_text().strip() if marker.is_file() else None
+    if named is not None and named.is_dir() and incomplete_reason(named) is None:
+        return named
+    complete = _complete_checkpoints(root)
+    said = f"{named.name} is incomplete ({incomplete_reason(named)})" if named is not None and named.is_dir() else f"{marker} names no checkpoint"
+    if not complete:
+        LOGGER.warning("resume_from latest: %s and no complete checkpoint exists in %s; training starts at step 0", said, root)
+        return None
+    LOGGER.warning("resume_from latest: %s; resuming from the newest complete checkpoint, %s", said, complete[0].name)
+    return complete[0]
+
+
+def load_checkpoint(engine, folder: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load DeepSpeed's state into ``engine``; return this rank's trainer state and EMA shard (or None)."""
+    state_file = folder / STATE_FILE.format(rank=rank)
+    if not state_file.is_file():
+        raise ValueError(f"resume_from: {state_file} missing (was the checkpoint written with another number of processes?)")
+    use_safe_loading(engine)
+    load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    if load_path is None:
+        raise ValueError(f"resume_from: DeepSpeed found no checkpoint in {folder}")
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    ema_file = folder / EMA_FILE.format(rank=rank)
+    ema_state = torch.load(ema_file, map_location="cpu", weights_only=True) if ema_file.is_file() else None
+    return state, ema_state

@@ -1,0 +1,73 @@
+"""train_log.jsonl: one JSON record per logged step (rank 0 writes). Opening it for a run keeps exactly the records
+of the steps before the run's first step (none for a fresh run), so a resumed run never repeats a step, and a
+line cut short by a kill is dropped."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from svd_fast.training.checkpoint import write_atomic
+from svd_fast.training.step import StepStats, sigma_bin_names
+
+
+def _records_before(path: Path, step: int) -> list[str]:
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    return kept
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (KiB on Linux)
+
+
+class TrainLog:
+    def __init__(self, path: Path, start_step: int, sigma_bins: list[float], world_size: int, device: torch.device, rank: int) -> None:
+        self.path = path
+        self.bin_names = sigma_bin_names(sigma_bins)
+        self.world_size = world_size
+        self.device = device
+        self.rank = rank
+        self._interval_start = time.perf_counter()
+        self._interval_samples = 0
+        if rank == 0:
+            kept = _records_before(path, start_step)
+            write_atomic(path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))
+
+    def record(self, step: int, stats: StepStats, write: bool) -> None:
+        """Count ``stats``; when ``write``, reduce the loss over ranks (a collective) and append a record."""
+        self._interval_samples += stats.samples
+        if not write:
+            return
+        mean_loss = torch.tensor([stats.loss])
+        torch.distributed.all_reduce(mean_loss)
+        now = time.perf_counter()
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": mean_loss.item() / self.world_size,
+            "lr": stats.lr,
+            "samples_per_s": self._interval_samples * self.world_size / max(now - self._interval_start, 1e-9),
+            "memory_mb": peak_memory_mb(self.device),
+            "sigma_binned_loss": {
+                name: (s / c).item() for name, s, c in zip(self.bin_names, stats.bin_sums, stats.bin_counts) if c > 0
+            },
+        }
+        self._interval_start, self._interval_samples = now, 0
+        if self.rank == 0:
+            with self.path.open("a") as log:
+                log.write(json.dumps(record) + "\n")

@@ -1,0 +1,235 @@
+"""Everything before the first step: cheap input checks (before any model loads), the device and process
+group, the DeepSpeed config (the config's own keys merged with a user's DeepSpeed JSON), the models and the
+DeepSpeed engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from svd_fast.training.config import TrainConfig
+
+# The layers SVD added to the image model: temporal attention and resnets, their blends with the spatial path,
+# and the frame-position embedding (temporal-only fine-tunes train these and freeze the rest).
+TEMPORAL_PARAMETER = re.compile(r"temporal_transformer_blocks|temporal_res_block|time_mixer|time_pos_embed")
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """Every check that needs no model: paths exist, the output folder is writable, the device and precision
+    go together, a user DeepSpeed JSON merges cleanly. Raises ValueError naming the key."""
+    if not config.model or not Path(config.model).is_dir():
+        raise ValueError(f"model: {config.model!r} is not a diffusers pipeline folder")
+    if config.latents_dir is not None:
+        from svd_fast.training.latents import check_latents_dir  # noqa: PLC0415
+
+        check_latents_dir(Path(config.latents_dir), latents_settings(config))
+    else:
+        sources = [config.data] if isinstance(config.data, str) else list(config.data)
+        if not sources or not all(sources):
+            raise ValueError("data: no data path given (a folder, a list of video files or a manifest)")
+        missing = [source for source in sources if not Path(source).exists()]
+        if missing:
+            raise ValueError(f"data: {missing[0]!r} does not exist")
+    _check_writable(Path(config.output_dir))
+    device = resolve_device(config)
+    if device.type == "cpu" and config.precision == "fp16":
+        raise ValueError("precision: fp16 is unsupported on the CPU (DeepSpeed's CPU accelerator); use bf16 or fp32")
+    build_deepspeed_config(config)
+
+
+def latents_settings(config: TrainConfig) -> dict[str, Any]:
+    """The config keys precomputed latents must have been encoded with."""
+    return {"num_frames": config.num_frames, "height": config.height, "width": config.width}
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"output_dir: {str(folder)!r} is not writable ({error.strerror or error})") from None
+
+
+def resolve_device(config: TrainConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device: 'cuda' requested but CUDA is not available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def setup_distributed(device: torch.device) -> tuple[int, int]:
+    """The process group (gloo on CPU, nccl on CUDA) and DeepSpeed's CPU accelerator without CUDA. Without a
+    launcher this is a one-process group on a free port, so several single-process runs on one machine never
+    collide. Returns (rank, world_size)."""
+    if not any(name in os.environ for name in ("WORLD_SIZE", "RANK")):
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    for name in LAUNCHER_VARIABLES:
+        if name not in os.environ:
+            raise ValueError(f"launcher: {name} is not set (RANK/WORLD_SIZE given without the rest of the rendezvous)")
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # noqa: PLC0415 - heavy; imported after DS_ACCELERATOR is set
+
+    # DeepSpeed's CPU comm backend JIT-compiles its shared-memory all-reduce op (deepspeed_shm_comm) on the first
+    # init_distributed (~40 s of g++ per fresh cache). gloo does our reductions, so mark that op unusable.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def derived_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed keys this trainer's config determines."""
+    zero: dict[str, Any] = {"stage": config.zero_stage}
+    if config.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": config.offload_optimizer, "pin_memory": torch.cuda.is_available()}
+    if config.offload_param != "none":
+        zero["offload_param"] = {"device": config.offload_param, "pin_memory": torch.cuda.is_available()}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "gradient_clipping": config.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.precision == "bf16"},
+        "fp16": {"enabled": config.precision == "fp16"},
+    }
+    if config.optimizer == "adamw_deepspeed":
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": config.learning_rate,
+                "betas": [config.adam_beta1, config.adam_beta2],
+                "eps": config.adam_eps,
+                "weight_decay": config.weight_decay,
+            },
+        }
+    else:
+        ds["zero_allow_untested_optimizer"] = True
+    return ds
+
+
+def _merge(derived: dict[str, Any], user: dict[str, Any], where: str, conflicts: list[str]) -> dict[str, Any]:
+    merged = dict(user)
+    for key, value in derived.items():
+        if key not in user:
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(user[key], dict):
+            merged[key] = _merge(value, user[key], f"{where}{key}.", conflicts)
+        elif user[key] != value:
+            conflicts.append(f"{where}{key}={json.dumps(user[key])} (the config gives {json.dumps(value)})")
+    return merged
+
+
+def build_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
+    """The config's DeepSpeed keys, merged with ``deepspeed_config`` (a JSON file) when given: keys only the
+    JSON sets are kept (e.g. communication or offload tuning); a key both set differently is an error, so the
+    run never silently differs from either file."""
+    derived = derived_deepspeed_config(config)
+    derived.update(steps_per_print=10**9, wall_clock_breakdown=False)
+    if config.deepspeed_config is None:
+        return derived
+    path = Path(config.deepspeed_config)
+    try:
+        user = json.loads(path.read_text())
+    except OSError as error:
+        raise ValueError(f"deepspeed_config: cannot read {str(path)!r} ({error.strerror or error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"deepspeed_config: {str(path)!r} is not valid JSON ({error})") from None
+    if not isinstance(user, dict):
+        raise ValueError(f"deepspeed_config: {str(path)!r} must hold a JSON object")
+    for key in ("train_batch_size", "optimizer", "scheduler"):
+        if key in user and key not in derived:
+            raise ValueError(f"deepspeed_config: {key!r} is set by the training config's own keys "
+                             "(batch_size, gradient_accumulation_steps, optimizer, warmup_steps), remove it from the JSON")
+    conflicts: list[str] = []
+    merged = _merge(derived, user, "", conflicts)
+    if conflicts:
+        raise ValueError(f"deepspeed_config: {str(path)!r} conflicts with the training config: {'; '.join(conflicts)}")
+    return merged
+
+
+def apply_svd_fast_kernels(unet: torch.nn.Module, enabled: bool) -> str:
+    """Patch the UNet with svd_fast's kernels; asked for and failing is an error, not a silent fallback."""
+    if not enabled:
+        return "disabled by config (use_svd_fast_kernels: false)"
+    from svd_fast.diffusers.patching import optimize  # noqa: PLC0415 - imports diffusers
+
+    try:
+        optimize(unet)
+    except Exception as error:
+        raise RuntimeError(f"use_svd_fast_kernels: optimize(unet) failed ({type(error).__name__}: {error}); "
+                           "set use_svd_fast_kernels: false to train with the stock modules") from error
+    return "applied"
+
+
+def select_trained_parameters(unet: torch.nn.Module, trained: str) -> int:
+    """Freeze what ``trained`` (full | temporal) leaves out; returns the number of trained parameters."""
+    for name, param in unet.named_parameters():
+        param.requires_grad_(trained == "full" or bool(TEMPORAL_PARAMETER.search(name)))
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+@dataclass
+class Models:
+    pipeline: Any  # the base StableVideoDiffusionPipeline (frozen VAE, image encoder, feature extractor)
+    engine: Any  # the DeepSpeed engine around the UNet
+    kernel_status: str
+    compute_dtype: torch.dtype
+
+
+def build_models(config: TrainConfig, device: torch.device) -> Models:
+    import deepspeed  # noqa: PLC0415
+    from diffusers import StableVideoDiffusionPipeline  # noqa: PLC0415
+
+    from svd_fast.training.activation_checkpointing import enable_activation_checkpointing  # noqa: PLC0415
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(config.seed)
+    pipe = StableVideoDiffusionPipeline.from_pretrained(config.model, dtype=torch.float32)
+    pipe.vae.to(device).eval().requires_grad_(False)
+    pipe.image_encoder.eval().requires_grad_(False)
+    if config.latents_dir is None:  # with precomputed latents the image encoder is not used in the loop
+        pipe.image_encoder.to(device)
+    unet = pipe.unet
+    kernel_status = apply_svd_fast_kernels(unet, config.use_svd_fast_kernels)
+    enable_activation_checkpointing(unet, config.activation_checkpointing)
+    select_trained_parameters(unet, config.trained_parameters)
+    unet.train()
+
+    optimizer = None
+    if config.optimizer == "adamw_torch":
+        # torch's AdamW: no DeepSpeed op to JIT-build (FusedAdam/CPUAdam compile on first use).
+        optimizer = torch.optim.AdamW(
+            [p for p in unet.parameters() if p.requires_grad], lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay,
+        )
+    warmup = config.warmup_steps
+
+    def make_scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=unet, model_parameters=[p for p in unet.parameters() if p.requires_grad] if optimizer is None else None,
+        optimizer=optimizer, lr_scheduler=make_scheduler, config=build_deepspeed_config(config),
+    )
+    compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
+    return Models(pipeline=pipe, engine=engine, kernel_status=kernel_status, compute_dtype=compute_dtype)
