@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     from diffusers import StableVideoDiffusionPipeline  # noqa: PLC0415
 
-    from svd_fast.data.video import VideoClipDataset  # noqa: PLC0415
+    from svd_fast.data import VideoClipDataset  # noqa: PLC0415 - decoders load on demand
     from svd_fast.training.latents import encode_clips  # noqa: PLC0415
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")

@@ -51,7 +51,7 @@ def as_config(config: TrainConfig | dict[str, Any] | str | Path) -> TrainConfig:
 def _open_dataset(config: TrainConfig, rank: int, world_size: int):
     if config.latents_dir is not None:
         return PrecomputedClips(config.latents_dir, config.shuffle, config.seed, rank, world_size)
-    from svd_fast.data.video import VideoClipDataset  # noqa: PLC0415 - decoders load on demand
+    from svd_fast.data import VideoClipDataset  # noqa: PLC0415 - decoders load on demand
 
     return VideoClipDataset(
         config.data, num_frames=config.num_frames, size=(config.height, config.width), stride=config.stride,
