@@ -100,7 +100,8 @@ def test_permuted_temporal_view_matches_float64(backend, device, dtype) -> None:
     torch_error = (_torch_group_norm(x, weight, bias, True).double() - truth).abs().max().item()
     with backends.use_backend(backend):
         y = group_norm(x, GROUPS, weight, bias, EPS, activation="silu")
-    assert backends.last_backend("group_norm") == backend and y.is_contiguous()
+    # Either layout is fine downstream (a Conv3d follows): contiguous, or the input's own permuted strides.
+    assert backends.last_backend("group_norm") == backend and (y.is_contiguous() or y.stride() == x.stride())
     floor = 4 * torch.finfo(dtype).eps * max(1.0, truth.abs().max().item())
     assert (y.double() - truth).abs().max().item() <= 2 * torch_error + floor
     if dtype != torch.float32 or backend == "reference":

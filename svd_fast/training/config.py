@@ -38,7 +38,7 @@ class TrainConfig:
     random_crop: bool = False
     shuffle: bool = True
     on_short: str = "skip"
-    data_backend: str = "auto"
+    video_decoder: str = "auto"  # "auto" | "pyav" | "dali" (the video decoding library; kernel backends are svd_fast.backends)
     default_fps: float = 7.0  # used when the data has no fps (the clip's fps after target_fps resampling wins)
     default_motion_bucket_id: float = 127.0  # used when the manifest has no motion_bucket_id column
     # Optimisation
@@ -106,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.video_decoder not in ("auto", "pyav", "dali"):
+            raise ValueError(f"video_decoder must be auto, pyav or dali, got {self.video_decoder!r}")
         for name in ("offload_optimizer", "offload_param"):
             if getattr(self, name) not in OFFLOAD_DEVICES:
                 raise ValueError(f"{name} must be one of {OFFLOAD_DEVICES}, got {getattr(self, name)!r}")

@@ -56,7 +56,7 @@ def _open_dataset(config: TrainConfig, rank: int, world_size: int):
     return VideoClipDataset(
         config.data, num_frames=config.num_frames, size=(config.height, config.width), stride=config.stride,
         target_fps=config.target_fps, random_crop=config.random_crop, shuffle=config.shuffle, seed=config.seed,
-        rank=rank, world_size=world_size, on_short=config.on_short, backend=config.data_backend,
+        rank=rank, world_size=world_size, on_short=config.on_short, backend=config.video_decoder,
     )
 
 
