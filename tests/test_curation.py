@@ -411,3 +411,92 @@ def test_cli_end_to_end(video_dir: tuple[Path, list[int]], tmp_path: Path, capsy
     with pytest.raises(SystemExit):
         parser.parse_args(["curate", "--out", str(out)])  # --input is required
     assert "examples:" in curate_command.EXAMPLES
+
+
+# ---------------------------------------------------------------- OCR text gate
+
+
+def _photo(name: str, height: int = 480, width: int = 854) -> np.ndarray:
+    import cv2
+    from skimage import data
+
+    image = getattr(data, name)()
+    image = np.stack([image] * 3, axis=-1) if image.ndim == 2 else image[..., :3]
+    return np.ascontiguousarray(cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))
+
+
+def _caption(background: np.ndarray, scale: float, band: bool = False) -> np.ndarray:
+    """Two lines drawn with cv2.putText at font ``scale``: dark on a light background, else white, on a darkened band
+    (as subtitles are) when ``band``."""
+    import cv2
+
+    frame = background.copy()
+    thickness = max(1, round(scale * 2))
+    light = float(frame.mean()) > 200
+    line_height = int(34 * scale)
+    if band:
+        bottom = 30 + int(line_height * 3.0)
+        frame[10:bottom] = (frame[10:bottom] * 0.35).astype(np.uint8)
+    for index, line in enumerate(("BREAKING NEWS TODAY", "Call 555 0199 now")):
+        origin = (20, 30 + line_height + index * int(line_height * 1.6))
+        cv2.putText(frame, line, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20) if light else (255, 255, 255), thickness, cv2.LINE_AA)
+    return frame
+
+
+@requires_tesseract
+@pytest.mark.parametrize("background", ["plain", "noise", "astronaut", "coffee"])
+@pytest.mark.parametrize("scale", [0.8, 1.5, 3.0])
+def test_ocr_gate_matches_ungated_coverage(background: str, scale: float) -> None:
+    """Gated coverage (Tesseract on candidate crops only) equals whole-frame Tesseract's within 0.01 + 10%, for
+    text 12-60 px high on a plain page, on noise and on photos (text on a darkened band, as subtitles are)."""
+    if background == "plain":
+        frame = _caption(np.full((480, 854, 3), 235, np.uint8), scale)
+    elif background == "noise":
+        frame = _caption(np.random.default_rng(0).normal(110, 12, (480, 854, 3)).clip(0, 255).astype(np.uint8), scale)
+    else:
+        frame = _caption(_photo(background), scale, band=True)
+    ungated = text_coverage(frame, gate=False)
+    gated = text_coverage(frame)
+    assert ungated > 0.01  # the reference reads the text
+    if background in ("plain", "noise"):
+        assert gated == pytest.approx(ungated, abs=0.01, rel=0.1)
+    else:
+        # On photos the crops can read words that whole-frame layout analysis misses, never fewer; and never more
+        # than the same text covers on a plain page.
+        page = text_coverage(_caption(np.full((480, 854, 3), 235, np.uint8), scale), gate=False)
+        assert ungated * 0.9 - 0.01 <= gated <= page * 1.1 + 0.01
+
+
+@requires_tesseract
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea", "camera", "rocket", "brick", "grass", "gravel", "texture", "uniform"])
+def test_ocr_gate_photos_without_text(name: str) -> None:
+    if name == "texture":
+        frame = translating_texture(1, 480, 854, seed=3)[0]
+    elif name == "uniform":
+        frame = np.full((480, 854, 3), 128, np.uint8)
+    else:
+        frame = _photo(name)
+    assert text_coverage(frame) < 0.01
+
+
+@requires_tesseract
+def test_ocr_gate_skips_tesseract_without_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
+    from svd_fast.curation import ocr
+
+    calls: list[tuple[int, ...]] = []
+    read = ocr._read_words
+
+    def counted(image: np.ndarray, min_confidence: float) -> list:
+        calls.append(image.shape)
+        return read(image, min_confidence)
+
+    monkeypatch.setattr(ocr, "_read_words", counted)
+    text_free = [np.full((480, 854, 3), 90, np.uint8), translating_texture(1, 480, 854, seed=5)[0], _photo("chelsea"), _photo("brick")]
+    assert all(ocr.text_candidate_boxes(frame) == [] for frame in text_free)
+    assert ocr.text_coverages(text_free) == [0.0] * len(text_free)
+    assert calls == []
+    # Text in some of them: one Tesseract call for all frames, on an image smaller than one frame per text frame.
+    frames = [*text_free, _caption(_photo("astronaut"), 1.5, band=True), _caption(np.full((480, 854, 3), 235, np.uint8), 0.8)]
+    coverages = ocr.text_coverages(frames)
+    assert len(calls) == 1 and calls[0][0] * calls[0][1] < 2 * 480 * 854
+    assert coverages[:4] == [0.0] * 4 and min(coverages[4:]) > 0.01

@@ -150,9 +150,12 @@ def _ocr_body(item: dict, state: dict, config: CurationConfig) -> None:
         return
     if not state["clips"]:
         return
-    for clip, frames in zip(state["clips"], _key_frames_per_clip(item["path"], state["clips"], config.ocr_max_side)):
+    per_clip = _key_frames_per_clip(item["path"], state["clips"], config.ocr_max_side)
+    # All key frames of the file in one call: the text gate sends Tesseract only their candidate crops, at once.
+    coverages = iter(ocr.text_coverages([frame for frames in per_clip for frame in frames], config.ocr_min_confidence))
+    for clip, frames in zip(state["clips"], per_clip):
         # The worst frame decides: text anywhere is text.
-        clip["ocr_coverage"] = max(ocr.text_coverage(frame, config.ocr_min_confidence) for frame in frames)
+        clip["ocr_coverage"] = max(next(coverages) for _ in frames)
 
 
 stage_analyse = _guarded("analyse", _analyse_body)
