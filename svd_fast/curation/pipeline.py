@@ -35,6 +35,11 @@ from svd_fast.curation.filters import apply_filters, parse_filter
 from svd_fast.data.decode import VIDEO_SUFFIXES, VideoDecodeError, decode_frames_at_times
 
 
+# Part keys include this: bump it when a measurement changes (2: OCR on gated text-candidate crops), so reruns
+# recompute parts written by older code instead of mixing old and new values in one manifest.
+MEASUREMENT_VERSION = 2
+
+
 class CurationRequestError(ValueError):
     """A problem with what was asked (inputs, filters, settings), found before any file is processed."""
 
@@ -85,8 +90,8 @@ class CurationConfig:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def fingerprint(self) -> str:
-        """The settings that affect a file's rows (all of them), for the part keys."""
-        return json.dumps(asdict(self), sort_keys=True)
+        """The settings that affect a file's rows (all of them) and the measurement version, for the part keys."""
+        return json.dumps({"measurement_version": MEASUREMENT_VERSION, **asdict(self)}, sort_keys=True)
 
 
 def make_item(path: str | Path, caption: str | None = None, config: CurationConfig | None = None) -> dict[str, str]:
