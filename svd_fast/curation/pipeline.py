@@ -34,7 +34,6 @@ from svd_fast.curation import analysis, flow, manifest, ocr
 from svd_fast.curation.filters import apply_filters, parse_filter
 from svd_fast.data.decode import VIDEO_SUFFIXES, VideoDecodeError, decode_frames_at_times
 
-
 # Part keys include this: bump it when a measurement changes (2: OCR on gated text-candidate crops), so reruns
 # recompute parts written by older code instead of mixing old and new values in one manifest.
 MEASUREMENT_VERSION = 2
