@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from svd_fast import media
+from svd_fast.commands import generate
 from svd_fast.commands.errors import EXIT_PARTIAL, UsageError, require_positive, require_writable_dir
-from svd_fast.commands.generate import GenerateOptions, check_options, load_optimized_pipeline, sample_video
+from svd_fast.commands.generate import GenerateOptions, check_options, sample_video
 
 INDEX_NAME = "index.parquet"
 OUTPUT_FORMATS = ("mp4", "gif", "frames")
@@ -67,7 +68,7 @@ class VideoWorker:
 
     def __init__(self, options: GenerateOptions) -> None:
         self.options = options
-        self.pipe = load_optimized_pipeline(options)
+        self.pipe = generate.load_optimized_pipeline(options)
 
     def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
