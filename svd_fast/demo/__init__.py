@@ -43,7 +43,7 @@ class DemoSettings:
     vae_steps: int = 400
     vae_learning_rate: float = 1e-3
     vae_clips_per_step: int = 1
-    unet_steps: int = 800
+    unet_steps: int = 1100  # 800 learnt the direction but moved both buckets alike (1.16x); 1100: 2.9x
     unet_batch_size: int = 4
     unet_learning_rate: float = 1e-3
     sample_steps: int = 12
