@@ -36,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder, new or empty (default: demo_out)")
     parser.add_argument("--quick", action="store_true", help="every stage with a few steps each: checks the system, does not learn")
-    parser.add_argument("--unet-steps", type=int, help="UNet training steps (default: 800; --quick: 3)")
+    parser.add_argument("--unet-steps", type=int, help="UNet training steps (default: 1100; --quick: 3)")
     parser.add_argument("--sample-steps", type=int, help="sampling steps per video (default: 12; --quick: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, weights and sampling (default: 0)")
     parser.set_defaults(func=run)
