@@ -1,5 +1,5 @@
 # Two commands for a fresh machine (see README.md):
-#   make demo   set up everything, then run the end-to-end demo on the embedded tiny model
+#   make demo   set up everything, then run the demo (curate, train, generate a small learnable world; ~10 min on 2 cores)
 #   make test   set up everything, then run the test suite (what CI runs)
 # Other targets: make setup (environment + build), make build (rebuild the extension), make lint, make bench.
 
