@@ -56,7 +56,7 @@ def test_config_values_checked_against_declared_types(key: str, value: object) -
 
 
 def test_config_accepts_ints_for_floats_and_lists_of_files() -> None:
-    config = TrainConfig.from_dict({"learning_rate": 1, "data": ["a.mp4", "b.mp4"], "stride": 2, "target_fps": 7})
+    config = TrainConfig.from_dict({"learning_rate": 1, "data": ["a.mp4", "b.mp4"], "stride": 2, "default_fps": 7})
     assert config.learning_rate == 1 and config.data == ["a.mp4", "b.mp4"]
 
 
