@@ -109,33 +109,82 @@ def test_layouts_and_log_sum_exp(backend: str, device: str, layout: str) -> None
     torch.testing.assert_close(out.double(), _truth(q, k, v, frames, heads, scale), rtol=1e-5, atol=1e-5)
 
 
+def _gradients(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    fn(*leaves).backward(grad_out.to(leaves[0].dtype))
+    return [leaf.grad for leaf in leaves]
+
+
+def _backend_gradients(backend, inputs, grad_out, frames, heads):
+    def attend(*t):
+        with backends.use_backend(backend):
+            return temporal_attention(*t, frames, heads)
+
+    return _gradients(attend, inputs, grad_out)
+
+
+def _assert_gradients_within_rule(base, grad_out, fused, frames, heads, scale):
+    """grad_q, grad_k, grad_v against the float64 truth, within the tolerance rule. With one frame the true
+    grad_q and grad_k are zero (the softmax over one key is constant): what a kernel returns there is the rest
+    of cancelling dP = grad_out . v against delta = grad_out . out (out = v), so the rounding is counted at the
+    magnitude of the cancelled sum, sum_d |grad_out_d v_d|, times the |k| or |q| and scale it is multiplied by."""
+    truth = _gradients(lambda *t: _truth(*t, frames, heads, scale), [t.double() for t in base], grad_out)
+    own = _gradients(lambda *t: _torch_own(*t, frames, heads, scale), base, grad_out)
+    dtype = base[0].dtype
+    q, k, v = (t.double() for t in base)
+    cancelled = reference.to_position_major(grad_out.double(), frames, heads) * reference.to_position_major(v, frames, heads)
+    cancelled = cancelled.abs().sum(-1).max().item()
+    for name, got, expected, baseline, factor in zip("qkv", fused, truth, own, (k, q, None)):
+        assert got.dtype == dtype and got.shape == expected.shape
+        own_error = (baseline.double() - expected).abs().max().item()
+        error = (got.double() - expected).abs().max().item()
+        if frames == 1 and factor is not None:
+            magnitude = cancelled * factor.abs().max().item() * scale
+        else:
+            magnitude = expected.abs().max().item()
+        allowed = _allowed_error(own_error, dtype, magnitude)
+        assert error <= allowed, f"F={frames} grad_{name}: error {error:.3g} > allowed {allowed:.3g}"
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gradients_match_reference(backend: str, device: str, dtype: torch.dtype) -> None:
     frames, heads, head_dim = (14, 2, 64) if dtype == torch.float32 else (25, 1, 64)
     base = _qkv(2, frames, 3, heads, head_dim, dtype, device)
     grad_out = torch.randn(base[0].shape, dtype=torch.float64).to(device, dtype)
+    fused = _backend_gradients(backend, base, grad_out, frames, heads)
+    _assert_gradients_within_rule(base, grad_out, fused, frames, heads, head_dim**-0.5)
+
+
+@requires_triton_interpreter
+@pytest.mark.parametrize("frames,head_dim", [(1, 64), (3, 40), (25, 16)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_triton_backward_odd_frames_strided_inputs(frames: int, head_dim: int, dtype: torch.dtype) -> None:
+    """The Triton backward at frame counts padded to 16 or 32 (1, 3, 25), a head_dim that is not a power of two,
+    transposed (non-contiguous) inputs and 3 videos of 2 * 3 positions (blocks of 4 positions: partial blocks)."""
+    heads = 2
+    base = _qkv(3, frames, 3, heads, head_dim, dtype, layout="transposed")
+    grad_out = torch.randn(base[0].shape, dtype=torch.float64).to(dtype).transpose(0, 1).contiguous().transpose(0, 1)
+    assert not grad_out.is_contiguous()
+    fused = _backend_gradients("triton", base, grad_out, frames, heads)
+    _assert_gradients_within_rule(base, grad_out, fused, frames, heads, head_dim**-0.5)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_PARAMS if p.values[0] != "reference"])
+# The interpreter evaluates exp2 of the padded keys before tl.where discards it, as a GPU does, but numpy warns.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+def test_gradients_where_every_score_is_far_below_zero(backend: str, device: str) -> None:
+    """q ~ +4 and k ~ -4: scores and the log-sum-exp near -128, where exp(-lse) overflows float32. A kernel
+    that pads frames must not let a padded key (score 0) reach exp2(0 - lse) = inf: the gradients stay finite."""
+    frames, heads, head_dim = 3, 2, 64
+    q, _, v = _qkv(2, frames, 3, heads, head_dim, torch.float32, device, offset=4.0, layout="contiguous")
+    k = _qkv(2, frames, 3, heads, head_dim, torch.float32, device, offset=-4.0, layout="contiguous")[1]
     scale = head_dim**-0.5
-
-    def grads(fn, inputs):
-        leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        fn(*leaves).backward(grad_out.to(leaves[0].dtype))
-        return [leaf.grad for leaf in leaves]
-
-    truth = grads(lambda *t: _truth(*t, frames, heads, scale), [t.double() for t in base])
-    own = grads(lambda *t: _torch_own(*t, frames, heads, scale), base)
-
-    def backend_fn(*t):
-        with backends.use_backend(backend):
-            return temporal_attention(*t, frames, heads)
-
-    fused = grads(backend_fn, base)
-    for name, got, expected, baseline in zip("qkv", fused, truth, own):
-        assert got.dtype == dtype
-        own_error = (baseline.double() - expected).abs().max().item()
-        error = (got.double() - expected).abs().max().item()
-        allowed = _allowed_error(own_error, dtype, expected.abs().max().item())
-        assert error <= allowed, f"grad_{name}: error {error:.3g} > allowed {allowed:.3g}"
+    assert reference.temporal_attention_lse(q.double(), k.double(), frames, heads, scale).max() < -89
+    grad_out = torch.randn(q.shape, dtype=torch.float64).to(device, torch.float32)
+    fused = _backend_gradients(backend, (q, k, v), grad_out, frames, heads)
+    assert all(g.isfinite().all() for g in fused)
+    _assert_gradients_within_rule((q, k, v), grad_out, fused, frames, heads, scale)
 
 
 def test_cpu_kernel_gradcheck_float64() -> None:
@@ -170,6 +219,32 @@ def test_more_positions_than_a_cuda_grid_dimension() -> None:
     with backends.use_backend("cpu"):
         out = temporal_attention(q, k, v, frames, heads)
     torch.testing.assert_close(out.double(), _truth(q, k, v, frames, heads, head_dim**-0.5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_triton_launch_plan_covers_every_position_with_a_1d_grid(backward: bool) -> None:
+    """The Triton launch plan (a pure function of the shape) at SVD-XT's top level with CFG (2 videos of 9216
+    positions x 5 heads: more programs than a grid's dimension 1 or 2 allows) and at other frame counts."""
+    from svd_fast.triton import temporal_attention as triton_kernels
+
+    for frames, heads, head_dim in ((25, 5, 64), (14, 5, 64), (1, 5, 64), (GPU_MAX_FRAMES, 1, GPU_MAX_HEAD_DIM), (3, 2, 40)):
+        positions = 9216 * heads
+        plan = triton_kernels.launch_plan((2 * frames, 9216, heads * head_dim), frames, heads, backward=backward)
+        assert (plan.batch, plan.positions, plan.frames, plan.head_dim) == (2, positions, frames, head_dim)
+        assert len(plan.grid) == 1 and plan.grid[0] < 2**31
+        blocks_per_video = plan.grid[0] // plan.batch
+        assert plan.grid[0] == plan.batch * blocks_per_video
+        assert (blocks_per_video - 1) * plan.block_p < positions <= blocks_per_video * plan.block_p
+        assert plan.frames_pad % 16 == 0 and frames <= plan.frames_pad < max(2 * frames, 17)
+        assert plan.head_dim_pad >= max(head_dim, 16) and plan.head_dim_pad & (plan.head_dim_pad - 1) == 0
+        if plan.block_p > 1:
+            tile_elements = triton_kernels.GPU_BACKWARD_TILE_ELEMENTS if backward else triton_kernels.GPU_FORWARD_TILE_ELEMENTS
+            assert plan.block_p * plan.frames_pad * plan.head_dim_pad <= tile_elements
+    svd_xt = triton_kernels.launch_plan((50, 9216, 320), 25, 5, backward=backward)
+    assert svd_xt.grid[0] > 65_535 and svd_xt.block_p == 1
+    assert svd_xt.kwargs(interpreter=False)["num_warps"] == (triton_kernels.BACKWARD_WARPS if backward else triton_kernels.FORWARD_WARPS)
+    interpreted = triton_kernels.launch_plan((4, 3, 16), 2, 2, backward=backward, interpreter=True)
+    assert interpreted.block_p == 4 and interpreted.grid == (2 * 2,) and "num_warps" not in interpreted.kwargs(interpreter=True)
 
 
 def test_bad_input_raises_clear_errors() -> None:

@@ -1,6 +1,7 @@
 """Every Triton kernel compiles ahead of time for Hopper (sm_90) and Ampere (sm_80) at the configurations
 SVD and SVD-XT's real shapes select, without a GPU: no spills to local memory, shared memory within the
-target's per-block limit, and forward kernels at >= 50% theoretical occupancy (bench/kernel_report.py)."""
+target's per-block limit, forward kernels and the Triton temporal-attention backward at >= 50% theoretical
+occupancy (bench/kernel_report.py)."""
 
 from __future__ import annotations
 
@@ -54,4 +55,12 @@ def test_forward_kernels_reach_half_occupancy_at_svd_xt_shapes(rows: list[dict])
         for r in rows
         if r["kernel"].startswith(FORWARD_KERNELS) and "SVD-XT" in r["shape"] and r["occupancy"] < 0.5
     ]
+    assert not low
+
+
+@pytest.mark.slow
+def test_triton_temporal_attention_backward_reaches_half_occupancy_at_svd_xt_shapes(rows: list[dict]) -> None:
+    backward = [r for r in rows if r["kernel"] == "temporal_attention_backward:backward_kernel" and "SVD-XT" in r["shape"]]
+    assert {r["target"] for r in backward} == {"sm_90", "sm_80"}
+    low = [(r["target"], r["shape"], r["registers"], r["occupancy"]) for r in backward if r["occupancy"] < 0.5]
     assert not low

@@ -7,14 +7,16 @@ p = s*H + h of one video b: it reads q/k/v once and writes out (+ lse) once, and
 compute every gradient of its positions without atomics. Consecutive p are consecutive D-sized chunks of
 a row in the usual layout, so each frame's [BLOCK_P, D] slice is one coalesced run of memory.
 
-Tiles are [BLOCK_P, F_PAD, D_PAD] (frames and head_dim padded to powers of two, masked: padded frames are
-never loaded). The forward loads q, k and v of all frames once and computes scores and output as batched
-matrix products with an exact softmax; the backward streams key frames one at a time as [BLOCK_P, D_PAD]
-tiles, recomputing the probabilities from the saved log-sum-exp.
+Tiles are [BLOCK_P, F_PAD, D_PAD] (frames and head_dim padded to powers of two of at least 16, tl.dot's
+smallest operand; masked: padded frames are never loaded). Both kernels load their tiles once and compute
+every product as a batched matrix product with float32 accumulation: the forward's scores and output with
+an exact softmax, the backward's scores (probabilities recomputed exactly from the saved log-sum-exp),
+grad_v, grad_prob, grad_q and grad_k, each gradient stored once.
 Grid: 1-D, B * cdiv(S*H, BLOCK_P) programs (grid dim 0 allows 2^31 - 1; dims 1 and 2 only 65,535).
-All offsets are int64. Accumulation is float32; the backward converts loads to float32 before any
-arithmetic (the interpreter's bf16 arithmetic is wrong), the forward multiplies float16 natively and
-bfloat16/float32 in float32.
+All offsets are int64. float16 multiplies natively (probabilities and their gradients rounded to float16
+for the products, as flash-attention does); bfloat16 and float32 are converted to float32 before any
+arithmetic (the interpreter's bfloat16 arithmetic is wrong; bfloat16 values are exact in TF32), float32
+products in IEEE precision.
 """
 
 from __future__ import annotations
@@ -31,20 +33,20 @@ from svd_fast import _triton
 MAX_FRAMES = 64
 MAX_HEAD_DIM = 128
 
-# Elements of one [BLOCK_P, F_PAD, D_PAD] tile. The forward holds q, k, v tiles and a [BLOCK_P, F_PAD, F_PAD]
-# score tile; 2048 elements (one position at F=25 -> 32, D=64; two at F=14) with 4 warps compile to 60
-# registers and 9 KB of shared memory on sm_90, no spills, 50% occupancy (bench/kernel_report.py); 4096
-# elements needed 79 registers (37.5%). The backward streams key frames one at a time
-# and holds three tiles (q, grad_out, grad_q): about 8 registers per tile element per thread, so one warp
-# per 256 elements, e.g. F=25, D=64: 111 registers at 2048 elements and 8 warps, no spills. Under the CPU
-# interpreter BLOCK_P is capped small so that the tests' tiny tensors span several blocks per video.
+# Elements of one [BLOCK_P, F_PAD, D_PAD] tile (bench/kernel_report.py, Triton 3.9, fp16, sm_90 / sm_80).
+# Forward: q, k, v tiles and a [BLOCK_P, F_PAD, F_PAD] score tile; 2048 elements (one position at F=25 -> 32,
+# D=64; two at F=14) with 4 warps compile to 60 registers and 9 KB of shared memory, no spills, 50%
+# occupancy; 4096 elements needed 79 registers (37.5%). Backward: q, k, v, grad_out tiles, three gradient
+# tiles and three [BLOCK_P, F_PAD, F_PAD] tiles; 2048 elements with 8 warps: 55 registers, 17 KB, 50% at
+# F=25 (44-57 registers at F=14); with 4 warps 78 registers (37.5%), at 4096 elements 80 (37.5%).
+# bfloat16 and float32 tiles are converted to float32 and need about twice the registers.
+# Under the CPU interpreter BLOCK_P is capped small so that the tests' tiny tensors span several blocks per video.
 GPU_FORWARD_TILE_ELEMENTS = 2048
 FORWARD_WARPS = 4
 GPU_BACKWARD_TILE_ELEMENTS = 2048
-BACKWARD_ELEMENTS_PER_WARP = 256
+BACKWARD_WARPS = 8
 # tl.dot's smallest operand dimension.
 DOT_MIN = 16
-MIN_WARPS, MAX_WARPS = 4, 16
 INTERPRETER_MAX_BLOCK_P = 4
 LOG2_E = 1.4426950408889634
 # Kernels may only read globals that are constexpr.
@@ -66,24 +68,13 @@ def _frame_tile_offsets(b, p, heads, stride_row, stride_s, stride_c,
 
 
 @triton.jit
-def _one_frame_offsets(b, j, p, heads, stride_row, stride_s, stride_c, F: tl.constexpr, D: tl.constexpr,
-                       D_PAD: tl.constexpr):  # fmt: skip
-    """Offsets of the [BLOCK_P, D_PAD] tile of frame ``j`` of positions ``p`` of video ``b``."""
-    s = p // heads
-    h = p % heads
-    d = tl.arange(0, D_PAD).to(tl.int64)
-    return (b * F + j) * stride_row + (s * stride_s + h * D * stride_c)[:, None] + (d * stride_c)[None, :]
-
-
-@triton.jit
 def _masks(position_valid, F: tl.constexpr, D: tl.constexpr, F_PAD: tl.constexpr, D_PAD: tl.constexpr):
-    """Validity of the [BLOCK_P, F_PAD, D_PAD] tile, of a [BLOCK_P, D_PAD] frame and of a [BLOCK_P, F_PAD] statistic."""
+    """Validity of the [BLOCK_P, F_PAD, D_PAD] tile and of a [BLOCK_P, F_PAD] statistic."""
     frame_valid = tl.arange(0, F_PAD) < F
     channel_valid = tl.arange(0, D_PAD) < D
     tile_mask = position_valid[:, None, None] & frame_valid[None, :, None] & channel_valid[None, None, :]
-    frame_mask = position_valid[:, None] & channel_valid[None, :]
     stat_mask = position_valid[:, None] & frame_valid[None, :]
-    return tile_mask, frame_mask, stat_mask
+    return tile_mask, stat_mask
 
 
 @triton.jit
@@ -109,6 +100,21 @@ def _block_positions(positions, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Batched a @ b with float32 accumulation. Native (float16): a float32 operand (probabilities or their
+    gradients) is rounded to the other operand's float16, as flash-attention does. Otherwise both operands
+    are converted to float32 (bfloat16 values are exact in TF32; float32 inputs use PRECISION="ieee")."""
+    if NATIVE_DOT:
+        if a.dtype == tl.float32:
+            a = a.to(b.dtype)
+        if b.dtype == tl.float32:
+            b = b.to(a.dtype)
+    else:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     positions, heads, score_scale,
@@ -120,21 +126,18 @@ def _forward_kernel(
     BLOCK_P positions once ([BLOCK_P, F_PAD, D_PAD] tiles, padded frames and channels masked, never loaded)
     and computes scores and output as batched matrix products with float32 accumulation."""
     b, p, position_valid = _block_positions(positions, BLOCK_P)
-    tile_mask, _frame_mask, stat_mask = _masks(position_valid, F, D, F_PAD, D_PAD)
+    tile_mask, stat_mask = _masks(position_valid, F, D, F_PAD, D_PAD)
     q = tl.load(q_ptr + _frame_tile_offsets(b, p, heads, q_s0, q_s1, q_s2, F, D, F_PAD, D_PAD), mask=tile_mask, other=0.0)
     k = tl.load(k_ptr + _frame_tile_offsets(b, p, heads, k_s0, k_s1, k_s2, F, D, F_PAD, D_PAD), mask=tile_mask, other=0.0)
     v = tl.load(v_ptr + _frame_tile_offsets(b, p, heads, v_s0, v_s1, v_s2, F, D, F_PAD, D_PAD), mask=tile_mask, other=0.0)
-    if not NATIVE_DOT:
-        # bfloat16 and float32 multiply in float32 (bfloat16 values are exact in TF32; float32 needs IEEE).
-        q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
     # Scores in log2 units (exp2 is the cheap instruction), scale * log2(e) applied in float32.
-    score = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION) * score_scale  # [BLOCK_P, F_PAD, F_PAD]
+    score = _dot(q, tl.permute(k, (0, 2, 1)), NATIVE_DOT, PRECISION) * score_scale  # [BLOCK_P, F_PAD, F_PAD]
     key_valid = (tl.arange(0, F_PAD) < F)[None, None, :]
     score = tl.where(key_valid, score, float("-inf"))
     row_max = tl.max(score, axis=2)
     prob = tl.exp2(score - row_max[:, :, None])
     row_sum = tl.sum(prob, axis=2)
-    out = tl.dot(prob.to(v.dtype), v, input_precision=PRECISION) / row_sum[:, :, None]
+    out = _dot(prob, v, NATIVE_DOT, PRECISION) / row_sum[:, :, None]
     lse = (row_max + tl.log2(row_sum)) * _LN_2
     out_offsets, lse_offsets = _contiguous_offsets(b, p, positions, F, D, F_PAD, D_PAD)
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
@@ -147,38 +150,37 @@ def _backward_kernel(
     positions, heads, scale,
     do_s0, do_s1, do_s2, q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2, o_s0, o_s1, o_s2,
     F: tl.constexpr, D: tl.constexpr, F_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Gradients of all F frames of BLOCK_P positions from one load of their q, k, v, out and grad_out
+    ([BLOCK_P, F_PAD, D_PAD] tiles, padded frames and channels masked, never loaded): the probabilities are
+    recomputed exactly from the saved log-sum-exp, the five products are batched matrix products with
+    float32 accumulation, and grad_q, grad_k, grad_v are each stored once."""
     b, p, position_valid = _block_positions(positions, BLOCK_P)
-    tile_mask, frame_mask, stat_mask = _masks(position_valid, F, D, F_PAD, D_PAD)
-    q_offsets = _frame_tile_offsets(b, p, heads, q_s0, q_s1, q_s2, F, D, F_PAD, D_PAD)
-    do_offsets = _frame_tile_offsets(b, p, heads, do_s0, do_s1, do_s2, F, D, F_PAD, D_PAD)
-    o_offsets = _frame_tile_offsets(b, p, heads, o_s0, o_s1, o_s2, F, D, F_PAD, D_PAD)
-    q = tl.load(q_ptr + q_offsets, mask=tile_mask, other=0.0).to(tl.float32)
-    grad_out = tl.load(do_ptr + do_offsets, mask=tile_mask, other=0.0).to(tl.float32)
-    out = tl.load(o_ptr + o_offsets, mask=tile_mask, other=0.0).to(tl.float32)
-    delta = tl.sum(grad_out * out, axis=2)  # [BLOCK_P, F_PAD]
+    tile_mask, stat_mask = _masks(position_valid, F, D, F_PAD, D_PAD)
     grad_offsets, lse_offsets = _contiguous_offsets(b, p, positions, F, D, F_PAD, D_PAD)
+    # delta_i = sum_j P_ij dP_ij = sum_d dO_id O_id, before q, k, v are live: out is needed for nothing else.
+    grad_out = tl.load(do_ptr + _frame_tile_offsets(b, p, heads, do_s0, do_s1, do_s2, F, D, F_PAD, D_PAD), mask=tile_mask, other=0.0)
+    out = tl.load(o_ptr + _frame_tile_offsets(b, p, heads, o_s0, o_s1, o_s2, F, D, F_PAD, D_PAD), mask=tile_mask, other=0.0)
+    delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), axis=2)  # [BLOCK_P, F_PAD]
     lse_log2 = tl.load(lse_ptr + lse_offsets, mask=stat_mask, other=0.0) * _LOG2_E
-    score_scale = scale * _LOG2_E
-    grad_q = tl.zeros([BLOCK_P, F_PAD, D_PAD], dtype=tl.float32)
-    for j in range(F):
-        k_offsets = _one_frame_offsets(b, j, p, heads, k_s0, k_s1, k_s2, F, D, D_PAD)
-        v_offsets = _one_frame_offsets(b, j, p, heads, v_s0, v_s1, v_s2, F, D, D_PAD)
-        k_j = tl.load(k_ptr + k_offsets, mask=frame_mask, other=0.0).to(tl.float32)
-        v_j = tl.load(v_ptr + v_offsets, mask=frame_mask, other=0.0).to(tl.float32)
-        score = tl.sum(q * k_j[:, None, :], axis=2) * score_scale
-        # Padded query frames would get exp2(0 - 0) = 1: zero them so they add nothing to grad_k/grad_v.
-        prob = tl.where(stat_mask, tl.exp2(score - lse_log2), 0.0)  # P[:, i, j]
-        grad_v_j = tl.sum(prob[:, :, None] * grad_out, axis=1)
-        grad_prob = tl.sum(grad_out * v_j[:, None, :], axis=2)
-        grad_score = prob * (grad_prob - delta)
-        grad_q += grad_score[:, :, None] * k_j[:, None, :]
-        grad_k_j = tl.sum(grad_score[:, :, None] * q, axis=1) * scale
-        # Gradients are contiguous: frame j of these positions starts at row b*F + j.
-        frame_offsets = ((b * F + j) * positions + p)[:, None] * D + tl.arange(0, D_PAD).to(tl.int64)[None, :]
-        tl.store(dk_ptr + frame_offsets, grad_k_j.to(dk_ptr.dtype.element_ty), mask=frame_mask)
-        tl.store(dv_ptr + frame_offsets, grad_v_j.to(dv_ptr.dtype.element_ty), mask=frame_mask)
-    tl.store(dq_ptr + grad_offsets, (grad_q * scale).to(dq_ptr.dtype.element_ty), mask=tile_mask)
+    q = tl.load(q_ptr + _frame_tile_offsets(b, p, heads, q_s0, q_s1, q_s2, F, D, F_PAD, D_PAD), mask=tile_mask, other=0.0)
+    k = tl.load(k_ptr + _frame_tile_offsets(b, p, heads, k_s0, k_s1, k_s2, F, D, F_PAD, D_PAD), mask=tile_mask, other=0.0)
+    v = tl.load(v_ptr + _frame_tile_offsets(b, p, heads, v_s0, v_s1, v_s2, F, D, F_PAD, D_PAD), mask=tile_mask, other=0.0)
+    score = _dot(q, tl.permute(k, (0, 2, 1)), NATIVE_DOT, PRECISION) * (scale * _LOG2_E)  # log2 units
+    # Padded key frames (k = 0) score 0 and would get exp2(-lse), which overflows to inf where every real score
+    # is far below zero (inf * 0 = NaN in grad_q). Padded query frames need no mask: their grad_out is zero,
+    # so they add nothing to any gradient.
+    key_valid = (tl.arange(0, F_PAD) < F)[None, None, :]
+    prob = tl.where(key_valid, tl.exp2(score - lse_log2[:, :, None]), 0.0)  # P[:, i, j]
+    grad_v = _dot(tl.permute(prob, (0, 2, 1)), grad_out, NATIVE_DOT, PRECISION)
+    grad_prob = _dot(grad_out, tl.permute(v, (0, 2, 1)), NATIVE_DOT, PRECISION)
+    grad_score = prob * (grad_prob - delta[:, :, None])
+    grad_q = _dot(grad_score, k, NATIVE_DOT, PRECISION) * scale
+    grad_k = _dot(tl.permute(grad_score, (0, 2, 1)), q, NATIVE_DOT, PRECISION) * scale
+    tl.store(dq_ptr + grad_offsets, grad_q.to(dq_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(dk_ptr + grad_offsets, grad_k.to(dk_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(dv_ptr + grad_offsets, grad_v.to(dv_ptr.dtype.element_ty), mask=tile_mask)
 
 
 def _kernel_output_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -217,22 +219,19 @@ class LaunchPlan:
 def launch_plan(
     q_shape: tuple[int, int, int], num_frames: int, num_heads: int, backward: bool = False, interpreter: bool = False
 ) -> LaunchPlan:
-    """Blocking of the forward (or backward) kernel for q of ``q_shape`` (B*F, S, H*D). The forward's batched
-    matrix products need every dimension >= 16, so it pads frames and head channels to at least 16 (padded
+    """Blocking of the forward (or backward) kernel for q of ``q_shape`` (B*F, S, H*D). The batched matrix
+    products need every dimension >= 16, so frames and head channels are padded to at least 16 (padded
     frames are masked, never loaded). Neither the dtype, the strides nor the compute capability change it."""
     batch = q_shape[0] // num_frames
     positions = q_shape[1] * num_heads
     head_dim = q_shape[2] // num_heads
-    minimum = 1 if backward else DOT_MIN
-    frames_pad = max(minimum, triton.next_power_of_2(num_frames))
-    head_dim_pad = max(minimum, triton.next_power_of_2(head_dim))
+    frames_pad = max(DOT_MIN, triton.next_power_of_2(num_frames))
+    head_dim_pad = max(DOT_MIN, triton.next_power_of_2(head_dim))
     per_position = frames_pad * head_dim_pad
     tile_elements = GPU_BACKWARD_TILE_ELEMENTS if backward else GPU_FORWARD_TILE_ELEMENTS
     block_p = INTERPRETER_MAX_BLOCK_P if interpreter else max(1, tile_elements // per_position)
     block_p = max(1, min(block_p, triton.next_power_of_2(max(positions, 1))))
-    num_warps = (
-        min(MAX_WARPS, max(MIN_WARPS, block_p * per_position // BACKWARD_ELEMENTS_PER_WARP)) if backward else FORWARD_WARPS
-    )
+    num_warps = BACKWARD_WARPS if backward else FORWARD_WARPS
     # 1-D grid: B * blocks can exceed 65,535 (e.g. 2 * 9216 * 5 positions), dim 0 allows 2^31 - 1.
     grid = (batch * triton.cdiv(positions, block_p),)
     return LaunchPlan(batch, positions, num_frames, head_dim, frames_pad, head_dim_pad, block_p, num_warps, grid)
@@ -275,9 +274,7 @@ def backward(
     contiguous (B*F, S, H*D) in q's dtype."""
     interpreter = _triton.interpreting()
     plan = launch_plan(tuple(q.shape), num_frames, num_heads, backward=True, interpreter=interpreter)
-    grad_q, grad_k, grad_v = (
-        torch.empty(q.shape, dtype=_kernel_output_dtype(q.dtype), device=q.device) for _ in range(3)
-    )
+    grad_q, grad_k, grad_v = (torch.empty(q.shape, dtype=_kernel_output_dtype(q.dtype), device=q.device) for _ in range(3))
     if plan.batch * plan.positions == 0:
         return grad_q.to(q.dtype), grad_k.to(q.dtype), grad_v.to(q.dtype)
     _triton.launch(
@@ -285,6 +282,7 @@ def backward(
         grad_out, q, k, v, out, lse.contiguous(), grad_q, grad_k, grad_v,
         plan.positions, num_heads, scale,
         *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        NATIVE_DOT=q.dtype == torch.float16, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **plan.kwargs(interpreter),
     )  # fmt: skip
     return grad_q.to(q.dtype), grad_k.to(q.dtype), grad_v.to(q.dtype)
