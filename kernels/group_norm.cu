@@ -34,6 +34,7 @@
 #include <type_traits>
 
 #include "group_norm_common.h"
+#include "launch_common.cuh"
 
 namespace svd_fast {
 namespace {
@@ -43,7 +44,6 @@ constexpr int kMinBlocks = 4;          // forward: 4 x 256 threads = 50% occupan
 constexpr int kBackwardMinBlocks = 2;  // backward (training only): two loaded tensors per element, <= 128 registers
 constexpr int kUnroll = 4;                       // vectors in flight per thread
 constexpr int64_t kTileVectors = 2 * kUnroll * kThreads;
-constexpr int kDefaultSharedBytes = 48 * 1024;   // above this a kernel must opt in
 
 // Elements per 16-byte access (1 when the layout does not allow it: see vector_width).
 template <typename scalar_t>
@@ -474,21 +474,13 @@ Walk channel_walk(const GroupNormGeometry& geo, int V) {
   return make_walk(1, 0, geo.outer, geo.outer_stride, geo.inner / V, V);
 }
 
-unsigned grid_size(int64_t blocks) {
-  TORCH_CHECK(blocks <= INT32_MAX, "group_norm: ", blocks, " blocks exceed the CUDA grid limit of 2^31 - 1");
-  return static_cast<unsigned>(blocks);
-}
-
+// Per-channel scale/shift in dynamic shared memory: checked against the device only when above the default.
 template <typename Kernel>
 void allow_shared_memory(Kernel kernel, size_t bytes) {
-  if (bytes <= kDefaultSharedBytes) return;
-  int device = 0, max_shared = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(bytes <= size_t(max_shared), "group_norm: ", bytes,
-              " bytes of per-channel scale/shift (channels per group too large) exceed the device's ", max_shared,
-              " bytes of shared memory per block");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  if (bytes <= launch::kDefaultSharedBytes) return;
+  launch::check_shared_memory(static_cast<int64_t>(bytes), launch::current_device_limits(), "group_norm",
+                              "the per-channel scale/shift (channels per group too large)");
+  launch::allow_shared_memory(kernel, bytes);
 }
 
 // Calls body(std::integral_constant<int, V>{}) with V the vector width or 1.
@@ -498,15 +490,6 @@ void dispatch_vector(int width, Body&& body) {
     body(std::integral_constant<int, kVectorWidth<scalar_t>>{});
   } else {
     body(std::integral_constant<int, 1>{});
-  }
-}
-
-template <typename Body>
-void dispatch_bool(bool flag, Body&& body) {
-  if (flag) {
-    body(std::true_type{});
-  } else {
-    body(std::false_type{});
   }
 }
 
@@ -534,7 +517,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward_cuda(
       constexpr int V = decltype(vector)::value;
       const Walk walk = group_walk(geo, V);
       const GroupBase base = group_base(geo);
-      const unsigned blocks = grid_size(rows * walk.tiles);
+      const unsigned blocks = launch::grid_size(rows * walk.tiles, "group_norm");
       at::Tensor partial = at::empty({3, int64_t(blocks)}, x.options().dtype(acc_dtype(x.scalar_type())));
       acc_t* count = partial.mutable_data_ptr<acc_t>();
       partial_stats_kernel<scalar_t, V><<<blocks, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), base, walk,
@@ -545,8 +528,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward_cuda(
           rstd.mutable_data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const size_t shared_bytes = 2 * geo.channels_per_group * sizeof(acc_t);
-      dispatch_bool(geo.channels_last, [&](auto channels_last) {
-        dispatch_bool(silu, [&](auto with_silu) {
+      launch::dispatch_bool(geo.channels_last, [&](auto channels_last) {
+        launch::dispatch_bool(silu, [&](auto with_silu) {
           const auto kernel = normalize_kernel<scalar_t, V, decltype(channels_last)::value, decltype(with_silu)::value>;
           allow_shared_memory(kernel, shared_bytes);
           kernel<<<blocks, kThreads, shared_bytes, stream>>>(
@@ -588,10 +571,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cuda(
       constexpr int V = decltype(vector)::value;
       const Walk walk = channel_walk(geo, V);
       const GroupBase base = group_base(geo);
-      const unsigned blocks = grid_size(rows * geo.channels_per_group * walk.tiles);
+      const unsigned blocks = launch::grid_size(rows * geo.channels_per_group * walk.tiles, "group_norm");
       partials = at::empty({4, geo.batch, num_groups, geo.channels_per_group, walk.tiles},
                            x.options().dtype(acc_dtype(x.scalar_type())));
-      dispatch_bool(silu, [&](auto with_silu) {
+      launch::dispatch_bool(silu, [&](auto with_silu) {
         backward_partials_kernel<scalar_t, V, decltype(with_silu)::value><<<blocks, kThreads, 0, stream>>>(
             dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), base, geo.channel_stride, walk,
             mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), w_ptr, b_ptr,
@@ -602,7 +585,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cuda(
       const at::Tensor group_means =
           partials.narrow(0, 0, 2).sum({3, 4}).div_(static_cast<double>(geo.channels_per_group * geo.spatial));
       const acc_t* mean_dxhat = group_means.const_data_ptr<acc_t>();
-      dispatch_bool(silu, [&](auto with_silu) {
+      launch::dispatch_bool(silu, [&](auto with_silu) {
         backward_dx_kernel<scalar_t, V, decltype(with_silu)::value><<<blocks, kThreads, 0, stream>>>(
             dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), base, geo.channel_stride, walk,
             mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), w_ptr, b_ptr, mean_dxhat, mean_dxhat + rows,

@@ -32,6 +32,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "launch_common.cuh"
 #include "temporal_attention_common.h"
 
 namespace svd_fast {
@@ -49,8 +50,6 @@ constexpr int kBlockWarps = 4;
 // and D <= 32 (whose fully unrolled PV loop keeps more values live) would spill there and get 4 blocks.
 template <typename scalar_t, int kDimsPerLane, bool kVector>
 constexpr int kForwardMinBlocks = sizeof(scalar_t) == 2 && kVector && kDimsPerLane > 1 ? 8 : 4;
-constexpr int kDefaultSharedBytes = 48 * 1024;  // above this a kernel must opt in
-constexpr int kReservedSharedPerBlock = 1024;   // what the hardware reserves per resident block (sm_80+)
 
 // Elements of scalar_t in one 16-byte chunk.
 template <typename scalar_t>
@@ -484,21 +483,6 @@ bool vector_loads(const TemporalAttentionGeometry& g, std::initializer_list<cons
   });
 }
 
-struct DeviceLimits {
-  int max_shared_per_block;  // with the opt-in
-  int shared_per_sm;
-};
-
-DeviceLimits device_limits() {
-  int device = 0;
-  DeviceLimits limits{};
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&limits.max_shared_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.shared_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  return limits;
-}
-
 struct LaunchShape {
   unsigned blocks;
   int threads;
@@ -507,24 +491,22 @@ struct LaunchShape {
 };
 
 unsigned grid_blocks(int64_t total_positions, int positions_per_block, const char* op) {
-  const int64_t blocks = (total_positions + positions_per_block - 1) / positions_per_block;
-  TORCH_CHECK(blocks <= INT32_MAX, op, ": too many positions B*S*H = ", total_positions, " for one launch");
-  return static_cast<unsigned>(blocks);
+  return launch::grid_size((total_positions + positions_per_block - 1) / positions_per_block, op);
 }
 
 // Two positions per block (K/V loads of adjacent heads coalesce, fewer blocks) when kForwardMinBlocks such blocks
 // still fit one SM's shared memory; else one position, with its four warps splitting the query rows.
 template <typename scalar_t>
 LaunchShape forward_launch_shape(const TileLayout& t, int64_t total_positions) {
-  const DeviceLimits limits = device_limits();
+  const launch::DeviceLimits limits = launch::current_device_limits();
   const auto bytes = [&](int positions) {
     return positions * forward_position_bytes<scalar_t>(t) + kBlockWarps * forward_warp_bytes(t);
   };
-  const bool two_fit = (bytes(2) + kReservedSharedPerBlock) * kForwardMinBlocks<scalar_t, 2, true> <= limits.shared_per_sm;
+  const bool two_fit =
+      (bytes(2) + launch::kReservedSharedPerBlock) * kForwardMinBlocks<scalar_t, 2, true> <= limits.shared_per_sm;
   const int positions = two_fit ? 2 : 1;
-  TORCH_CHECK(bytes(positions) <= limits.max_shared_per_block, "temporal_attention_forward: one position needs ",
-              bytes(positions), " bytes of shared memory (num_frames and head_dim too large together), the device "
-              "allows ", limits.max_shared_per_block, " per block");
+  launch::check_shared_memory(bytes(positions), limits, "temporal_attention_forward",
+                              "one position (num_frames and head_dim too large together)");
   return {grid_blocks(total_positions, positions, "temporal_attention_forward"), kBlockWarps * kWarpSize, positions,
           static_cast<size_t>(bytes(positions))};
 }
@@ -532,20 +514,13 @@ LaunchShape forward_launch_shape(const TileLayout& t, int64_t total_positions) {
 // One warp per position, as many warps as fit (up to kBlockWarps).
 template <typename scalar_t>
 LaunchShape backward_launch_shape(const TileLayout& t, int64_t total_positions) {
-  const DeviceLimits limits = device_limits();
+  const launch::DeviceLimits limits = launch::current_device_limits();
   const int64_t warp_bytes = backward_warp_bytes<scalar_t>(t);
-  TORCH_CHECK(warp_bytes <= limits.max_shared_per_block, "temporal_attention_backward: one position needs ",
-              warp_bytes, " bytes of shared memory (num_frames and head_dim too large together for this dtype), "
-              "the device allows ", limits.max_shared_per_block, " per block");
+  launch::check_shared_memory(warp_bytes, limits, "temporal_attention_backward",
+                              "one position (num_frames and head_dim too large together for this dtype)");
   const int warps = static_cast<int>(std::min<int64_t>(kBlockWarps, limits.max_shared_per_block / warp_bytes));
   return {grid_blocks(total_positions, warps, "temporal_attention_backward"), warps * kWarpSize, warps,
           static_cast<size_t>(warps * warp_bytes)};
-}
-
-template <typename Kernel>
-void allow_shared_memory(Kernel kernel, size_t bytes) {
-  if (bytes > kDefaultSharedBytes)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
 // Calls body(scalar_t{}) for the three supported dtypes (check_cuda_support rejects the others first).
@@ -570,15 +545,6 @@ void dispatch_dims_per_lane(int padded_dim, Body&& body) {
   }
 }
 
-template <typename Body>
-void dispatch_bool(bool flag, Body&& body) {
-  if (flag) {
-    body(std::true_type{});
-  } else {
-    body(std::false_type{});
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> temporal_attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
                                                                    const at::Tensor& v, int64_t num_frames,
                                                                    int64_t num_heads, double scale) {
@@ -593,16 +559,16 @@ std::tuple<at::Tensor, at::Tensor> temporal_attention_forward_cuda(const at::Ten
   dispatch_dtype(q.scalar_type(), [&](auto dtype_tag) {
     using scalar_t = decltype(dtype_tag);
     const TileLayout t = make_tile_layout<scalar_t>(g);
-    const LaunchShape launch = forward_launch_shape<scalar_t>(t, grid.total);
+    const LaunchShape shape = forward_launch_shape<scalar_t>(t, grid.total);
     dispatch_dims_per_lane(t.padded_dim, [&](auto dims_per_lane) {
-      dispatch_bool(vector_loads<scalar_t>(g, {&q, &k, &v}), [&](auto vector) {
+      launch::dispatch_bool(vector_loads<scalar_t>(g, {&q, &k, &v}), [&](auto vector) {
         const auto kernel =
             temporal_attention_forward_kernel<scalar_t, decltype(dims_per_lane)::value, decltype(vector)::value>;
-        allow_shared_memory(kernel, launch.shared_bytes);
-        kernel<<<launch.blocks, launch.threads, launch.shared_bytes, stream>>>(
+        launch::allow_shared_memory(kernel, shape.shared_bytes);
+        kernel<<<shape.blocks, shape.threads, shape.shared_bytes, stream>>>(
             q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-            temporal_strides(q), temporal_strides(k), temporal_strides(v), grid, t, launch.positions_per_block,
-            kBlockWarps / launch.positions_per_block, static_cast<float>(scale), out.mutable_data_ptr<scalar_t>(),
+            temporal_strides(q), temporal_strides(k), temporal_strides(v), grid, t, shape.positions_per_block,
+            kBlockWarps / shape.positions_per_block, static_cast<float>(scale), out.mutable_data_ptr<scalar_t>(),
             lse.mutable_data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -630,14 +596,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_attention_backward_cuda(
   dispatch_dtype(q.scalar_type(), [&](auto dtype_tag) {
     using scalar_t = decltype(dtype_tag);
     const TileLayout t = make_tile_layout<scalar_t>(g);
-    const LaunchShape launch = backward_launch_shape<scalar_t>(t, grid.total);
+    const LaunchShape shape = backward_launch_shape<scalar_t>(t, grid.total);
     const int64_t warp_bytes = backward_warp_bytes<scalar_t>(t);
     dispatch_dims_per_lane(t.padded_dim, [&](auto dims_per_lane) {
-      dispatch_bool(vector_loads<scalar_t>(g, {&q, &k, &v, &grad_out}), [&](auto vector) {
+      launch::dispatch_bool(vector_loads<scalar_t>(g, {&q, &k, &v, &grad_out}), [&](auto vector) {
         const auto kernel =
             temporal_attention_backward_kernel<scalar_t, decltype(dims_per_lane)::value, decltype(vector)::value>;
-        allow_shared_memory(kernel, launch.shared_bytes);
-        kernel<<<launch.blocks, launch.threads, launch.shared_bytes, stream>>>(
+        launch::allow_shared_memory(kernel, shape.shared_bytes);
+        kernel<<<shape.blocks, shape.threads, shape.shared_bytes, stream>>>(
             grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
             v.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), lse_c.const_data_ptr<float>(),
             temporal_strides(grad_out), temporal_strides(q), temporal_strides(k), temporal_strides(v),
