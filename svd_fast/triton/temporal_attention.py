@@ -130,6 +130,9 @@ def _forward_kernel(
     q = tl.load(q_ptr + _frame_tile_offsets(b, p, heads, q_s0, q_s1, q_s2, F, D, F_PAD, D_PAD), mask=tile_mask, other=0.0)
     k = tl.load(k_ptr + _frame_tile_offsets(b, p, heads, k_s0, k_s1, k_s2, F, D, F_PAD, D_PAD), mask=tile_mask, other=0.0)
     v = tl.load(v_ptr + _frame_tile_offsets(b, p, heads, v_s0, v_s1, v_s2, F, D, F_PAD, D_PAD), mask=tile_mask, other=0.0)
+    if not NATIVE_DOT:
+        # Converted once here rather than in _dot: 66 instead of 70 registers for bfloat16 on sm_90.
+        q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
     # Scores in log2 units (exp2 is the cheap instruction), scale * log2(e) applied in float32.
     score = _dot(q, tl.permute(k, (0, 2, 1)), NATIVE_DOT, PRECISION) * score_scale  # [BLOCK_P, F_PAD, F_PAD]
     key_valid = (tl.arange(0, F_PAD) < F)[None, None, :]
