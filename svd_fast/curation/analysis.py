@@ -103,7 +103,7 @@ def scan_video(path: str | Path, cut_max_side: int, flow_max_side: int, flow_fps
         fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 24.0
     return FileScan(
         np.asarray(times, dtype=np.float64), np.stack(cut_frames), np.asarray(motion, dtype=np.float64),
-        np.asarray(flow_indices, dtype=np.int64), np.stack(flow_frames), text_crops[: len(flow_indices)] if text_size else None,
+        np.asarray(flow_indices, dtype=np.int64), np.stack(flow_frames), text_crops if text_size else None,
         (text_size[1], text_size[0], 3) if text_size else None, width, height, fps, codec,
     )
 

@@ -7,6 +7,10 @@ components shaped and filled like text lines) and sends Tesseract only the candi
 small image, each scaled down where its line is taller than Tesseract needs. A frame without candidates
 has coverage 0 without running Tesseract. Coverage is still the area of the confidently read word boxes
 (mapped back to frame coordinates) over the frame area; ``gate=False`` runs Tesseract on the whole frame.
+
+The pipeline splits this in two: the decoding pass takes :func:`text_candidate_crops` of its 2-FPS samples
+(small, JSON-serialisable with :meth:`TextCrop.to_json`), and the OCR stage reads the key frames' crops with
+:func:`crop_coverages`, so no frame is decoded twice.
 """
 
 from __future__ import annotations
