@@ -1,13 +1,14 @@
-"""Transition detection (hard cuts, fades, dissolves) in PyTorch, on the stream sampled at three frame rates in time.
+"""Transition detection (hard cuts, fades, dissolves) on the stream sampled at three frame rates in time.
 
 The score between two frames is PySceneDetect's ContentDetector score: the mean absolute difference of the
-HSV channels (0..255 scale; hue over the full circle, OpenCV's COLOR_RGB2HSV_FULL). On a CPU the HSV frames come
-from OpenCV as uint8 and are scored in NumPy (torch's elementwise ops cost 10-100x more on these small
-frames); on CUDA :func:`rgb_to_hsv255` computes them in float. The two differ by the uint8 rounding (<= 0.5 per
-channel, and hue where it wraps at red), far below any threshold. As in the SVD paper, the stream is scored at three frame rates, chosen by
-timestamp (so a variable-frame-rate file is sampled evenly in time): every decoded frame (hard cuts),
-``SAMPLE_RATES`` = 4 FPS and 1 FPS (a fade or dissolve, invisible frame to frame, is a large change over
-0.25-1 s).
+HSV channels (0..255 scale; hue over the full circle, as OpenCV's COLOR_RGB2HSV_FULL). On a CPU the HSV
+frames come from OpenCV as uint8 and are scored in NumPy (torch's elementwise ops cost 10-100x more on these
+small frames); on CUDA :func:`rgb_to_hsv255` computes them in float. The two differ by the uint8 rounding
+(<= 0.5 per channel, and hue where it wraps at red), far below any threshold.
+
+As in the SVD paper, the stream is scored at three frame rates, chosen by timestamp (so a variable-frame-rate
+file is sampled evenly in time): every decoded frame (hard cuts), ``SAMPLE_RATES`` = 4 FPS and 1 FPS (a fade
+or dissolve, invisible frame to frame, is a large change over 0.25-1 s).
 
 * Hard cuts, at full rate: a step scoring >= ``threshold``, the largest among its ``neighbours`` steps on
   each side, >= ``contrast`` x their median and >= ``SIDE_CONTRAST`` x the median of either side (the idea of
