@@ -1,5 +1,5 @@
 """Curation cost: optical flow (svd_fast's backends vs plain OpenCV Farneback), transition detection, and the
-whole local pass per file (one decode: transitions + 2-FPS flow; then OCR key frames; CLIP off) against
+whole local pass per file (one decode: transitions + 2-FPS flow + the key frames' text crops; then Tesseract; CLIP off) against
 PySceneDetect's ContentDetector pass alone over the same 480p H.264 files, as a ratio measured in one run.
 
 A flow "clip" is 4 s at 2 FPS (8 frames -> 7 pairs) at the pipeline's analysis size (256 px longer side).
@@ -8,15 +8,13 @@ Run: python -m pytest bench/bench_curation.py --benchmark-only
 
 from __future__ import annotations
 
-import functools
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from svd_fast.curation import CurationConfig, detect_transitions, ocr, optical_flow
+from svd_fast.curation import CurationConfig, detect_transitions, optical_flow
 from svd_fast.curation.flow import to_gray
 from svd_fast.curation.pipeline import make_item, stage_analyse, stage_ocr
 from svd_fast.data import synthetic
@@ -83,9 +81,8 @@ def files_480p(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
-def test_local_pass_vs_pyscenedetect(benchmark, device: torch.device, files_480p: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Median of 3 alternating rounds of each, so machine load affects all alike. ``svd_fast_ocr_ungated`` is the
-    pass with Tesseract reading whole key frames (no text-candidate gate), the cost before the gate."""
+def test_local_pass_vs_pyscenedetect(benchmark, alternating_medians, device: torch.device, files_480p: list[Path]) -> None:
+    """Target: the whole pass costs <= 2x ContentDetector's. Medians of 3 alternating rounds of each."""
     scenedetect = pytest.importorskip("scenedetect")
     config = CurationConfig(device=str(device))
     no_ocr = CurationConfig(device=str(device), ocr=False)
@@ -95,32 +92,15 @@ def test_local_pass_vs_pyscenedetect(benchmark, device: torch.device, files_480p
             item = stage_ocr(stage_analyse(make_item(path, None, settings), settings), settings)
             assert '"error": null' in item["state"]
 
-    def ours_ungated() -> None:
-        with monkeypatch.context() as patch:
-            patch.setattr(ocr, "text_coverages", functools.partial(gated_coverages, gate=False))
-            ours(config)
-
-    gated_coverages = ocr.text_coverages
-
     def content_detector() -> None:
         for path in files_480p:
             scenedetect.detect(str(path), scenedetect.ContentDetector())
 
-    seconds: dict[str, list[float]] = {"pyscenedetect": [], "svd_fast": [], "svd_fast_no_ocr": [], "svd_fast_ocr_ungated": []}
-    runs = (("pyscenedetect", content_detector), ("svd_fast", lambda: ours(config)), ("svd_fast_no_ocr", lambda: ours(no_ocr)),
-            ("svd_fast_ocr_ungated", ours_ungated))
-    for _ in range(3):
-        for name, run in runs:
-            started = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - started)
-    medians = {name: float(np.median(values)) for name, values in seconds.items()}
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    medians = alternating_medians({"pyscenedetect": content_detector, "svd_fast": lambda: ours(config), "svd_fast_no_ocr": lambda: ours(no_ocr)})
     benchmark.extra_info.update(
         stage="whole local pass (cuts + flow + OCR, CLIP off)",
         files=f"{PASS_FILES} x 8 s 480p30 H.264",
         seconds=medians,
         ratio_vs_content_detector=round(medians["svd_fast"] / medians["pyscenedetect"], 2),
         ratio_without_ocr=round(medians["svd_fast_no_ocr"] / medians["pyscenedetect"], 2),
-        ratio_ocr_ungated=round(medians["svd_fast_ocr_ungated"] / medians["pyscenedetect"], 2),
     )

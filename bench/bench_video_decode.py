@@ -7,7 +7,6 @@ the run stays short; the GPU cases use 576x1024 and 1080p as SVD training does.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +52,7 @@ def test_gpu_decode_h264(benchmark, timed, tmp_path_factory, height: int, width:
 
 
 @pytest.mark.parametrize(("height", "width"), [(288, 512), (720, 1280)])
-def test_dataset_epoch_vs_plain_decode(benchmark, tmp_path_factory, height: int, width: int) -> None:
+def test_dataset_epoch_vs_plain_decode(benchmark, alternating_medians, tmp_path_factory, height: int, width: int) -> None:
     """Target: one epoch of 14-frame clips costs at most 2x one plain PyAV decode (each file decoded once)."""
     import av
 
@@ -69,14 +68,7 @@ def test_dataset_epoch_vs_plain_decode(benchmark, tmp_path_factory, height: int,
     def dataset_epoch() -> int:
         return sum(1 for _ in VideoClipDataset([path], num_frames=CLIP_FRAMES, size=(256, 256), backend="pyav"))
 
-    seconds: dict[str, list[float]] = {"plain_decode": [], "dataset_epoch": []}
-    for _ in range(3):  # alternating, so machine load affects both alike
-        for name, run in (("plain_decode", plain_decode), ("dataset_epoch", dataset_epoch)):
-            started = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - started)
-    medians = {name: float(np.median(values)) for name, values in seconds.items()}
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    medians = alternating_medians({"plain_decode": plain_decode, "dataset_epoch": dataset_epoch})
     benchmark.extra_info.update(
         frames=frames, resolution=f"{height}x{width}", clip_frames=CLIP_FRAMES, seconds=medians,
         ratio_vs_plain_decode=round(medians["dataset_epoch"] / medians["plain_decode"], 2),

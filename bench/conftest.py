@@ -1,5 +1,6 @@
-"""Shared benchmark fixtures: the device under test, its measured copy bandwidth, and a timer that
-records achieved GB/s and the fraction of that bandwidth in pytest-benchmark's extra_info.
+"""Shared benchmark fixtures: the device under test, its measured copy bandwidth, a timer that
+records achieved GB/s and the fraction of that bandwidth in pytest-benchmark's extra_info, and a timer
+for ratios (several implementations timed in alternating rounds in one run).
 
 Run: `make bench` (GPU when present, else CPU) or `python -m pytest bench --benchmark-only
 --benchmark-json=bench/last_run.json`; `python bench/report.py bench/last_run.json` prints the table
@@ -12,6 +13,7 @@ import os
 import time
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,3 +86,23 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({os.cpu_count()} cores)"
+
+
+@pytest.fixture
+def alternating_medians(benchmark) -> Callable[..., dict[str, float]]:
+    """``alternating_medians({name: fn, ...}, rounds=3)``: the median seconds of each ``fn`` over ``rounds``
+    rounds that run every ``fn`` in turn, so machine load affects all alike (for ratios measured in one run).
+    Records the load average beside the numbers (the machines are shared) and one benchmark round."""
+
+    def run(runs: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, float]:
+        seconds: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, fn in runs.items():
+                started = time.perf_counter()
+                fn()
+                seconds[name].append(time.perf_counter() - started)
+        benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+        benchmark.extra_info["load_average_1_5_15_min"] = [round(value, 2) for value in os.getloadavg()]
+        return {name: float(np.median(values)) for name, values in seconds.items()}
+
+    return run

@@ -2,8 +2,15 @@
 
 :func:`scan_video` decodes every frame once (FFmpeg threads), keeping per frame its presentation time, a
 small RGB copy for transition detection and the mean codec motion vector, and, on a 2-FPS grid in time,
-a grayscale copy at the flow analysis size. :func:`analyse` turns that into clips (transition frames
-excluded) with their motion statistics. Key frames for OCR and CLIP are decoded later by seeking.
+a grayscale copy at the flow analysis size and (when OCR runs) the frame's text-candidate crops at the OCR
+size (:func:`svd_fast.curation.ocr.text_candidate_crops`: usually none, so memory stays small however long
+the file). :func:`clips_from_scan` and :func:`measure_motion` turn that into clips (transition frames
+excluded) with their motion statistics.
+
+Key frames: a clip's ``key_times`` are its first, middle and last frames (CLIP decodes them by seeking). OCR
+reads the first, middle and last grid samples inside the clip instead (each within one grid step, 0.5 s, of
+those), whose crops the pass already holds, so OCR needs no second decode; a clip shorter than a grid step
+holds no sample, and OCR decodes its key frames by seeking.
 
 Motion columns (all from timestamps, so independent of the frame rate, variable or not):
   flow_mean_px             mean flow magnitude in source pixels per 0.5 s (the paper's 2-FPS step): each pair
@@ -25,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from svd_fast.curation import cuts, flow
+from svd_fast.curation import cuts, flow, ocr
 from svd_fast.data.decode import VideoDecodeError, check_file, mean_motion_vector_px, open_video_stream, scaled_size
 
 FLOW_STEP_SECONDS = 0.5
@@ -38,19 +45,24 @@ class FileScan:
     codec_motion: np.ndarray  # (F,) mean codec motion vector, source px (NaN where none)
     flow_indices: np.ndarray  # (K,) frame indices of the 2-FPS grid samples
     flow_frames: np.ndarray  # (K, h, w) uint8 luma, longer side <= flow_max_side
+    text_crops: list[list[ocr.TextCrop]] | None  # per grid sample, at the OCR size; None: OCR off
+    text_frame_shape: tuple[int, int, int] | None  # (H, W, 3) of the frames the crops were taken from
     width: int
     height: int
     fps: float
     codec: str
 
 
-def scan_video(path: str | Path, cut_max_side: int, flow_max_side: int, flow_fps: float) -> FileScan:
-    """Decode ``path`` once; see the module docstring. A file damaged part-way yields the frames before the damage."""
+def scan_video(path: str | Path, cut_max_side: int, flow_max_side: int, flow_fps: float, ocr_max_side: int | None = None) -> FileScan:
+    """Decode ``path`` once; see the module docstring. ``ocr_max_side`` None: no text crops. A file damaged
+    part-way yields the frames before the damage."""
     import av  # noqa: PLC0415 - optional dependency
+    from av.video.reformatter import VideoReformatter  # noqa: PLC0415
 
     path = Path(path)
     check_file(path)
-    times, cut_frames, motion, flow_indices, flow_frames = [], [], [], [], []
+    times, cut_frames, motion, flow_indices, flow_frames, text_crops = [], [], [], [], [], []
+    text_size = None
     try:
         with av.open(str(path)) as container:
             stream = open_video_stream(path, container, motion_vectors=True)
@@ -59,16 +71,22 @@ def scan_video(path: str | Path, cut_max_side: int, flow_max_side: int, flow_fps
             codec = stream.codec_context.name
             cut_size = scaled_size(width, height, cut_max_side)
             flow_size = scaled_size(width, height, flow_max_side)
+            text_size = scaled_size(width, height, ocr_max_side) if ocr_max_side else None
             next_sample = None
+            # One scaler each, reused frame to frame (frame.to_ndarray(width=...) sets up FFmpeg's scaler anew each call).
+            to_cut_size, to_flow_size, to_text_size = VideoReformatter(), VideoReformatter(), VideoReformatter()
             try:
                 for index, frame in enumerate(container.decode(stream)):
                     time = frame.time if frame.time is not None else index / (fps or 24.0)
                     times.append(time)
-                    cut_frames.append(frame.to_ndarray(format="rgb24", width=cut_size[0], height=cut_size[1]))
+                    cut_frames.append(to_cut_size.reformat(frame, width=cut_size[0], height=cut_size[1], format="rgb24").to_ndarray())
                     motion.append(mean_motion_vector_px(frame))
                     if next_sample is None or time >= next_sample - 1e-6:
                         flow_indices.append(index)
-                        flow_frames.append(frame.to_ndarray(format="gray", width=flow_size[0], height=flow_size[1]))
+                        flow_frames.append(to_flow_size.reformat(frame, width=flow_size[0], height=flow_size[1], format="gray").to_ndarray())
+                        if text_size:
+                            rgb = to_text_size.reformat(frame, width=text_size[0], height=text_size[1], format="rgb24").to_ndarray()
+                            text_crops.append(ocr.text_candidate_crops(rgb))
                         next_sample = (time if next_sample is None else next_sample) + 1.0 / flow_fps
                         while next_sample <= time + 1e-6:
                             next_sample += 1.0 / flow_fps
@@ -85,7 +103,8 @@ def scan_video(path: str | Path, cut_max_side: int, flow_max_side: int, flow_fps
         fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 24.0
     return FileScan(
         np.asarray(times, dtype=np.float64), np.stack(cut_frames), np.asarray(motion, dtype=np.float64),
-        np.asarray(flow_indices, dtype=np.int64), np.stack(flow_frames), width, height, fps, codec,
+        np.asarray(flow_indices, dtype=np.int64), np.stack(flow_frames), text_crops if text_size else None,
+        (text_size[1], text_size[0], 3) if text_size else None, width, height, fps, codec,
     )
 
 
@@ -126,6 +145,15 @@ def clips_from_scan(scan: FileScan, threshold: float, min_scene_frames: int, dev
         )
     spans = [{"start_frame": item.start, "end_frame": item.end, "start_time": float(scan.times[min(item.start, len(scan.times) - 1)])} for item in transitions]
     return clips, spans
+
+
+def key_text_crops(scan: FileScan, clip: dict) -> list[list[ocr.TextCrop]] | None:
+    """The text crops of the clip's OCR key frames (first, middle and last grid sample inside it), one list per
+    frame; None when no grid sample falls inside the clip (or the scan took no crops)."""
+    inside = np.flatnonzero((scan.flow_indices >= clip["start_frame"]) & (scan.flow_indices < clip["end_frame"]))
+    if scan.text_crops is None or not len(inside):
+        return None
+    return [scan.text_crops[position] for position in sorted({inside[0], inside[(len(inside) - 1) // 2], inside[-1]})]
 
 
 def _clip_pairs(scan: FileScan, clip: dict) -> tuple[torch.Tensor, np.ndarray, float] | None:

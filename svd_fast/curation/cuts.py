@@ -1,10 +1,14 @@
-"""Transition detection (hard cuts, fades, dissolves) in PyTorch, on the stream sampled at three frame rates in time.
+"""Transition detection (hard cuts, fades, dissolves) on the stream sampled at three frame rates in time.
 
 The score between two frames is PySceneDetect's ContentDetector score: the mean absolute difference of the
-HSV channels (0..255 scale). As in the SVD paper, the stream is scored at three frame rates, chosen by
-timestamp (so a variable-frame-rate file is sampled evenly in time): every decoded frame (hard cuts),
-``SAMPLE_RATES`` = 4 FPS and 1 FPS (a fade or dissolve, invisible frame to frame, is a large change over
-0.25-1 s).
+HSV channels (0..255 scale; hue over the full circle, as OpenCV's COLOR_RGB2HSV_FULL). On a CPU the HSV
+frames come from OpenCV as uint8 and are scored in NumPy (torch's elementwise ops cost 10-100x more on these
+small frames); on CUDA :func:`rgb_to_hsv255` computes them in float. The two differ by the uint8 rounding
+(<= 0.5 per channel, and hue where it wraps at red), far below any threshold.
+
+As in the SVD paper, the stream is scored at three frame rates, chosen by timestamp (so a variable-frame-rate
+file is sampled evenly in time): every decoded frame (hard cuts), ``SAMPLE_RATES`` = 4 FPS and 1 FPS (a fade
+or dissolve, invisible frame to frame, is a large change over 0.25-1 s).
 
 * Hard cuts, at full rate: a step scoring >= ``threshold``, the largest among its ``neighbours`` steps on
   each side, >= ``contrast`` x their median and >= ``SIDE_CONTRAST`` x the median of either side (the idea of
@@ -29,7 +33,7 @@ frames; a fade's or dissolve's frames belong to no clip. Transitions from the th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +73,28 @@ def rgb_to_hsv255(frames: torch.Tensor) -> torch.Tensor:
     )
     hue = torch.where(chroma > 0, hue / 6.0, torch.zeros_like(hue))
     return torch.stack([hue, saturation, value], 1) * 255.0
+
+
+def _scorer(video: torch.Tensor, backend: str) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], np.ndarray]:
+    """``scores(first, second)``: the content score of each pair of frame indices; and the scores of all
+    consecutive frames (computed on slices, without gathering copies). ``backend`` "opencv" (CPU) or "torch"."""
+    count = video.shape[0]
+    if backend == "opencv":
+        import cv2  # noqa: PLC0415 - in the data extra, as PyAV is
+
+        frames = np.ascontiguousarray(video.cpu().numpy())
+        hsv = cv2.cvtColor(frames.reshape(-1, frames.shape[2], 3), cv2.COLOR_RGB2HSV_FULL).reshape(count, -1)
+
+        def scores(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+            return cv2.absdiff(hsv[second], hsv[first]).mean(axis=1)
+
+        return scores, cv2.absdiff(hsv[1:], hsv[:-1]).mean(axis=1)
+    hsv_float = rgb_to_hsv255(video).flatten(1)
+
+    def scores_float(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        return (hsv_float[torch.as_tensor(second)] - hsv_float[torch.as_tensor(first)]).abs().mean(dim=1).double().cpu().numpy()
+
+    return scores_float, (hsv_float[1:] - hsv_float[:-1]).abs().mean(dim=1).double().cpu().numpy()
 
 
 def sample_by_time(times: np.ndarray, rate: float) -> np.ndarray:
@@ -117,13 +143,8 @@ def detect_transitions(
         return []
     if device is not None:
         video = video.to(device)
-    hsv = rgb_to_hsv255(video)
-
-    def scores(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-        return (hsv[torch.as_tensor(second)] - hsv[torch.as_tensor(first)]).abs().mean(dim=(1, 2, 3)).cpu().numpy()
-
+    scores, full_rate = _scorer(video, "opencv" if video.device.type == "cpu" else "torch")  # full_rate[m] scores frames (m, m + 1)
     everything = np.arange(count)
-    full_rate = scores(everything[:-1], everything[1:])  # full_rate[m] scores frames (m, m + 1)
     found: list[Transition] = []
     hard_cuts: list[Transition] = []
     for samples in [everything, *(sample_by_time(times, rate) for rate in SAMPLE_RATES)]:

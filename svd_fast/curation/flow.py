@@ -43,14 +43,7 @@ NORMALISED_SCALE = 64.0  # normalised images are scaled to the spread of 8-bit i
 
 def optical_flow(first: torch.Tensor, second: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Dense flow from ``first`` to ``second`` (N, H, W) float32 in [0, 1]: (N, 2, H, W), channel 0 = dx."""
-    if first.shape != second.shape or first.ndim != 3:
-        raise ValueError(f"optical_flow: first and second must both be (N, H, W), got {tuple(first.shape)} and {tuple(second.shape)}")
-    if min(first.shape[-2:]) < 8:
-        raise ValueError(f"optical_flow: frames must be at least 8x8, got {tuple(first.shape[-2:])}")
-    if backend not in BACKENDS:
-        raise ValueError(f"optical_flow: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "torch" if first.device.type == "cuda" else "opencv"
+    backend = _resolve_backend(first, second, backend)
     if backend == "opencv":
         return _opencv_flow(first, second)
     if backend == "dali":
@@ -59,6 +52,19 @@ def optical_flow(first: torch.Tensor, second: torch.Tensor, backend: str = "auto
             raise RuntimeError(f"optical_flow: backend='dali' cannot run: {reason}; use 'torch' or 'opencv'")
         return _dali_flow(first, second)
     return torch_farneback_flow(first.float(), second.float())
+
+
+def _resolve_backend(first: torch.Tensor, second: torch.Tensor, backend: str) -> str:
+    """Check :func:`optical_flow`'s arguments; the backend that runs ("auto" resolved)."""
+    if first.shape != second.shape or first.ndim != 3:
+        raise ValueError(f"optical_flow: first and second must both be (N, H, W), got {tuple(first.shape)} and {tuple(second.shape)}")
+    if min(first.shape[-2:]) < 8:
+        raise ValueError(f"optical_flow: frames must be at least 8x8, got {tuple(first.shape[-2:])}")
+    if backend not in BACKENDS:
+        raise ValueError(f"optical_flow: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "torch" if first.device.type == "cuda" else "opencv"
+    return backend
 
 
 def normalise_contrast(images: torch.Tensor, sigma: float = NORMALISE_SIGMA) -> torch.Tensor:
@@ -71,7 +77,21 @@ def normalise_contrast(images: torch.Tensor, sigma: float = NORMALISE_SIGMA) -> 
 
 def texture_level(images: torch.Tensor) -> torch.Tensor:
     """Per frame of (N, H, W) in [0, 1]: the mean local contrast (grey levels, 0 for a uniform frame): the mean
-    absolute deviation from a 9x9 box mean (box filters keep this cheap; it only gates "measurable or not")."""
+    absolute deviation from a 9x9 box mean (box filters keep this cheap; it only gates "measurable or not").
+    On a CPU, OpenCV's box filter (same border: replicate) instead of torch's, which costs far more there."""
+    if images.device.type == "cpu":
+        return _texture_level_opencv(images)
+    return _texture_level_torch(images)
+
+
+def _texture_level_opencv(images: torch.Tensor) -> torch.Tensor:
+    import cv2  # noqa: PLC0415 - in the data extra, as PyAV is
+
+    frames = images.detach().float().cpu().numpy()
+    return torch.tensor([float(np.abs(frame - cv2.blur(frame, (9, 9), borderType=cv2.BORDER_REPLICATE)).mean()) for frame in frames])
+
+
+def _texture_level_torch(images: torch.Tensor) -> torch.Tensor:
     gray = images.float().unsqueeze(1)
     local_mean = F.avg_pool2d(F.pad(gray, (4, 4, 4, 4), mode="replicate"), 9, stride=1)
     return (gray - local_mean).abs().mean(dim=(1, 2, 3))
@@ -102,6 +122,13 @@ def _opencv_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """OpenCV's Farneback solve at each level of a contrast-normalised pyramid (as the torch backend's, built
     with OpenCV's filters: several times faster than torch convolutions on a CPU), passing the flow down as
     the initial flow. OpenCV's own pyramid would blur away the normalised detail."""
+    flows = _opencv_flow_arrays(first.detach().float().cpu().numpy(), second.detach().float().cpu().numpy())
+    return torch.from_numpy(np.stack(flows)).permute(0, 3, 1, 2).contiguous().to(first.device)
+
+
+def _opencv_flow_arrays(first: np.ndarray, second: np.ndarray) -> list[np.ndarray]:
+    """:func:`_opencv_flow` on (N, H, W) float32 arrays: N (H, W, 2) flows. A frame that is the second of one
+    pair and the first of the next (consecutive samples) has its pyramid built once."""
     import cv2  # noqa: PLC0415 - only the CPU backend needs OpenCV
 
     solver = FARNEBACK_SOLVER
@@ -121,9 +148,13 @@ def _opencv_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         return [normalised(level) for level in images]
 
     flows = []
-    for one, two in zip(first.detach().float().cpu().numpy(), second.detach().float().cpu().numpy()):
+    previous: tuple[np.ndarray, list[np.ndarray]] | None = None  # the last pair's second frame and its pyramid
+    for one, two in zip(first, second):
+        one_pyramid = previous[1] if previous is not None and np.array_equal(previous[0], one) else pyramid(one)
+        two_pyramid = pyramid(two)
+        previous = (two, two_pyramid)
         flow = None
-        for level_one, level_two in reversed(list(zip(pyramid(one), pyramid(two)))):
+        for level_one, level_two in reversed(list(zip(one_pyramid, two_pyramid))):
             height, width = level_one.shape
             if flow is None:
                 flow = np.zeros((height, width, 2), np.float32)
@@ -134,7 +165,7 @@ def _opencv_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
                 cv2.OPTFLOW_USE_INITIAL_FLOW,
             )
         flows.append(flow)
-    return torch.from_numpy(np.stack(flows)).permute(0, 3, 1, 2).contiguous().to(first.device)
+    return flows
 
 
 # ---------------------------------------------------------------- Farneback in PyTorch
@@ -297,7 +328,12 @@ def pair_flow_magnitudes(first: torch.Tensor, second: torch.Tensor, backend: str
     """Mean flow magnitude per pair (N,) of (N, H, W) grayscale frames, border margin excluded."""
     height, width = first.shape[-2:]
     margin_y, margin_x = int(height * border_fraction), int(width * border_fraction)
-    magnitude = optical_flow(first, second, backend).norm(dim=1)[:, margin_y : height - margin_y, margin_x : width - margin_x]
+    inner = (slice(margin_y, height - margin_y), slice(margin_x, width - margin_x))
+    if _resolve_backend(first, second, backend) == "opencv":
+        # OpenCV's flow as arrays, its magnitude in NumPy: torch's CPU ops would cost more than the flow itself.
+        flows = _opencv_flow_arrays(first.detach().float().cpu().numpy(), second.detach().float().cpu().numpy())
+        return torch.tensor([float(np.hypot(flow[..., 0], flow[..., 1])[inner].mean()) for flow in flows], dtype=torch.float32)
+    magnitude = optical_flow(first, second, backend).norm(dim=1)[(slice(None), *inner)]
     return magnitude.mean(dim=(1, 2))
 
 

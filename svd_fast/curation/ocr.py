@@ -7,11 +7,19 @@ components shaped and filled like text lines) and sends Tesseract only the candi
 small image, each scaled down where its line is taller than Tesseract needs. A frame without candidates
 has coverage 0 without running Tesseract. Coverage is still the area of the confidently read word boxes
 (mapped back to frame coordinates) over the frame area; ``gate=False`` runs Tesseract on the whole frame.
+
+The pipeline splits this in two: the decoding pass takes :func:`text_candidate_crops` of its 2-FPS samples
+(small, JSON-serialisable with :meth:`TextCrop.to_json`), and the OCR stage reads the key frames' crops with
+:func:`crop_coverages`, so no frame is decoded twice.
 """
 
 from __future__ import annotations
 
+import base64
 import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -93,10 +101,16 @@ def _line_boxes(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
 
 def _read_words(image: np.ndarray, min_confidence: float) -> list[tuple[int, int, int, int]]:
     """Tesseract's word boxes (left, top, width, height) read with confidence > ``min_confidence``."""
+    import cv2  # noqa: PLC0415
     import pytesseract  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
 
-    data = pytesseract.image_to_data(Image.fromarray(image), output_type=pytesseract.Output.DICT)
+    # Tesseract reads a file; written here with light PNG compression (pytesseract's own PIL default level costs
+    # as much as a quarter of a Tesseract call on a packed image of crops).
+    with tempfile.TemporaryDirectory(prefix="svd_fast_ocr_") as folder:
+        path = str(Path(folder) / "image.png")
+        if not cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+            raise OSError(f"could not write the OCR input image to {path}")
+        data = pytesseract.image_to_data(path, output_type=pytesseract.Output.DICT)
     return [
         (int(left), int(top), int(box_width), int(box_height))
         for text, confidence, left, top, box_width, box_height in zip(
@@ -125,51 +139,91 @@ def _merge_boxes(boxes: list[tuple[int, int, int, int]]) -> list[tuple[int, int,
     return merged
 
 
-def _pack_and_read(frames: list[np.ndarray], boxes_per_frame: list[list[tuple[int, int, int, int]]], min_confidence: float) -> list[list[tuple[int, int, int, int]]]:
-    """Word boxes per frame, in frame coordinates, reading only the candidate crops of all frames, packed into one
-    image for a single Tesseract call (its start-up costs as much as reading a few crops)."""
+@dataclass(frozen=True)
+class TextCrop:
+    """One region of a frame to read: ``image`` (h, w, 3) uint8 is frame[y0:y0 + h / scale, x0:x0 + w / scale] scaled by ``scale``."""
+
+    x0: int
+    y0: int
+    scale: float
+    image: np.ndarray
+
+    def to_json(self) -> list:
+        """[x0, y0, scale, PNG as base64]: a work item's state is JSON (it travels between Ray stages)."""
+        import cv2  # noqa: PLC0415
+
+        _, png = cv2.imencode(".png", self.image)
+        return [self.x0, self.y0, self.scale, base64.b64encode(png.tobytes()).decode("ascii")]
+
+    @classmethod
+    def from_json(cls, value: list) -> TextCrop:
+        import cv2  # noqa: PLC0415
+
+        x0, y0, scale, png = value
+        return cls(int(x0), int(y0), float(scale), cv2.imdecode(np.frombuffer(base64.b64decode(png), np.uint8), cv2.IMREAD_UNCHANGED))
+
+
+def text_candidate_crops(frame: np.ndarray) -> list[TextCrop]:
+    """The crops Tesseract reads for ``frame``: :func:`text_candidate_boxes` with a margin, merged where they
+    overlap, each scaled down where its lowest line is taller than Tesseract needs. [] when no candidates."""
     import cv2  # noqa: PLC0415
 
-    tiles, placements = [], []  # placements: (frame index, x0, y0, scale) per tile
-    for frame_index, (frame, boxes) in enumerate(zip(frames, boxes_per_frame)):
-        height, width = frame.shape[:2]
-        regions = []
-        for left, top, box_width, box_height in boxes:
-            margin = max(4, int(MARGIN_FRACTION * box_height))
-            regions.append((max(0, left - margin), max(0, top - margin), min(width, left + box_width + margin), min(height, top + box_height + margin)))
-        for x0, y0, x1, y1 in sorted(_merge_boxes(regions), key=lambda region: (region[1], region[0])):
-            crop = frame[y0:y1, x0:x1]
-            # Scale by the lowest candidate line inside the crop, so no line gets below TARGET_LINE_HEIGHT px.
-            line_height = min([box[3] for box in boxes if x0 <= box[0] < x1 and y0 <= box[1] < y1] or [y1 - y0])
-            scale = min(1.0, TARGET_LINE_HEIGHT / line_height)
-            if scale < 1.0:
-                size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
-                crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
-            tiles.append(crop)
-            placements.append((frame_index, x0, y0, scale))
-    words: list[list[tuple[int, int, int, int]]] = [[] for _ in frames]
+    frame = _check_frame(frame)
+    boxes = text_candidate_boxes(frame)
+    height, width = frame.shape[:2]
+    regions = []
+    for left, top, box_width, box_height in boxes:
+        margin = max(4, int(MARGIN_FRACTION * box_height))
+        regions.append((max(0, left - margin), max(0, top - margin), min(width, left + box_width + margin), min(height, top + box_height + margin)))
+    crops = []
+    for x0, y0, x1, y1 in sorted(_merge_boxes(regions), key=lambda region: (region[1], region[0])):
+        crop = frame[y0:y1, x0:x1]
+        # Scale by the lowest candidate line inside the crop, so no line gets below TARGET_LINE_HEIGHT px.
+        line_height = min([box[3] for box in boxes if x0 <= box[0] < x1 and y0 <= box[1] < y1] or [y1 - y0])
+        scale = min(1.0, TARGET_LINE_HEIGHT / line_height)
+        if scale < 1.0:
+            size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+            crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
+        crops.append(TextCrop(int(x0), int(y0), float(scale), np.ascontiguousarray(crop)))
+    return crops
+
+
+def crop_coverages(crops_per_frame: list[list[TextCrop]], frame_shape: tuple[int, ...], min_confidence: float = 60.0) -> list[float]:
+    """Text coverage of each frame (all of ``frame_shape``) from its :func:`text_candidate_crops`, reading the crops
+    of all frames packed into one image for a single Tesseract call (its start-up costs as much as reading a few
+    crops); no call when there are no crops."""
+    return [_coverage(frame_shape, words) for words in _pack_and_read(crops_per_frame, min_confidence)]
+
+
+def _pack_and_read(crops_per_frame: list[list[TextCrop]], min_confidence: float) -> list[list[tuple[int, int, int, int]]]:
+    """Word boxes per frame, in frame coordinates, from one Tesseract call on all crops packed into one image."""
+    import cv2  # noqa: PLC0415
+
+    tiles = [crop for crops in crops_per_frame for crop in crops]
+    owners = [frame_index for frame_index, crops in enumerate(crops_per_frame) for _ in crops]
+    words: list[list[tuple[int, int, int, int]]] = [[] for _ in crops_per_frame]
     if not tiles:
         return words
-    packed_width = max(tile.shape[1] for tile in tiles) + 2 * TILE_GAP
+    packed_width = max(tile.image.shape[1] for tile in tiles) + 2 * TILE_GAP
     rows, offsets, row = [], [], 0
     for tile in tiles:
-        rows.append(cv2.copyMakeBorder(tile, TILE_GAP, TILE_GAP, TILE_GAP, packed_width - tile.shape[1] - TILE_GAP, cv2.BORDER_REPLICATE))
+        rows.append(cv2.copyMakeBorder(tile.image, TILE_GAP, TILE_GAP, TILE_GAP, packed_width - tile.image.shape[1] - TILE_GAP, cv2.BORDER_REPLICATE))
         offsets.append(row + TILE_GAP)
         row += rows[-1].shape[0]
     for left, top, box_width, box_height in _read_words(np.ascontiguousarray(np.concatenate(rows)), min_confidence):
         index = int(np.searchsorted(offsets, top + box_height / 2, side="right")) - 1
         if index < 0:
             continue
-        frame_index, x0, y0, scale = placements[index]
-        tile_height, tile_width = tiles[index].shape[:2]
+        tile = tiles[index]
+        tile_height, tile_width = tile.image.shape[:2]
         # Clip to the tile (a word box may reach into the padding), then back to frame pixels.
         tx0, ty0 = max(0, left - TILE_GAP), max(0, top - offsets[index])
         tx1, ty1 = min(tile_width, left + box_width - TILE_GAP), min(tile_height, top + box_height - offsets[index])
         if tx1 <= tx0 or ty1 <= ty0:
             continue
-        fx0, fy0 = x0 + int(np.floor(tx0 / scale)), y0 + int(np.floor(ty0 / scale))
-        fx1, fy1 = x0 + int(np.ceil(tx1 / scale)), y0 + int(np.ceil(ty1 / scale))
-        words[frame_index].append((fx0, fy0, fx1 - fx0, fy1 - fy0))
+        fx0, fy0 = tile.x0 + int(np.floor(tx0 / tile.scale)), tile.y0 + int(np.floor(ty0 / tile.scale))
+        fx1, fy1 = tile.x0 + int(np.ceil(tx1 / tile.scale)), tile.y0 + int(np.ceil(ty1 / tile.scale))
+        words[owners[index]].append((fx0, fy0, fx1 - fx0, fy1 - fy0))
     return words
 
 
@@ -185,8 +239,8 @@ def text_coverages(frames: list[np.ndarray] | np.ndarray, min_confidence: float 
     frames = [_check_frame(frame) for frame in frames]
     if not gate:
         return [_coverage(frame.shape, _read_words(frame, min_confidence)) for frame in frames]
-    boxes = [text_candidate_boxes(frame) for frame in frames]
-    return [_coverage(frame.shape, words) for frame, words in zip(frames, _pack_and_read(frames, boxes, min_confidence))]
+    words = _pack_and_read([text_candidate_crops(frame) for frame in frames], min_confidence)
+    return [_coverage(frame.shape, frame_words) for frame, frame_words in zip(frames, words)]
 
 
 def text_coverage(frame: np.ndarray, min_confidence: float = 60.0, gate: bool = True) -> float:

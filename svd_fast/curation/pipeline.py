@@ -5,9 +5,12 @@ Data moves it as one Arrow string column) holding the video info, the clips and 
 skipped stages and any error. Stages, in order:
 
   stage_analyse  ONE decoding pass: transitions at 3 frame rates -> clips; 2-FPS grayscale samples -> optical
-                 flow, motion columns, static flag; codec motion vectors (svd_fast.curation.analysis)  (GPU stage)
-  stage_ocr      first/middle/last frame of each clip, decoded by seeking -> Tesseract text coverage
-  ClipStage      the same key frames -> CLIP embedding, aesthetic score, caption similarity          (GPU stage)
+                 flow, motion columns, static flag; codec motion vectors; the text-candidate crops of each clip's
+                 first, middle and last 2-FPS sample (svd_fast.curation.analysis)                      (GPU stage)
+  stage_ocr      those crops -> Tesseract text coverage, one call per file (a clip shorter than the 2-FPS step
+                 holds no sample: its first/middle/last frames are decoded by seeking)
+  ClipStage      first/middle/last frame of each clip, decoded by seeking -> CLIP embedding, aesthetic score,
+                 caption similarity                                                                    (GPU stage)
 
 Every stage records a per-file failure in ``state["error"]`` and later stages pass such files through, so
 one bad file never stops the run. Finished files are written as manifest parts immediately.
@@ -34,9 +37,9 @@ from svd_fast.curation import analysis, flow, manifest, ocr
 from svd_fast.curation.filters import apply_filters, parse_filter
 from svd_fast.data.decode import VIDEO_SUFFIXES, VideoDecodeError, decode_frames_at_times
 
-# Part keys include this: bump it when a measurement changes (2: OCR on gated text-candidate crops), so reruns
-# recompute parts written by older code instead of mixing old and new values in one manifest.
-MEASUREMENT_VERSION = 2
+# Part keys include this: bump it when a measurement changes (2: OCR on gated text-candidate crops; 3: OCR key
+# frames on the 2-FPS grid), so reruns recompute parts written by older code instead of mixing old and new values in one manifest.
+MEASUREMENT_VERSION = 3
 
 
 class CurationRequestError(ValueError):
@@ -128,7 +131,8 @@ def _guarded(stage_name: str, body: Callable[[dict, dict, CurationConfig], None]
 
 def _analyse_body(item: dict, state: dict, config: CurationConfig) -> None:
     device = config.torch_device()
-    scan = analysis.scan_video(item["path"], config.cut_max_side, config.flow_max_side, config.flow_fps)
+    ocr_runs = config.ocr and ocr.tesseract_unavailable_reason() is None
+    scan = analysis.scan_video(item["path"], config.cut_max_side, config.flow_max_side, config.flow_fps, config.ocr_max_side if ocr_runs else None)
     state["info"] = {"fps": scan.fps, "num_frames": len(scan.times), "width": scan.width, "height": scan.height, "codec": scan.codec}
     clips, transitions = analysis.clips_from_scan(scan, config.cut_threshold, config.min_scene_frames, device)
     settings = analysis.MotionSettings(
@@ -137,6 +141,10 @@ def _analyse_body(item: dict, state: dict, config: CurationConfig) -> None:
     )
     analysis.measure_motion(scan, clips, settings)
     state["clips"], state["transitions"] = clips, transitions
+    if ocr_runs:  # for stage_ocr, which drops them: [per clip: [per key frame: crops] or None (decode by seeking)]
+        per_clip = [analysis.key_text_crops(scan, clip) for clip in clips]
+        state["key_text_crops"] = [None if frames is None else [[crop.to_json() for crop in crops] for crops in frames] for frames in per_clip]
+        state["text_frame_shape"] = scan.text_frame_shape
 
 
 def _key_frames_per_clip(path: str, clips: list[dict], max_side: int | None) -> list[np.ndarray]:
@@ -147,6 +155,7 @@ def _key_frames_per_clip(path: str, clips: list[dict], max_side: int | None) -> 
 
 
 def _ocr_body(item: dict, state: dict, config: CurationConfig) -> None:
+    stored, shape = state.pop("key_text_crops", None), state.pop("text_frame_shape", None)
     reason = None if config.ocr else "disabled"
     reason = reason or ocr.tesseract_unavailable_reason()
     if reason:
@@ -154,12 +163,23 @@ def _ocr_body(item: dict, state: dict, config: CurationConfig) -> None:
         return
     if not state["clips"]:
         return
-    per_clip = _key_frames_per_clip(item["path"], state["clips"], config.ocr_max_side)
-    # All key frames of the file in one call: the text gate sends Tesseract only their candidate crops, at once.
-    coverages = iter(ocr.text_coverages([frame for frames in per_clip for frame in frames], config.ocr_min_confidence))
-    for clip, frames in zip(state["clips"], per_clip):
+    if stored is None:  # analysed without crops (OCR was unavailable then): every clip by seeking
+        stored = [None] * len(state["clips"])
+    by_seeking = [clip for clip, crops in zip(state["clips"], stored) if crops is None]
+    seeked = iter(_key_frames_per_clip(item["path"], by_seeking, config.ocr_max_side) if by_seeking else [])
+    crops_per_clip = []
+    for crops in stored:
+        if crops is None:
+            frames = next(seeked)
+            crops_per_clip.append([ocr.text_candidate_crops(frame) for frame in frames])
+            shape = frames.shape[1:]
+        else:
+            crops_per_clip.append([[ocr.TextCrop.from_json(crop) for crop in frame_crops] for frame_crops in crops])
+    # All key frames of the file (one frame size) in one Tesseract call, on their candidate crops only.
+    coverages = iter(ocr.crop_coverages([frame_crops for crops in crops_per_clip for frame_crops in crops], tuple(shape), config.ocr_min_confidence))
+    for clip, crops in zip(state["clips"], crops_per_clip):
         # The worst frame decides: text anywhere is text.
-        clip["ocr_coverage"] = max(next(coverages) for _ in frames)
+        clip["ocr_coverage"] = max(next(coverages) for _ in crops)
 
 
 stage_analyse = _guarded("analyse", _analyse_body)
