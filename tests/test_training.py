@@ -13,32 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from training_fixtures import tiny_config, workdir_fixture
 
 from svd_fast.commands.errors import UsageError
 from svd_fast.data.synthetic import translating_texture, write_video
-from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH, save_tiny_pipeline, tiny_pipeline
+from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH, tiny_pipeline
 from svd_fast.training import ObjectiveConfig, TrainConfig, edm_loss, encode_batch, train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("training")
-    save_tiny_pipeline(root / "tiny")
-    (root / "data").mkdir()
-    write_video(root / "data" / "clip.mp4", translating_texture(TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH), fps=8)
-    return root
-
-
-def tiny_config(workdir: Path, out: str, **overrides) -> dict:
-    values = dict(
-        model=str(workdir / "tiny"), data=str(workdir / "data"), output_dir=str(workdir / out),
-        num_frames=TINY_NUM_FRAMES, height=TINY_HEIGHT, width=TINY_WIDTH, precision="fp32", zero_stage=2,
-        learning_rate=1e-3, shuffle=False, max_steps=2, export=False,
-    )
-    values.update(overrides)
-    return values
+workdir = workdir_fixture("training")
 
 
 # ----------------------------------------------------------------------------------------------- objective
