@@ -234,7 +234,7 @@ def test_runtime_errors_before_heavy_work(workdir: Path) -> None:
 def test_shipped_configs_parse() -> None:
     for name in ("train_tiny_cpu.yaml", "train_svd_14x576x1024_1gpu.yaml", "train_svd_zero3_offload.yaml",
                  "train_svd_xt_25x576x1024_8gpu_zero2.yaml", "train_svd_xt_25x576x1024_8gpu_zero3.yaml",
-                 "train_svd_xt_temporal_1gpu_24gb.yaml"):
+                 "train_svd_xt_temporal_1gpu_24gb.yaml", "train_svd_xt_lora_1gpu.yaml"):
         config = TrainConfig.from_file(REPO / "configs" / name)
         assert config.max_steps >= 1
 
