@@ -4,7 +4,8 @@ One process per device (``deepspeed``/``torchrun`` launchers, or plain ``python`
 port). On a machine without CUDA it runs on the CPU with gloo. Every step is reproducible: noise, noise levels
 and dropout come from a generator seeded by (seed, rank, micro-step), so a resumed run continues exactly as an
 uninterrupted one. The phases live in their own modules: setup (checks, process group, engine), checkpoint
-(atomic saves, safe resumes), step (one optimiser step), log (train_log.jsonl) and ema (sharded fp32 EMA).
+(atomic saves, safe resumes), step (one optimiser step), log (train_log.jsonl), ema (sharded fp32 EMA),
+lora (peft adapters, ``trained_parameters: lora``) and validation (sample clips every ``validate_every`` steps).
 """
 
 from __future__ import annotations
