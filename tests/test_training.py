@@ -13,32 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from training_fixtures import tiny_config, workdir_fixture
 
 from svd_fast.commands.errors import UsageError
 from svd_fast.data.synthetic import translating_texture, write_video
-from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH, save_tiny_pipeline, tiny_pipeline
+from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH, tiny_pipeline
 from svd_fast.training import ObjectiveConfig, TrainConfig, edm_loss, encode_batch, train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("training")
-    save_tiny_pipeline(root / "tiny")
-    (root / "data").mkdir()
-    write_video(root / "data" / "clip.mp4", translating_texture(TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH), fps=8)
-    return root
-
-
-def tiny_config(workdir: Path, out: str, **overrides) -> dict:
-    values = dict(
-        model=str(workdir / "tiny"), data=str(workdir / "data"), output_dir=str(workdir / out),
-        num_frames=TINY_NUM_FRAMES, height=TINY_HEIGHT, width=TINY_WIDTH, precision="fp32", zero_stage=2,
-        learning_rate=1e-3, shuffle=False, max_steps=2, export=False,
-    )
-    values.update(overrides)
-    return values
+workdir = workdir_fixture("training")
 
 
 # ----------------------------------------------------------------------------------------------- objective
@@ -249,7 +234,7 @@ def test_runtime_errors_before_heavy_work(workdir: Path) -> None:
 def test_shipped_configs_parse() -> None:
     for name in ("train_tiny_cpu.yaml", "train_svd_14x576x1024_1gpu.yaml", "train_svd_zero3_offload.yaml",
                  "train_svd_xt_25x576x1024_8gpu_zero2.yaml", "train_svd_xt_25x576x1024_8gpu_zero3.yaml",
-                 "train_svd_xt_temporal_1gpu_24gb.yaml"):
+                 "train_svd_xt_temporal_1gpu_24gb.yaml", "train_svd_xt_lora_1gpu.yaml"):
         config = TrainConfig.from_file(REPO / "configs" / name)
         assert config.max_steps >= 1
 

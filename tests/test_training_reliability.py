@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_fixtures import tiny_config as shared_tiny_config
+from training_fixtures import workdir_fixture
 
-from svd_fast.data.synthetic import translating_texture, write_video
-from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH, save_tiny_pipeline
 from svd_fast.training import TrainConfig, train
 from svd_fast.training.checkpoint import COMPLETE, incomplete_reason, resolve_resume, safe_load
 from svd_fast.training.setup import build_deepspeed_config
@@ -25,23 +25,11 @@ from svd_fast.training.setup import build_deepspeed_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("training_reliability")
-    save_tiny_pipeline(root / "tiny")
-    (root / "data").mkdir()
-    write_video(root / "data" / "clip.mp4", translating_texture(TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH), fps=8)
-    return root
+workdir = workdir_fixture("training_reliability")
 
 
 def tiny_config(workdir: Path, out: str, **overrides) -> dict:
-    values = dict(
-        model=str(workdir / "tiny"), data=str(workdir / "data"), output_dir=str(workdir / out),
-        num_frames=TINY_NUM_FRAMES, height=TINY_HEIGHT, width=TINY_WIDTH, precision="fp32", zero_stage=2,
-        learning_rate=1e-3, shuffle=False, max_steps=2, export=False, use_svd_fast_kernels=False, device="cpu",
-    )
-    values.update(overrides)
-    return values
+    return shared_tiny_config(workdir, out, **{"use_svd_fast_kernels": False, "device": "cpu", **overrides})
 
 
 # ------------------------------------------------------------------------------------------ config types

@@ -1,11 +1,15 @@
 """`svd-fast encode`: precompute the training features of every clip (VAE posterior of each frame, CLIP embedding
 of the first frame) so that training runs without the per-frame VAE encode and the image encoder in its loop.
-Resumable: rerun the same command after an interruption; finished clips are kept."""
+Resumable: rerun the same command after an interruption; finished sources are kept. Each source (file or manifest
+row) is one job: in this process, or spread over Ray Data actors with --ray (local: start Ray here; auto: join
+the running cluster), each holding the VAE and image encoder (one GPU each where the cluster has GPUs); both
+write the same files."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from svd_fast.commands.errors import UsageError, require_positive, require_writable_dir
@@ -13,8 +17,10 @@ from svd_fast.commands.errors import UsageError, require_positive, require_writa
 EXAMPLES = """examples:
   svd-fast encode --data data/manifest.parquet --model models/stable-video-diffusion-img2vid-xt --out latents/xt \\
       --num-frames 25 --height 576 --width 1024 --target-fps 7
+  svd-fast encode --data data/manifest.parquet --model models/svd-xt --out latents/xt --num-frames 25 --ray auto
   svd-fast train --config configs/train_svd_xt_25x576x1024_8gpu_zero2.yaml --set latents_dir=latents/xt
-Writes OUT/settings.json, OUT/clips/clip_NNNNNNNN.pt and, when every clip is done, OUT/complete.json.
+Writes OUT/settings.json, OUT/clips/clip_SSSSSSSS_NNNN.pt (clip N of source S), OUT/sources/source_SSSSSSSS.json
+when a source is done and, when every source is done, OUT/complete.json.
 A training config reads it with latents_dir: OUT (its num_frames, height and width must match)."""
 
 
@@ -30,6 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--stride", type=int, default=None, help="take every STRIDE-th frame")
     parser.add_argument("--target-fps", type=float, default=None, help="resample clips to this frame rate")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--ray", default=None, choices=("auto", "local"),
+                        help="encode with Ray Data actors: 'local' starts Ray here, 'auto' joins the running cluster")
+    parser.add_argument("--actors", type=int, default=None, help="with --ray: number of actors (default: the cluster's GPUs, else 2)")
     parser.set_defaults(func=run)
 
 
@@ -49,24 +58,53 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--model {args.model} is not a diffusers pipeline folder", "check the path")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but CUDA is not available")
+    require_positive("--actors", args.actors, integer=True)
     out = require_writable_dir("--out", args.out)
 
-    from diffusers import StableVideoDiffusionPipeline  # noqa: PLC0415
+    from svd_fast.training.latents import finish_latents_dir, prepare_latents_dir  # noqa: PLC0415
 
-    from svd_fast.data import VideoClipDataset  # noqa: PLC0415 - decoders load on demand
-    from svd_fast.training.latents import encode_clips  # noqa: PLC0415
-
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     settings = {"data": str(Path(args.data).resolve()), "model": str(Path(args.model).resolve()), "num_frames": args.num_frames,
                 "height": args.height, "width": args.width, "stride": args.stride, "target_fps": args.target_fps}
-    dataset = VideoClipDataset(args.data, num_frames=args.num_frames, size=(args.height, args.width), stride=args.stride,
-                               target_fps=args.target_fps, shuffle=False)
-    pipe = StableVideoDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
-    pipe.vae.to(device).eval()
-    pipe.image_encoder.to(device).eval()
     try:
-        clips = encode_clips(dataset, pipe, out, settings, device)
+        pending = prepare_latents_dir(out, settings)
+        if pending:
+            (_encode_ray if args.ray else _encode_local)([{"source": index} for index in pending], settings, out, device, args)
+        clips, skipped = finish_latents_dir(out)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    print(json.dumps({"out": str(out), "clips": clips, "skipped": dataset.errors}))
+    print(json.dumps({"out": str(out), "clips": clips, "encoded_sources": len(pending), "skipped": skipped}))
     return 0
+
+
+def _encode_local(jobs: list[dict], settings: dict, out: Path, device: str, _args: argparse.Namespace) -> None:
+    from svd_fast.training.latents import ClipEncoder  # noqa: PLC0415
+
+    encoder = ClipEncoder(settings, str(out), device)
+    for job in jobs:
+        encoder(job)
+
+
+def _encode_ray(jobs: list[dict], settings: dict, out: Path, device: str, args: argparse.Namespace) -> None:
+    import ray  # noqa: PLC0415 - slow import
+
+    from svd_fast.training.latents import ClipEncoder  # noqa: PLC0415
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        if args.ray == "local":
+            ray.init(num_cpus=max(2, args.actors or 2), include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address="auto", include_dashboard=False)
+    try:
+        cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+        pool = args.actors or cluster_gpus or 2
+        dataset = ray.data.from_items(jobs).map(
+            ClipEncoder, fn_constructor_kwargs={"settings": settings, "out": str(out), "device": "cuda" if cluster_gpus else device},
+            concurrency=min(pool, len(jobs)), num_gpus=1 if cluster_gpus else 0, num_cpus=1,
+        )
+        for row in dataset.iter_rows():  # each source's files are on disk when its row arrives
+            print(f"source {row['source']}: {row['clips']} clip(s)" + (f" ({row['error']})" if row["error"] else ""), file=sys.stderr)
+    finally:
+        if started_here:
+            ray.shutdown()

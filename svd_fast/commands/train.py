@@ -19,7 +19,9 @@ This command runs one process (several GPUs: use a launcher as above). --set val
 unknown keys, wrongly typed or impossible values, missing paths and an unwritable output_dir are rejected before
 any model loads. Writes OUTPUT_DIR/train_log.jsonl, OUTPUT_DIR/checkpoints/step_N (DeepSpeed + trainer state,
 complete when complete.json is there; checkpoints/latest names the newest complete one) and OUTPUT_DIR/pipeline
-(a diffusers folder). resume_from: "latest" resumes from the newest complete checkpoint."""
+(a diffusers folder; with trained_parameters: lora its UNet has the adapter merged, and OUTPUT_DIR/lora holds the
+adapter alone, pytorch_lora_weights.safetensors in diffusers' LoRA format, read by svd_fast.training.lora.load_lora).
+resume_from: "latest" resumes from the newest complete checkpoint."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -99,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         "samples_per_second": result.samples_per_second,
         "checkpoint": str(result.checkpoint_dir),
         "export": str(result.export_path) if result.export_path else None,
+        **result.extra,
         "log": str(result.log_path),
         "svd_fast_kernels": result.kernel_status,
     }))

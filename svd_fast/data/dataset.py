@@ -142,29 +142,33 @@ class VideoClipDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         for source in self._my_sources():
-            try:
-                info = probe_video(source.path)
-            except VideoDecodeError as error:
-                self._skip(source.path, error.reason)
-                continue
-            windows = self.clip_windows(source, info)
-            if not windows:
-                self._skip(source.path, f"shorter than one clip of {self.num_frames} frames (on_short='skip')")
-                continue
-            try:
-                # Decoded straight to the size that covers self.size: swscale resizes far cheaper than torch.
-                decode_height, decode_width = covering_size((info.height, info.width), self.size)
-                for number, frames in iter_windows(source.path, windows, self.backend, info.codec, (decode_width, decode_height)):
-                    sample = dict(source.extra)
-                    sample.update(
-                        pixel_values=frames_to_tensor(frames, self.size, self.random_crop, rng),
-                        path=source.path,
-                        start_frame=windows[number][0],
-                        fps=self.fed_fps(info),
-                    )
-                    yield sample
-            except VideoDecodeError as error:
-                self._skip(source.path, error.reason)
+            yield from self.source_clips(source, rng)
+
+    def source_clips(self, source: ClipSource, rng: random.Random | None = None) -> Iterator[dict[str, Any]]:
+        """Every clip of one source, in order (a file that cannot be used is recorded in :attr:`errors`)."""
+        try:
+            info = probe_video(source.path)
+        except VideoDecodeError as error:
+            self._skip(source.path, error.reason)
+            return
+        windows = self.clip_windows(source, info)
+        if not windows:
+            self._skip(source.path, f"shorter than one clip of {self.num_frames} frames (on_short='skip')")
+            return
+        try:
+            # Decoded straight to the size that covers self.size: swscale resizes far cheaper than torch.
+            decode_height, decode_width = covering_size((info.height, info.width), self.size)
+            for number, frames in iter_windows(source.path, windows, self.backend, info.codec, (decode_width, decode_height)):
+                sample = dict(source.extra)
+                sample.update(
+                    pixel_values=frames_to_tensor(frames, self.size, self.random_crop, rng),
+                    path=source.path,
+                    start_frame=windows[number][0],
+                    fps=self.fed_fps(info),
+                )
+                yield sample
+        except VideoDecodeError as error:
+            self._skip(source.path, error.reason)
 
     def fed_fps(self, info: VideoInfo) -> float:
         """The frame rate of the frames actually fed: the source's divided by the stride, or target_fps.

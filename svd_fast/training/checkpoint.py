@@ -75,6 +75,21 @@ def write_atomic(path: Path, write: Any) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def replace_folder(target: Path, write) -> None:
+    """Fill a staging folder with ``write(staging)``, then swap it in for ``target`` (the old one is removed
+    only after the new one is in place)."""
+    staging = target.with_name(f".{target.name}.tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    write(staging)
+    previous = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        target.rename(previous)
+    staging.rename(target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 def save_torch_atomic(obj: Any, path: Path) -> None:
     write_atomic(path, lambda file: torch.save(obj, file))
 

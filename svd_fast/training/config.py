@@ -18,7 +18,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw_torch", "adamw_deepspeed")
 OFFLOAD_DEVICES = ("none", "cpu")
 ACTIVATION_CHECKPOINTING = ("none", "temporal", "resnets", "all")
-TRAINED_PARAMETERS = ("full", "temporal")
+TRAINED_PARAMETERS = ("full", "temporal", "lora")
+# The attention projections LoRA may adapt: those of every diffusers Attention in the UNet (spatial and temporal
+# transformer blocks, self- and cross-attention).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 @dataclass
@@ -59,7 +62,12 @@ class TrainConfig:
     offload_param: str = "none"  # ZeRO-3 only
     precision: str = "bf16"  # the UNet's compute dtype; DeepSpeed keeps fp32 master weights for bf16/fp16
     deepspeed_config: str | None = None  # a DeepSpeed JSON merged with the keys this config derives (conflicts are errors)
-    trained_parameters: str = "full"  # full | temporal (only the layers SVD added to the image model, see TEMPORAL_PARAMETER)
+    trained_parameters: str = "full"  # full | temporal (only the layers SVD added to the image model, see TEMPORAL_PARAMETER) | lora
+    # LoRA (trained_parameters: lora): adapters on the attention projections of every spatial and temporal transformer block
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # scale alpha / rank; default: the rank (scale 1)
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     activation_checkpointing: str = "none"  # none | temporal | resnets | all (svd_fast.training.activation_checkpointing)
     use_svd_fast_kernels: bool = True
     device: str = "auto"  # auto | cpu | cuda
@@ -69,6 +77,11 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     resume_from: str | None = None  # a checkpoint dir written by this trainer, or "latest" (in output_dir)
     export: bool = True
+    # Validation samples (svd_fast.training.validation): every validate_every steps, one clip per held-out first frame
+    validate_every: int = 0  # 0: never
+    validation_images: list[str] = field(default_factory=list)  # image files (first frames held out of the training data)
+    validation_num_frames: int | None = None  # default: num_frames
+    validation_inference_steps: int = 25
     export_ema: bool = True  # export the EMA weights when EMA is on
     seed: int = 0
     # Objective
@@ -87,7 +100,7 @@ class TrainConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "checkpoint_every", "seed"):
+        for name in ("warmup_steps", "checkpoint_every", "seed", "validate_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.learning_rate <= 0:
@@ -121,6 +134,20 @@ class TrainConfig:
             raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got {self.activation_checkpointing!r}")
         if self.trained_parameters not in TRAINED_PARAMETERS:
             raise ValueError(f"trained_parameters must be one of {TRAINED_PARAMETERS}, got {self.trained_parameters!r}")
+        if self.validation_inference_steps < 1 or (self.validation_num_frames is not None and self.validation_num_frames < 1):
+            raise ValueError("validation_inference_steps and validation_num_frames must be positive integers, "
+                             f"got {self.validation_inference_steps!r}, {self.validation_num_frames!r}")
+        if self.validate_every and not self.validation_images:
+            raise ValueError(f"validation_images: validate_every is {self.validate_every} but no validation images are given")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be a positive integer, got {self.lora_rank!r}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        unknown_targets = [name for name in self.lora_target_modules if name not in LORA_TARGETS]
+        if unknown_targets or not self.lora_target_modules:
+            raise ValueError(f"lora_target_modules must be a non-empty list of {list(LORA_TARGETS)}, got {self.lora_target_modules!r}")
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"stride must be a positive integer, got {self.stride!r}")
         if self.stride is not None and self.target_fps is not None:
@@ -144,6 +171,13 @@ class TrainConfig:
             drop_both=self.drop_both,
             drop_cond_latent=self.drop_cond_latent,
         )
+
+    def lora(self):
+        """The peft LoraConfig of ``trained_parameters: lora``."""
+        from svd_fast.training.lora import lora_config  # noqa: PLC0415 - imports peft
+
+        alpha = float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+        return lora_config(self.lora_rank, alpha, self.lora_dropout, self.lora_target_modules)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -49,8 +49,9 @@ class TrainLog:
             kept = _records_before(path, start_step)
             write_atomic(path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))
 
-    def record(self, step: int, stats: StepStats, write: bool) -> None:
-        """Count ``stats``; when ``write``, reduce the loss over ranks (a collective) and append a record."""
+    def record(self, step: int, stats: StepStats, write: bool, extra: dict[str, Any] | None = None) -> None:
+        """Count ``stats``; when ``write``, reduce the loss over ranks (a collective) and append a record (with
+        ``extra``'s keys, e.g. the step's validation clips)."""
         self._interval_samples += stats.samples
         if not write:
             return
@@ -67,6 +68,7 @@ class TrainLog:
                 name: (s / c).item() for name, s, c in zip(self.bin_names, stats.bin_sums, stats.bin_counts) if c > 0
             },
         }
+        record.update(extra or {})
         self._interval_start, self._interval_samples = now, 0
         if self.rank == 0:
             with self.path.open("a") as log:

@@ -10,7 +10,8 @@ Accounting rules (all per GPU, GiB = 2**30 bytes):
   EMA follows their partitioning, svd_fast.training.ema); 0 with the optimizer offloaded (the EMA is on the CPU).
 - activations: the peak of one forward + backward of the real full-size UNet (diffusers'
   UNetSpatioTemporalConditionModel with SVD's config) at the config's frames, resolution, batch, precision
-  and activation checkpointing, traced on fake tensors (torch's FakeTensorMode) with op-level accounting
+  and activation checkpointing (with ``trained_parameters: lora`` the adapters injected and only they trained; full
+  and temporal trace every parameter as trained, an upper bound for temporal), traced on fake tensors (torch's FakeTensorMode) with op-level accounting
   (:class:`LiveBytesTracker`: peak bytes of the storages alive, parameters and inputs excluded; torch's
   MemTracker agrees within 5% on the tiny UNet but is ~10x slower). Gradients are dropped as soon as they are accumulated (hooked),
   because DeepSpeed moves them into its buckets (part of model_states). Fake CPU tensors route
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -65,16 +67,16 @@ class MemoryPlan:
         return asdict(self)
 
 
-def parameter_counts(unet_kwargs: dict, trained_parameters: str) -> tuple[int, int, int]:
+def parameter_counts(unet_kwargs: dict, trained_parameters: str, lora: Any = None) -> tuple[int, int, int]:
     """(trained parameters, frozen parameters, largest module's own trained parameters) of the UNet, built on
-    the meta device."""
+    the meta device (with the LoRA adapters of ``lora``, a peft LoraConfig, for ``trained_parameters: lora``)."""
     from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415
 
     from svd_fast.training.setup import select_trained_parameters  # noqa: PLC0415
 
     with torch.device("meta"):
         unet = UNetSpatioTemporalConditionModel(**unet_kwargs)
-    trained = select_trained_parameters(unet, trained_parameters)
+        trained = select_trained_parameters(unet, trained_parameters, lora)
     frozen = sum(p.numel() for p in unet.parameters()) - trained
     largest = max(sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad) for module in unet.modules())
     return trained, frozen, largest
@@ -123,13 +125,16 @@ class LiveBytesTracker(TorchDispatchMode):
 
 
 def traced_activation_bytes(unet_kwargs: dict, frames: int, latent_hw: tuple[int, int], batch: int, dtype: torch.dtype,
-                            checkpointing: str) -> int:
+                            checkpointing: str, lora: Any = None) -> int:
     """Peak activation bytes of one forward + backward of the UNet, traced on fake tensors (parameters and
-    inputs are made before tracking starts, so they are not counted)."""
+    inputs are made before tracking starts, so they are not counted). With ``lora`` (a peft LoraConfig) the
+    adapters are injected and only they are trained, as in the trainer: frozen layers save no inputs for
+    weight gradients."""
     from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415
-    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily  # noqa: PLC0415
 
     from svd_fast.training.activation_checkpointing import enable_activation_checkpointing  # noqa: PLC0415
+    from svd_fast.training.lora import add_lora  # noqa: PLC0415
 
     with FakeTensorMode():
         # Built in ``dtype``: a .to() of fake parameters would swap them.
@@ -137,10 +142,19 @@ def traced_activation_bytes(unet_kwargs: dict, frames: int, latent_hw: tuple[int
         torch.set_default_dtype(dtype)
         try:
             unet = UNetSpatioTemporalConditionModel(**unet_kwargs).train()
+            if lora is not None:
+                # peft moves new adapter weights with .to(), which fake parameters refuse: inject real (small)
+                # adapter weights, then swap them for fake ones.
+                with unset_fake_temporarily():
+                    add_lora(unet, lora)
+                for module in unet.modules():
+                    for name, param in list(module._parameters.items()):  # noqa: SLF001 - replacing, not moving
+                        if param is not None and not isinstance(param, FakeTensor):
+                            module._parameters[name] = torch.nn.Parameter(torch.empty(param.shape, dtype=dtype))  # noqa: SLF001
         finally:
             torch.set_default_dtype(default_dtype)
         enable_activation_checkpointing(unet, checkpointing)
-        for param in unet.parameters():
+        for param in (p for p in unet.parameters() if p.requires_grad):
             param.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
         height, width = latent_hw
         sample = torch.randn(batch, frames, unet.config.in_channels, height, width, dtype=dtype)
@@ -161,14 +175,15 @@ def plan_memory(config: TrainConfig, gpus: int = 1, unet_kwargs: dict | None = N
     if config.precision == "fp32":
         raise ValueError("precision: the memory plan models mixed precision (DeepSpeed's estimators assume 16-bit parameters); use bf16 or fp16")
     unet_kwargs = {"num_frames": config.num_frames} if unet_kwargs is None else unet_kwargs
-    total, frozen, largest = parameter_counts(unet_kwargs, config.trained_parameters)
+    lora = config.lora() if config.trained_parameters == "lora" else None
+    total, frozen, largest = parameter_counts(unet_kwargs, config.trained_parameters, lora)
     model_states = model_states_bytes(config, total, largest, gpus, frozen)
     sharded = config.zero_stage >= 1 and gpus > 1
     on_gpu = config.ema_decay > 0 and config.offload_optimizer == "none"  # with the optimizer offloaded the EMA is on the CPU
     ema = 4 * total / (gpus if sharded else 1) if on_gpu else 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
     activations = traced_activation_bytes(unet_kwargs, config.num_frames, (config.height // 8, config.width // 8),
-                                          config.batch_size, dtype, config.activation_checkpointing)
+                                          config.batch_size, dtype, config.activation_checkpointing, lora)
     encoders = 4 * (VAE_PARAMS + (IMAGE_ENCODER_PARAMS if config.latents_dir is None else 0))
     if config.zero_stage == 3:
         buffers = 2 * (REDUCE_BUCKET_ELEMENTS + PREFETCH_BUCKET_ELEMENTS)

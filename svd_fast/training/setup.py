@@ -39,6 +39,10 @@ def check_inputs(config: TrainConfig) -> None:
         if missing:
             raise ValueError(f"data: {missing[0]!r} does not exist")
     _check_writable(Path(config.output_dir))
+    if config.validate_every:
+        from svd_fast.training.validation import load_validation_images  # noqa: PLC0415
+
+        load_validation_images(config)
     device = resolve_device(config)
     if device.type == "cpu" and config.precision == "fp16":
         raise ValueError("precision: fp16 is unsupported on the CPU (DeepSpeed's CPU accelerator); use bf16 or fp32")
@@ -180,8 +184,15 @@ def apply_svd_fast_kernels(unet: torch.nn.Module, enabled: bool) -> str:
     return "applied"
 
 
-def select_trained_parameters(unet: torch.nn.Module, trained: str) -> int:
-    """Freeze what ``trained`` (full | temporal) leaves out; returns the number of trained parameters."""
+def select_trained_parameters(unet: torch.nn.Module, trained: str, lora: Any = None) -> int:
+    """Freeze what ``trained`` (full | temporal | lora) leaves out; with ``lora`` (a peft LoraConfig,
+    ``TrainConfig.lora()``) inject the adapters and train only them. Returns the number of trained parameters."""
+    if trained == "lora":
+        from svd_fast.training.lora import add_lora  # noqa: PLC0415 - imports peft
+
+        if lora is None:
+            raise ValueError("trained_parameters: lora needs the LoraConfig (TrainConfig.lora())")
+        return add_lora(unet, lora)
     for name, param in unet.named_parameters():
         param.requires_grad_(trained == "full" or bool(TEMPORAL_PARAMETER.search(name)))
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
@@ -212,7 +223,7 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
     unet = pipe.unet
     kernel_status = apply_svd_fast_kernels(unet, config.use_svd_fast_kernels)
     enable_activation_checkpointing(unet, config.activation_checkpointing)
-    select_trained_parameters(unet, config.trained_parameters)
+    select_trained_parameters(unet, config.trained_parameters, config.lora() if config.trained_parameters == "lora" else None)
     unet.train()
 
     optimizer = None

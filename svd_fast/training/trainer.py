@@ -4,7 +4,8 @@ One process per device (``deepspeed``/``torchrun`` launchers, or plain ``python`
 port). On a machine without CUDA it runs on the CPU with gloo. Every step is reproducible: noise, noise levels
 and dropout come from a generator seeded by (seed, rank, micro-step), so a resumed run continues exactly as an
 uninterrupted one. The phases live in their own modules: setup (checks, process group, engine), checkpoint
-(atomic saves, safe resumes), step (one optimiser step), log (train_log.jsonl) and ema (sharded fp32 EMA).
+(atomic saves, safe resumes), step (one optimiser step), log (train_log.jsonl), ema (sharded fp32 EMA),
+lora (peft adapters, ``trained_parameters: lora``) and validation (sample clips every ``validate_every`` steps).
 """
 
 from __future__ import annotations
@@ -19,13 +20,22 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from svd_fast.training.checkpoint import EMA_FILE, STATE_FILE, load_checkpoint, resolve_resume, save_checkpoint, write_atomic
+from svd_fast.training.checkpoint import (
+    EMA_FILE,
+    STATE_FILE,
+    load_checkpoint,
+    replace_folder,
+    resolve_resume,
+    save_checkpoint,
+    write_atomic,
+)
 from svd_fast.training.config import TrainConfig
 from svd_fast.training.ema import ShardedEMA, full_shapes, gather_full, local_master_fragments
 from svd_fast.training.latents import PrecomputedClips
 from svd_fast.training.log import TrainLog
 from svd_fast.training.setup import Models, build_models, check_inputs, resolve_device, setup_distributed
 from svd_fast.training.step import ClipStream, StepRunner, restore_rng_state, rng_state
+from svd_fast.training.validation import Validator
 
 
 @dataclass
@@ -106,6 +116,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
     stream = ClipStream(dataset, config.batch_size, state.data_epoch, state.data_position)
     runner = StepRunner(config, models, stream, device, rank, state.micro_step)
     log = TrainLog(output_dir / "train_log.jsonl", state.step, list(config.sigma_bins), world_size, device, rank)
+    validator = Validator(config, models.pipeline, device, output_dir) if config.validate_every and rank == 0 else None
 
     def checkpoint() -> Path:
         files: dict[str, Any] = {STATE_FILE.format(rank=rank): {
@@ -127,7 +138,13 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
         progress.update(1)
         if ema is not None:
             ema.update(engine.module)
-        log.record(state.step, stats, write=state.step % config.log_every == 0 or state.step == config.max_steps)
+        extra = {}
+        if config.validate_every and state.step % config.validate_every == 0:
+            trained_state = trained_full_state(engine.module, ema)  # a collective: every rank takes part
+            if validator is not None:
+                extra["validation"] = validator.run(state.step, trained_state)
+        write = state.step % config.log_every == 0 or state.step == config.max_steps or bool(extra)
+        log.record(state.step, stats, write=write, extra=extra)
         if config.checkpoint_every and state.step % config.checkpoint_every == 0:
             last_checkpoint = checkpoint()
     progress.close()
@@ -137,36 +154,45 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
 
     export_path = export_pipeline(models, ema, config, output_dir / "pipeline", rank) if config.export else None
     torch.distributed.barrier()
+    extra = {"lora": str(output_dir / "lora")} if export_path is not None and config.trained_parameters == "lora" else {}
     return TrainResult(
         losses=state.losses, steps=state.step, checkpoint_dir=last_checkpoint, export_path=export_path, log_path=log.path,
-        kernel_status=models.kernel_status, samples_per_second=samples_seen * world_size / max(elapsed, 1e-9),
+        kernel_status=models.kernel_status, samples_per_second=samples_seen * world_size / max(elapsed, 1e-9), extra=extra,
     )
 
 
 def export_pipeline(models: Models, ema: ShardedEMA | None, config: TrainConfig, target: Path, rank: int) -> Path:
     """Write a diffusers pipeline folder: the base pipeline's other components and the trained UNet, from the
-    fp32 master weights (or their EMA). Frozen parameters keep the base pipeline's fp32 values. A collective."""
-    module = models.engine.module
-    if ema is not None and config.export_ema:
-        state = ema.full_state()
-    else:
-        state = gather_full(local_master_fragments(module), full_shapes(module))
+    fp32 master weights (or their EMA). Frozen parameters keep the base pipeline's fp32 values. With
+    ``trained_parameters: lora`` the adapter is also written on its own (``lora`` beside ``target``, see
+    svd_fast.training.lora) and the pipeline's UNet has it merged. A collective."""
+    state = trained_full_state(models.engine.module, ema if config.export_ema else None)
     if rank == 0:
         from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415
 
         unet = UNetSpatioTemporalConditionModel.from_pretrained(config.model, subfolder="unet")
+        if config.trained_parameters == "lora":
+            from svd_fast.training.lora import add_lora, merge_lora, save_lora  # noqa: PLC0415
+
+            add_lora(unet, config.lora())
         _, unexpected = unet.load_state_dict(state, strict=False)
         if unexpected:
             raise RuntimeError(f"export: parameter names do not match the base UNet (unexpected {unexpected[:3]})")
-        staging = target.with_name(f".{target.name}.tmp")
-        if staging.exists():
-            shutil.rmtree(staging)
-        shutil.copytree(config.model, staging, ignore=shutil.ignore_patterns("unet"))
-        unet.save_pretrained(staging / "unet", safe_serialization=True)
-        previous = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            target.rename(previous)
-        staging.rename(target)
-        shutil.rmtree(previous, ignore_errors=True)
+        if config.trained_parameters == "lora":
+            replace_folder(target.with_name("lora"), lambda staging: save_lora(unet, config.lora(), staging))
+            merge_lora(unet)
+
+        def write_pipeline(staging: Path) -> None:
+            shutil.copytree(config.model, staging, ignore=shutil.ignore_patterns("unet"))
+            unet.save_pretrained(staging / "unet", safe_serialization=True)
+
+        replace_folder(target, write_pipeline)
     return target
+
+
+def trained_full_state(module: torch.nn.Module, ema: ShardedEMA | None) -> dict[str, torch.Tensor]:
+    """The trained parameters' full fp32 tensors: the EMA's when given, else DeepSpeed's fp32 masters (never the
+    16-bit module copies). A collective."""
+    if ema is not None:
+        return ema.full_state()
+    return gather_full(local_master_fragments(module), full_shapes(module))

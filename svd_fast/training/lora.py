@@ -1,0 +1,87 @@
+"""LoRA adapters (peft) on the UNet's attention projections, and their files.
+
+diffusers 0.42.1 gives ``UNetSpatioTemporalConditionModel`` no PEFT integration (no ``add_adapter`` /
+``load_lora_adapter``; its ``load_attn_procs`` reads Custom Diffusion weights only) and
+``StableVideoDiffusionPipeline`` no ``load_lora_weights``, so the adapter is injected with peft's own
+``inject_adapter_in_model`` (what diffusers' ``add_adapter`` calls) and written as diffusers'
+``save_lora_adapter`` writes it: ``pytorch_lora_weights.safetensors`` holding ``get_peft_model_state_dict``
+with the LoraConfig as JSON under the ``lora_adapter_metadata`` key. :func:`load_lora` reads it back into a
+base UNet; :func:`merge_lora` folds it into the base weights (the exported pipeline's UNet).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from svd_fast.training.config import LORA_TARGETS
+
+ADAPTER_NAME = "default"
+LORA_PARAMETER_MARK = ".lora_"
+__all__ = ["LORA_TARGETS", "add_lora", "load_lora", "lora_config", "merge_lora", "save_lora"]
+
+
+def lora_config(rank: int, alpha: float, dropout: float, targets: list[str]):
+    from peft import LoraConfig  # noqa: PLC0415
+
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), init_lora_weights=True)
+
+
+def add_lora(unet: torch.nn.Module, config) -> int:
+    """Inject the adapter of ``config`` (a peft LoraConfig) and freeze everything else; returns the number of
+    trainable (LoRA) parameters."""
+    from peft import inject_adapter_in_model  # noqa: PLC0415
+
+    inject_adapter_in_model(config, unet, ADAPTER_NAME)
+    for name, param in unet.named_parameters():
+        param.requires_grad_(LORA_PARAMETER_MARK in name)
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def save_lora(unet: torch.nn.Module, config, folder: Path) -> Path:
+    """Write the adapter in diffusers' ``save_lora_adapter`` format (fp32); returns the weights file."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE  # noqa: PLC0415
+    from peft.utils import get_peft_model_state_dict  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    state = {key: value.detach().float().contiguous() for key, value in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
+    metadata = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LORA_WEIGHT_NAME_SAFE
+    save_file(state, path, metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
+    return path
+
+
+def load_lora(unet: torch.nn.Module, folder: str | Path) -> None:
+    """Inject the adapter saved by :func:`save_lora` (or diffusers' ``save_lora_adapter``) into ``unet``."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE  # noqa: PLC0415
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # noqa: PLC0415
+    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    path = Path(folder) / LORA_WEIGHT_NAME_SAFE
+    if not path.is_file():
+        raise ValueError(f"folder: {str(folder)!r} holds no {LORA_WEIGHT_NAME_SAFE}")
+    with safe_open(path, framework="pt") as file:
+        metadata = (file.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
+    if metadata is None:
+        raise ValueError(f"folder: {str(path)!r} has no {LORA_ADAPTER_METADATA_KEY} (the LoraConfig) in its metadata")
+    config = LoraConfig(**{key: value for key, value in json.loads(metadata).items() if key in LoraConfig.__dataclass_fields__})
+    inject_adapter_in_model(config, unet, ADAPTER_NAME)
+    result = set_peft_model_state_dict(unet, load_file(path), adapter_name=ADAPTER_NAME)
+    if result.unexpected_keys:
+        raise ValueError(f"folder: {str(path)!r} has weights for modules this UNet lacks ({result.unexpected_keys[:3]})")
+
+
+def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
+    """Fold every adapter into its base layer's weight and put the base layer back: a plain diffusers UNet."""
+    from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
+
+    adapted = [(name, module) for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name, module in adapted:
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name) if parent_name else unet, child, module.get_base_layer())
+    return unet

@@ -1,0 +1,112 @@
+"""Validation samples during training: every ``validate_every`` steps, one short clip per held-out first frame
+(``validation_images``), sampled with the EMA weights (the fp32 master weights when EMA is off) through the
+pipeline ``svd-fast generate`` runs (diffusers' StableVideoDiffusionPipeline, optimized by svd_fast when
+``use_svd_fast_kernels``), written as ``OUTPUT_DIR/validation/step_NNNNNN/image_I.mp4`` (the step's folder
+appears whole, by rename) and named in that step's train_log.jsonl record.
+
+The sampling UNet is a separate fp32 copy of the base UNet (with the LoRA adapters in ``lora`` mode), and the
+VAE a copy of the training one (svd_fast's ``optimize`` patches the VAE too, and the training VAE must keep
+encoding exactly as it did, for bit-exact resumes): both are kept on the CPU between validations and on the
+training device only while they sample, so validation adds one fp32 UNet and VAE of device memory (not counted
+by the memory plan).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from svd_fast.training.checkpoint import replace_folder
+from svd_fast.training.config import TrainConfig
+
+VALIDATION_DIR = "validation"
+
+
+def load_validation_images(config: TrainConfig) -> list:
+    """The held-out first frames as RGB PIL images; ValueError naming ``validation_images`` for a bad file."""
+    from svd_fast import media  # noqa: PLC0415
+
+    images = []
+    for path in config.validation_images:
+        try:
+            images.append(media.load_image(path, max_size=(config.width, config.height)))
+        except media.MediaError as error:
+            raise ValueError(f"validation_images: {str(error).removeprefix('--image: ')}") from None
+    return images
+
+
+class Validator:
+    """Samples the validation clips on rank 0 from the trained parameters' full fp32 values."""
+
+    def __init__(self, config: TrainConfig, base_pipeline, device: torch.device, output_dir: Path) -> None:
+        self.config = config
+        self.base = base_pipeline
+        self.device = device
+        self.folder = output_dir / VALIDATION_DIR
+        self.images = load_validation_images(config)
+        self._pipeline = None
+
+    def _sampling_pipeline(self):
+        """Built on first use: the base pipeline's frozen parts around a fresh fp32 UNet."""
+        if self._pipeline is None:
+            from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel  # noqa: PLC0415
+
+            unet = UNetSpatioTemporalConditionModel.from_pretrained(self.config.model, subfolder="unet").eval()
+            pipe = StableVideoDiffusionPipeline(
+                vae=copy.deepcopy(self.base.vae).to("cpu"), image_encoder=self.base.image_encoder, unet=unet,
+                scheduler=copy.deepcopy(self.base.scheduler), feature_extractor=self.base.feature_extractor,
+            )
+            if self.config.use_svd_fast_kernels:
+                import svd_fast  # noqa: PLC0415
+
+                svd_fast.optimize(pipe)
+            if self.config.trained_parameters == "lora":
+                from svd_fast.training.lora import add_lora  # noqa: PLC0415
+
+                add_lora(unet, self.config.lora())
+            pipe.set_progress_bar_config(disable=True)
+            self._pipeline = pipe
+        return self._pipeline
+
+    @torch.no_grad()
+    def run(self, step: int, trained_state: dict[str, torch.Tensor]) -> list[str]:
+        """Sample every validation image with ``trained_state`` (the trained parameters' full fp32 tensors) and
+        write the step's folder; returns the clips' paths."""
+        from svd_fast import media  # noqa: PLC0415
+
+        config = self.config
+        pipe = self._sampling_pipeline()
+        _, unexpected = pipe.unet.load_state_dict(trained_state, strict=False)
+        if unexpected:
+            raise RuntimeError(f"validation: parameter names do not match the sampling UNet (unexpected {unexpected[:3]})")
+        encoder_device = next(pipe.image_encoder.parameters()).device
+        for model in (pipe.unet, pipe.vae, pipe.image_encoder):
+            model.to(self.device)  # with precomputed latents it stays on the CPU between validations
+        fps = round(config.target_fps or config.default_fps)
+        frames_per_clip = config.validation_num_frames or config.num_frames
+        target = self.folder / f"step_{step:06d}"
+        names = [f"image_{index}.mp4" for index in range(len(self.images))]
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+
+            def write(staging: Path) -> None:
+                staging.mkdir(parents=True)
+                for index, (image, name) in enumerate(zip(self.images, names)):
+                    frames = pipe(
+                        image, height=config.height, width=config.width, num_frames=frames_per_clip,
+                        num_inference_steps=config.validation_inference_steps, fps=fps,
+                        motion_bucket_id=round(config.default_motion_bucket_id), decode_chunk_size=frames_per_clip,
+                        generator=torch.Generator().manual_seed(config.seed + index),
+                    ).frames[0]
+                    media.write_frames(frames, staging / name, fps=fps)
+
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with torch.random.fork_rng(devices=devices):  # the training's RNG stream stays as without validation
+                replace_folder(target, write)
+        finally:
+            pipe.unet.to("cpu")
+            pipe.vae.to("cpu")
+            pipe.image_encoder.to(encoder_device)
+        return [str(target / name) for name in names]
