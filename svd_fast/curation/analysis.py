@@ -3,9 +3,11 @@
 :func:`scan_video` decodes every frame once (FFmpeg threads), keeping per frame its presentation time, a
 small RGB copy for transition detection and the mean codec motion vector, and, on a 2-FPS grid in time,
 a grayscale copy at the flow analysis size and (when OCR runs) the frame's text-candidate crops at the OCR
-size (:func:`svd_fast.curation.ocr.text_candidate_crops`: usually none, so memory stays small however long
-the file). :func:`clips_from_scan` and :func:`measure_motion` turn that into clips (transition frames
-excluded) with their motion statistics.
+size (:func:`svd_fast.curation.ocr.text_candidate_crops`: usually none). The RGB and grayscale copies are
+written to unnamed temporary files as they are decoded and memory-mapped (disk-backed pages, released after
+use: :func:`svd_fast.curation.cuts.release_pages`), so the process memory stays bounded however long the
+file. :func:`clips_from_scan` and :func:`measure_motion` turn that into clips (transition frames excluded)
+with their motion statistics.
 
 Key frames: a clip's ``key_times`` are its first, middle and last frames (CLIP decodes them by seeking). OCR
 reads the first, middle and last grid samples inside the clip instead (each within one grid step, 0.5 s, of
@@ -26,8 +28,10 @@ Motion columns (all from timestamps, so independent of the frame rate, variable 
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -41,16 +45,24 @@ FLOW_STEP_SECONDS = 0.5
 @dataclass
 class FileScan:
     times: np.ndarray  # (F,) presentation time of every decoded frame, seconds
-    cut_frames: np.ndarray  # (F, h, w, 3) uint8, longer side <= cut_max_side
+    cut_frames: np.ndarray  # (F, h, w, 3) uint8, longer side <= cut_max_side; np.memmap of a temporary file
     codec_motion: np.ndarray  # (F,) mean codec motion vector, source px (NaN where none)
     flow_indices: np.ndarray  # (K,) frame indices of the 2-FPS grid samples
-    flow_frames: np.ndarray  # (K, h, w) uint8 luma, longer side <= flow_max_side
+    flow_frames: np.ndarray  # (K, h, w) uint8 luma, longer side <= flow_max_side; np.memmap of a temporary file
     text_crops: list[list[ocr.TextCrop]] | None  # per grid sample, at the OCR size; None: OCR off
     text_frame_shape: tuple[int, int, int] | None  # (H, W, 3) of the frames the crops were taken from
     width: int
     height: int
     fps: float
     codec: str
+
+
+def _mapped(file: IO[bytes], shape: tuple[int, ...]) -> np.memmap:
+    """The uint8 array of ``shape`` written to ``file``, memory-mapped (the mapping outlives the closed file).
+    Shared and writable: torch.as_tensor wants a writable array, and :func:`cuts.release_pages` releases only
+    shared mappings (the unnamed file is this array's alone)."""
+    file.flush()
+    return np.memmap(file, np.uint8, mode="r+", shape=shape)
 
 
 def scan_video(path: str | Path, cut_max_side: int, flow_max_side: int, flow_fps: float, ocr_max_side: int | None = None) -> FileScan:
@@ -61,10 +73,10 @@ def scan_video(path: str | Path, cut_max_side: int, flow_max_side: int, flow_fps
 
     path = Path(path)
     check_file(path)
-    times, cut_frames, motion, flow_indices, flow_frames, text_crops = [], [], [], [], [], []
+    times, motion, flow_indices, text_crops = [], [], [], []
     text_size = None
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path)) as container, tempfile.TemporaryFile() as cut_file, tempfile.TemporaryFile() as flow_file:
             stream = open_video_stream(path, container, motion_vectors=True)
             width, height = stream.codec_context.width, stream.codec_context.height
             fps = float(stream.average_rate or stream.guessed_rate or 0.0)
@@ -78,12 +90,14 @@ def scan_video(path: str | Path, cut_max_side: int, flow_max_side: int, flow_fps
             try:
                 for index, frame in enumerate(container.decode(stream)):
                     time = frame.time if frame.time is not None else index / (fps or 24.0)
+                    cut_frame = to_cut_size.reformat(frame, width=cut_size[0], height=cut_size[1], format="rgb24").to_ndarray()
+                    cut_file.write(np.ascontiguousarray(cut_frame))
                     times.append(time)
-                    cut_frames.append(to_cut_size.reformat(frame, width=cut_size[0], height=cut_size[1], format="rgb24").to_ndarray())
                     motion.append(mean_motion_vector_px(frame))
                     if next_sample is None or time >= next_sample - 1e-6:
+                        flow_frame = to_flow_size.reformat(frame, width=flow_size[0], height=flow_size[1], format="gray").to_ndarray()
+                        flow_file.write(np.ascontiguousarray(flow_frame))
                         flow_indices.append(index)
-                        flow_frames.append(to_flow_size.reformat(frame, width=flow_size[0], height=flow_size[1], format="gray").to_ndarray())
                         if text_size:
                             rgb = to_text_size.reformat(frame, width=text_size[0], height=text_size[1], format="rgb24").to_ndarray()
                             text_crops.append(ocr.text_candidate_crops(rgb))
@@ -93,17 +107,19 @@ def scan_video(path: str | Path, cut_max_side: int, flow_max_side: int, flow_fps
             except av.error.FFmpegError:
                 if not times:
                     raise
+            if not times:
+                raise VideoDecodeError(path, "no decodable frames")
+            if width <= 0 or height <= 0:
+                raise VideoDecodeError(path, f"no frame size ({width}x{height})")
+            cut_frames = _mapped(cut_file, (len(times), cut_size[1], cut_size[0], 3))
+            flow_frames = _mapped(flow_file, (len(flow_indices), flow_size[1], flow_size[0]))
     except av.error.FFmpegError as error:
         raise VideoDecodeError(path, f"unreadable by FFmpeg ({error})") from error
-    if not times:
-        raise VideoDecodeError(path, "no decodable frames")
-    if width <= 0 or height <= 0:
-        raise VideoDecodeError(path, f"no frame size ({width}x{height})")
     if not fps > 0:
         fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 24.0
     return FileScan(
-        np.asarray(times, dtype=np.float64), np.stack(cut_frames), np.asarray(motion, dtype=np.float64),
-        np.asarray(flow_indices, dtype=np.int64), np.stack(flow_frames), text_crops if text_size else None,
+        np.asarray(times, dtype=np.float64), cut_frames, np.asarray(motion, dtype=np.float64),
+        np.asarray(flow_indices, dtype=np.int64), flow_frames, text_crops if text_size else None,
         (text_size[1], text_size[0], 3) if text_size else None, width, height, fps, codec,
     )
 
@@ -162,12 +178,15 @@ def _clip_pairs(scan: FileScan, clip: dict) -> tuple[torch.Tensor, np.ndarray, f
     inside = (scan.flow_indices >= start) & (scan.flow_indices < end)
     if inside.sum() >= 2:
         frames = torch.from_numpy(scan.flow_frames[inside]).float() / 255.0
+        cuts.release_pages(scan.flow_frames)
         return frames, scan.times[scan.flow_indices[inside]], scan.width / scan.flow_frames.shape[2]
     if end - start < 2:
         return None
     # Shorter than one 2-FPS step: its first and last frames, at the cut-detection size.
     ends = [start, end - 1]
-    return flow.to_gray(scan.cut_frames[ends]), scan.times[ends], scan.width / scan.cut_frames.shape[2]
+    frames = flow.to_gray(scan.cut_frames[ends])
+    cuts.release_pages(scan.cut_frames)
+    return frames, scan.times[ends], scan.width / scan.cut_frames.shape[2]
 
 
 def measure_motion(scan: FileScan, clips: list[dict], settings: MotionSettings) -> None:

@@ -33,6 +33,9 @@ frames; a fade's or dissolve's frames belong to no clip. Transitions from the th
 from __future__ import annotations
 
 import math
+import mmap
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +50,11 @@ SIDE_CONTRAST = 1.25
 MAX_BLEND_RESIDUAL = 0.35
 MIN_STRAIGHTNESS_MARGIN = 0.1
 MIN_STEP_FRACTION = 0.25
+CHUNK_BYTES = 16 * 2**20  # frames converted and scored at a time
+MAPPED_BYTES = 64 * 2**20  # larger HSV arrays live in a temporary file (temporary_array)
+# Reading one row of a memory-mapped file maps the whole page-cache folio holding it (up to 2 MiB on Linux):
+# what a gather of scattered rows counts against CHUNK_BYTES per row.
+MAPPED_ROW_BYTES = 2 * 2**20
 
 
 @dataclass(frozen=True)
@@ -75,26 +83,83 @@ def rgb_to_hsv255(frames: torch.Tensor) -> torch.Tensor:
     return torch.stack([hue, saturation, value], 1) * 255.0
 
 
-def _scorer(video: torch.Tensor, backend: str) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], np.ndarray]:
+def temporary_array(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """An uninitialised array; above ``MAPPED_BYTES``, mapped from an unnamed temporary file in the system temp dir
+    (disk-backed pages the kernel can drop, not process memory; the mapping outlives the closed file)."""
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    if size <= MAPPED_BYTES:
+        return np.empty(shape, dtype)
+    with tempfile.TemporaryFile() as file:
+        # Disk space reserved now: a full disk raises OSError here, not SIGBUS on a later write through the mapping.
+        os.posix_fallocate(file.fileno(), 0, size)
+        return np.memmap(file, dtype=dtype, mode="r+", shape=shape)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Unmap the pages of a memory-mapped ``array`` (np.memmap or a view of one) from this process: the file keeps
+    the data and a later access maps it again, so reading a long mapped array chunk by chunk keeps the resident
+    memory bounded. Only for a shared mapping (mode "r", "r+" or "w+"), where the file holds every byte: a
+    copy-on-write one ("c") may hold private writes, which dropping its pages would undo. Nothing for an array
+    in memory."""
+    if not isinstance(array, np.memmap) or array.mode == "c":
+        return
+    owner = array.base
+    while owner is not None and not isinstance(owner, mmap.mmap):
+        owner = getattr(owner, "base", None)
+    if owner is not None:
+        owner.madvise(mmap.MADV_DONTNEED)
+
+
+def _chunks(count: int, frame_bytes: int) -> list[slice]:
+    """Consecutive slices of ``range(count)`` holding about ``CHUNK_BYTES`` of frames each."""
+    step = max(1, CHUNK_BYTES // max(1, frame_bytes))
+    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def _scorer(video: torch.Tensor | np.ndarray, backend: str) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], np.ndarray]:
     """``scores(first, second)``: the content score of each pair of frame indices; and the scores of all
-    consecutive frames (computed on slices, without gathering copies). ``backend`` "opencv" (CPU) or "torch"."""
-    count = video.shape[0]
+    consecutive frames (computed on slices, without gathering copies). ``backend`` "opencv" (CPU, NumPy or
+    tensor ``video``) or "torch" (tensor). Both work a chunk of frames at a time, and on the CPU the HSV frames
+    of a long video live in a temporary file (:func:`temporary_array`) whose pages, like a memory-mapped
+    ``video``'s, are released chunk by chunk (:func:`release_pages`), so the memory used stays bounded however
+    long the video."""
+    count, frame_bytes = video.shape[0], math.prod(video.shape[1:])
     if backend == "opencv":
         import cv2  # noqa: PLC0415 - in the data extra, as PyAV is
 
-        frames = np.ascontiguousarray(video.cpu().numpy())
-        hsv = cv2.cvtColor(frames.reshape(-1, frames.shape[2], 3), cv2.COLOR_RGB2HSV_FULL).reshape(count, -1)
+        frames = video if isinstance(video, np.ndarray) else video.cpu().numpy()
+        gathered_row_bytes = max(frame_bytes, MAPPED_ROW_BYTES)
+        hsv = temporary_array((count, frame_bytes), np.uint8)
+        for rows in _chunks(count, frame_bytes):
+            chunk = np.ascontiguousarray(frames[rows])
+            hsv[rows] = cv2.cvtColor(chunk.reshape(-1, chunk.shape[2], 3), cv2.COLOR_RGB2HSV_FULL).reshape(len(chunk), -1)
+            release_pages(frames)
+            release_pages(hsv)
+
+        def score_rows(first: np.ndarray | slice, second: np.ndarray | slice) -> np.ndarray:
+            difference = cv2.absdiff(hsv[second], hsv[first]).mean(axis=1)
+            release_pages(hsv)
+            return difference
 
         def scores(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-            return cv2.absdiff(hsv[second], hsv[first]).mean(axis=1)
+            row_bytes = gathered_row_bytes if isinstance(hsv, np.memmap) else frame_bytes
+            return np.concatenate([np.zeros(0), *(score_rows(first[rows], second[rows]) for rows in _chunks(len(first), row_bytes))])
 
-        return scores, cv2.absdiff(hsv[1:], hsv[:-1]).mean(axis=1)
-    hsv_float = rgb_to_hsv255(video).flatten(1)
+        consecutive = [score_rows(rows, slice(rows.start + 1, rows.stop + 1)) for rows in _chunks(count - 1, frame_bytes)]
+        return scores, np.concatenate(consecutive)
+    hsv_float = torch.empty((count, frame_bytes), dtype=torch.float32, device=video.device)
+    for rows in _chunks(count, frame_bytes):
+        hsv_float[rows] = rgb_to_hsv255(video[rows]).flatten(1)
+
+    def mean_difference(first: torch.Tensor, second: torch.Tensor) -> np.ndarray:
+        return (second - first).abs().mean(dim=1).double().cpu().numpy()
 
     def scores_float(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-        return (hsv_float[torch.as_tensor(second)] - hsv_float[torch.as_tensor(first)]).abs().mean(dim=1).double().cpu().numpy()
+        first, second = torch.as_tensor(first), torch.as_tensor(second)
+        return np.concatenate([np.zeros(0), *(mean_difference(hsv_float[first[rows]], hsv_float[second[rows]]) for rows in _chunks(len(first), frame_bytes))])
 
-    return scores_float, (hsv_float[1:] - hsv_float[:-1]).abs().mean(dim=1).double().cpu().numpy()
+    consecutive = [mean_difference(hsv_float[rows], hsv_float[rows.start + 1 : rows.stop + 1]) for rows in _chunks(count - 1, frame_bytes)]
+    return scores_float, np.concatenate(consecutive)
 
 
 def sample_by_time(times: np.ndarray, rate: float) -> np.ndarray:
@@ -132,7 +197,7 @@ def detect_transitions(
         raise ValueError(f"detect_transitions: min_scene_frames must be >= 1, got {min_scene_frames}")
     if contrast < 1 or neighbours < 0:
         raise ValueError(f"detect_transitions: contrast must be >= 1 and neighbours >= 0, got {contrast}, {neighbours}")
-    video = torch.as_tensor(frames)
+    video = torch.as_tensor(frames)  # shares a NumPy input's memory: a memory-mapped input stays on disk
     if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != torch.uint8:
         raise ValueError(f"detect_transitions: frames must be uint8 (F, H, W, 3), got {video.dtype} {tuple(video.shape)}")
     count = video.shape[0]
@@ -143,7 +208,10 @@ def detect_transitions(
         return []
     if device is not None:
         video = video.to(device)
-    scores, full_rate = _scorer(video, "opencv" if video.device.type == "cpu" else "torch")  # full_rate[m] scores frames (m, m + 1)
+    backend = "opencv" if video.device.type == "cpu" else "torch"
+    if backend == "opencv" and isinstance(frames, np.ndarray):
+        video = frames  # as given: the pages of a memory-mapped array are released as they are read (release_pages)
+    scores, full_rate = _scorer(video, backend)  # full_rate[m] scores frames (m, m + 1)
     everything = np.arange(count)
     found: list[Transition] = []
     hard_cuts: list[Transition] = []
@@ -175,12 +243,12 @@ def _hard_cuts(full_rate: np.ndarray, scores, threshold: float, contrast: float,
     return found
 
 
-def blend_residual(video: torch.Tensor, before: int, after: int) -> float:
+def blend_residual(video: torch.Tensor | np.ndarray, before: int, after: int) -> float:
     """How far the frames strictly between ``before`` and ``after`` are from the best blend of those two:
     max over frames of |f - (a + w (b - a))| / |b - a| with the least-squares w. ~0 for a fade or dissolve;
     large for motion, whose in-between frames are shifted images, not blends."""
-    first, last = video[before].float(), video[after].float()
-    inner = video[before + 1 : after].float()
+    first, last = torch.as_tensor(video[before]).float(), torch.as_tensor(video[after]).float()
+    inner = torch.as_tensor(video[before + 1 : after]).float()
     if not len(inner):
         return 0.0
     direction = (last - first).flatten()
@@ -195,7 +263,7 @@ def blend_residual(video: torch.Tensor, before: int, after: int) -> float:
 
 def _gradual_transitions(
     samples: np.ndarray, times: np.ndarray, full_rate: np.ndarray, scores, threshold: float, hard_cuts: list[Transition], neighbours: int,
-    video: torch.Tensor,
+    video: torch.Tensor | np.ndarray,
 ) -> list[Transition]:
     step_scores = scores(samples[:-1], samples[1:])
     path_lengths = np.array([full_rate[start:stop].sum() for start, stop in zip(samples[:-1], samples[1:])])
@@ -218,7 +286,9 @@ def _gradual_transitions(
             continue  # a hard cut inside the run explains it (found at full rate)
         if scores(np.array([before]), np.array([after]))[0] < threshold:
             continue
-        if blend_residual(video, int(before), int(after)) > MAX_BLEND_RESIDUAL:
+        residual = blend_residual(video, int(before), int(after))
+        release_pages(video)
+        if residual > MAX_BLEND_RESIDUAL:
             continue
         steps = full_rate[before:after]
         active = np.flatnonzero(steps >= ACTIVE_FRACTION * steps.mean())
