@@ -90,8 +90,11 @@ def temporary_array(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarra
     if size <= MAPPED_BYTES:
         return np.empty(shape, dtype)
     with tempfile.TemporaryFile() as file:
-        # Disk space reserved now: a full disk raises OSError here, not SIGBUS on a later write through the mapping.
-        os.posix_fallocate(file.fileno(), 0, size)
+        if hasattr(os, "posix_fallocate"):
+            # Disk space reserved now: a full disk raises OSError here, not SIGBUS on a later write through the mapping.
+            os.posix_fallocate(file.fileno(), 0, size)
+        else:  # macOS has no posix_fallocate: a sparse file of the right size
+            file.truncate(size)
         return np.memmap(file, dtype=dtype, mode="r+", shape=shape)
 
 
@@ -106,7 +109,7 @@ def release_pages(array: np.ndarray) -> None:
     owner = array.base
     while owner is not None and not isinstance(owner, mmap.mmap):
         owner = getattr(owner, "base", None)
-    if owner is not None:
+    if owner is not None and hasattr(owner, "madvise"):  # no madvise on Windows: the pages stay mapped there
         owner.madvise(mmap.MADV_DONTNEED)
 
 
