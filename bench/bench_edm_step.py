@@ -14,8 +14,8 @@ write of the (2B, F, 8, H, W) UNet input.
 Every timed call releases its output before the next call allocates, as the fused sampling loop does
 (svd_fast.sampling.sample). Keeping the previous output alive instead makes glibc's malloc hand out fresh pages on
 the CPU for some allocation sequences and not others, so whichever variant runs first in a process pays
-thousands of page faults per call (issue #15's "fused input preparation slower than diffusers'" at batch 1
-was that). extra_info["minor_page_faults_per_call"] shows what each variant paid.
+thousands of page faults per call, whatever its kernel costs (bench/RESULTS.md, Sampling).
+extra_info["minor_page_faults_per_call"] shows what each variant paid.
 """
 
 from __future__ import annotations
