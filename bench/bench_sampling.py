@@ -4,8 +4,8 @@
    caching (cache_interval=3), same image, noise and steps; the deviation of each from the stock result
    (relative L2 of the final latents).
 2. ODE accuracy: Euler and DPM-Solver++(2M) at N steps against a reference solution of the same model,
-   conditioning and noise (relative L2 error of the final latents). The reference is DPM-Solver++(2M) at 200 steps,
-   checked against 400; the model is the tiny random pipeline, a trained pipeline folder (e.g. the `svd-fast demo`
+   conditioning and noise (relative L2 error of the final latents). The reference is DPM-Solver++(2M) (by default
+   200 steps, checked against 400); the model is the tiny random pipeline, a trained pipeline folder (e.g. the `svd-fast demo`
    output's pipeline/) or SVD's full-size UNet with random weights. --ode-diffusers-check also compares svd_fast's
    dpmpp-2m with the stock pipeline running diffusers' EDMDPMSolverMultistepScheduler.
 
@@ -193,7 +193,7 @@ def full_size_solver(size: tuple[int, int], frames: int, guidance: tuple[float, 
     svd_fast.sampling.sample: the loop the optimized pipeline runs, without the VAE and the image encoder."""
     from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415
 
-    from svd_fast.sampling import frame_guidance, init_noise_sigma, karras_sigmas, sample  # noqa: PLC0415
+    from svd_fast.sampling import edm_timesteps, frame_guidance, init_noise_sigma, karras_sigmas, sample  # noqa: PLC0415
 
     torch.manual_seed(seed)
     unet = UNetSpatioTemporalConditionModel(num_frames=14).eval()
@@ -209,7 +209,7 @@ def full_size_solver(size: tuple[int, int], frames: int, guidance: tuple[float, 
 
     def solve(sampler: str, steps: int) -> torch.Tensor:
         sigmas = karras_sigmas(steps)
-        timesteps = 0.25 * sigmas[:-1].log()
+        timesteps = edm_timesteps(sigmas)
 
         def unet_step(model_input: torch.Tensor, step: int) -> torch.Tensor:
             return unet(model_input, timesteps[step], embeddings, time_ids, return_dict=False)[0]
