@@ -10,9 +10,17 @@ is not what anyone runs. "fused" is the automatic backend (Triton, else CUDA, on
 "fused-cuda" forces the CUDA kernel (GPU only). bytes_moved is the minimum traffic: for the step, reads of x,
 uncond, cond and the write of x_next; for the input, reads of x and the conditioning latents and the
 write of the (2B, F, 8, H, W) UNet input.
+
+Every timed call releases its output before the next call allocates, as the fused sampling loop does
+(svd_fast.sampling.sample). Keeping the previous output alive instead makes glibc's malloc hand out fresh pages on
+the CPU for some allocation sequences and not others, so whichever variant runs first in a process pays
+thousands of page faults per call, whatever its kernel costs (bench/RESULTS.md, Sampling).
+extra_info["minor_page_faults_per_call"] shows what each variant paid.
 """
 
 from __future__ import annotations
+
+import resource
 
 import pytest
 import torch
@@ -24,6 +32,24 @@ from svd_fast.sampling import frame_guidance, karras_sigmas
 BATCHES = (1, 2)
 FRAMES, CHANNELS = 25, 4
 STEP = 0  # the first step of 25: sigma_max -> the second noise level
+
+
+def _released(fn):
+    """``fn`` with its result dropped inside the call, so the timed loop holds no output between calls."""
+
+    def call() -> None:
+        fn()
+
+    return call
+
+
+def _record_page_faults(benchmark, device: torch.device, run, calls: int = 5) -> None:
+    if device.type != "cpu":
+        return
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        run()
+    benchmark.extra_info["minor_page_faults_per_call"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def _geometry(device: torch.device) -> tuple[tuple[int, int], torch.dtype]:
@@ -74,7 +100,7 @@ VARIANTS = ["fused", "fused-cuda", "diffusers", "torch-compile"]
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_edm_euler_step(timed, device: torch.device, compiled_step, variant: str, batch: int) -> None:
+def test_edm_euler_step(timed, benchmark, device: torch.device, compiled_step, variant: str, batch: int) -> None:
     if variant == "fused-cuda" and device.type != "cuda":
         pytest.skip("the CUDA kernel needs a GPU")
     x, uncond, cond, guidance, sigma, sigma_next = _inputs(batch, device)
@@ -101,12 +127,14 @@ def test_edm_euler_step(timed, device: torch.device, compiled_step, variant: str
             return compiled_step(x, uncond, cond, guidance, sigma, sigma_next)
 
     bytes_moved = 4 * x.numel() * x.element_size()
+    run = _released(run)
     timed(run, bytes_moved=bytes_moved, op="edm_euler_step", variant=variant, shape=list(x.shape), dtype=str(x.dtype))
+    _record_page_faults(benchmark, device, run)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("variant", ["fused", "diffusers"])
-def test_edm_prepare_model_input(timed, device: torch.device, variant: str, batch: int) -> None:
+def test_edm_prepare_model_input(timed, benchmark, device: torch.device, variant: str, batch: int) -> None:
     x, _uncond, _cond, _guidance, sigma, _sigma_next = _inputs(batch, device)
     image_latents = torch.randn(batch, CHANNELS, *x.shape[3:], device=device, dtype=x.dtype)
     if variant == "fused":
@@ -128,4 +156,6 @@ def test_edm_prepare_model_input(timed, device: torch.device, variant: str, batc
 
     out_numel = 2 * x.numel() * 2  # (2B, F, 8, H, W) = 4 times x's element count
     bytes_moved = (x.numel() + image_latents.numel() + out_numel) * x.element_size()
+    run = _released(run)
     timed(run, bytes_moved=bytes_moved, op="edm_prepare_model_input", variant=variant, shape=list(x.shape))
+    _record_page_faults(benchmark, device, run)

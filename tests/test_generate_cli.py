@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,8 @@ def test_batch_records_errors_and_resumes(tiny_model: Path, tmp_path: Path, caps
     assert "not a readable image" in rows["broken.png"]["error"]
     assert rows["a.png"]["seed"] != rows["b.png"]["seed"] and rows["a.png"]["steps"] == 1
     finished = {name: (out / name / "frame_0000.png").stat().st_mtime_ns for name in ("a", "b")}
+    started = {name: row["started_at"] for name, row in rows.items()}
+    assert all(isinstance(value, float) and abs(value - time.time()) < 3600 for value in started.values()), started
 
     _save_image(folder / "broken.png", seed=5)  # fixed: a rerun generates only this one
     (out / ".svd-fast-partial-a-123").mkdir()  # what a killed run leaves behind
@@ -178,6 +181,9 @@ def test_batch_records_errors_and_resumes(tiny_model: Path, tmp_path: Path, caps
     assert "2 already there" in capsys.readouterr().out
     rows = pq.read_table(out / "index.parquet").to_pylist()
     assert [row["status"] for row in rows] == ["ok", "ok", "ok"]
+    restarted = {Path(row["image"]).name: row["started_at"] for row in rows}
+    assert restarted["a.png"] == started["a.png"] and restarted["b.png"] == started["b.png"]  # kept, not redone
+    assert restarted["broken.png"] > started["broken.png"]
     assert {name: (out / name / "frame_0000.png").stat().st_mtime_ns for name in ("a", "b")} == finished
     assert sorted(p.name for p in out.iterdir()) == ["a", "b", "broken", "index.parquet"]
 

@@ -264,6 +264,43 @@ def test_fused_sampler_with_pipeline_unet(pipeline_and_image) -> None:
     torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("num_steps", [2, 4])
+def test_dpmpp_2m_matches_diffusers_edm_dpm_solver(pipeline_and_image, num_steps: int) -> None:
+    """optimize(pipe, sampler="dpmpp-2m") equals the stock pipeline with diffusers' EDMDPMSolverMultistepScheduler
+    set up as SVD's EDM v-prediction (sigma_data 1, Karras sigmas, c_noise = ln(sigma) / 4): first order on the
+    first step and on the step into sigma = 0, second order between (2 steps: no second-order step at all)."""
+    from diffusers import EDMDPMSolverMultistepScheduler
+
+    import svd_fast
+
+    pipe, image = pipeline_and_image
+    noise = torch.randn(1, 8, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    stock_scheduler = pipe.scheduler
+    pipe.scheduler = EDMDPMSolverMultistepScheduler(
+        sigma_min=0.002, sigma_max=700.0, sigma_data=1.0, sigma_schedule="karras", prediction_type="v_prediction",
+        rho=7.0, solver_order=2, algorithm_type="dpmsolver++", final_sigmas_type="zero",
+    )  # fmt: skip
+    try:
+        expected = _run_pipeline(pipe, image, num_steps, latents=noise)
+    finally:
+        pipe.scheduler = stock_scheduler
+    svd_fast.optimize(pipe, sampler="dpmpp-2m")
+    try:
+        result = _run_pipeline(pipe, image, num_steps, latents=noise)
+    finally:
+        svd_fast.restore(pipe)
+    euler = _run_pipeline(pipe, image, num_steps, latents=noise)
+
+    def relative(a: torch.Tensor) -> float:
+        return float((a - expected).norm() / expected.norm())
+
+    # The stock-parity bound of the fused Euler loop (relative L2 < 1e-4, float32 rounding): here diffusers also
+    # computes the sigmas in float32 torch where svd_fast (like EulerDiscreteScheduler) uses float64 NumPy.
+    assert relative(result) < 1e-4, relative(result)
+    if num_steps > 2:  # the second-order term is really there: Euler is far from both
+        assert relative(euler) > 10 * 1e-4, relative(euler)
+
+
 # --- generic EDM samplers on a Gaussian target with an exact denoiser ---------------------------------
 
 DATA_MEAN, DATA_STD = 0.7, 0.5

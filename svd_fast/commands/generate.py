@@ -25,7 +25,7 @@ EXAMPLES = """examples:
   svd-fast generate --model stabilityai/stable-video-diffusion-img2vid --image cat.jpg --out cat.gif
   svd-fast make-tiny tiny && svd-fast generate --model tiny --image cat.jpg --out frames/   # PNG frames
   svd-fast generate --model tiny --input photos/ --out videos/ --ray local --actors 2    # one video per image
-  svd-fast generate --model tiny --image cat.jpg --out cat.mp4 --sampler dpmpp-2m --steps 15 --cache-interval 3
+  svd-fast generate --model tiny --image cat.jpg --out cat.mp4 --sampler dpmpp-2m --steps 20 --cache-interval 3
 guidance presets (min -> max over frames, steps): diffusers 1.0->3.0, 25; svd 1.0->2.5, 25; svd-xt 1.5->3.0, 30"""
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")

@@ -4,8 +4,8 @@
   (relative paths are relative to the list file; blank lines and ``#`` comments are skipped).
 * Each image gets ``DIR/<stem>.<format>`` and its own seed, derived from ``--seed`` and its file name
   (stable when images are added or the batch is split). Outputs are written atomically (svd_fast.media).
-* ``DIR/index.parquet`` has one row per image: its seed, the generation parameters, ``status`` ("ok" or
-  "error"), the error message and the seconds it took. It is rewritten atomically after every image.
+* ``DIR/index.parquet`` has one row per image: its seed, the generation parameters, ``started_at`` (Unix time),
+  ``status`` ("ok" or "error"), the error message and the seconds it took. It is rewritten atomically after every image.
 * Resume: an image whose output exists is skipped (outputs only ever appear whole); failed images are
   retried; temporary files of a killed run are removed at the start.
 * A readable batch with some unreadable images generates the others, records each error and exits 1.
@@ -72,7 +72,7 @@ class VideoWorker:
 
     def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
-        row = dict(job)
+        row = dict(job, started_at=time.time())
         try:
             condition = media.load_image(job["image"], max_size=(self.options.width, self.options.height))
             frames = sample_video(self.pipe, condition, self.options, job["seed"])
@@ -108,7 +108,9 @@ def write_index(out_dir: Path, rows: Iterable[dict[str, Any]]) -> None:
     import pyarrow as pa  # noqa: PLC0415
     import pyarrow.parquet as pq  # noqa: PLC0415
 
-    table = pa.Table.from_pylist(sorted(rows, key=lambda row: row["image"]))
+    rows = sorted(rows, key=lambda row: row["image"])
+    names = list(dict.fromkeys(name for row in rows for name in row))  # rows of an older index may lack a column
+    table = pa.Table.from_pylist([{name: row.get(name) for name in names} for row in rows])
     descriptor, temporary = tempfile.mkstemp(dir=out_dir, prefix=f"{media.PARTIAL_PREFIX}index-", suffix=".parquet")
     os.close(descriptor)
     try:
@@ -148,7 +150,7 @@ def run_batch(
         output = output_path(out_dir, image, output_format)
         if output.exists():
             rows.setdefault(str(image), {"image": str(image), "output": str(output), "seed": image_seed(options.seed, image),
-                                         **parameters, "status": "ok", "error": "", "seconds": 0.0})  # fmt: skip
+                                         **parameters, "started_at": None, "status": "ok", "error": "", "seconds": 0.0})  # fmt: skip
             continue
         jobs.append({"image": str(image), "output": str(output), "seed": image_seed(options.seed, image), **parameters})
 

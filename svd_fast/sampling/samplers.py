@@ -60,9 +60,13 @@ def sample(
     for step, (sigma, sigma_next) in enumerate(zip(sigma_values[:-1], sigma_values[1:])):
         model_input = edm_prepare_model_input(x, cond_latents, sigma, do_cfg)
         output = model(model_input, step)
+        # Released before the next step allocates its input, which can then reuse this memory (on the CPU a fresh
+        # block costs a page fault per 4 KiB on first touch; see bench/RESULTS.md, fused EDM ops).
+        del model_input
         # Views of the (2B, ...) output: the fused step reads them in place.
         uncond, cond = output.chunk(2) if do_cfg else (output, None)
         result = edm_euler_step(x, uncond, cond, sigma, sigma_next, guidance if do_cfg else None, return_denoised=multistep)
+        del output, uncond, cond
         if multistep:
             x_next, denoised = result
             if previous is not None and sigma_next > 0:
