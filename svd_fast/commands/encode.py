@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from svd_fast.commands.errors import UsageError, require_positive, require_writable_dir
+from svd_fast.commands.ray_actors import rows_from_actors
 
 EXAMPLES = """examples:
   svd-fast encode --data data/manifest.parquet --model models/stable-video-diffusion-img2vid-xt --out latents/xt \\
@@ -86,25 +87,10 @@ def _encode_local(jobs: list[dict], settings: dict, out: Path, device: str, _arg
 
 
 def _encode_ray(jobs: list[dict], settings: dict, out: Path, device: str, args: argparse.Namespace) -> None:
-    import ray  # noqa: PLC0415 - slow import
-
     from svd_fast.training.latents import ClipEncoder  # noqa: PLC0415
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        if args.ray == "local":
-            ray.init(num_cpus=max(2, args.actors or 2), include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address="auto", include_dashboard=False)
-    try:
-        cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-        pool = args.actors or cluster_gpus or 2
-        dataset = ray.data.from_items(jobs).map(
-            ClipEncoder, fn_constructor_kwargs={"settings": settings, "out": str(out), "device": "cuda" if cluster_gpus else device},
-            concurrency=min(pool, len(jobs)), num_gpus=1 if cluster_gpus else 0, num_cpus=1,
-        )
-        for row in dataset.iter_rows():  # each source's files are on disk when its row arrives
-            print(f"source {row['source']}: {row['clips']} clip(s)" + (f" ({row['error']})" if row["error"] else ""), file=sys.stderr)
-    finally:
-        if started_here:
-            ray.shutdown()
+    def encoder_options(cluster_has_gpus: bool) -> dict:
+        return {"settings": settings, "out": str(out), "device": "cuda" if cluster_has_gpus else device}
+
+    for row in rows_from_actors(jobs, ClipEncoder, encoder_options, args.ray, args.actors):  # each source's files are on disk when its row arrives
+        print(f"source {row['source']}: {row['clips']} clip(s)" + (f" ({row['error']})" if row["error"] else ""), file=sys.stderr)

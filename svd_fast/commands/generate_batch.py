@@ -29,6 +29,7 @@ from svd_fast import media
 from svd_fast.commands import generate
 from svd_fast.commands.errors import EXIT_PARTIAL, UsageError, require_positive, require_writable_dir
 from svd_fast.commands.generate import GenerateOptions, check_options, sample_video
+from svd_fast.commands.ray_actors import rows_from_actors
 
 INDEX_NAME = "index.parquet"
 OUTPUT_FORMATS = ("mp4", "gif", "frames")
@@ -175,24 +176,8 @@ def _run_local(jobs: list[dict], options: GenerateOptions, on_done: Callable[[di
 
 
 def _run_ray(jobs: list[dict], options: GenerateOptions, on_done: Callable[[dict], None], address: str, actors: int | None) -> None:
-    import ray  # noqa: PLC0415 - optional dependency, slow import
+    def actor_options(cluster_has_gpus: bool) -> dict:
+        return {"options": dataclasses.replace(options, progress=False, device="cuda" if cluster_has_gpus else options.device)}
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        if address == "local":
-            ray.init(num_cpus=max(2, actors or 2), include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address="auto", include_dashboard=False)
-    try:
-        cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-        pool = actors or cluster_gpus or 2
-        actor_options = dataclasses.replace(options, progress=False, device=options.device if not cluster_gpus else "cuda")
-        dataset = ray.data.from_items(jobs).map(
-            VideoWorker, fn_constructor_kwargs={"options": actor_options}, concurrency=min(pool, len(jobs)),
-            num_gpus=1 if cluster_gpus else 0, num_cpus=1,
-        )  # fmt: skip
-        for row in dataset.iter_rows():  # streamed: the index is rewritten as each video arrives
-            on_done(dict(row))
-    finally:
-        if started_here:
-            ray.shutdown()
+    for row in rows_from_actors(jobs, VideoWorker, actor_options, address, actors):  # the index is rewritten as each video arrives
+        on_done(row)
