@@ -3,7 +3,7 @@
 1. End to end and UNet time: the stock pipeline, optimized (fused denoising loop), and optimized with step
    caching (cache_interval=3), same image, noise and steps; the deviation of each from the stock result
    (relative L2 of the final latents).
-2. ODE accuracy: Euler and DPM-Solver++(2M) at N steps against a reference solution of the same model,
+2. ODE accuracy: Euler and the multistep samplers (ipndm-2, dpmpp-2m) at N steps against a reference solution of the same model,
    conditioning and noise (relative L2 error of the final latents). The reference is DPM-Solver++(2M) (by default
    200 steps, checked against 400); the model is the tiny random pipeline, a trained pipeline folder (e.g. the `svd-fast demo`
    output's pipeline/) or SVD's full-size UNet with random weights. --ode-diffusers-check also compares svd_fast's
@@ -11,6 +11,7 @@
 
 Run: PYTHONPATH=. python bench/bench_sampling.py [--steps 25] [--repeats 3] [--frames 8] [--skip-speed]
      [--ode-model tiny-random|full-size|FOLDER --ode-image IMAGE] [--ode-frames 4] [--ode-steps 10 12 15 20 25]
+     [--ode-samplers ipndm-2 dpmpp-2m]
 Times are medians of --repeats runs. Prints one JSON object.
 """
 
@@ -107,9 +108,13 @@ def _relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
     return round(float((x.double() - reference.double()).norm() / reference.double().norm()), 6)
 
 
-def ode_table(solve, step_counts: tuple[int, ...], reference_steps: int, check_steps: int, euler_step_counts: tuple[int, ...]) -> dict:
-    """Euler at each of ``euler_step_counts`` and DPM-Solver++(2M) at each of ``step_counts`` against a ``reference_steps`` DPM-Solver++(2M)
-    solution of the same model, conditioning and noise (relative L2 error of the final latents).
+def ode_table(
+    solve, step_counts: tuple[int, ...], reference_steps: int, check_steps: int, euler_step_counts: tuple[int, ...],
+    multistep_samplers: tuple[str, ...] = ("ipndm-2", "dpmpp-2m"),
+) -> dict:
+    """Euler at each of ``euler_step_counts`` and each of ``multistep_samplers`` at each of ``step_counts`` against a
+    ``reference_steps`` DPM-Solver++(2M) solution of the same model, conditioning and noise (relative L2 error of
+    the final latents).
 
     The reference is second order (a first-order reference would carry an O(1/reference_steps) bias that favours
     Euler). Its own error is estimated from the ``check_steps`` solution: for a second-order method it is about
@@ -125,7 +130,7 @@ def ode_table(solve, step_counts: tuple[int, ...], reference_steps: int, check_s
         "relative_l2_error": {},
     }
     print(f"reference check: {result}", file=sys.stderr, flush=True)
-    for sampler, counts in (("euler", euler_step_counts), ("dpmpp-2m", step_counts)):
+    for sampler, counts in (("euler", euler_step_counts), *((name, step_counts) for name in multistep_samplers)):
         for steps in counts:
             error = _relative_error(solve(sampler, steps), reference)
             result["relative_l2_error"][f"{sampler}@{steps}"] = error
@@ -133,7 +138,8 @@ def ode_table(solve, step_counts: tuple[int, ...], reference_steps: int, check_s
     errors = result["relative_l2_error"]
     if "euler@25" in errors:
         euler_25 = errors["euler@25"]
-        result["dpmpp-2m_steps_within_euler@25"] = [steps for steps in step_counts if errors[f"dpmpp-2m@{steps}"] <= euler_25]
+        for sampler in multistep_samplers:
+            result[f"{sampler}_steps_within_euler@25"] = [steps for steps in step_counts if errors[f"{sampler}@{steps}"] <= euler_25]
     return result
 
 
@@ -245,7 +251,7 @@ def _ode(args) -> dict:
             print(report, file=sys.stderr, flush=True)
     report.update({"frames": args.ode_frames, "guidance": guidance})
     euler_steps = tuple(args.ode_euler_steps or steps)
-    report.update(ode_table(solve, steps, args.ode_reference_steps, args.ode_check_steps, euler_steps))
+    report.update(ode_table(solve, steps, args.ode_reference_steps, args.ode_check_steps, euler_steps, tuple(args.ode_samplers)))
     return report
 
 
@@ -264,6 +270,8 @@ def main() -> None:
     ode.add_argument("--ode-guidance", type=float, nargs=2, default=[1.0, 3.0], metavar=("MIN", "MAX"))
     ode.add_argument("--ode-motion-bucket-id", type=int, default=127)
     ode.add_argument("--ode-steps", type=int, nargs="+", default=[10, 12, 15, 20, 25])
+    ode.add_argument("--ode-samplers", nargs="+", default=["ipndm-2", "dpmpp-2m"], choices=["ipndm-2", "dpmpp-2m"],
+                     help="the multistep samplers compared with Euler")
     ode.add_argument("--ode-euler-steps", type=int, nargs="+", help="Euler's step counts (default: --ode-steps)")
     ode.add_argument("--ode-reference-steps", type=int, default=200)
     ode.add_argument("--ode-check-steps", type=int, default=400)

@@ -212,3 +212,18 @@ def test_low_memory_generates(tiny_model: Path, image: Path, tmp_path: Path, cap
     assert '"UNet feed-forward chunking": 1' in capsys.readouterr().out
     with Image.open(out) as gif:
         assert gif.n_frames >= 1 and gif.size == (64, 64)
+
+
+def test_sampler_names_are_the_sampling_modules() -> None:
+    from svd_fast.sampling import SAMPLERS  # noqa: PLC0415 - the CLI's list is spelled out to avoid importing torch
+
+    assert generate_command.SAMPLER_NAMES == SAMPLERS
+
+
+def test_multistep_sampler_generates(tiny_model: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "ipndm.gif"
+    code = main(["generate", "--model", str(tiny_model), "--image", str(image), "--out", str(out), "--steps", "3", "--frames", "2", "--sampler", "ipndm-2"])
+    assert code == 0, capsys.readouterr().err
+    assert '"sampler": "ipndm-2"' in capsys.readouterr().out
+    with Image.open(out) as gif:
+        assert gif.size == (64, 64)

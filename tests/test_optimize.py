@@ -304,14 +304,14 @@ def test_compiled_unet_after_optimize_matches_eager(pipe) -> None:
     torch.testing.assert_close(result, eager, rtol=1e-4, atol=1e-5)
 
 
-def test_step_caching_and_dpmpp_2m_stay_close_to_euler(pipe, image, original) -> None:
+def test_step_caching_and_multistep_samplers_stay_close_to_euler(pipe, image, original) -> None:
     """cache_interval=3 runs the deep UNet levels on one step in three; both options change the result by
     a bounded amount (3 steps of a random tiny model, where Euler itself is far from the ODE solution: loose
     bounds that a broken cache or solver exceeds; the accuracy claims are measured in bench/bench_sampling.py)."""
     deep_calls: list[int] = []
     handle = pipe.unet.mid_block.register_forward_hook(lambda *args: deep_calls.append(1))
     try:
-        for options, bound in (({"cache_interval": 3}, 0.1), ({"sampler": "dpmpp-2m"}, 0.3)):
+        for options, bound in (({"cache_interval": 3}, 0.1), ({"sampler": "dpmpp-2m"}, 0.3), ({"sampler": "ipndm-2"}, 0.3)):
             svd_fast.optimize(pipe, **options)
             try:
                 deep_calls.clear()

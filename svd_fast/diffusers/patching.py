@@ -16,7 +16,8 @@ What is patched (weights and state_dict keys stay the diffusers ones):
 * the pipeline's scheduler: :class:`svd_fast.diffusers.scheduler.FusedEulerDiscreteScheduler` (fused EDM Euler
   step) built from the pipeline's own scheduler config, and its denoising loop: the pipeline's class becomes the
   subclass from :mod:`svd_fast.diffusers.denoising_loop` whose ``__call__`` runs the fused input preparation,
-  guidance and step (Euler, or DPM-Solver++(2M) with ``sampler="dpmpp-2m"``), optionally with step caching;
+  guidance and step (Euler, or a second-order multistep sampler: ``sampler="ipndm-2"`` or ``"dpmpp-2m"``),
+  optionally with step caching;
 * spatial self-attention: flash-attn (:class:`svd_fast.diffusers.attention_processors.FlashAttnSelfAttnProcessor`) when it
   is installed, else diffusers' default PyTorch SDPA (which itself picks the flash / cuDNN kernels on GPU);
 * optionally (``cuda_graphs=True``) the UNet forward, captured as a CUDA graph and replayed
@@ -317,8 +318,9 @@ def optimize(
     when installed, else SDPA).
     ``cuda_graphs``: capture the UNet forward as a CUDA graph per input shape and replay it (inference on
     CUDA; needs a CUDA device; not with ``low_memory``, whose offload moves weights between calls).
-    ``sampler``: "euler" (SVD's, the stock result) or "dpmpp-2m" (DPM-Solver++(2M): second order, about half
-    the steps for the same ODE accuracy; see bench/bench_sampling.py). Pipelines with ``scheduler`` only.
+    ``sampler``: "euler" (SVD's, the stock result), "ipndm-2" (second-order Adams-Bashforth in sigma: at 15
+    steps the ODE accuracy of Euler at 25) or "dpmpp-2m" (DPM-Solver++(2M)); one UNet call per step each, see
+    :mod:`svd_fast.sampling.samplers` and bench/RESULTS.md. Pipelines with ``scheduler`` only.
     ``cache_interval``: N > 1 runs the full UNet every N-th step only and, in between, just its outermost
     level on the deep features kept from the last full step (DeepCache; faster, and a small deviation from
     the uncached result, see :mod:`svd_fast.diffusers.step_cache`). 1: off.

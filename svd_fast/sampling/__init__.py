@@ -1,5 +1,5 @@
 """SVD sampling, framework-free: Karras schedule, EDM v-prediction scalings, per-frame guidance and the
-sampling loop on the fused ops in svd_fast.ops.edm_step (Euler and DPM-Solver++(2M)). The diffusers
+sampling loop on the fused ops in svd_fast.ops.edm_step (Euler, iPNDM of order 2 and DPM-Solver++(2M)). The diffusers
 integration (drop-in scheduler, the optimized pipeline's denoising loop) is in svd_fast.diffusers.
 """
 
