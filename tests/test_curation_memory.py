@@ -9,20 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from curation_fixtures import edited_footage
 
 from svd_fast.curation import analysis, cuts, detect_transitions
 from svd_fast.data import decode_all_frames, synthetic
 
 cv2 = pytest.importorskip("cv2")
-
-
-def _footage() -> np.ndarray:
-    """Pans, a hard cut, a dissolve and a fade to black, 54x96 RGB (150 frames)."""
-    first = synthetic.translating_texture(40, 54, 96, (0, 2), seed=1)
-    second = synthetic.translating_texture(40, 54, 96, (1, 0), seed=2)
-    third = synthetic.translating_texture(43, 54, 96, (0, 0), seed=3)
-    fade = (third[-1][None].astype(np.float32) * np.linspace(1, 0, 12)[:, None, None, None]).astype(np.uint8)
-    return np.concatenate([first, second, synthetic.blend(second, third, 15), third, fade])
 
 
 def _one_shot_hsv_scores(frames: np.ndarray, first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -34,7 +26,7 @@ def _one_shot_hsv_scores(frames: np.ndarray, first: np.ndarray, second: np.ndarr
 @pytest.mark.parametrize("mapped", [False, True])
 def test_opencv_scores_in_chunks_equal_one_shot(monkeypatch: pytest.MonkeyPatch, mapped: bool) -> None:
     """Chunks of 7 frames (not dividing the count), the HSV frames in memory or in a temporary file: bit-identical."""
-    frames = _footage()
+    frames = edited_footage(40, 40, 43)
     monkeypatch.setattr(cuts, "CHUNK_BYTES", 7 * frames[0].size)
     monkeypatch.setattr(cuts, "MAPPED_BYTES", 0 if mapped else cuts.MAPPED_BYTES)
     monkeypatch.setattr(cuts, "MAPPED_ROW_BYTES", 5 * frames[0].size)  # gathers from the mapped file in chunks too
@@ -49,7 +41,7 @@ def test_opencv_scores_in_chunks_equal_one_shot(monkeypatch: pytest.MonkeyPatch,
 
 def test_torch_scores_in_chunks_equal_one_shot(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of 40 frames (150 frames: the last one shorter); few chunks, as torch's CPU ops cost much per call."""
-    video = torch.from_numpy(_footage())
+    video = torch.from_numpy(edited_footage(40, 40, 43))
     monkeypatch.setattr(cuts, "CHUNK_BYTES", 40 * video[0].numel())
     hsv = cuts.rgb_to_hsv255(video).flatten(1)
     first, second = np.arange(0, len(video) - 9, 3), np.arange(9, len(video), 3)
@@ -79,7 +71,7 @@ def test_release_pages_keeps_private_writes_of_a_copy_on_write_mapping(tmp_path:
 
 
 def test_scan_keeps_frames_in_temporary_files(tmp_path: Path) -> None:
-    path = synthetic.write_video(tmp_path / "footage.mp4", _footage(), fps=30, lossless=True)
+    path = synthetic.write_video(tmp_path / "footage.mp4", edited_footage(40, 40, 43), fps=30, lossless=True)
     scan = analysis.scan_video(path, cut_max_side=96, flow_max_side=64, flow_fps=2.0)
     assert isinstance(scan.cut_frames, np.memmap) and isinstance(scan.flow_frames, np.memmap)
     assert scan.cut_frames.filename is None  # an unnamed file: nothing left on disk

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from curation_fixtures import edited_footage
 from PIL import Image, ImageDraw, ImageFont
 
 from svd_fast.curation import CurationConfig, cuts, flow, ocr, optical_flow
@@ -19,18 +20,9 @@ from svd_fast.data import synthetic
 requires_tesseract = pytest.mark.skipif(ocr.tesseract_unavailable_reason() is not None, reason=f"OCR unavailable: {ocr.tesseract_unavailable_reason()}")
 
 
-def _footage() -> np.ndarray:
-    """Pans, a hard cut, a dissolve and a fade to black, 54x96 RGB."""
-    first = synthetic.translating_texture(30, 54, 96, (0, 2), seed=1)
-    second = synthetic.translating_texture(30, 54, 96, (1, 0), seed=2)
-    third = synthetic.translating_texture(40, 54, 96, (0, 0), seed=3)
-    fade = (third[-1][None].astype(np.float32) * np.linspace(1, 0, 12)[:, None, None, None]).astype(np.uint8)
-    return np.concatenate([first, second, synthetic.blend(second, third, 15), third, fade])
-
-
 def test_opencv_content_scores_match_torch_hsv() -> None:
     """uint8 HSV (OpenCV) vs float HSV (torch): the rounding moves a content score by well under 1 (of 0..255)."""
-    video = torch.from_numpy(_footage())
+    video = torch.from_numpy(edited_footage(30, 30, 40))
     pairs = np.arange(len(video) - 1), np.arange(1, len(video))
     opencv_scores, opencv_full = cuts._scorer(video, "opencv")
     torch_scores, torch_full = cuts._scorer(video, "torch")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_fixtures import tiny_workdir
 
 from svd_fast import cli
-from svd_fast.data.synthetic import translating_texture, write_video
-from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH, save_tiny_pipeline
+from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH
 from svd_fast.training.latents import COMPLETE
 
 pytestmark = pytest.mark.slow
@@ -19,12 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("encode_ray")
-    save_tiny_pipeline(root / "tiny")
-    (root / "data").mkdir()
-    for index in range(3):
-        frames = translating_texture(TINY_NUM_FRAMES * (1 + index % 2), TINY_HEIGHT, TINY_WIDTH, shift=(1.0 + index, 0.0), seed=index)
-        write_video(root / "data" / f"clip{index}.mp4", frames, fps=8)  # clip1 holds two clips
+    root = tiny_workdir(tmp_path_factory.mktemp("encode_ray"), (TINY_NUM_FRAMES, 2 * TINY_NUM_FRAMES, TINY_NUM_FRAMES))  # clip1 holds two clips
     (root / "data" / "broken.mp4").write_bytes(b"\x00not a video" * 10)
     return root
 

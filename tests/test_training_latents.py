@@ -7,23 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
+from training_fixtures import tiny_workdir
 
 from svd_fast import cli
-from svd_fast.data.synthetic import translating_texture, write_video
-from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH, save_tiny_pipeline
+from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH
 from svd_fast.training import train
 from svd_fast.training.latents import COMPLETE
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("training_latents")
-    save_tiny_pipeline(root / "tiny")
-    (root / "data").mkdir()
-    for index in range(2):
-        frames = translating_texture(TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH, shift=(1.0 + index, 0.0), seed=index)
-        write_video(root / "data" / f"clip{index}.mp4", frames, fps=8)
-    return root
+    return tiny_workdir(tmp_path_factory.mktemp("training_latents"), (TINY_NUM_FRAMES, TINY_NUM_FRAMES))
 
 
 def _encode(workdir: Path, out: Path) -> int:

@@ -1,4 +1,4 @@
-"""What the training test modules share: a folder with the tiny pipeline and one synthetic clip (one per test
+"""What the training test modules share: a folder with the tiny pipeline and synthetic clips (one per test
 module, so their outputs never mix), and the tiny training config (CPU, fp32, ZeRO-2, two steps, no export)."""
 
 from __future__ import annotations
@@ -11,16 +11,25 @@ from svd_fast.data.synthetic import translating_texture, write_video
 from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH, save_tiny_pipeline
 
 
+def tiny_workdir(root: Path, clip_frames: tuple[int, ...] | None = None) -> Path:
+    """``root/tiny`` (the tiny pipeline) and ``root/data``: ``clip.mp4`` (one clip's frames) when ``clip_frames`` is
+    None, else ``clip{i}.mp4`` of ``clip_frames[i]`` frames translating by (1 + i, 0) px per frame (seed i)."""
+    save_tiny_pipeline(root / "tiny")
+    (root / "data").mkdir()
+    if clip_frames is None:
+        write_video(root / "data" / "clip.mp4", translating_texture(TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH), fps=8)
+    for index, frames in enumerate(clip_frames or ()):
+        texture = translating_texture(frames, TINY_HEIGHT, TINY_WIDTH, shift=(1.0 + index, 0.0), seed=index)
+        write_video(root / "data" / f"clip{index}.mp4", texture, fps=8)
+    return root
+
+
 def workdir_fixture(name: str):
     """A module-scoped ``workdir`` fixture: ``tiny`` (the tiny pipeline) and ``data/clip.mp4``."""
 
     @pytest.fixture(scope="module")
     def workdir(tmp_path_factory) -> Path:
-        root = tmp_path_factory.mktemp(name)
-        save_tiny_pipeline(root / "tiny")
-        (root / "data").mkdir()
-        write_video(root / "data" / "clip.mp4", translating_texture(TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH), fps=8)
-        return root
+        return tiny_workdir(tmp_path_factory.mktemp(name))
 
     return workdir
 
