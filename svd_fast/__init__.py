@@ -11,7 +11,7 @@ _PATCHING_EXPORTS = ("optimize", "restore", "describe")
 def __getattr__(name: str) -> object:
     # optimize/restore import diffusers: load them on first use so `import svd_fast` stays light.
     if name in _PATCHING_EXPORTS:
-        from svd_fast.diffusers import patching  # noqa: PLC0415
+        from svd_fast.diffusers import patching  # noqa: PLC0415 - diffusers loads only when a model is built
 
         return getattr(patching, name)
     raise AttributeError(f"module 'svd_fast' has no attribute {name!r}")

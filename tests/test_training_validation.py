@@ -73,12 +73,12 @@ def test_validation_clips_are_the_ema_pipelines_samples(workdir: Path) -> None:
 )
 def test_bad_validation_settings_are_one_line_before_any_model(workdir: Path, overrides: dict, message: str, monkeypatch, capsys) -> None:
     from svd_fast import cli
-    from svd_fast.training import setup
+    from svd_fast.training import trainer
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was loaded for a bad input")
 
-    monkeypatch.setattr(setup, "build_models", no_models)
+    monkeypatch.setattr(trainer, "build_models", no_models)  # train() checks its inputs before it builds any
     monkeypatch.chdir(workdir)
     config = workdir / "validation_bad.json"
     config.write_text(json.dumps(tiny_config(workdir, "bad")))

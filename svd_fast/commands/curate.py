@@ -74,7 +74,7 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from svd_fast.curation import CurationRequestError, ManifestBusyError, curate  # noqa: PLC0415
+    from svd_fast.curation import CurationRequestError, ManifestBusyError, curate  # noqa: PLC0415 - torch and OpenCV load only when curation runs
 
     config = _config(args)
     out = Path(args.out)

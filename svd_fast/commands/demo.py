@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from svd_fast.commands.errors import UsageError, require_positive, require_writable_dir
@@ -58,9 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     check_out(args.out)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from dataclasses import replace  # noqa: PLC0415
-
-    from svd_fast.demo import QUICK, DemoSettings, run_demo  # noqa: PLC0415
+    from svd_fast.demo import QUICK, DemoSettings, run_demo  # noqa: PLC0415 - torch, diffusers and deepspeed load only when the demo runs
 
     settings = QUICK if args.quick else DemoSettings()
     overrides = {"unet_steps": args.unet_steps, "sample_steps": args.sample_steps}

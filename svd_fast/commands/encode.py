@@ -44,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - torch loads only when the command runs (fast --help)
 
     for name in ("num_frames", "height", "width", "stride"):
         require_positive(f"--{name.replace('_', '-')}", getattr(args, name), integer=True)
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     require_positive("--actors", args.actors, integer=True)
     out = require_writable_dir("--out", args.out)
 
-    from svd_fast.training.latents import finish_latents_dir, prepare_latents_dir  # noqa: PLC0415
+    from svd_fast.training.latents import finish_latents_dir, prepare_latents_dir  # noqa: PLC0415 - torch and diffusers load only when the command runs
 
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     settings = {"data": str(Path(args.data).resolve()), "model": str(Path(args.model).resolve()), "num_frames": args.num_frames,
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _encode_local(jobs: list[dict], settings: dict, out: Path, device: str, _args: argparse.Namespace) -> None:
-    from svd_fast.training.latents import ClipEncoder  # noqa: PLC0415
+    from svd_fast.training.latents import ClipEncoder  # noqa: PLC0415 - torch and diffusers load only when the command runs
 
     encoder = ClipEncoder(settings, str(out), device)
     for job in jobs:
@@ -87,7 +87,7 @@ def _encode_local(jobs: list[dict], settings: dict, out: Path, device: str, _arg
 
 
 def _encode_ray(jobs: list[dict], settings: dict, out: Path, device: str, args: argparse.Namespace) -> None:
-    from svd_fast.training.latents import ClipEncoder  # noqa: PLC0415
+    from svd_fast.training.latents import ClipEncoder  # noqa: PLC0415 - torch and diffusers load only when the command runs
 
     def encoder_options(cluster_has_gpus: bool) -> dict:
         return {"settings": settings, "out": str(out), "device": "cuda" if cluster_has_gpus else device}

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     require_writable_dir("DIR", args.dir)
-    from svd_fast.diffusers.tiny import save_tiny_pipeline  # noqa: PLC0415
+    from svd_fast.diffusers.tiny import save_tiny_pipeline  # noqa: PLC0415 - diffusers loads only when a model is built
 
     # Written beside the target and moved into place: an interrupted run leaves no half-written pipeline.
     staging = args.dir.with_name(f".{args.dir.name}.{os.getpid()}.tmp")

@@ -111,11 +111,11 @@ class StageTimer:
 
 def run_demo(out: Path, settings: DemoSettings, seed: int, progress: Callable[[str], None]) -> dict[str, Any]:
     """Run every stage into ``out`` (an empty or new folder); returns the summary also written to summary.json."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - torch loads only when the command runs (fast --help)
 
-    import svd_fast  # noqa: PLC0415
-    from svd_fast.demo import autoencoder, evaluate, outputs, train, world  # noqa: PLC0415
-    from svd_fast.diffusers.generation import load_optimized_pipeline  # noqa: PLC0415
+    import svd_fast  # noqa: PLC0415 - torch and diffusers load only when the demo runs
+    from svd_fast.demo import autoencoder, evaluate, outputs, train, world  # noqa: PLC0415 - torch, diffusers and deepspeed load only when the demo runs
+    from svd_fast.diffusers.generation import load_optimized_pipeline  # noqa: PLC0415 - diffusers loads only when a model is built
 
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"  # inputs and intermediates; the results sit at the top of ``out``

@@ -167,8 +167,10 @@ def load_optimized_pipeline(
 
 def pipeline_for(options: GenerateOptions) -> StableVideoDiffusionPipeline:
     """The pipeline of checked ``options``, on its device, optimized as asked."""
+    # low_memory leaves the pipeline where it loads: optimize()'s CPU offload places each model.
     return load_optimized_pipeline(
-        options.model, dtype=options.dtype, device=options.device, optimized=options.optimize, progress=options.progress,
+        options.model, dtype=options.dtype, device=None if options.low_memory else options.device, optimized=options.optimize,
+        progress=options.progress,
         **(dict(backend=options.backend, low_memory=options.low_memory, attention=options.attention, cuda_graphs=options.cuda_graphs,
                 sampler=options.sampler, cache_interval=options.cache_interval) if options.optimize else {}),
     )  # fmt: skip

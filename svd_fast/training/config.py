@@ -174,10 +174,11 @@ class TrainConfig:
 
     def lora(self):
         """The peft LoraConfig of ``trained_parameters: lora``."""
-        from svd_fast.training.lora import lora_config  # noqa: PLC0415 - imports peft
+        from peft import LoraConfig  # noqa: PLC0415 - peft loads only for LoRA training
 
         alpha = float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
-        return lora_config(self.lora_rank, alpha, self.lora_dropout, self.lora_target_modules)
+        return LoraConfig(r=self.lora_rank, lora_alpha=alpha, lora_dropout=self.lora_dropout,
+                          target_modules=list(self.lora_target_modules), init_lora_weights=True)  # fmt: skip
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -196,7 +197,7 @@ class TrainConfig:
         if path.suffix.lower() == ".json":
             values = json.loads(text)
         else:
-            import yaml  # noqa: PLC0415
+            import yaml  # noqa: PLC0415 - PyYAML loads only for a YAML config
 
             values = yaml.safe_load(text) or {}
         if not isinstance(values, dict):

@@ -20,19 +20,13 @@ from svd_fast.training.config import LORA_TARGETS
 
 ADAPTER_NAME = "default"
 LORA_PARAMETER_MARK = ".lora_"
-__all__ = ["LORA_TARGETS", "add_lora", "load_lora", "lora_config", "merge_lora", "save_lora"]
-
-
-def lora_config(rank: int, alpha: float, dropout: float, targets: list[str]):
-    from peft import LoraConfig  # noqa: PLC0415
-
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), init_lora_weights=True)
+__all__ = ["LORA_TARGETS", "add_lora", "load_lora", "merge_lora", "save_lora"]
 
 
 def add_lora(unet: torch.nn.Module, config) -> int:
     """Inject the adapter of ``config`` (a peft LoraConfig) and freeze everything else; returns the number of
     trainable (LoRA) parameters."""
-    from peft import inject_adapter_in_model  # noqa: PLC0415
+    from peft import inject_adapter_in_model  # noqa: PLC0415 - peft loads only for LoRA
 
     inject_adapter_in_model(config, unet, ADAPTER_NAME)
     for name, param in unet.named_parameters():
@@ -42,9 +36,9 @@ def add_lora(unet: torch.nn.Module, config) -> int:
 
 def save_lora(unet: torch.nn.Module, config, folder: Path) -> Path:
     """Write the adapter in diffusers' ``save_lora_adapter`` format (fp32); returns the weights file."""
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE  # noqa: PLC0415
-    from peft.utils import get_peft_model_state_dict  # noqa: PLC0415
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE  # noqa: PLC0415 - diffusers loads only when a model is built
+    from peft.utils import get_peft_model_state_dict  # noqa: PLC0415 - peft loads only for LoRA
+    from safetensors.torch import save_file  # noqa: PLC0415 - safetensors loads only with LoRA weights
 
     state = {key: value.detach().float().contiguous() for key, value in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
     metadata = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
@@ -56,10 +50,10 @@ def save_lora(unet: torch.nn.Module, config, folder: Path) -> Path:
 
 def load_lora(unet: torch.nn.Module, folder: str | Path) -> None:
     """Inject the adapter saved by :func:`save_lora` (or diffusers' ``save_lora_adapter``) into ``unet``."""
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE  # noqa: PLC0415
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # noqa: PLC0415
-    from safetensors import safe_open  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE  # noqa: PLC0415 - diffusers loads only when a model is built
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # noqa: PLC0415 - peft loads only for LoRA
+    from safetensors import safe_open  # noqa: PLC0415 - safetensors loads only with LoRA weights
+    from safetensors.torch import load_file  # noqa: PLC0415 - safetensors loads only with LoRA weights
 
     path = Path(folder) / LORA_WEIGHT_NAME_SAFE
     if not path.is_file():
@@ -77,7 +71,7 @@ def load_lora(unet: torch.nn.Module, folder: str | Path) -> None:
 
 def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
     """Fold every adapter into its base layer's weight and put the base layer back: a plain diffusers UNet."""
-    from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
+    from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415 - peft loads only for LoRA
 
     adapted = [(name, module) for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
     for name, module in adapted:

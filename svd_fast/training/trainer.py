@@ -33,7 +33,8 @@ from svd_fast.training.config import TrainConfig
 from svd_fast.training.ema import ShardedEMA, full_shapes, gather_full, local_master_fragments
 from svd_fast.training.latents import PrecomputedClips
 from svd_fast.training.log import TrainLog
-from svd_fast.training.setup import Models, build_models, check_inputs, resolve_device, setup_distributed
+from svd_fast.training.lora import add_lora, merge_lora, save_lora
+from svd_fast.training.setup import Models, TrainInputError, build_models, check_inputs, resolve_device, setup_distributed
 from svd_fast.training.step import ClipStream, StepRunner, restore_rng_state, rng_state
 from svd_fast.training.validation import Validator
 
@@ -84,13 +85,16 @@ class TrainerState:
 def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
     """Train (or resume) as ``config`` says; returns losses, the last checkpoint and the exported pipeline."""
     config = as_config(config)
-    check_inputs(config)  # everything cheap, before any model loads
     output_dir = Path(config.output_dir)
-    resume_path = resolve_resume(config.resume_from, output_dir)
+    try:  # everything cheap, before any model loads
+        checked = check_inputs(config)
+        resume_path = resolve_resume(config.resume_from, output_dir)
+    except ValueError as error:
+        raise TrainInputError(str(error)) from error
     device = resolve_device(config)
     rank, world_size = setup_distributed(device)
     dataset = _open_dataset(config, rank, world_size)
-    models = build_models(config, device)
+    models = build_models(config, device, checked.deepspeed_config)
     engine = models.engine
     ema_device = torch.device("cpu") if config.offload_optimizer != "none" else None
     ema = ShardedEMA(engine.module, config.ema_decay, ema_device) if config.ema_decay > 0 else None
@@ -116,7 +120,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
     stream = ClipStream(dataset, config.batch_size, state.data_epoch, state.data_position)
     runner = StepRunner(config, models, stream, device, rank, state.micro_step)
     log = TrainLog(output_dir / "train_log.jsonl", state.step, list(config.sigma_bins), world_size, device, rank)
-    validator = Validator(config, models.pipeline, device, output_dir) if config.validate_every and rank == 0 else None
+    validator = Validator(config, models.pipeline, device, output_dir, checked.validation_images) if config.validate_every and rank == 0 else None
 
     def checkpoint() -> Path:
         files: dict[str, Any] = {STATE_FILE.format(rank=rank): {
@@ -168,12 +172,10 @@ def export_pipeline(models: Models, ema: ShardedEMA | None, config: TrainConfig,
     svd_fast.training.lora) and the pipeline's UNet has it merged. A collective."""
     state = trained_full_state(models.engine.module, ema if config.export_ema else None)
     if rank == 0:
-        from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415
+        from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415 - diffusers loads only when a model is built
 
         unet = UNetSpatioTemporalConditionModel.from_pretrained(config.model, subfolder="unet")
         if config.trained_parameters == "lora":
-            from svd_fast.training.lora import add_lora, merge_lora, save_lora  # noqa: PLC0415
-
             add_lora(unet, config.lora())
         _, unexpected = unet.load_state_dict(state, strict=False)
         if unexpected:

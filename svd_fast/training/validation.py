@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
+from svd_fast import media
 from svd_fast.training.checkpoint import replace_folder
 from svd_fast.training.config import TrainConfig
+from svd_fast.training.lora import add_lora
 
 VALIDATION_DIR = "validation"
 
 
 def load_validation_images(config: TrainConfig) -> list:
     """The held-out first frames as RGB PIL images; ValueError naming ``validation_images`` for a bad file."""
-    from svd_fast import media  # noqa: PLC0415
-
     images = []
     for path in config.validation_images:
         try:
@@ -40,18 +40,19 @@ def load_validation_images(config: TrainConfig) -> list:
 class Validator:
     """Samples the validation clips on rank 0 from the trained parameters' full fp32 values."""
 
-    def __init__(self, config: TrainConfig, base_pipeline, device: torch.device, output_dir: Path) -> None:
+    def __init__(self, config: TrainConfig, base_pipeline, device: torch.device, output_dir: Path, images: list) -> None:
+        """``images``: the held-out first frames, as :func:`load_validation_images` read them."""
         self.config = config
         self.base = base_pipeline
         self.device = device
         self.folder = output_dir / VALIDATION_DIR
-        self.images = load_validation_images(config)
+        self.images = images
         self._pipeline = None
 
     def _sampling_pipeline(self):
         """Built on first use: the base pipeline's frozen parts around a fresh fp32 UNet."""
         if self._pipeline is None:
-            from svd_fast.diffusers.generation import load_optimized_pipeline  # noqa: PLC0415
+            from svd_fast.diffusers.generation import load_optimized_pipeline  # noqa: PLC0415 - diffusers loads only when a model is built
 
             components = {
                 "vae": copy.deepcopy(self.base.vae).to("cpu"), "image_encoder": self.base.image_encoder,
@@ -60,8 +61,6 @@ class Validator:
             pipe = load_optimized_pipeline(self.config.model, optimized=self.config.use_svd_fast_kernels, progress=False, components=components)
             unet = pipe.unet
             if self.config.trained_parameters == "lora":
-                from svd_fast.training.lora import add_lora  # noqa: PLC0415
-
                 add_lora(unet, self.config.lora())
             self._pipeline = pipe
         return self._pipeline
@@ -70,7 +69,6 @@ class Validator:
     def run(self, step: int, trained_state: dict[str, torch.Tensor]) -> list[str]:
         """Sample every validation image with ``trained_state`` (the trained parameters' full fp32 tensors) and
         write the step's folder; returns the clips' paths."""
-        from svd_fast import media  # noqa: PLC0415
 
         config = self.config
         pipe = self._sampling_pipeline()

@@ -1,4 +1,4 @@
-"""Video probing, frame selection, DALI-vs-PyAV decoding and the clip dataset, on generated videos."""
+"""svd_fast.data: video probing, frame selection, DALI-vs-PyAV decoding (decode.py), clip indexing (clips.py) and the clip dataset (dataset.py), on generated videos."""
 
 from __future__ import annotations
 
