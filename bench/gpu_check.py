@@ -1,13 +1,17 @@
-"""The prepared GPU check: one command for a short slot on a fresh GPU machine with no network.
+"""The prepared GPU check: one job for a short slot on a fresh GPU machine with no network.
 
-    python bench/gpu_check.py --out DIR [--dry-run] [--budget SECONDS]
+    bash bench/gpu_check.sh --out DIR [--dry-run]          (installs carried wheels, then runs this)
+    python bench/gpu_check.py --out DIR [--dry-run] [--budget SECONDS] [--only STAGE ...]
 
-Stages run in order of value, each in its own process under a time box (so a hang or a crash of one
-stage is recorded and the next still runs): preflight, build, correctness, ops, pytest, unet_step,
-end_to_end, vae_decode, optical_flow. Each stage writes DIR/stages/NAME.json; the driver merges them
-into DIR/gpu_report.json and DIR/gpu_report.md (printed at the end). ``--dry-run`` runs the same on a
-CPU machine: stages that need CUDA are skipped with their reason, correctness and ops run at tiny shapes,
-so CI proves the script itself works. bench/gpu_check.sh is the shell entry point.
+Stages run in order of value, each in its own process group under a time box (a hang or a crash of one
+stage is recorded, its whole process group is killed, and the next stage runs): preflight, build,
+correctness, ops, pytest, unet_step, end_to_end, vae_decode, optical_flow. Stages write their records
+and bulky files under the git-ignored WORK folder (build/gpu_check/); a stage that fails, however it
+fails, keeps the partial results it wrote as it went. DIR receives exactly three files: gpu_report.json,
+gpu_report.md (also printed at the end) and gpu_check_files.tar.gz (every stage record and log), so that
+the results fit what comes back from the GPU machine. ``--dry-run`` runs the same on a CPU machine:
+stages that need CUDA are skipped with their reason, correctness and ops run at tiny shapes, so CI
+proves the script itself works.
 """
 
 from __future__ import annotations
@@ -16,34 +20,47 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WHEEL_DIR = ROOT / ".whl"
-# Carried wheels install here, outside DIR (whose files are copied back from the GPU machine).
+# Per-stage records, partial results and logs: under build/ (git-ignored), packed into one tarball in DIR.
+WORK_DIR = ROOT / "build" / "gpu_check"
+TARBALL = "gpu_check_files.tar.gz"
+# Carried wheels are installed here by gpu_check.sh before Python starts (outside DIR and WORK).
 SITE_DIR = Path(os.environ.get("SVD_FAST_GPU_SITE", "/tmp/svd_fast_gpu_site"))
-# Seconds per stage on the GPU machine, most valuable first; together <= 6 minutes with the driver's overhead.
+# Seconds per stage on the GPU machine, most valuable first: 420 s together, which leaves the rest of the
+# job's 8 minutes (bench/gpu_check.sh) to the wheel install and the packing of the results.
 BUDGETS = {
     "preflight": 15,
-    "build": 90,
-    "correctness": 45,
-    "ops": 40,
-    "pytest": 50,
-    "unet_step": 45,
-    "end_to_end": 45,
-    "vae_decode": 20,
+    "build": 75,
+    "correctness": 40,
+    "ops": 60,
+    "pytest": 60,
+    "unet_step": 90,
+    "end_to_end": 60,
+    "vae_decode": 15,
     "optical_flow": 5,
 }
+STAGE_SECONDS = sum(BUDGETS.values())
+# Seconds kept after the stages for merging and packing the report.
+PACKING_SECONDS = 15
 NEEDS_CUDA = {"build", "unet_step", "end_to_end", "vae_decode"}
+# End to end at a few steps (25 do not fit the box); the per-step time and its extrapolation are reported.
+END_TO_END_STEPS = 4
+FULL_STEPS = 25
+PYTEST_KEYS = ("passed", "failed", "skipped", "errors")
 REPORT_KEYS = (
-    "device", "torch", "triton", "copy_gbs", "stages", "pytest", "correctness", "ops",
+    "device", "torch", "triton", "copy_gbs", "stages", "pytest", "correctness", "ops", "fastest_plans",
     "unet_step_ms", "end_to_end_s", "peak_reserved_gib", "vae_decode", "optical_flow_engine",
 )  # fmt: skip
 
@@ -122,7 +139,7 @@ def _available_backends(op_name: str, x, **facts) -> list[str]:
 # --- stages --------------------------------------------------------------------------------------
 
 
-def stage_preflight(out: Path, dry_run: bool) -> dict:
+def stage_preflight(work: Path, dry_run: bool) -> dict:
     torch = _torch()
     facts: dict[str, object] = {
         "python": platform.python_version(),
@@ -137,85 +154,112 @@ def stage_preflight(out: Path, dry_run: bool) -> dict:
         facts["triton"] = triton.__version__
     except ImportError as error:
         facts["triton"] = f"missing ({error})"
-    nvcc = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.access(p, os.X_OK)), None)
+    nvcc = shutil.which("nvcc")
     facts["nvcc"] = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1] if nvcc else None
-    wheels = sorted(WHEEL_DIR.glob("*.whl"))
-    facts["wheels"] = [wheel.name for wheel in wheels]
-    if wheels and not dry_run:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEEL_DIR), "--no-deps",
-             "--target", str(SITE_DIR), *map(str, wheels)],
-            check=True, timeout=60,
-        )  # fmt: skip
-        facts["wheels_installed_to"] = str(SITE_DIR)
-    for module in ("diffusers", "nvidia.dali", "deepspeed", "av", "flash_attn"):
+    home = cuda_home()
+    facts["cuda_home"] = str(home) if home else None
+    # What bench/gpu_check.sh installed (or skipped because the image has the package) before Python started.
+    facts["wheels_installed"] = os.environ.get("SVD_FAST_GPU_WHEELS_INSTALLED", "").split()
+    facts["wheels_skipped"] = os.environ.get("SVD_FAST_GPU_WHEELS_SKIPPED", "").split()
+    facts["wheel_install_error"] = os.environ.get("SVD_FAST_GPU_WHEEL_ERROR") or None
+    for module in ("diffusers", "PIL", "nvidia.dali", "deepspeed", "av", "flash_attn"):
         facts[f"has_{module}"] = _installed(module)
     return facts
+
+
+def cuda_home() -> Path | None:
+    """The CUDA toolkit of the ``nvcc`` on PATH, else $CUDA_HOME. nvcc's own dry run names its toolkit
+    (``TOP=``): the nvcc on PATH may be a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        dry = subprocess.run([nvcc, "-dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=30)
+        top = re.search(r"^#\$ TOP=(\S+)", dry.stdout + dry.stderr, flags=re.MULTILINE)
+        return Path(top.group(1)).resolve() if top else Path(nvcc).resolve().parent.parent
+    return Path(os.environ["CUDA_HOME"]) if os.environ.get("CUDA_HOME") else None
 
 
 def _installed(module: str) -> bool:
     """Whether ``module`` is found on the path (the carried wheels' folder included), without importing it."""
     import importlib.util
 
-    if str(SITE_DIR) not in sys.path:
-        sys.path.append(str(SITE_DIR))
     try:
         return importlib.util.find_spec(module) is not None
     except ImportError:
         return False
 
 
-def stage_build(out: Path, dry_run: bool) -> dict:
+def _seconds_left() -> float:
+    """Seconds left in this stage's time box (set by the driver)."""
+    return float(os.environ.get("SVD_FAST_GPU_CHECK_DEADLINE", time.time() + 3600)) - time.time()
+
+
+def stage_build(work: Path, dry_run: bool) -> dict:
     _require_cuda(dry_run)
-    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": "16", "SVD_FAST_BUILD_CUDA": "1",
-           "CUDA_HOME": os.environ.get("CUDA_HOME", "/usr/local/cuda")}  # fmt: skip
-    result = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, env=env, capture_output=True, text=True)
+    home = cuda_home()
+    if home is None:
+        raise RuntimeError("no nvcc on PATH and no CUDA_HOME: cannot build the CUDA kernels")
+    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": str(os.cpu_count() or 4), "SVD_FAST_BUILD_CUDA": "1",
+           "CUDA_HOME": str(home)}  # fmt: skip
+    # Same process group as this stage: the driver's group kill on timeout stops the compilers too.
+    result = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=max(1.0, _seconds_left() - 5),
+    )  # fmt: skip
+    (work / "build.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
-        raise RuntimeError(f"build failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"build failed (CUDA_HOME={home}):\n{result.stderr[-3000:]}")
     check = subprocess.run(
         [sys.executable, "-c", "import svd_fast._C as C; print(C.built_with_cuda())"], cwd=ROOT, capture_output=True, text=True
     )
     if check.stdout.strip() != "True":
         raise RuntimeError(f"svd_fast._C was built without CUDA kernels: {check.stdout} {check.stderr[-1000:]}")
-    return {"built_with_cuda": True}
+    return {"built_with_cuda": True, "cuda_home": str(home)}
 
 
-def stage_pytest(out: Path, dry_run: bool) -> dict:
+def stage_pytest(work: Path, dry_run: bool) -> dict:
     env = dict(os.environ)
     if dry_run:
         env["SVD_FAST_GPU_TESTS_MUST_RUN"] = "0"
     tests = ["tests/test_group_norm.py", "tests/test_temporal_attention.py", "tests/test_edm_step.py",
              "tests/test_gpu_test_path.py"] if dry_run else ["tests"]  # fmt: skip
-    log = out / "pytest.log"
-    # Verbose, one line per case, so that a run cut short by the time box still yields its counts.
+    log = work / "pytest.log"
+    # Verbose, one line per case, so that a run cut short by the time box still yields its counts; a module
+    # that cannot be imported on the image is counted as an error while every other module still runs.
     with log.open("w") as stream:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-rfEs", *tests],
+            [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-rfEs",
+             "--continue-on-collection-errors", *tests],
             cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
-            returncode = process.wait(timeout=float(os.environ.get("SVD_FAST_GPU_CHECK_SECONDS", "3600")) - 3)
+            returncode = process.wait(timeout=max(1.0, _seconds_left() - 3))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
             returncode = None
-    counts = _pytest_counts(log.read_text())
+    counts = pytest_counts(log.read_text())
     if returncode is None:
         raise StageFailure(f"pytest -m gpu cut short by the time box: {counts} so far; see pytest.log", {"pytest": counts})
-    if returncode not in (0, 5) or counts["failed"]:  # 5: nothing selected
+    if returncode not in (0, 5) or counts["failed"] or counts["errors"]:  # 5: nothing selected
         raise StageFailure(f"pytest -m gpu: {counts}; see pytest.log", {"pytest": counts})
     return {"pytest": counts}
 
 
-def _pytest_counts(log: str) -> dict[str, int]:
-    """passed / failed (errors included) / skipped from ``pytest -v`` result lines."""
-    import re
-
-    outcomes = re.findall(r"::\S+ (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", log)
+def pytest_counts(log: str) -> dict[str, int]:
+    """passed / failed / skipped / errors from ``pytest -v -rE`` output. Errors are test ids with an ERROR
+    result line (setup or teardown) or an ``ERROR path`` summary line (a module that failed to collect),
+    each counted once; a run cut short before its summary still counts the collection errors announced
+    in its header (``collected N items / K errors``)."""
+    outcomes = re.findall(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", log, flags=re.MULTILINE)
+    errors = {test for test, outcome in outcomes if outcome == "ERROR"}
+    errors |= set(re.findall(r"^ERROR (\S+)", log, flags=re.MULTILINE))
+    collection = re.search(r"collected \d+ items? / (\d+) errors?", log)
+    collection_errors = int(collection.group(1)) if collection else 0
     return {
-        "passed": sum(o in ("PASSED", "XPASS") for o in outcomes),
-        "failed": sum(o in ("FAILED", "ERROR") for o in outcomes),
-        "skipped": sum(o in ("SKIPPED", "XFAIL") for o in outcomes),
+        "passed": sum(o in ("PASSED", "XPASS") for _, o in outcomes),
+        "failed": sum(o == "FAILED" for _, o in outcomes),
+        "skipped": sum(o in ("SKIPPED", "XFAIL") for _, o in outcomes),
+        "errors": max(len(errors), collection_errors),
     }
 
 
@@ -261,7 +305,7 @@ def correctness_shapes(dry_run: bool) -> dict:
     }
 
 
-def stage_correctness(out: Path, dry_run: bool) -> dict:
+def stage_correctness(work: Path, dry_run: bool) -> dict:
     torch = _torch()
     import torch.nn.functional as F
 
@@ -346,7 +390,7 @@ def _torch_edm_step(x, uncond, cond, sigma: float, sigma_next: float, guidance):
     return x + (x - denoised) / sigma * (sigma_next - sigma)
 
 
-def stage_ops(out: Path, dry_run: bool) -> dict:
+def stage_ops(work: Path, dry_run: bool) -> dict:
     torch = _torch()
     import torch.nn.functional as F
 
@@ -412,7 +456,7 @@ def _unet_inputs(unet, frames: int, device):
     return sample, timestep, context, time_ids
 
 
-def stage_unet_step(out: Path, dry_run: bool) -> dict:
+def stage_unet_step(work: Path, dry_run: bool) -> dict:
     _require_cuda(dry_run)
     torch = _torch()
     from diffusers import UNetSpatioTemporalConditionModel
@@ -425,15 +469,21 @@ def stage_unet_step(out: Path, dry_run: bool) -> dict:
         unet = UNetSpatioTemporalConditionModel(num_frames=frames).to(torch.float16).eval()
     inputs = _unet_inputs(unet, frames, device)
     results: dict[str, float | None] = dict.fromkeys(("eager", "optimized", "optimized_cuda", "optimized_cuda_graphs"))
-    partial = {"unet_step_ms": results}
+    partial: dict[str, object] = {"unet_step_ms": results}
+    variants = [("optimized", {}), ("optimized_cuda", {"backend": "cuda"}), ("optimized_cuda_graphs", {"cuda_graphs": True})]
+    build = stage_status(work, "build")
+    if build != "ok":
+        # Forcing the CUDA backend needs the CUDA kernels: without them that variant would only time an error.
+        variants = [variant for variant in variants if variant[0] != "optimized_cuda"]
+        partial.setdefault("errors", {})["optimized_cuda"] = f"skipped: the build stage did not succeed ({build})"
 
     def step():
         return unet(*inputs).sample
 
     with torch.inference_mode():
         results["eager"] = round(time_ms(step, device, repeats=5), 2)
-        _write_partial(out, partial)
-        for key, options in (("optimized", {}), ("optimized_cuda", {"backend": "cuda"}), ("optimized_cuda_graphs", {"cuda_graphs": True})):
+        _write_partial(work, partial)
+        for key, options in variants:
             svd_fast.optimize(unet, **options)
             try:
                 results[key] = round(time_ms(step, device, repeats=5), 2)
@@ -442,16 +492,28 @@ def stage_unet_step(out: Path, dry_run: bool) -> dict:
                 partial.setdefault("errors", {})[key] = repr(error)[:500]
             finally:
                 svd_fast.restore(unet)
-            _write_partial(out, partial)
+            _write_partial(work, partial)
     return partial
 
 
-def _write_partial(out: Path, results: dict) -> None:
-    """Results so far, kept if the stage is killed by its time box."""
-    (out / "stages" / f"{os.environ['SVD_FAST_GPU_CHECK_STAGE']}.partial.json").write_text(json.dumps(results))
+def stage_status(work: Path, name: str) -> str:
+    """Status of an earlier stage of this run ("missing" when it has no record)."""
+    path = work / "stages" / f"{name}.json"
+    return json.loads(path.read_text())["status"] if path.exists() else "missing"
 
 
-def stage_end_to_end(out: Path, dry_run: bool) -> dict:
+def _write_partial(work: Path, results: dict) -> None:
+    """Results so far, kept however the stage ends (time box, exception, crash)."""
+    path = work / "stages" / f"{os.environ['SVD_FAST_GPU_CHECK_STAGE']}.partial.json"
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(results))
+    os.replace(temporary, path)
+
+
+def stage_end_to_end(work: Path, dry_run: bool) -> dict:
+    """SVD-XT 576x1024 at END_TO_END_STEPS steps, eager then optimized. The time per step is taken between
+    the ends of the first and the last step (so the first step's warm-up and compilation stay out of it);
+    the 25-step figure adds the missing steps at that rate to the measured total."""
     _require_cuda(dry_run)
     torch = _torch()
     import numpy as np
@@ -464,25 +526,40 @@ def stage_end_to_end(out: Path, dry_run: bool) -> dict:
     pipe = random_full_size_pipeline("svd-xt", device=device)
     pipe.set_progress_bar_config(disable=True)
     image = Image.fromarray((np.random.default_rng(0).random((576, 1024, 3)) * 255).astype(np.uint8))
-    seconds: dict[str, float | None] = {"eager": None, "optimized": None}
-    peak: dict[str, float | None] = {"eager": None, "optimized": None}
-    partial = {"end_to_end_s": seconds, "peak_reserved_gib": peak}
-    for key in ("eager", "optimized"):
+    keys = ("eager", "optimized")
+    seconds: dict[str, float | None] = dict.fromkeys(keys)
+    per_step: dict[str, float | None] = dict.fromkeys(keys)
+    extrapolated: dict[str, float | None] = dict.fromkeys(keys)
+    peak: dict[str, float | None] = dict.fromkeys(keys)
+    partial = {"end_to_end_s": seconds, "end_to_end_steps": END_TO_END_STEPS, "end_to_end_s_per_step": per_step,
+               f"end_to_end_s_at_{FULL_STEPS}_steps": extrapolated, "peak_reserved_gib": peak}  # fmt: skip
+    for key in keys:
         if key == "optimized":
             svd_fast.optimize(pipe)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        step_ends: list[float] = []
+
+        def on_step_end(pipeline, step, timestep, tensors, step_ends=step_ends):
+            torch.cuda.synchronize(device)
+            step_ends.append(time.perf_counter())
+            return tensors
+
         begin = time.perf_counter()
-        pipe(image, height=576, width=1024, num_frames=NUM_FRAMES["svd-xt"], num_inference_steps=25, decode_chunk_size=8, output_type="pt")
+        pipe(image, height=576, width=1024, num_frames=NUM_FRAMES["svd-xt"], num_inference_steps=END_TO_END_STEPS,
+             decode_chunk_size=8, output_type="pt", callback_on_step_end=on_step_end)  # fmt: skip
         torch.cuda.synchronize(device)
-        seconds[key] = round(time.perf_counter() - begin, 2)
+        total = time.perf_counter() - begin
+        seconds[key] = round(total, 2)
+        per_step[key] = round((step_ends[-1] - step_ends[0]) / (len(step_ends) - 1), 3)
+        extrapolated[key] = round(total + (FULL_STEPS - END_TO_END_STEPS) * per_step[key], 1)
         # Reserved, not allocated: CUDA-graph pools and the caching allocator's blocks are what a user must fit.
         peak[key] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
-        _write_partial(out, partial)
+        _write_partial(work, partial)
     return partial
 
 
-def stage_vae_decode(out: Path, dry_run: bool) -> dict:
+def stage_vae_decode(work: Path, dry_run: bool) -> dict:
     _require_cuda(dry_run)
     torch = _torch()
     from diffusers import AutoencoderKLTemporalDecoder
@@ -508,11 +585,11 @@ def stage_vae_decode(out: Path, dry_run: bool) -> dict:
             torch.cuda.synchronize(device)
             rows.append({"decode_chunk_size": chunk, "seconds": round(time.perf_counter() - begin, 3),
                          "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)})  # fmt: skip
-            _write_partial(out, {"vae_decode": rows})
+            _write_partial(work, {"vae_decode": rows})
     return {"vae_decode": rows}
 
 
-def stage_optical_flow(out: Path, dry_run: bool) -> dict:
+def stage_optical_flow(work: Path, dry_run: bool) -> dict:
     probe: dict[str, object] = {"dali_installed": _installed("nvidia.dali")}
     smi = shutil.which("nvidia-smi")
     if smi is None:
@@ -536,12 +613,12 @@ STAGES: dict[str, Callable[[Path, bool], dict]] = {
 }
 
 
-def run_stage(name: str, out: Path, dry_run: bool) -> int:
-    """Body of one stage process: writes DIR/stages/NAME.json with status, seconds, error and results."""
+def run_stage(name: str, work: Path, dry_run: bool) -> int:
+    """Body of one stage process: writes WORK/stages/NAME.json with status, seconds, error and results."""
     begin = time.perf_counter()
     record: dict[str, object] = {"status": "ok", "error": None, "results": {}}
     try:
-        record["results"] = STAGES[name](out, dry_run)
+        record["results"] = STAGES[name](work, dry_run)
     except Skipped as reason:
         record.update(status="skipped", error=str(reason))
     except StageFailure as failure:
@@ -549,74 +626,147 @@ def run_stage(name: str, out: Path, dry_run: bool) -> int:
     except Exception as error:  # noqa: BLE001 - a stage's failure is recorded, the next stage still runs
         record.update(status="failed", error="".join(traceback.format_exception(error))[-3000:])
     record["seconds"] = round(time.perf_counter() - begin, 1)
-    (out / "stages" / f"{name}.json").write_text(json.dumps(record, indent=1))
+    _write_json(work / "stages" / f"{name}.json", record)
     return 0 if record["status"] != "failed" else 1
 
 
 # --- driver --------------------------------------------------------------------------------------
 
 
-def drive(out: Path, dry_run: bool, budget: float, only: list[str] | None) -> dict:
-    (out / "stages").mkdir(parents=True, exist_ok=True)
+def _write_json(path: Path, value: object) -> None:
+    """Atomic: a reader (the driver, the packer) never sees half a record."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=1))
+    os.replace(temporary, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _kill_group(group: int) -> None:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_stage_process(work: Path, name: str, command: list[str], limit: float, env: dict[str, str]) -> dict:
+    """Run one stage's ``command`` as the leader of its own process group under a time box of ``limit``
+    seconds. The whole group is killed when the box runs out (the build's compilers and pytest's workers
+    with it) and when the stage ends (nothing it started outlives it). The stage's record is written
+    however it ended, merged with the partial results it wrote as it went; returns the record."""
+    begin = time.monotonic()
+    stage_env = {**env, "SVD_FAST_GPU_CHECK_STAGE": name, "SVD_FAST_GPU_CHECK_DEADLINE": str(time.time() + limit)}
+    process = subprocess.Popen(command, cwd=ROOT, env=stage_env, start_new_session=True)
+    timed_out = False
+    try:
+        process.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    _kill_group(process.pid)
+    process.wait()
+    path = work / "stages" / f"{name}.json"
+    if timed_out:
+        record = {"status": "failed", "error": f"timed out after {limit:.0f} s (its process group was killed)"}
+    elif path.exists():
+        record = _read_json(path) or {"status": "failed", "error": "the stage's record is unreadable"}
+    else:
+        record = {"status": "failed", "error": f"the stage process died without a report (exit status {process.returncode})"}
+    partial = _read_json(work / "stages" / f"{name}.partial.json")
+    record["results"] = {**partial, **(record.get("results") or {})}
+    record["seconds"] = round(time.monotonic() - begin, 1)
+    _write_json(path, record)
+    return record
+
+
+def drive(out: Path, work: Path, dry_run: bool, budget: float, only: list[str] | None) -> dict:
+    """Every stage (or ``only`` these) within ``budget`` seconds, then DIR's three files."""
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "stages").mkdir(parents=True)
+    job_deadline = os.environ.get("SVD_FAST_GPU_JOB_DEADLINE")
+    if job_deadline:
+        # The job's wall limit (bench/gpu_check.sh) counts the wheel install before and the packing after.
+        budget = min(budget, float(job_deadline) - time.time() - PACKING_SECONDS)
     deadline = time.monotonic() + budget
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), str(SITE_DIR), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
     if dry_run:
         env["TRITON_INTERPRET"] = env.get("TRITON_INTERPRET", "0")
     for name in STAGES:
         if only and name not in only:
             continue
         if dry_run and name in NEEDS_CUDA:
-            _write_stage(out, name, "skipped", 0.0, "needs a CUDA device (dry run)")
+            _write_stage(work, name, "skipped", 0.0, "needs a CUDA device (dry run)")
             continue
-        remaining = deadline - time.monotonic()
-        limit = min(BUDGETS[name] * (3 if dry_run else 1), remaining)
+        limit = min(BUDGETS[name] * (3 if dry_run else 1), deadline - time.monotonic())
         if limit < 3:
-            _write_stage(out, name, "skipped", 0.0, f"no time left in the {budget:.0f} s budget")
+            _write_stage(work, name, "skipped", 0.0, f"no time left in the {budget:.0f} s budget")
             continue
-        begin = time.perf_counter()
-        command = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--stage", name] + (["--dry-run"] if dry_run else [])
+        command = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--work", str(work), "--stage", name]
         print(f"[gpu_check] {name} (time box {limit:.0f} s)", flush=True)
-        try:
-            stage_env = {**env, "SVD_FAST_GPU_CHECK_STAGE": name, "SVD_FAST_GPU_CHECK_SECONDS": str(limit)}
-            subprocess.run(command, cwd=ROOT, env=stage_env, timeout=limit)
-        except subprocess.TimeoutExpired:
-            partial = out / "stages" / f"{name}.partial.json"
-            results = json.loads(partial.read_text()) if partial.exists() else {}
-            _write_stage(out, name, "failed", time.perf_counter() - begin, f"timed out after {limit:.0f} s", results)
-        if not (out / "stages" / f"{name}.json").exists():
-            _write_stage(out, name, "failed", time.perf_counter() - begin, "the stage process died without a report")
-    report = merge(out)
-    (out / "gpu_report.json").write_text(json.dumps(report, indent=1))
-    (out / "gpu_report.md").write_text(markdown(report))
+        run_stage_process(work, name, command + (["--dry-run"] if dry_run else []), limit, env)
+    report = merge(work)
+    package(out, work, report)
     return report
 
 
-def _write_stage(out: Path, name: str, status: str, seconds: float, error: str, results: dict | None = None) -> None:
-    record = {"status": status, "seconds": round(seconds, 1), "error": error, "results": results or {}}
-    (out / "stages" / f"{name}.json").write_text(json.dumps(record, indent=1))
+def _write_stage(work: Path, name: str, status: str, seconds: float, error: str, results: dict | None = None) -> None:
+    _write_json(work / "stages" / f"{name}.json", {"status": status, "seconds": round(seconds, 1), "error": error, "results": results or {}})
 
 
-def merge(out: Path) -> dict:
+# Files larger than this enter the tarball as their last bytes only (the tarball must stay far under the
+# 16 MiB a file that comes back from the GPU machine may have).
+TARBALL_FILE_BYTES = 4 * 2**20
+
+
+def package(out: Path, work: Path, report: dict) -> None:
+    """DIR's three files: gpu_report.json, gpu_report.md and one tarball of WORK (stage records, logs)."""
+    import io
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "gpu_report.json", report)
+    temporary = out / "gpu_report.md.tmp"
+    temporary.write_text(markdown(report))
+    os.replace(temporary, out / "gpu_report.md")
+    temporary = out / f"{TARBALL}.tmp"
+    with tarfile.open(temporary, "w:gz") as tar:
+        for path in sorted(p for p in work.rglob("*") if p.is_file()):
+            name = f"gpu_check/{path.relative_to(work)}"
+            data = path.read_bytes()
+            if len(data) > TARBALL_FILE_BYTES:
+                data = data[-TARBALL_FILE_BYTES:]
+                name += ".tail"
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), int(path.stat().st_mtime)
+            tar.addfile(info, io.BytesIO(data))
+    os.replace(temporary, out / TARBALL)
+
+
+def merge(work: Path) -> dict:
     report: dict[str, object] = {
         "device": None, "torch": None, "triton": None, "copy_gbs": None, "stages": {},
-        "pytest": {"passed": 0, "failed": 0, "skipped": 0}, "correctness": [], "ops": [],
+        "pytest": dict.fromkeys(PYTEST_KEYS, 0), "correctness": [], "ops": [], "fastest_plans": [],
         "unet_step_ms": dict.fromkeys(("eager", "optimized", "optimized_cuda", "optimized_cuda_graphs")),
         "end_to_end_s": {"eager": None, "optimized": None}, "peak_reserved_gib": {"eager": None, "optimized": None},
-        "vae_decode": [], "optical_flow_engine": None,
+        "vae_decode": [], "optical_flow_engine": None, "variant_errors": {},
     }  # fmt: skip
     for name in STAGES:
-        path = out / "stages" / f"{name}.json"
-        if not path.exists():
+        record = _read_json(work / "stages" / f"{name}.json")
+        if not record:
             continue
-        record = json.loads(path.read_text())
-        report["stages"][name] = {key: record[key] for key in ("status", "seconds", "error")}
+        report["stages"][name] = {key: record.get(key) for key in ("status", "seconds", "error")}
         results = record.get("results") or {}
         if name == "preflight":
             report.update(device=results.get("device"), torch=results.get("torch"), triton=results.get("triton"))
             report["preflight"] = results
-        else:
-            report.update({key: value for key, value in results.items() if key in REPORT_KEYS or key == "errors"})
+            continue
+        if results.get("errors"):
+            report["variant_errors"][name] = results["errors"]
+        report.update({key: value for key, value in results.items() if key != "errors"})
     return report
 
 
@@ -629,26 +779,40 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {stage['status']} | {stage['seconds']} | {error[-1][:160] if error else ''} |")
     lines += ["", f"pytest -m gpu: {report['pytest']}", "", "| op | shape | dtype | backend | max abs err | tolerance | ok |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['backend']} | {r['max_abs_err']:.3g} | {r['tolerance']:.3g} | {r['ok']} |" for r in report["correctness"]]
-    lines += ["", "| op | shape | backend | ms | GB/s | % of copy | baseline | baseline ms |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['op']} | {r['shape']} | {r['backend']} | {r['ms']} | {r['gbs']} | {r['pct_of_copy']} | {r['baseline']} | {r['baseline_ms']} |" for r in report["ops"]]
+    lines += ["", "| op | shape | backend | plan | ms | compulsory GB/s | % of copy | designed GB/s | baseline | baseline ms |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['op']} | {r['shape']} | {r['backend']} | {r.get('plan') or ''} | {r['ms']} | {r['gbs']} | {r['pct_of_copy']} | "
+              f"{r.get('designed_gbs') or ''} | {r['baseline']} | {r['baseline_ms']} |" for r in report["ops"]]  # fmt: skip
+    if report["fastest_plans"]:
+        lines += ["", "Fastest launch plan per shape (set the defaults from these):", "", "| op | shape | plan | ms | default plan | default ms |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r['shape']} | {r['plan']} | {r['ms']} | {r['default_plan']} | {r['default_ms']} |" for r in report["fastest_plans"]]
+    steps = report.get("end_to_end_steps")
+    end_to_end = (
+        f"SVD-XT end to end s at {steps} steps: {report['end_to_end_s']}; s per step: {report.get('end_to_end_s_per_step')}; "
+        f"extrapolated to {FULL_STEPS} steps: {report.get(f'end_to_end_s_at_{FULL_STEPS}_steps')}"
+        if steps else f"SVD-XT end to end s: {report['end_to_end_s']}"
+    )  # fmt: skip
     lines += ["", f"UNet step ms (25 frames, 576x1024, fp16, batch 2): {report['unet_step_ms']}",
-              f"SVD-XT end to end s (25 steps): {report['end_to_end_s']}; peak reserved GiB: {report['peak_reserved_gib']}",
-              f"VAE decode: {report['vae_decode']}", f"optical-flow engine: {report['optical_flow_engine']}", ""]  # fmt: skip
-    return "\n".join(lines)
+              f"{end_to_end}; peak reserved GiB: {report['peak_reserved_gib']}",
+              f"VAE decode: {report['vae_decode']}", f"optical-flow engine: {report['optical_flow_engine']}"]  # fmt: skip
+    if report["variant_errors"]:
+        lines.append(f"variants that failed or were skipped: {report['variant_errors']}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="receives gpu_report.json, gpu_report.md and one tarball")
+    parser.add_argument("--work", type=Path, default=WORK_DIR, help="stage records and logs (emptied first)")
     parser.add_argument("--dry-run", action="store_true", help="CPU machine: skip CUDA stages, tiny shapes")
-    parser.add_argument("--budget", type=float, default=345.0, help="seconds for all stages together")
+    parser.add_argument("--budget", type=float, default=STAGE_SECONDS, help="seconds for all stages together")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="+", choices=sorted(STAGES), help="run these stages only")
     args = parser.parse_args(argv)
-    out = args.out.resolve()
+    out, work = args.out.resolve(), args.work.resolve()
     if args.stage:
-        return run_stage(args.stage, out, args.dry_run)
-    report = drive(out, args.dry_run, args.budget, args.only)
+        return run_stage(args.stage, work, args.dry_run)
+    report = drive(out, work, args.dry_run, args.budget, args.only)
     print((out / "gpu_report.md").read_text())
     return 0 if all(stage["status"] != "failed" for stage in report["stages"].values()) else 1
 
