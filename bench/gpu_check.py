@@ -55,6 +55,8 @@ STAGE_SECONDS = sum(BUDGETS.values())
 # Seconds kept after the stages for merging and packing the report.
 PACKING_SECONDS = 15
 NEEDS_CUDA = {"build", "unet_step", "end_to_end", "vae_decode"}
+# A dry run's ops stage runs under the Triton interpreter, so that a CPU exercises the launch-plan variants.
+DRY_RUN_INTERPRETED = {"ops"}
 # End to end at a few steps (25 do not fit the box); the per-step time and its extrapolation are reported.
 END_TO_END_STEPS = 4
 FULL_STEPS = 25
@@ -390,60 +392,162 @@ def _torch_edm_step(x, uncond, cond, sigma: float, sigma_next: float, guidance):
     return x + (x - denoised) / sigma * (sigma_next - sigma)
 
 
+# Launch-plan variants the ops stage times (through each Triton module's launch_plan_override), so that one
+# GPU job can set the defaults: temporal attention (BLOCK_P positions per program, warps) and GroupNorm's
+# tile size in elements.
+ATTENTION_PLANS = ((1, 4), (2, 2), (1, 1), (4, 4))
+GROUP_NORM_TILES = (4096, 8192)
+# Rotating input sets hold together at least this many bytes (3x an H200's 60 MB L2), at least 2 sets, so that
+# repeated calls read memory, not the cache.
+ROTATION_BYTES = 180 * 2**20
+
+
+def _input_sets(make: Callable[[], tuple], set_bytes: int, device) -> list[tuple]:
+    count = 2 if device.type != "cuda" else min(8, max(2, -(-ROTATION_BYTES // max(set_bytes, 1))))
+    return [make() for _ in range(count)]
+
+
+def time_rotating(fn: Callable[..., object], input_sets: list[tuple], device, repeats: int) -> float:
+    """Median ms of ``fn(*inputs)``, each call on the next of ``input_sets`` (one warm-up call per set)."""
+    calls = iter(range(10**9))
+    return time_ms(lambda: fn(*input_sets[next(calls) % len(input_sets)]), device, repeats, warmup=len(input_sets))
+
+
+def _triton_available(op_name: str, x, **facts) -> bool:
+    from svd_fast import backends
+
+    return backends.unavailable_reasons(op_name, x, **facts)["triton"] is None
+
+
+def fastest_plans(rows: list[dict]) -> list[dict]:
+    """Per (op, shape): the fastest timed launch plan, beside the default plan's time."""
+    best: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        if row.get("plan") is None:
+            continue
+        key = (row["op"], str(row["shape"]))
+        entry = best.setdefault(key, {"op": row["op"], "shape": row["shape"], "plan": None, "ms": float("inf"),
+                                      "default_plan": None, "default_ms": None})  # fmt: skip
+        if row["ms"] < entry["ms"]:
+            entry.update(plan=row["plan"], ms=row["ms"])
+        if row["default_plan"]:
+            entry.update(default_plan=row["plan"], default_ms=row["ms"])
+    return list(best.values())
+
+
 def stage_ops(work: Path, dry_run: bool) -> dict:
+    """Each op against diffusers' path (or torch's), every available backend, and the Triton backend at every
+    launch-plan variant, in one process on rotating inputs. Bandwidth is reported twice: over the compulsory
+    bytes (each input read once, each output written once: % of the copy bandwidth is the headroom left)
+    and over the bytes the kernel's design moves (GroupNorm reads x twice: 3N where 2N are compulsory)."""
     torch = _torch()
     import torch.nn.functional as F
 
     from svd_fast import backends
     from svd_fast.ops import edm_euler_step, group_norm, temporal_attention
+    from svd_fast.triton import group_norm as triton_group_norm
+    from svd_fast.triton import temporal_attention as triton_attention
 
     device = _device(dry_run)
     copy_gbs = copy_bandwidth_gbs(device)
     shapes = correctness_shapes(dry_run)
+    if dry_run:
+        # The interpreter runs each program in Python: the fewest programs that still span several per group.
+        shapes.update(group_norm=[(1, 32, 4, 8)], group_norm_5d=(1, 32, 2, 4, 8))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    repeats = 20 if device.type == "cuda" else 2
+    repeats = 20 if device.type == "cuda" else 1
     rows: list[dict] = []
+    partial = {"copy_gbs": copy_gbs, "ops": rows}
 
-    def record(op, shape, backend, ms, min_bytes, baseline, baseline_ms):
-        gbs = min_bytes / (ms * 1e-3) / 1e9
+    def record(op, shape, backend, ms, compulsory_bytes, designed_bytes, baseline, baseline_ms, plan=None, default_plan=False):
+        gbs = compulsory_bytes / (ms * 1e-3) / 1e9
         rows.append({"op": op, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "backend": backend,
-                     "ms": round(ms, 4), "gbs": round(gbs, 1), "pct_of_copy": round(100 * gbs / copy_gbs, 1),
+                     "plan": plan, "default_plan": default_plan, "ms": round(ms, 4), "compulsory_bytes": compulsory_bytes,
+                     "gbs": round(gbs, 1), "pct_of_copy": round(100 * gbs / copy_gbs, 1), "designed_bytes": designed_bytes,
+                     "designed_gbs": round(designed_bytes / (ms * 1e-3) / 1e9, 1) if designed_bytes else None,
                      "baseline": baseline, "baseline_ms": round(baseline_ms, 4)})  # fmt: skip
+        _write_partial(work, partial)
 
     gn_shapes = [(shape, shape) for shape in shapes["group_norm"][:1]]
     batch, channels, frames, height, width = shapes["group_norm_5d"]
     gn_shapes.append(((batch * frames, channels, height, width), list(shapes["group_norm_5d"]) + ["permuted"]))
     for shape, label in gn_shapes:
-        x = torch.randn(shape, device=device, dtype=dtype)
-        if "permuted" in label:
-            x = x.unflatten(0, (batch, frames)).permute(0, 2, 1, 3, 4)
-        weight, bias = torch.ones(x.shape[1], device=device, dtype=dtype), torch.zeros(x.shape[1], device=device, dtype=dtype)
-        baseline_ms = time_ms(lambda x=x, w=weight, b=bias: F.silu(F.group_norm(x, 32, w, b)), device, repeats)
+
+        def make_group_norm_inputs(shape=shape, label=label):
+            x = torch.randn(shape, device=device, dtype=dtype)
+            if "permuted" in label:
+                x = x.unflatten(0, (batch, frames)).permute(0, 2, 1, 3, 4)
+            return x, torch.rand(x.shape[1], device=device, dtype=dtype) + 0.5, torch.randn(x.shape[1], device=device, dtype=dtype)
+
+        inputs = _input_sets(make_group_norm_inputs, 2 * torch.Size(shape).numel() * dtype.itemsize, device)
+        x = inputs[0][0]
+        element_bytes = x.numel() * x.element_size()
+        baseline_ms = time_rotating(lambda x, w, b: F.silu(F.group_norm(x, 32, w, b)), inputs, device, repeats)
+
+        def run_group_norm(x, w, b):
+            return group_norm(x, 32, w, b, 1e-5, "silu")
+
         for backend in _available_backends("group_norm", x):
             with backends.use_backend(backend):
-                ms = time_ms(lambda x=x, w=weight, b=bias: group_norm(x, 32, w, b, 1e-5, "silu"), device, repeats)
-            # Compulsory traffic: read x once, write y once.
-            record("group_norm_silu", label, backend, ms, 2 * x.numel() * x.element_size(), "torch group_norm + silu", baseline_ms)
-        del x
+                ms = time_rotating(run_group_norm, inputs, device, repeats)
+            record("group_norm_silu", label, backend, ms, 2 * element_bytes, None, "torch group_norm + silu", baseline_ms)
+        if _triton_available("group_norm", x):
+            interpreted = _triton_interpreting()
+            default_tile = triton_group_norm.INTERPRETER_TILE_ELEMENTS if interpreted else triton_group_norm.GPU_TILE_ELEMENTS
+            for tile in GROUP_NORM_TILES:
+                with backends.use_backend("triton"), triton_group_norm.launch_plan_override(tile):
+                    ms = time_rotating(run_group_norm, inputs, device, repeats)
+                # Designed traffic: the statistics pass reads x, the normalize pass reads x and writes y.
+                record("group_norm_silu", label, "triton", ms, 2 * element_bytes, 3 * element_bytes, "torch group_norm + silu",
+                       baseline_ms, plan=f"tile={tile}", default_plan=tile == default_tile)  # fmt: skip
+        del inputs, x
 
-    batch, frames, positions, heads, head_dim = shapes["attention"]
-    q, k, v = (torch.randn(batch * frames, positions, heads * head_dim, device=device, dtype=dtype) for _ in range(3))
-    baseline_ms = time_ms(lambda: _diffusers_attention(q, k, v, frames, heads), device, repeats)
-    for backend in _available_backends("temporal_attention", q, num_frames=frames, head_dim=head_dim):
-        with backends.use_backend(backend):
-            ms = time_ms(lambda: temporal_attention(q, k, v, frames, heads), device, repeats)
-        record("temporal_attention", shapes["attention"], backend, ms, 4 * q.numel() * q.element_size(),
-               "diffusers permute + SDPA + permute", baseline_ms)  # fmt: skip
+    attention_shapes = [shapes["attention"]] + ([] if dry_run else [(2, 14, 9216, 5, 64)])
+    for attention_shape in attention_shapes:
+        batch, frames, positions, heads, head_dim = attention_shape
+
+        def make_attention_inputs(batch=batch, frames=frames, positions=positions, heads=heads, head_dim=head_dim):
+            return tuple(torch.randn(batch * frames, positions, heads * head_dim, device=device, dtype=dtype) for _ in range(3))
+
+        inputs = _input_sets(make_attention_inputs, 3 * batch * frames * positions * heads * head_dim * dtype.itemsize, device)
+        q = inputs[0][0]
+        # q, k, v read once, out written once (lse, 1/D of that, left out).
+        compulsory = 4 * q.numel() * q.element_size()
+        baseline_ms = time_rotating(lambda q, k, v, f=frames, h=heads: _diffusers_attention(q, k, v, f, h), inputs, device, repeats)
+
+        def run_attention(q, k, v, frames=frames, heads=heads):
+            return temporal_attention(q, k, v, frames, heads)
+
+        for backend in _available_backends("temporal_attention", q, num_frames=frames, head_dim=head_dim):
+            with backends.use_backend(backend):
+                ms = time_rotating(run_attention, inputs, device, repeats)
+            record("temporal_attention", attention_shape, backend, ms, compulsory, None, "diffusers permute + SDPA + permute", baseline_ms)
+        if _triton_available("temporal_attention", q, num_frames=frames, head_dim=head_dim):
+            default = triton_attention.launch_plan(tuple(q.shape), frames, heads)
+            for block_p, warps in ATTENTION_PLANS:
+                with backends.use_backend("triton"), triton_attention.launch_plan_override(block_p, warps):
+                    ms = time_rotating(run_attention, inputs, device, repeats)
+                record("temporal_attention", attention_shape, "triton", ms, compulsory, compulsory, "diffusers permute + SDPA + permute",
+                       baseline_ms, plan=f"BLOCK_P={block_p}, warps={warps}",
+                       default_plan=(block_p, warps) == (default.block_p, default.num_warps))  # fmt: skip
+        del inputs, q
 
     shape = shapes["edm"]
-    x, uncond, cond = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+    inputs = _input_sets(lambda: tuple(torch.randn(shape, device=device, dtype=dtype) for _ in range(3)), 3 * torch.Size(shape).numel() * dtype.itemsize, device)
+    x = inputs[0][0]
     guidance = torch.linspace(1.0, 3.0, shape[1], device=device)
-    baseline_ms = time_ms(lambda: _torch_edm_step(x, uncond, cond, 1.5, 1.2, guidance), device, repeats)
+    baseline_ms = time_rotating(lambda x, uncond, cond: _torch_edm_step(x, uncond, cond, 1.5, 1.2, guidance), inputs, device, repeats)
     for backend in _available_backends("edm_euler_step", x):
         with backends.use_backend(backend):
-            ms = time_ms(lambda: edm_euler_step(x, uncond, cond, 1.5, 1.2, guidance), device, repeats)
-        record("edm_euler_step", shape, backend, ms, 4 * x.numel() * x.element_size(), "diffusers eager arithmetic", baseline_ms)
-    return {"copy_gbs": copy_gbs, "ops": rows}
+            ms = time_rotating(lambda x, uncond, cond: edm_euler_step(x, uncond, cond, 1.5, 1.2, guidance), inputs, device, repeats)
+        record("edm_euler_step", shape, backend, ms, 4 * x.numel() * x.element_size(), None, "diffusers eager arithmetic", baseline_ms)
+    return {"copy_gbs": copy_gbs, "ops": rows, "fastest_plans": fastest_plans(rows)}
+
+
+def _triton_interpreting() -> bool:
+    from svd_fast import _triton
+
+    return _triton.interpreting()
 
 
 def _unet_inputs(unet, frames: int, device):
@@ -708,7 +812,8 @@ def drive(out: Path, work: Path, dry_run: bool, budget: float, only: list[str] |
             continue
         command = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--work", str(work), "--stage", name]
         print(f"[gpu_check] {name} (time box {limit:.0f} s)", flush=True)
-        run_stage_process(work, name, command + (["--dry-run"] if dry_run else []), limit, env)
+        stage_env = {**env, "TRITON_INTERPRET": "1"} if dry_run and name in DRY_RUN_INTERPRETED else env
+        run_stage_process(work, name, command + (["--dry-run"] if dry_run else []), limit, stage_env)
     report = merge(work)
     package(out, work, report)
     return report
@@ -782,7 +887,7 @@ def markdown(report: dict) -> str:
     lines += ["", "| op | shape | backend | plan | ms | compulsory GB/s | % of copy | designed GB/s | baseline | baseline ms |",
               "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['op']} | {r['shape']} | {r['backend']} | {r.get('plan') or ''} | {r['ms']} | {r['gbs']} | {r['pct_of_copy']} | "
-              f"{r.get('designed_gbs') or ''} | {r['baseline']} | {r['baseline_ms']} |" for r in report["ops"]]  # fmt: skip
+              f"{'' if r.get('designed_gbs') is None else r['designed_gbs']} | {r['baseline']} | {r['baseline_ms']} |" for r in report["ops"]]  # fmt: skip
     if report["fastest_plans"]:
         lines += ["", "Fastest launch plan per shape (set the defaults from these):", "", "| op | shape | plan | ms | default plan | default ms |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['op']} | {r['shape']} | {r['plan']} | {r['ms']} | {r['default_plan']} | {r['default_ms']} |" for r in report["fastest_plans"]]

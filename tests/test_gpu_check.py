@@ -57,6 +57,15 @@ def test_dry_run_writes_three_files_with_the_full_report(tmp_path: Path) -> None
     assert report["correctness"] and all(row["ok"] for row in report["correctness"])
     assert {"op", "shape", "dtype", "backend", "max_abs_err", "tolerance", "ok"} <= set(report["correctness"][0])
     assert report["copy_gbs"] > 0
+    # The launch-plan variants ran (under the interpreter in a dry run), with both byte counts.
+    attention_plans = {row["plan"] for row in report["ops"] if row["op"] == "temporal_attention" and row["plan"]}
+    assert attention_plans == {f"BLOCK_P={block_p}, warps={warps}" for block_p, warps in gpu_check.ATTENTION_PLANS}
+    tiles = {row["plan"] for row in report["ops"] if row["op"] == "group_norm_silu" and row["plan"]}
+    assert tiles == {f"tile={tile}" for tile in gpu_check.GROUP_NORM_TILES}
+    for row in report["ops"]:
+        if row["op"] == "group_norm_silu" and row["plan"]:
+            assert 2 * row["designed_bytes"] == 3 * row["compulsory_bytes"]
+    assert {row["op"] for row in report["fastest_plans"]} == {"group_norm_silu", "temporal_attention"}
     assert set(report["unet_step_ms"]) == {"eager", "optimized", "optimized_cuda", "optimized_cuda_graphs"}
     assert set(report["end_to_end_s"]) == set(report["peak_reserved_gib"]) == {"eager", "optimized"}
 
@@ -137,6 +146,22 @@ def test_a_stage_that_raises_inside_the_stage_runner_keeps_its_partial_results(t
     )  # the stage's own record (written above) merged with its partial file
     assert record["status"] == "failed" and "MemoryError" in record["error"]
     assert record["results"]["vae_decode"] == [{"decode_chunk_size": 8, "seconds": 1.5}]
+
+
+def test_fastest_plans_names_the_fastest_plan_per_shape_beside_the_default() -> None:
+    rows = [
+        {"op": "temporal_attention", "shape": [2, 25], "plan": "BLOCK_P=1, warps=4", "default_plan": False, "ms": 3.0},
+        {"op": "temporal_attention", "shape": [2, 25], "plan": "BLOCK_P=2, warps=2", "default_plan": True, "ms": 2.0},
+        {"op": "temporal_attention", "shape": [2, 25], "plan": "BLOCK_P=4, warps=4", "default_plan": False, "ms": 1.5},
+        {"op": "temporal_attention", "shape": [2, 14], "plan": "BLOCK_P=2, warps=2", "default_plan": True, "ms": 1.0},
+        {"op": "temporal_attention", "shape": [2, 14], "plan": None, "default_plan": False, "ms": 0.1},
+    ]
+    assert gpu_check.fastest_plans(rows) == [
+        {"op": "temporal_attention", "shape": [2, 25], "plan": "BLOCK_P=4, warps=4", "ms": 1.5,
+         "default_plan": "BLOCK_P=2, warps=2", "default_ms": 2.0},
+        {"op": "temporal_attention", "shape": [2, 14], "plan": "BLOCK_P=2, warps=2", "ms": 1.0,
+         "default_plan": "BLOCK_P=2, warps=2", "default_ms": 1.0},
+    ]  # fmt: skip
 
 
 PYTEST_LOG = """\

@@ -27,7 +27,10 @@ arithmetic is wrong; float32 is the intended accumulation precision anyway).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -246,14 +249,31 @@ class LaunchPlan:
     grid: tuple[int]
 
 
+_tile_override: contextvars.ContextVar[int | None] = contextvars.ContextVar("tile_override", default=None)
+
+
+@contextlib.contextmanager
+def launch_plan_override(tile_elements: int) -> Iterator[None]:
+    """Inside the block, every launch uses tiles of ``tile_elements`` elements (bench/gpu_check.py times
+    launch-plan variants this way)."""
+    if tile_elements < 1 or tile_elements & (tile_elements - 1):
+        raise ValueError(f"tile_elements must be a power of two >= 1, got {tile_elements}")
+    token = _tile_override.set(tile_elements)
+    try:
+        yield
+    finally:
+        _tile_override.reset(token)
+
+
 def launch_plan(shape: tuple[int, ...], num_groups: int, interpreter: bool = False) -> LaunchPlan:
     """Tiles for x of ``shape`` (N, C, H, W) or (N, C, F, H, W). The tile holds GPU_TILE_ELEMENTS (fewer
-    under the interpreter); neither the dtype, the strides nor the compute capability change the choice."""
+    under the interpreter; :func:`launch_plan_override` replaces either); neither the dtype, the strides nor
+    the compute capability change the choice."""
     batch, channels = shape[0], shape[1]
     frames = shape[2] if len(shape) == 5 else 1
     positions = shape[-1] * shape[-2]
     channels_per_group = channels // num_groups
-    tile_elements = INTERPRETER_TILE_ELEMENTS if interpreter else GPU_TILE_ELEMENTS
+    tile_elements = _tile_override.get() or (INTERPRETER_TILE_ELEMENTS if interpreter else GPU_TILE_ELEMENTS)
     block_d = triton.next_power_of_2(channels_per_group)
     block_s = max(1, min(triton.next_power_of_2(positions), tile_elements // block_d))
     tiles_per_frame = triton.cdiv(positions, block_s)
