@@ -241,9 +241,9 @@ def stage_pytest(work: Path, dry_run: bool) -> dict:
             returncode = None
     counts = pytest_counts(log.read_text())
     if returncode is None:
-        raise StageFailure(f"pytest -m gpu cut short by the time box: {counts} so far; see pytest.log", {"pytest": counts})
+        raise StageFailure(f"pytest -m gpu cut short by the time box: {counts} so far; see gpu_check/pytest.log in the tarball", {"pytest": counts})
     if returncode not in (0, 5) or counts["failed"] or counts["errors"]:  # 5: nothing selected
-        raise StageFailure(f"pytest -m gpu: {counts}; see pytest.log", {"pytest": counts})
+        raise StageFailure(f"pytest -m gpu: {counts}; see gpu_check/pytest.log in the tarball", {"pytest": counts})
     return {"pytest": counts}
 
 
