@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from svd_fast.commands.errors import UsageError, require_positive, require_writable_dir
+from svd_fast.commands.errors import UsageError, require_output_folder, require_positive
 
 EXAMPLES = """examples:
   svd-fast demo --out demo_out            # the full demo: minutes on a 2-core CPU
@@ -44,11 +44,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def check_out(out: Path) -> None:
     """A new folder, or an empty one: the demo never mixes its outputs with an earlier run's."""
+    require_output_folder("--out", out, "demo")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file", "pass a new or empty folder")
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out} exists and is not empty", "pass a new folder, or remove this one")
-    require_writable_dir("--out", out)
 
 
 def run(args: argparse.Namespace) -> int:

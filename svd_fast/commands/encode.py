@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from svd_fast.commands.errors import UsageError, require_positive, require_writable_dir
+from svd_fast import _io
+from svd_fast.commands.errors import UsageError, require_output_folder, require_positive
 from svd_fast.commands.ray_actors import rows_from_actors
 
 EXAMPLES = """examples:
@@ -60,18 +61,22 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but CUDA is not available")
     require_positive("--actors", args.actors, integer=True)
-    out = require_writable_dir("--out", args.out)
+    out = require_output_folder("--out", args.out, "latents", [args.data, args.model])
 
     from svd_fast.training.latents import finish_latents_dir, prepare_latents_dir  # noqa: PLC0415
 
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     settings = {"data": str(Path(args.data).resolve()), "model": str(Path(args.model).resolve()), "num_frames": args.num_frames,
                 "height": args.height, "width": args.width, "stride": args.stride, "target_fps": args.target_fps}
+    _io.claim_folder(out, "latents", [args.data, args.model])
     try:
-        pending = prepare_latents_dir(out, settings)
-        if pending:
-            (_encode_ray if args.ray else _encode_local)([{"source": index} for index in pending], settings, out, device, args)
-        clips, skipped = finish_latents_dir(out)
+        with _io.lock(out / ".svd-fast-lock", "encode run", out):
+            pending = prepare_latents_dir(out, settings)
+            if pending:
+                (_encode_ray if args.ray else _encode_local)([{"source": index} for index in pending], settings, out, device, args)
+            clips, skipped = finish_latents_dir(out)
+    except _io.OutputBusyError as error:
+        raise UsageError(str(error), "wait for it to finish, or choose another --out") from None
     except ValueError as error:
         raise UsageError(str(error)) from None
     print(json.dumps({"out": str(out), "clips": clips, "encoded_sources": len(pending), "skipped": skipped}))

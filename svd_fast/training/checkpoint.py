@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from svd_fast import _io
+
 LOGGER = logging.getLogger(__name__)
 LATEST = "latest"
 COMPLETE = "complete.json"
@@ -62,36 +64,8 @@ def use_safe_loading(engine) -> None:
     engine.checkpoint_engine.__class__ = WeightsOnlyCheckpointEngine
 
 
-def write_atomic(path: Path, write: Any) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, then rename over ``path``."""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with temporary.open("wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def replace_folder(target: Path, write) -> None:
-    """Fill a staging folder with ``write(staging)``, then swap it in for ``target`` (the old one is removed
-    only after the new one is in place)."""
-    staging = target.with_name(f".{target.name}.tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    write(staging)
-    previous = target.with_name(f".{target.name}.old")
-    if target.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        target.rename(previous)
-    staging.rename(target)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def save_torch_atomic(obj: Any, path: Path) -> None:
-    write_atomic(path, lambda file: torch.save(obj, file))
+    _io.write_file(path, lambda temporary: torch.save(obj, temporary), fsync=True)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -128,8 +102,7 @@ def save_checkpoint(engine, root: Path, step: int, rank_files: dict[str, Any], r
         root.mkdir(parents=True, exist_ok=True)
         if folder.exists():  # an interrupted save of this step, or a history this run replaces
             shutil.rmtree(folder)
-        for stale in root.glob(f".{LATEST}.tmp*"):  # left by a save killed while moving `latest`
-            stale.unlink()
+        _io.remove_partials(root)  # left by a save killed while moving `latest`
     torch.distributed.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     for name, obj in rank_files.items():
@@ -138,8 +111,8 @@ def save_checkpoint(engine, root: Path, step: int, rank_files: dict[str, Any], r
     if rank == 0:
         _fsync_tree(folder)
         files = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*")) if path.is_file()}
-        write_atomic(folder / COMPLETE, lambda file: file.write(json.dumps({"step": step, "files": files}).encode()))
-        write_atomic(root / LATEST, lambda file: file.write(tag.encode()))
+        _io.write_bytes(folder / COMPLETE, json.dumps({"step": step, "files": files}).encode(), fsync=True)
+        _io.write_bytes(root / LATEST, tag.encode(), fsync=True)
     torch.distributed.barrier()
     return folder
 

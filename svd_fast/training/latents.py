@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from svd_fast.training.checkpoint import save_torch_atomic, write_atomic
+from svd_fast import _io
+from svd_fast.training.checkpoint import save_torch_atomic
 from svd_fast.training.objective import ClipFeatures, encode_clip_features
 
 SETTINGS = "settings.json"
@@ -36,8 +37,7 @@ LAYOUT = 2  # clips named by source (1: by position among the usable clips)
 
 
 def _write_json(path: Path, value: dict) -> None:
-    text = json.dumps(value, indent=2).encode()
-    write_atomic(path, lambda file: file.write(text))
+    _io.write_json(path, value, fsync=True)
 
 
 def clip_dataset(settings: dict[str, Any]):

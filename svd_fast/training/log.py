@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from svd_fast.training.checkpoint import write_atomic
+from svd_fast import _io
 from svd_fast.training.step import StepStats, sigma_bin_names
 
 
@@ -47,7 +47,7 @@ class TrainLog:
         self._interval_samples = 0
         if rank == 0:
             kept = _records_before(path, start_step)
-            write_atomic(path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))
+            _io.write_bytes(path, "".join(line + "\n" for line in kept).encode(), fsync=True)
 
     def record(self, step: int, stats: StepStats, write: bool, extra: dict[str, Any] | None = None) -> None:
         """Count ``stats``; when ``write``, reduce the loss over ranks (a collective) and append a record (with

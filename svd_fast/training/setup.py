@@ -38,7 +38,7 @@ def check_inputs(config: TrainConfig) -> None:
         missing = [source for source in sources if not Path(source).exists()]
         if missing:
             raise ValueError(f"data: {missing[0]!r} does not exist")
-    _check_writable(Path(config.output_dir))
+    check_output_dir(config)
     if config.validate_every:
         from svd_fast.training.validation import load_validation_images  # noqa: PLC0415
 
@@ -52,6 +52,23 @@ def check_inputs(config: TrainConfig) -> None:
 def latents_settings(config: TrainConfig) -> dict[str, Any]:
     """The config keys precomputed latents must have been encoded with."""
     return {"num_frames": config.num_frames, "height": config.height, "width": config.width}
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """``output_dir`` is new, empty or an earlier training run's (never a folder of the user's, the current folder
+    or an input's folder) and writable, and the exports it will replace are svd-fast's."""
+    from svd_fast import _io  # noqa: PLC0415
+
+    inputs = [config.model, *([config.data] if isinstance(config.data, str) else list(config.data or []))]
+    folder = Path(config.output_dir)
+    try:
+        _io.check_output_folder(folder, "train", inputs, name="output_dir:", replaced=False)
+        for kind in ("pipeline", "lora"):
+            if (folder / kind).exists():
+                _io.check_output_folder(folder / kind, kind, inputs, name=f"output_dir: its {kind} export")
+    except _io.OutputPathError as error:
+        raise ValueError(str(error)) from None
+    _check_writable(folder)
 
 
 def _check_writable(folder: Path) -> None:

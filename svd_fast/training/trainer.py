@@ -10,7 +10,6 @@ lora (peft adapters, ``trained_parameters: lora``) and validation (sample clips 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -20,14 +19,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from svd_fast import _io
 from svd_fast.training.checkpoint import (
     EMA_FILE,
     STATE_FILE,
     load_checkpoint,
-    replace_folder,
     resolve_resume,
     save_checkpoint,
-    write_atomic,
 )
 from svd_fast.training.config import TrainConfig
 from svd_fast.training.ema import ShardedEMA, full_shapes, gather_full, local_master_fragments
@@ -86,9 +84,21 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
     config = as_config(config)
     check_inputs(config)  # everything cheap, before any model loads
     output_dir = Path(config.output_dir)
-    resume_path = resolve_resume(config.resume_from, output_dir)
     device = resolve_device(config)
     rank, world_size = setup_distributed(device)
+    if rank == 0:
+        _io.claim_folder(output_dir, "train", name="output_dir:")
+    # One lock per rank: every rank of a second run on the same folder finds its lock held and stops.
+    with _io.lock(output_dir / f".svd-fast-lock-rank{rank}", "training run", output_dir, busy=OutputDirBusyError):
+        return _train(config, output_dir, device, rank, world_size)
+
+
+class OutputDirBusyError(_io.OutputBusyError, ValueError):
+    """Another training run is writing the same output_dir (a ValueError: the config names a busy folder)."""
+
+
+def _train(config: TrainConfig, output_dir: Path, device: torch.device, rank: int, world_size: int) -> TrainResult:
+    resume_path = resolve_resume(config.resume_from, output_dir)
     dataset = _open_dataset(config, rank, world_size)
     models = build_models(config, device)
     engine = models.engine
@@ -97,8 +107,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
 
     checkpoint_root = output_dir / "checkpoints"
     if rank == 0:
-        text = json.dumps(config.to_dict(), indent=2, default=str).encode()
-        write_atomic(output_dir / "train_config.json", lambda file: file.write(text))
+        _io.write_json(output_dir / "train_config.json", config.to_dict(), fsync=True)
 
     state = TrainerState()
     last_checkpoint: Path | None = None
@@ -179,14 +188,14 @@ def export_pipeline(models: Models, ema: ShardedEMA | None, config: TrainConfig,
         if unexpected:
             raise RuntimeError(f"export: parameter names do not match the base UNet (unexpected {unexpected[:3]})")
         if config.trained_parameters == "lora":
-            replace_folder(target.with_name("lora"), lambda staging: save_lora(unet, config.lora(), staging))
+            _io.replace_folder(target.with_name("lora"), "lora", lambda staging: save_lora(unet, config.lora(), staging), [config.model], name="lora export")
             merge_lora(unet)
 
         def write_pipeline(staging: Path) -> None:
-            shutil.copytree(config.model, staging, ignore=shutil.ignore_patterns("unet"))
+            shutil.copytree(config.model, staging, ignore=shutil.ignore_patterns("unet", _io.MARKER), dirs_exist_ok=True)
             unet.save_pretrained(staging / "unet", safe_serialization=True)
 
-        replace_folder(target, write_pipeline)
+        _io.replace_folder(target, "pipeline", write_pipeline, [config.model], name="pipeline export")
     return target
 
 
