@@ -51,7 +51,9 @@ def check_inputs(config: TrainConfig) -> None:
 
 def latents_settings(config: TrainConfig) -> dict[str, Any]:
     """The config keys precomputed latents must have been encoded with."""
-    return {"num_frames": config.num_frames, "height": config.height, "width": config.width}
+    from svd_fast.training.latents import model_identity  # noqa: PLC0415
+
+    return {"num_frames": config.num_frames, "height": config.height, "width": config.width, "model_identity": model_identity(config.model)}
 
 
 def check_output_dir(config: TrainConfig) -> None:
@@ -184,6 +186,13 @@ def build_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
     merged = _merge(derived, user, "", conflicts)
     if conflicts:
         raise ValueError(f"deepspeed_config: {str(path)!r} conflicts with the training config: {'; '.join(conflicts)}")
+    checkpoint = merged.get("checkpoint")
+    if isinstance(checkpoint, dict) and checkpoint.get("load_universal"):
+        raise ValueError(f"deepspeed_config: {str(path)!r} sets checkpoint.load_universal, whose loader unpickles "
+                         "(torch.load(weights_only=False)) and can run code from the checkpoint; remove it and resume from "
+                         "a checkpoint this trainer wrote")
+    if isinstance(merged.get("nebula"), dict) and merged["nebula"].get("enabled"):
+        raise ValueError(f"deepspeed_config: {str(path)!r} enables nebula, a checkpoint engine without weights-only loading; remove it")
     return merged
 
 

@@ -10,6 +10,7 @@ lora (peft adapters, ``trained_parameters: lora``) and validation (sample clips 
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,8 +23,10 @@ from tqdm.auto import tqdm
 from svd_fast import _io
 from svd_fast.training.checkpoint import (
     EMA_FILE,
+    LATEST,
     STATE_FILE,
     load_checkpoint,
+    read_complete,
     resolve_resume,
     save_checkpoint,
 )
@@ -31,6 +34,7 @@ from svd_fast.training.config import TrainConfig
 from svd_fast.training.ema import ShardedEMA, full_shapes, gather_full, local_master_fragments
 from svd_fast.training.latents import PrecomputedClips
 from svd_fast.training.log import TrainLog
+from svd_fast.training.run import apply_learning_rate, changed_settings, check_same_run, current_identity, new_identity, write_identity
 from svd_fast.training.setup import Models, build_models, check_inputs, resolve_device, setup_distributed
 from svd_fast.training.step import ClipStream, StepRunner, restore_rng_state, rng_state
 from svd_fast.training.validation import Validator
@@ -97,8 +101,33 @@ class OutputDirBusyError(_io.OutputBusyError, ValueError):
     """Another training run is writing the same output_dir (a ValueError: the config names a busy folder)."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss was not finite for max_nonfinite_steps steps in a row; the run stopped."""
+
+
+def _run_identity(config: TrainConfig, config_dict: dict[str, Any], resume_path: Path | None, output_dir: Path) -> tuple[dict, dict]:
+    """This run's identity and the settings changed since ``resume_path`` (checked: see svd_fast.training.run)."""
+    if resume_path is None:
+        kept = current_identity(output_dir) if config.resume_from == LATEST else None  # every save was interrupted
+        return kept or new_identity(config_dict), {}
+    if config.resume_from == LATEST:
+        check_same_run(resume_path, output_dir, config.allow_other_run)
+    changes = changed_settings(resume_path, config_dict)
+    return read_complete(resume_path).get("run") or current_identity(output_dir) or new_identity(config_dict), changes
+
+
+def _all_finite(loss: float) -> bool:
+    finite = torch.tensor([1.0 if math.isfinite(loss) else 0.0])
+    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def _train(config: TrainConfig, output_dir: Path, device: torch.device, rank: int, world_size: int) -> TrainResult:
     resume_path = resolve_resume(config.resume_from, output_dir)
+    config_dict = config.to_dict()
+    identity, changes = _run_identity(config, config_dict, resume_path, output_dir)
+    if rank == 0:
+        write_identity(output_dir, identity)
     dataset = _open_dataset(config, rank, world_size)
     models = build_models(config, device)
     engine = models.engine
@@ -107,7 +136,7 @@ def _train(config: TrainConfig, output_dir: Path, device: torch.device, rank: in
 
     checkpoint_root = output_dir / "checkpoints"
     if rank == 0:
-        _io.write_json(output_dir / "train_config.json", config.to_dict(), fsync=True)
+        _io.write_json(output_dir / "train_config.json", config_dict, fsync=True)
 
     state = TrainerState()
     last_checkpoint: Path | None = None
@@ -117,6 +146,8 @@ def _train(config: TrainConfig, output_dir: Path, device: torch.device, rank: in
             raise ValueError(f"resume_from: {resume_path} was written by {saved['world_size']} processes, this run has {world_size}")
         state = TrainerState(saved["step"], saved["micro_step"], list(saved["losses"]), saved["data_epoch"], saved["data_position"])
         restore_rng_state(saved["rng"])
+        if "learning_rate" in changes:
+            apply_learning_rate(engine, config.learning_rate)
         if ema is not None:
             if ema_state is None:
                 raise ValueError(f"resume_from: {resume_path} has no EMA ({EMA_FILE.format(rank=rank)}) but ema_decay > 0")
@@ -124,7 +155,7 @@ def _train(config: TrainConfig, output_dir: Path, device: torch.device, rank: in
         last_checkpoint = resume_path
     stream = ClipStream(dataset, config.batch_size, state.data_epoch, state.data_position)
     runner = StepRunner(config, models, stream, device, rank, state.micro_step)
-    log = TrainLog(output_dir / "train_log.jsonl", state.step, list(config.sigma_bins), world_size, device, rank)
+    log = TrainLog(output_dir / "train_log.jsonl", state.step, list(config.sigma_bins), world_size, device, rank, identity["run_id"])
     validator = Validator(config, models.pipeline, device, output_dir) if config.validate_every and rank == 0 else None
 
     def checkpoint() -> Path:
@@ -134,9 +165,9 @@ def _train(config: TrainConfig, output_dir: Path, device: torch.device, rank: in
         }}
         if ema is not None:
             files[EMA_FILE.format(rank=rank)] = ema.state_dict()
-        return save_checkpoint(engine, checkpoint_root, state.step, files, rank)
+        return save_checkpoint(engine, checkpoint_root, state.step, files, rank, {"run": identity, "config": config_dict})
 
-    samples_seen, start = 0, time.perf_counter()
+    samples_seen, start, nonfinite_in_a_row = 0, time.perf_counter(), 0
     progress = tqdm(total=config.max_steps, initial=state.step, desc="train", unit="step", disable=rank != 0)
     while state.step < config.max_steps:
         stats = runner.run()
@@ -145,7 +176,16 @@ def _train(config: TrainConfig, output_dir: Path, device: torch.device, rank: in
         samples_seen += stats.samples
         progress.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
         progress.update(1)
-        if ema is not None:
+        finite = _all_finite(stats.loss)
+        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+        if nonfinite_in_a_row >= config.max_nonfinite_steps:
+            log.record(state.step, stats, write=True)
+            progress.close()
+            kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None else "no checkpoint was saved"
+            raise NonFiniteLossError(f"step {state.step}: the loss is {stats.loss} ({nonfinite_in_a_row} step(s) in a row, "
+                                     f"max_nonfinite_steps: {config.max_nonfinite_steps}); training stopped, {kept} "
+                                     "(lower learning_rate, or raise max_nonfinite_steps where fp16 overflows skip steps)")
+        if ema is not None and finite:
             ema.update(engine.module)
         extra = {}
         if config.validate_every and state.step % config.validate_every == 0:
@@ -154,11 +194,11 @@ def _train(config: TrainConfig, output_dir: Path, device: torch.device, rank: in
                 extra["validation"] = validator.run(state.step, trained_state)
         write = state.step % config.log_every == 0 or state.step == config.max_steps or bool(extra)
         log.record(state.step, stats, write=write, extra=extra)
-        if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and finite:
             last_checkpoint = checkpoint()
     progress.close()
     elapsed = time.perf_counter() - start
-    if last_checkpoint is None or last_checkpoint.name != f"step_{state.step}":  # never lose the finished steps
+    if (last_checkpoint is None or last_checkpoint.name != f"step_{state.step}") and nonfinite_in_a_row == 0:  # never lose the finished steps
         last_checkpoint = checkpoint()
 
     export_path = export_pipeline(models, ema, config, output_dir / "pipeline", rank) if config.export else None
