@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from svd_fast.commands.errors import UsageError, require_output_folder, require_positive
+from svd_fast.commands.errors import UsageError, require, require_output_folder
 
 EXAMPLES = """examples:
   svd-fast demo --out demo_out            # the full demo: minutes on a 2-core CPU
@@ -52,10 +52,8 @@ def check_out(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    require_positive("--unet-steps", args.unet_steps, integer=True)
-    require_positive("--sample-steps", args.sample_steps, integer=True)
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    for name in ("unet_steps", "sample_steps", "seed"):
+        require(name, getattr(args, name))
     check_out(args.out)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from dataclasses import replace  # noqa: PLC0415

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from svd_fast import _io
-from svd_fast.commands.errors import UsageError, require_output_folder, require_positive
+from svd_fast.commands.errors import UsageError, require, require_device, require_output_folder
 from svd_fast.commands.ray_actors import rows_from_actors
 
 EXAMPLES = """examples:
@@ -45,11 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415
-
-    for name in ("num_frames", "height", "width", "stride"):
-        require_positive(f"--{name.replace('_', '-')}", getattr(args, name), integer=True)
-    require_positive("--target-fps", args.target_fps)
+    for name in ("num_frames", "height", "width", "stride", "target_fps", "actors"):
+        require(name, getattr(args, name))
     if args.height % 8 or args.width % 8:
         raise UsageError(f"--height and --width must be multiples of 8, got {args.height}x{args.width}")
     if args.stride is not None and args.target_fps is not None:
@@ -58,14 +55,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data} does not exist", "check the path")
     if not Path(args.model).is_dir():
         raise UsageError(f"--model {args.model} is not a diffusers pipeline folder", "check the path")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but CUDA is not available")
-    require_positive("--actors", args.actors, integer=True)
+    device = require_device(args.device)
     out = require_output_folder("--out", args.out, "latents", [args.data, args.model])
 
     from svd_fast.training.latents import finish_latents_dir, prepare_latents_dir  # noqa: PLC0415
 
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     settings = {"data": str(Path(args.data).resolve()), "model": str(Path(args.model).resolve()), "num_frames": args.num_frames,
                 "height": args.height, "width": args.width, "stride": args.stride, "target_fps": args.target_fps}
     _io.claim_folder(out, "latents", [args.data, args.model])

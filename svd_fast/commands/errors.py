@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from svd_fast import _io
+from svd_fast import _io, checks
 
 EXIT_USAGE = 2
 EXIT_PARTIAL = 1  # a batch job finished, but some items failed (each recorded with its error)
@@ -90,3 +90,18 @@ def require_output_folder(name: str, folder: str | os.PathLike, kind: str, input
         what, _, todo = str(error).rpartition(" (")
         raise UsageError(what, todo.rstrip(")")) from None
     return require_writable_dir(name, folder)
+
+
+def require(name: str, value: object, option: str | None = None) -> object:
+    """``value`` under svd_fast.checks.RULES[name], spelled as the option ``option`` (default ``--name``)."""
+    try:
+        return checks.check(name, value, spelled=option or f"--{name.replace('_', '-')}")
+    except checks.CheckError as error:
+        raise UsageError(str(error)) from None
+
+
+def require_device(value: str | None, option: str = "--device") -> str:
+    try:
+        return checks.parse_device(value, spelled=option)
+    except checks.CheckError as error:
+        raise UsageError(str(error)) from None

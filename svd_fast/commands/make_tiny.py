@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from svd_fast import _io
-from svd_fast.commands.errors import UsageError, require_output_folder
+from svd_fast.commands.errors import UsageError, require, require_output_folder
 
 EXAMPLES = """examples:
   svd-fast make-tiny models/tiny-svd
@@ -32,8 +32,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.dir} is a file", "pass a new or empty folder")
     if args.dir.is_dir() and any(args.dir.iterdir()):
         raise UsageError(f"{args.dir} exists and is not empty", "pass a new folder, or remove this one")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    require("seed", args.seed)
     from svd_fast.diffusers.tiny import save_tiny_pipeline  # noqa: PLC0415
 
     # Written beside the target and moved into place: an interrupted run leaves no half-written pipeline.

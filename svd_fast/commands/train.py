@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from svd_fast.commands.errors import UsageError
+from svd_fast.commands.errors import UsageError, require
 
 EXAMPLES = """examples:
   svd-fast make-tiny models/tiny-svd && svd-fast train --config configs/train_tiny_cpu.yaml
@@ -58,7 +58,8 @@ def load_config(args: argparse.Namespace, check_paths: bool = True):
     """The config file with the --set overrides, checked (types, values and, with ``check_paths``, paths,
     writability and resumability) without loading any model; every problem is a UsageError naming the key."""
     from svd_fast.training import TrainConfig  # noqa: PLC0415 - keep `svd-fast --help` fast
-    from svd_fast.training.checkpoint import resolve_resume  # noqa: PLC0415
+    from svd_fast.training.checkpoint import LATEST, resolve_resume  # noqa: PLC0415
+    from svd_fast.training.run import changed_settings, check_same_run  # noqa: PLC0415
     from svd_fast.training.setup import check_inputs  # noqa: PLC0415
 
     overrides = parse_overrides(args.overrides)
@@ -69,7 +70,11 @@ def load_config(args: argparse.Namespace, check_paths: bool = True):
         if not check_paths:
             return config
         check_inputs(config)
-        resolve_resume(config.resume_from, Path(config.output_dir))
+        resume_path = resolve_resume(config.resume_from, Path(config.output_dir))
+        if resume_path is not None:  # the run and its settings, as train() checks them again under its lock
+            if config.resume_from == LATEST:
+                check_same_run(resume_path, Path(config.output_dir), config.allow_other_run)
+            changed_settings(resume_path, config.to_dict(), report=False)
     except ValueError as error:
         raise UsageError(str(error), f"fix {args.config} or the --set values") from None
     return config
@@ -79,8 +84,7 @@ def plan(args: argparse.Namespace) -> int:
     from svd_fast.training.memory_plan import describe, plan_memory  # noqa: PLC0415
 
     config = load_config(args, check_paths=False)  # a plan needs neither the model nor the data
-    if args.gpus < 1:
-        raise UsageError(f"--gpus must be >= 1, got {args.gpus}")
+    require("gpus", args.gpus)
     if config.precision == "fp32":
         raise UsageError("precision: the memory plan models mixed precision (DeepSpeed's estimators assume 16-bit parameters)",
                          "plan with --set precision=bf16")

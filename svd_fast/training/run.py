@@ -71,7 +71,7 @@ def check_same_run(checkpoint: Path, output_dir: Path, allow_other_run: bool) ->
     )
 
 
-def changed_settings(checkpoint: Path, config_dict: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+def changed_settings(checkpoint: Path, config_dict: dict[str, Any], report: bool = True) -> dict[str, tuple[Any, Any]]:
     """Keys whose value differs from the config ``checkpoint`` was trained with: key -> (saved, now). A
     change of a :data:`FIXED_ON_RESUME` key is a ValueError listing every such key."""
     saved = read_complete(checkpoint).get("config")
@@ -83,7 +83,7 @@ def changed_settings(checkpoint: Path, config_dict: dict[str, Any]) -> dict[str,
     if fixed:
         raise ValueError(f"resume_from: {checkpoint} was trained with other values of keys its saved state depends on: "
                          f"{'; '.join(fixed)} (restore them, or start a new run in another output_dir)")
-    if changes:
+    if changes and report:
         listed = "; ".join(f"{key} {saved!r} -> {now!r}" for key, (saved, now) in changes.items())
         LOGGER.warning("resume from %s: settings changed since it was saved, applied: %s", checkpoint.name, listed)
     return changes

@@ -20,6 +20,7 @@ from svd_fast.training.config import TrainConfig
 # and the frame-position embedding (temporal-only fine-tunes train these and freeze the rest).
 TEMPORAL_PARAMETER = re.compile(r"temporal_transformer_blocks|temporal_res_block|time_mixer|time_pos_embed")
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+PROBED_SOURCES = 8  # videos whose frame count is read before the model loads
 
 
 def check_inputs(config: TrainConfig) -> None:
@@ -38,6 +39,7 @@ def check_inputs(config: TrainConfig) -> None:
         missing = [source for source in sources if not Path(source).exists()]
         if missing:
             raise ValueError(f"data: {missing[0]!r} does not exist")
+        check_data(config)
     check_output_dir(config)
     if config.validate_every:
         from svd_fast.training.validation import load_validation_images  # noqa: PLC0415
@@ -47,6 +49,36 @@ def check_inputs(config: TrainConfig) -> None:
     if device.type == "cpu" and config.precision == "fp16":
         raise ValueError("precision: fp16 is unsupported on the CPU (DeepSpeed's CPU accelerator); use bf16 or fp32")
     build_deepspeed_config(config)
+
+
+def check_data(config: TrainConfig) -> None:
+    """The data lists videos (a manifest is readable), and one of the first :data:`PROBED_SOURCES` videos holds a
+    clip of ``num_frames`` frames (with stride/target_fps), so a config the data cannot serve fails here, naming
+    the video or manifest, not in the first step."""
+    from svd_fast.data.clips import clip_frame_indices, sources_from  # noqa: PLC0415
+    from svd_fast.data.decode import probe_video  # noqa: PLC0415
+
+    try:
+        sources = sources_from(config.data)
+    except (OSError, ValueError, KeyError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"data: {config.data!r} is not a readable video folder, list or manifest ({type(error).__name__}: {error})") from None
+    if not sources:
+        raise ValueError(f"data: no video files in {config.data!r} (a folder of videos, a list of them or a curate manifest)")
+    unreadable, longest = [], 0
+    for source in sources[:PROBED_SOURCES]:
+        try:
+            info = probe_video(source.path)
+        except (OSError, ValueError) as error:  # VideoDecodeError is a ValueError
+            unreadable.append(f"{source.path} ({error})")
+            continue
+        if config.on_short == "pad" or clip_frame_indices(info.num_frames, info.fps, config.num_frames, config.stride, config.target_fps,
+                                                          source.start_frame, source.end_frame):  # fmt: skip
+            return
+        longest = max(longest, info.num_frames)
+    if len(unreadable) == min(len(sources), PROBED_SOURCES):
+        raise ValueError(f"data: the first {len(unreadable)} video(s) cannot be read, e.g. {unreadable[0]}")
+    raise ValueError(f"num_frames: none of the first {min(len(sources), PROBED_SOURCES)} videos holds a clip of {config.num_frames} frames "
+                     f"(the longest has {longest} frames); lower num_frames, stride or target_fps, or set on_short: pad")
 
 
 def latents_settings(config: TrainConfig) -> dict[str, Any]:
