@@ -8,6 +8,7 @@ hang curation. CPU, tiny model."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -137,11 +138,20 @@ def test_settings_changed_on_resume_are_applied_or_refused(two_checkpoints: Path
     assert result.steps == 3 and last["step"] == 3 and last["lr"] == pytest.approx(2e-4)
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workdir: Path) -> None:
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workdir: Path, monkeypatch) -> None:
+    from svd_fast.training.step import StepRunner  # noqa: PLC0415
     from svd_fast.training.trainer import NonFiniteLossError  # noqa: PLC0415
 
-    with pytest.raises(NonFiniteLossError, match="training stopped, the last good checkpoint is .*step_1"):
-        train(tiny_config(workdir, "nan", learning_rate=1e30, max_steps=6, checkpoint_every=1, export=True))
+    real_run, steps = StepRunner.run, []
+
+    def diverging(self):  # the loss of a diverged run from step 2 on (a too-high learning rate, bad data)
+        stats = real_run(self)
+        steps.append(stats)
+        return dataclasses.replace(stats, loss=float("nan")) if len(steps) >= 2 else stats
+
+    monkeypatch.setattr(StepRunner, "run", diverging)
+    with pytest.raises(NonFiniteLossError, match="step 3: the loss is nan .*2 step.* in a row.*the last good checkpoint is .*step_1"):
+        train(tiny_config(workdir, "nan", max_steps=6, checkpoint_every=1, export=True, max_nonfinite_steps=2))
     root = workdir / "nan" / "checkpoints"
     assert (root / LATEST).read_text() == "step_1" and sorted(p.name for p in root.glob("step_*")) == ["step_1"]
     assert not (workdir / "nan" / "pipeline").exists()
