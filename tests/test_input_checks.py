@@ -189,3 +189,15 @@ def test_a_forced_backend_is_checked_against_the_device() -> None:
 
     assert checks.backend_unavailable_reason("auto", "cpu", torch.float32) is None
     assert "cuda" in checks.backend_unavailable_reason("cuda", "cpu", torch.float32)
+
+
+def test_a_missing_ray_cluster_is_named(files, capsys, monkeypatch) -> None:
+    import ray  # noqa: PLC0415
+
+    def no_cluster(*args, **kwargs):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
+    argv = [*_base("encode", files), "--ray", "auto", "--device", "cpu"]
+    argv[argv.index("--data") + 1] = str(files["root"] / "not_a_video.mp4")
+    _assert_one_line("encode", argv, "--ray auto: no running Ray cluster to join (Could not find any running Ray instance", capsys)

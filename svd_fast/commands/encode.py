@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
             clips, skipped = finish_latents_dir(out)
     except _io.OutputBusyError as error:
         raise UsageError(str(error), "wait for it to finish, or choose another --out") from None
+    except ConnectionError as error:  # ray.init(address="auto") without a cluster
+        raise UsageError(f"--ray {args.ray}: no running Ray cluster to join ({str(error).splitlines()[0]})",
+                         "start one with `ray start --head`, or use --ray local") from None
     except ValueError as error:
         raise UsageError(str(error)) from None
     print(json.dumps({"out": str(out), "clips": clips, "encoded_sources": len(pending), "skipped": skipped}))
