@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from svd_fast import _io
+from svd_fast._ray import rows_from_actors
 from svd_fast.commands.errors import UsageError, require, require_device, require_output_folder
-from svd_fast.commands.ray_actors import rows_from_actors
 
 EXAMPLES = """examples:
   svd-fast encode --data data/manifest.parquet --model models/stable-video-diffusion-img2vid-xt --out latents/xt \\
