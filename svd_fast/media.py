@@ -1,27 +1,26 @@
 """Reading conditioning images and writing generated frames as .mp4, .gif or a folder of PNGs.
 
-Every output is written under a temporary name in its destination folder and moved into place with
-os.replace only when complete: a failure (full disk, file-size limit, kill) never leaves a half-written
-video or frame folder under the output's name, and a previous output of the same name survives until the
-new one is whole. Temporary names start with :data:`PARTIAL_PREFIX`; :func:`remove_partials` clears the ones
-a killed process left behind.
+Every output is written with svd_fast._io: under a temporary name in its destination folder, moved into place
+with os.replace only when complete (a failure never leaves a half-written video or frame folder under the
+output's name), and a frames folder only ever replaces an earlier svd-fast frames folder, never a folder of
+the user's (:func:`check_output`).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from svd_fast import _io
+
 VIDEO_SUFFIXES = (".mp4", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MIN_IMAGE_SIDE = 16
-PARTIAL_PREFIX = ".svd-fast-partial-"
+PARTIAL_PREFIX = _io.PARTIAL_PREFIX
+remove_partials = _io.remove_partials
 
 
 class MediaError(ValueError):
@@ -59,62 +58,49 @@ def output_kind(path: str | Path) -> str:
     return "frames"
 
 
-def write_frames(frames: Sequence[Image.Image] | np.ndarray, path: str | Path, fps: float = 7) -> Path:
-    """Write frames (PIL images or uint8 (F, H, W, 3)) to ``path`` as decided by :func:`output_kind`,
-    atomically (see the module docstring)."""
-    path = Path(path)
+def check_output(path: str | Path, inputs: Iterable[str | Path] = ()) -> str:
+    """The kind of ``path`` (:func:`output_kind`) once it is known to be writable without destroying anything:
+    not an existing folder where a file goes, and a frames folder only where svd_fast._io.check_output_folder
+    allows (never ``''``, ``.``, ``..``, the current folder, an input's folder or a folder svd-fast did not
+    write). MediaError saying why not."""
     kind = output_kind(path)
+    raw = str(path)
+    try:
+        if kind == "frames":
+            _io.check_output_folder(path, "frames", inputs)
+        elif Path(raw).is_dir():
+            raise MediaError(f"--out {raw} is an existing folder; a {kind} output is a file (pass a file name)")
+    except _io.OutputPathError as error:
+        raise MediaError(str(error)) from None
+    return kind
+
+
+def write_frames(frames: Sequence[Image.Image] | np.ndarray, path: str | Path, fps: float = 7, inputs: Iterable[str | Path] = ()) -> Path:
+    """Write frames (PIL images or uint8 (F, H, W, 3)) to ``path`` as decided by :func:`output_kind`,
+    atomically (see the module docstring); ``inputs`` (the files the frames were made from) are never in the
+    folder replaced."""
+    path = Path(path)
+    inputs = list(inputs)
+    kind = check_output(path, inputs)
     if not fps > 0:
         raise MediaError(f"write_frames: fps must be > 0, got {fps!r}")
     images = [frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame)) for frame in frames]
     if not images:
         raise MediaError("write_frames: no frames to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "frames":
-        _write_folder_atomically(images, path)
-        return path
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{PARTIAL_PREFIX}{path.stem}-", suffix=path.suffix)
-    os.close(descriptor)
-    try:
-        if kind == "gif":
-            images[0].save(temporary, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-        else:
-            _write_mp4(np.stack([np.asarray(image.convert("RGB")) for image in images]), Path(temporary), fps)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
+        def write_pngs(folder: Path) -> None:
+            for index, image in enumerate(images):
+                image.save(folder / f"frame_{index:04d}.png")
 
-def _write_folder_atomically(images: list[Image.Image], path: Path) -> None:
-    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{PARTIAL_PREFIX}{path.name}-"))
-    try:
-        for index, image in enumerate(images):
-            image.save(temporary / f"frame_{index:04d}.png")
-        if path.exists():
-            # A folder cannot replace a non-empty one in a single rename: move the old one aside first.
-            previous = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{PARTIAL_PREFIX}{path.name}-previous-"))
-            os.replace(path, previous / path.name)
-            os.replace(temporary, path)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-
-
-def remove_partials(folder: str | Path) -> int:
-    """Delete the temporary outputs a killed run left in ``folder``; returns how many."""
-    removed = 0
-    for leftover in Path(folder).glob(f"{PARTIAL_PREFIX}*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-        removed += 1
-    return removed
+        try:
+            return _io.replace_folder(path, "frames", write_pngs, inputs)
+        except _io.OutputPathError as error:
+            raise MediaError(str(error)) from None
+    if kind == "gif":
+        return _io.write_file(path, lambda temporary: images[0].save(
+            temporary, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0))
+    return _io.write_file(path, lambda temporary: _write_mp4(np.stack([np.asarray(image.convert("RGB")) for image in images]), temporary, fps))
 
 
 def _write_mp4(frames: np.ndarray, path: Path, fps: float) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from svd_fast import _io
 from svd_fast.cli import COMMANDS, build_parser, main
 
 # PyAV is not on every machine that runs the GPU tests (the GPU image lacks it): skip this module there.
@@ -62,7 +63,7 @@ def test_generate_frames_folder_in_subprocess(tiny_model: Path, image: Path, tmp
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    assert sorted(path.name for path in out.iterdir()) == ["frame_0000.png", "frame_0001.png", "frame_0002.png"]
+    assert sorted(path.name for path in out.iterdir()) == [_io.MARKER, "frame_0000.png", "frame_0001.png", "frame_0002.png"]
     assert json.loads(result.stdout.strip().splitlines()[-1])["backends_used"]["edm_euler_step"]
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from svd_fast import _io
 from svd_fast.cli import main
 from svd_fast.curation import manifest, pipeline
 from svd_fast.data import synthetic
@@ -162,7 +163,7 @@ def test_damaged_parts_are_redone(damage: str, videos: Path, tmp_path: Path) -> 
         part.write_bytes(part.read_bytes()[:100])
     else:
         pd.DataFrame({"source": ["x"]}).to_parquet(part)
-    leftover = manifest.parts_dir(out) / f".{part.name}{manifest.TEMPORARY_MARK}dead"
+    leftover = manifest.parts_dir(out) / f"{_io.PARTIAL_PREFIX}{part.stem}-dead.parquet"
     leftover.write_bytes(b"")  # what a run killed between mkstemp and the rename leaves
     assert main(["curate", "--input", str(videos), "--out", str(out), "--no-ocr"]) == 0
     assert len(pd.read_parquet(out)) == 2 and manifest.part_is_complete(out, part.stem)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import svd_fast.commands.generate as generate_command
-from svd_fast import media
+from svd_fast import _io, media
 from svd_fast.cli import main
 from svd_fast.diffusers import generation
 
@@ -161,7 +161,7 @@ def test_outputs_are_atomic_when_the_disk_fills(tmp_path: Path) -> None:
 
     with av.open(str(tmp_path / "clip.mp4")) as container:
         assert sum(1 for _ in container.decode(video=0)) == 2
-    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["frame_0000.png", "frame_0001.png"]
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [_io.MARKER, "frame_0000.png", "frame_0001.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif", "clip.mp4", "frames"]  # no partial files
 
 

@@ -18,6 +18,7 @@ import torch
 from training_fixtures import tiny_config as shared_tiny_config
 from training_fixtures import workdir_fixture
 
+from svd_fast import _io
 from svd_fast.training import TrainConfig, train
 from svd_fast.training.checkpoint import COMPLETE, incomplete_reason, resolve_resume, safe_load
 from svd_fast.training.setup import build_deepspeed_config
@@ -142,7 +143,7 @@ FAULT_SCRIPT = textwrap.dedent("""
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def save_checkpoint(engine, root, step, rank_files, rank):
+    def save_checkpoint(engine, root, step, rank_files, rank, record=None):
         saves["count"] += 1
         if saves["count"] == 2:  # the first save completes; the second one fails at `phase`
             if phase == "disk_full":
@@ -159,7 +160,7 @@ FAULT_SCRIPT = textwrap.dedent("""
                         die()
                     real_replace(src, dst)
                 os.replace = replace
-        return real_save(engine, root, step, rank_files, rank)
+        return real_save(engine, root, step, rank_files, rank, record)
 
     checkpoint.save_checkpoint = save_checkpoint
     import svd_fast.training.trainer as trainer
@@ -183,7 +184,7 @@ def test_fault_during_checkpoint_save_then_plain_resume_completes(workdir: Path,
     resumed = train(dict(values, resume_from="latest"))
     assert resumed.steps == 2 and len(resumed.losses) == 2
     assert incomplete_reason(root / "step_2") is None and (root / "latest").read_text() == "step_2"
-    assert not list(root.rglob(".*.tmp*"))  # the resumed save cleared what the killed one left
+    assert not list(root.rglob(f"{_io.PARTIAL_PREFIX}*"))  # the resumed save cleared what the killed one left
     steps = [json.loads(line)["step"] for line in (Path(values["output_dir"]) / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2]  # the resumed step is logged once
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
-from svd_fast.commands.errors import EXIT_PARTIAL, UsageError, require_readable_file, require_writable_dir
+from svd_fast.commands.errors import EXIT_PARTIAL, UsageError, require, require_device, require_readable_file, require_writable_dir
 
 EXAMPLES = """examples:
   svd-fast curate --input videos/ --out manifest.parquet
@@ -76,6 +77,11 @@ def _config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from svd_fast.curation import CurationRequestError, ManifestBusyError, curate  # noqa: PLC0415 - torch and OpenCV load only when curation runs
 
+    require("flow_fps", args.flow_fps)
+    if args.device is not None:
+        require_device(args.device)
+    if args.ray is not None and args.ray not in ("local", "auto") and not re.fullmatch(r"(ray://)?[\w.-]+:\d+", args.ray):
+        raise UsageError(f"--ray must be local, auto or a cluster address HOST:PORT, got {args.ray!r}")
     config = _config(args)
     out = Path(args.out)
     if out.is_dir():

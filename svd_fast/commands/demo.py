@@ -15,7 +15,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from svd_fast.commands.errors import UsageError, require_positive, require_writable_dir
+from svd_fast.commands.errors import UsageError, require, require_output_folder
 
 EXAMPLES = """examples:
   svd-fast demo --out demo_out            # the full demo: minutes on a 2-core CPU
@@ -45,18 +45,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def check_out(out: Path) -> None:
     """A new folder, or an empty one: the demo never mixes its outputs with an earlier run's."""
+    require_output_folder("--out", out, "demo")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file", "pass a new or empty folder")
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out} exists and is not empty", "pass a new folder, or remove this one")
-    require_writable_dir("--out", out)
 
 
 def run(args: argparse.Namespace) -> int:
-    require_positive("--unet-steps", args.unet_steps, integer=True)
-    require_positive("--sample-steps", args.sample_steps, integer=True)
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    for name in ("unet_steps", "sample_steps", "seed"):
+        require(name, getattr(args, name))
     check_out(args.out)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from svd_fast.demo import QUICK, DemoSettings, run_demo  # noqa: PLC0415 - torch, diffusers and deepspeed load only when the demo runs

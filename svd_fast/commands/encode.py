@@ -12,8 +12,9 @@ import json
 import sys
 from pathlib import Path
 
+from svd_fast import _io
 from svd_fast._ray import rows_from_actors
-from svd_fast.commands.errors import UsageError, require_positive, require_writable_dir
+from svd_fast.commands.errors import UsageError, require, require_device, require_output_folder
 
 EXAMPLES = """examples:
   svd-fast encode --data data/manifest.parquet --model models/stable-video-diffusion-img2vid-xt --out latents/xt \\
@@ -44,11 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415 - torch loads only when the command runs (fast --help)
-
-    for name in ("num_frames", "height", "width", "stride"):
-        require_positive(f"--{name.replace('_', '-')}", getattr(args, name), integer=True)
-    require_positive("--target-fps", args.target_fps)
+    for name in ("num_frames", "height", "width", "stride", "target_fps", "actors"):
+        require(name, getattr(args, name))
     if args.height % 8 or args.width % 8:
         raise UsageError(f"--height and --width must be multiples of 8, got {args.height}x{args.width}")
     if args.stride is not None and args.target_fps is not None:
@@ -57,21 +55,25 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data} does not exist", "check the path")
     if not Path(args.model).is_dir():
         raise UsageError(f"--model {args.model} is not a diffusers pipeline folder", "check the path")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but CUDA is not available")
-    require_positive("--actors", args.actors, integer=True)
-    out = require_writable_dir("--out", args.out)
+    device = require_device(args.device)
+    out = require_output_folder("--out", args.out, "latents", [args.data, args.model])
 
     from svd_fast.training.latents import finish_latents_dir, prepare_latents_dir  # noqa: PLC0415 - torch and diffusers load only when the command runs
 
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     settings = {"data": str(Path(args.data).resolve()), "model": str(Path(args.model).resolve()), "num_frames": args.num_frames,
                 "height": args.height, "width": args.width, "stride": args.stride, "target_fps": args.target_fps}
+    _io.claim_folder(out, "latents", [args.data, args.model])
     try:
-        pending = prepare_latents_dir(out, settings)
-        if pending:
-            (_encode_ray if args.ray else _encode_local)([{"source": index} for index in pending], settings, out, device, args)
-        clips, skipped = finish_latents_dir(out)
+        with _io.lock(out / ".svd-fast-lock", "encode run", out):
+            pending = prepare_latents_dir(out, settings)
+            if pending:
+                (_encode_ray if args.ray else _encode_local)([{"source": index} for index in pending], settings, out, device, args)
+            clips, skipped = finish_latents_dir(out)
+    except _io.OutputBusyError as error:
+        raise UsageError(str(error), "wait for it to finish, or choose another --out") from None
+    except ConnectionError as error:  # ray.init(address="auto") without a cluster
+        raise UsageError(f"--ray {args.ray}: no running Ray cluster to join ({str(error).splitlines()[0]})",
+                         "start one with `ray start --head`, or use --ray local") from None
     except ValueError as error:
         raise UsageError(str(error)) from None
     print(json.dumps({"out": str(out), "clips": clips, "encoded_sources": len(pending), "skipped": skipped}))

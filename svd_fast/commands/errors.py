@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+
+from svd_fast import _io, checks
 
 EXIT_USAGE = 2
 EXIT_PARTIAL = 1  # a batch job finished, but some items failed (each recorded with its error)
@@ -76,3 +79,29 @@ def require_writable_dir(name: str, folder: str | os.PathLike) -> Path:
     except OSError as error:
         raise UsageError(f"{name} {folder} is not writable ({error.strerror or error})", "choose another folder or fix its permissions") from None
     return folder
+
+
+def require_output_folder(name: str, folder: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike] = (),
+                          *, replaced: bool = False) -> Path:
+    """``folder`` may hold a ``kind`` output (svd_fast._io.check_output_folder) and is writable."""
+    try:
+        _io.check_output_folder(folder, kind, inputs, name=name, replaced=replaced)
+    except _io.OutputPathError as error:
+        what, _, todo = str(error).rpartition(" (")
+        raise UsageError(what, todo.rstrip(")")) from None
+    return require_writable_dir(name, folder)
+
+
+def require(name: str, value: object, option: str | None = None) -> object:
+    """``value`` under svd_fast.checks.RULES[name], spelled as the option ``option`` (default ``--name``)."""
+    try:
+        return checks.check(name, value, spelled=option or f"--{name.replace('_', '-')}")
+    except checks.CheckError as error:
+        raise UsageError(str(error)) from None
+
+
+def require_device(value: str | None, option: str = "--device") -> str:
+    try:
+        return checks.parse_device(value, spelled=option)
+    except checks.CheckError as error:
+        raise UsageError(str(error)) from None

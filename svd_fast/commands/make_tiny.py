@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 from pathlib import Path
 
-from svd_fast.commands.errors import UsageError, require_writable_dir
+from svd_fast import _io
+from svd_fast.commands.errors import UsageError, require, require_output_folder
 
 EXAMPLES = """examples:
   svd-fast make-tiny models/tiny-svd
@@ -28,21 +27,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_output_folder("DIR", args.dir, "pipeline", replaced=True)
     if args.dir.exists() and not args.dir.is_dir():
         raise UsageError(f"{args.dir} is a file", "pass a new or empty folder")
     if args.dir.is_dir() and any(args.dir.iterdir()):
         raise UsageError(f"{args.dir} exists and is not empty", "pass a new folder, or remove this one")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    require_writable_dir("DIR", args.dir)
+    require("seed", args.seed)
     from svd_fast.diffusers.tiny import save_tiny_pipeline  # noqa: PLC0415 - diffusers loads only when a model is built
 
     # Written beside the target and moved into place: an interrupted run leaves no half-written pipeline.
-    staging = args.dir.with_name(f".{args.dir.name}.{os.getpid()}.tmp")
-    try:
-        save_tiny_pipeline(staging, seed=args.seed)
-        os.replace(staging, args.dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _io.replace_folder(args.dir, "pipeline", lambda staging: save_tiny_pipeline(staging, seed=args.seed), name="DIR")
     print(f"wrote tiny SVD pipeline to {args.dir}")
     return 0

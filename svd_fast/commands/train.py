@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from svd_fast.commands.errors import UsageError
+from svd_fast.commands.errors import UsageError, require
 
 EXAMPLES = """examples:
   svd-fast make-tiny models/tiny-svd && svd-fast train --config configs/train_tiny_cpu.yaml
@@ -71,8 +71,7 @@ def plan(args: argparse.Namespace) -> int:
     from svd_fast.training.memory_plan import describe, plan_memory  # noqa: PLC0415 - torch and diffusers load only when the command runs
 
     config = load_config(args)  # a plan needs neither the model nor the data
-    if args.gpus < 1:
-        raise UsageError(f"--gpus must be >= 1, got {args.gpus}")
+    require("gpus", args.gpus)
     if config.precision == "fp32":
         raise UsageError("precision: the memory plan models mixed precision (DeepSpeed's estimators assume 16-bit parameters)",
                          "plan with --set precision=bf16")

@@ -102,8 +102,8 @@ def scan_video(path: str | Path, cut_max_side: int, flow_max_side: int, flow_fps
                             rgb = to_text_size.reformat(frame, width=text_size[0], height=text_size[1], format="rgb24").to_ndarray()
                             text_crops.append(ocr.text_candidate_crops(rgb))
                         next_sample = (time if next_sample is None else next_sample) + 1.0 / flow_fps
-                        while next_sample <= time + 1e-6:
-                            next_sample += 1.0 / flow_fps
+                        if next_sample <= time + 1e-6:  # skip the grid points already passed, in one step (a huge flow_fps has ~1e9)
+                            next_sample += (math.floor((time + 1e-6 - next_sample) * flow_fps) + 1) / flow_fps
             except av.error.FFmpegError:
                 if not times:
                     raise

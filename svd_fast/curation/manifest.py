@@ -14,16 +14,15 @@ process is killed) and clears the temporary files a killed run left behind.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from svd_fast import _io
 
 SCHEMA = pa.schema(
     [
@@ -59,7 +58,6 @@ SCHEMA = pa.schema(
 )
 
 
-TEMPORARY_MARK = ".partial-"
 EDGE_BYTES = 1 << 20
 
 
@@ -94,45 +92,19 @@ def part_is_complete(manifest_path: str | Path, key: str) -> bool:
     return False
 
 
-def _atomic_write(target: Path, write) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TEMPORARY_MARK}")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, target)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-    return target
-
-
 @contextlib.contextmanager
 def lock(manifest_path: str | Path) -> Iterator[None]:
     """Hold ``<manifest>.lock`` for one run; raise :class:`ManifestBusyError` when another process holds it."""
     manifest_path = Path(manifest_path)
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = manifest_path.with_name(manifest_path.name + ".lock")
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise ManifestBusyError(f"another curate run (pid {handle.read().strip() or '?'}) is writing {manifest_path}") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+    with _io.lock(manifest_path.with_name(manifest_path.name + ".lock"), "curate run", manifest_path, busy=ManifestBusyError):
         # A killed run leaves its temporary files (mkstemp creates them before writing): nobody else can own them now.
-        leftovers = [*manifest_path.parent.glob(f".{manifest_path.name}{TEMPORARY_MARK}*"), *parts_dir(manifest_path).glob(f".*{TEMPORARY_MARK}*")]
-        for leftover in leftovers:
+        for leftover in manifest_path.parent.glob(f"{_io.PARTIAL_PREFIX}{manifest_path.stem}-*{manifest_path.suffix}"):
             leftover.unlink(missing_ok=True)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        _io.remove_partials(parts_dir(manifest_path))
+        yield
 
 
-class ManifestBusyError(RuntimeError):
+class ManifestBusyError(_io.OutputBusyError):
     """Another process is writing the same manifest."""
 
 
@@ -148,7 +120,7 @@ def part_path(manifest_path: str | Path, key: str) -> Path:
 def write_part(manifest_path: str | Path, key: str, rows: list[dict]) -> Path:
     """Write one file's rows atomically (temporary file + rename)."""
     table = pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names} for row in rows], schema=SCHEMA)
-    return _atomic_write(part_path(manifest_path, key), lambda temporary: pq.write_table(table, temporary))
+    return _io.write_file(part_path(manifest_path, key), lambda temporary: pq.write_table(table, temporary))
 
 
 def read_parts(manifest_path: str | Path, keys: list[str]) -> pd.DataFrame:
@@ -160,4 +132,4 @@ def read_parts(manifest_path: str | Path, keys: list[str]) -> pd.DataFrame:
 
 
 def write_manifest(manifest_path: str | Path, table: pd.DataFrame) -> Path:
-    return _atomic_write(Path(manifest_path), lambda temporary: table.to_parquet(temporary, index=False))
+    return _io.write_file(Path(manifest_path), lambda temporary: table.to_parquet(temporary, index=False))

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from svd_fast import _io
 from svd_fast.diffusers.tiny import TINY_UNET_CONFIG
 
 # Smaller than the tiny model: 8x8x4 latents of 32x32 frames, narrow blocks, one head per attention.
@@ -117,7 +118,7 @@ def run_demo(out: Path, settings: DemoSettings, seed: int, progress: Callable[[s
     from svd_fast.demo import autoencoder, evaluate, outputs, train, world  # noqa: PLC0415 - torch, diffusers and deepspeed load only when the demo runs
     from svd_fast.diffusers.generation import load_optimized_pipeline  # noqa: PLC0415 - diffusers loads only when a model is built
 
-    out.mkdir(parents=True, exist_ok=True)
+    _io.claim_folder(out, "demo")
     work = out / "work"  # inputs and intermediates; the results sit at the top of ``out``
     timer = StageTimer(progress)
     summary: dict[str, Any] = {"settings": asdict(settings), "seed": seed, "device": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -130,7 +131,7 @@ def run_demo(out: Path, settings: DemoSettings, seed: int, progress: Callable[[s
         # Curation keeps its resumable parts beside its manifest: both stay in work/, the manifest is copied out.
         manifest = work / "manifest.parquet"
         summary["curation"] = train.curate_clips(work / "clips", manifest)
-        outputs.write_atomic(out / "manifest.parquet", lambda temporary: shutil.copyfile(manifest, temporary))
+        _io.write_file(out / "manifest.parquet", lambda temporary: shutil.copyfile(manifest, temporary))
         joined = train.join_ground_truth(manifest, specs)
         buckets = train.motion_buckets(joined)
         summary["motion_buckets"] = buckets

@@ -1,32 +1,18 @@
-"""The demo's files, each written atomically (a temporary file in the same folder, then os.replace), so an
-interrupted run never leaves a truncated video, image or summary behind."""
+"""The demo's files, each written atomically (svd_fast._io: a temporary file in the same folder, then os.replace),
+so an interrupted run never leaves a truncated video, image or summary behind."""
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from svd_fast import _io
 from svd_fast.data.synthetic import write_video as encode
 
 VIEW_SCALE = 4  # videos and figures show the 32x32 frames enlarged, pixels kept sharp
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write(temporary path)`` (same folder and suffix, so format detection by extension works), then
-    move the result into place."""
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
 
 
 def enlarge(frames: np.ndarray, scale: int = VIEW_SCALE) -> np.ndarray:
@@ -34,15 +20,15 @@ def enlarge(frames: np.ndarray, scale: int = VIEW_SCALE) -> np.ndarray:
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int) -> Path:
-    return write_atomic(path, lambda temporary: encode(temporary, enlarge(frames), fps=fps, codec="h264"))
+    return _io.write_file(path, lambda temporary: encode(temporary, enlarge(frames), fps=fps, codec="h264"))
 
 
 def write_png(path: Path, image: np.ndarray) -> Path:
-    return write_atomic(path, lambda temporary: Image.fromarray(image).save(temporary))
+    return _io.write_file(path, lambda temporary: Image.fromarray(image).save(temporary))
 
 
 def write_json(path: Path, value: Any) -> Path:
-    return write_atomic(path, lambda temporary: temporary.write_text(json.dumps(value, indent=2, default=str) + "\n"))
+    return _io.write_json(path, value)
 
 
 def _pyplot():
@@ -69,7 +55,7 @@ def plot_comparison(path: Path, rows: list[tuple[str, np.ndarray]]) -> Path:
                 axis.set_title(f"frame {column}", fontsize=8)
         axes[row][0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
     figure.tight_layout()
-    write_atomic(path, lambda temporary: figure.savefig(temporary))
+    _io.write_file(path, lambda temporary: figure.savefig(temporary))
     plt.close(figure)
     return path
 
@@ -91,6 +77,6 @@ def plot_losses(path: Path, curves: dict[str, list[float]]) -> Path:
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
-    write_atomic(path, lambda temporary: figure.savefig(temporary))
+    _io.write_file(path, lambda temporary: figure.savefig(temporary))
     plt.close(figure)
     return path

@@ -170,17 +170,22 @@ def fused_pipeline_class(pipeline_class: type) -> type:
     return _CLASSES[pipeline_class]
 
 
+def pop_attribute(target: Any, name: str) -> None:
+    """Remove an instance attribute that shadows the class's (an undo step of optimize())."""
+    vars(target).pop(name, None)
+
+
 def fuse_denoising_loop(
-    pipe: Any, backend: str, sampler: str, cache_interval: int, undo: list[Callable[[], None]], report: Counter
+    pipe: Any, backend: str, sampler: str, cache_interval: int, undo: list[tuple], report: Counter
 ) -> None:
     """optimize()'s sampling patch: the fused scheduler, the fused loop's class and its settings, each undoable."""
     original_scheduler, original_class = pipe.scheduler, type(pipe)
     pipe.scheduler = FusedEulerDiscreteScheduler.from_config(original_scheduler.config)
-    undo.append(lambda: setattr(pipe, "scheduler", original_scheduler))
+    undo.append((setattr, pipe, "scheduler", original_scheduler))
     setattr(pipe, _SETTINGS_ATTRIBUTE, {"backend": backend, "sampler": sampler, "cache_interval": cache_interval})
-    undo.append(lambda: vars(pipe).pop(_SETTINGS_ATTRIBUTE, None))
+    undo.append((pop_attribute, pipe, _SETTINGS_ATTRIBUTE))
     pipe.__class__ = fused_pipeline_class(original_class)
-    undo.append(lambda: setattr(pipe, "__class__", original_class))
+    undo.append((setattr, pipe, "__class__", original_class))
     report["scheduler -> FusedEulerDiscreteScheduler"] += 1
     report[f"denoising loop -> fused input preparation + guidance + {sampler} step"] += 1
     if cache_interval > 1:

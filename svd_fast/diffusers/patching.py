@@ -23,7 +23,9 @@ What is patched (weights and state_dict keys stay the diffusers ones):
 * optionally (``cuda_graphs=True``) the UNet forward, captured as a CUDA graph and replayed
   (:class:`svd_fast.diffusers.cuda_graph.CUDAGraphedForward`).
 
-:func:`restore` undoes each of these. ``dtype`` and ``channels_last`` convert weights and are not undone.
+:func:`restore` undoes each of these. ``dtype`` and ``channels_last`` (the 2-D convolutions' weights) convert
+weights and are not undone. Each undo step is data, ``(function, *objects)``, not a closure: ``copy.deepcopy`` of
+an optimized model copies the objects with it, so restoring the copy restores the copy, never the original.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from torch import nn
 from svd_fast import backends
 from svd_fast.diffusers.attention_processors import FlashAttnSelfAttnProcessor, SingleTokenCrossAttnProcessor
 from svd_fast.diffusers.cuda_graph import CUDAGraphedForward
-from svd_fast.diffusers.denoising_loop import fuse_denoising_loop
+from svd_fast.diffusers.denoising_loop import fuse_denoising_loop, pop_attribute
 from svd_fast.diffusers.settings import check_settings, resolve_attention
 from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock, unsupported_reason
 from svd_fast.nn.group_norm import FusedGroupNorm
@@ -128,13 +130,13 @@ def _with_backend(forward: Callable[..., torch.Tensor], backend: str) -> Callabl
     return forced
 
 
-def _patch_modules(root: nn.Module, backend: str, undo: list[Callable[[], None]], report: Counter) -> None:
+def _patch_modules(root: nn.Module, backend: str, undo: list[tuple], report: Counter) -> None:
 
     for module in root.modules():
         fused_forward = _resnet_block_patch(module)
         if fused_forward is not None and "forward" not in vars(module):
             module.forward = types.MethodType(_with_backend(fused_forward, backend), module)
-            undo.append(lambda module=module: vars(module).pop("forward", None))
+            undo.append((pop_attribute, module, "forward"))
             report[f"{type(module).__name__} (GroupNorm+SiLU fused)"] += 1
         norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
         if type(norm) is nn.GroupNorm and _is_silu(act):
@@ -142,22 +144,22 @@ def _patch_modules(root: nn.Module, backend: str, undo: list[Callable[[], None]]
             if backend != "auto":
                 fused.forward = types.MethodType(_with_backend(type(fused).forward, backend), fused)
             module.conv_norm_out, module.conv_act = fused, nn.Identity()
-            undo.append(lambda module=module, norm=norm, act=act: _set(module, conv_norm_out=norm, conv_act=act))
+            undo.append((_set, module, {"conv_norm_out": norm, "conv_act": act}))
             report["conv_norm_out+conv_act (GroupNorm+SiLU fused)"] += 1
 
 
-def _patch_cross_attention(root: nn.Module, undo: list[Callable[[], None]], report: Counter) -> None:
+def _patch_cross_attention(root: nn.Module, undo: list[tuple], report: Counter) -> None:
 
 
     for module in root.modules():
         if isinstance(module, Attention) and module.is_cross_attention:
             original = module.processor
             module.set_processor(SingleTokenCrossAttnProcessor(original))
-            undo.append(lambda module=module, original=original: module.set_processor(original))
+            undo.append((_set_processor, module, original))
             report["cross-attention -> single-token shortcut to_out(to_v(ctx))"] += 1
 
 
-def _patch_temporal_blocks(root: nn.Module, backend: str, undo: list[Callable[[], None]], report: Counter) -> None:
+def _patch_temporal_blocks(root: nn.Module, backend: str, undo: list[tuple], report: Counter) -> None:
 
     for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
@@ -172,11 +174,11 @@ def _patch_temporal_blocks(root: nn.Module, backend: str, undo: list[Callable[[]
             if backend != "auto":
                 fused.forward = types.MethodType(_with_backend(type(fused).forward, backend), fused)
             setattr(parent, name, fused)
-            undo.append(lambda parent=parent, name=name, child=child: setattr(parent, name, child))
+            undo.append((setattr, parent, name, child))
             report["TemporalBasicTransformerBlock -> frame-major fused temporal attention"] += 1
 
 
-def _patch_self_attention(root: nn.Module, undo: list[Callable[[], None]], report: Counter) -> None:
+def _patch_self_attention(root: nn.Module, undo: list[tuple], report: Counter) -> None:
     """flash-attn for every self-attention still on diffusers' default processor, except the temporal
     attentions that the fused temporal blocks compute themselves."""
 
@@ -188,20 +190,29 @@ def _patch_self_attention(root: nn.Module, undo: list[Callable[[], None]], repor
         if type(module.processor) in (AttnProcessor, AttnProcessor2_0):
             original = module.processor
             module.set_processor(FlashAttnSelfAttnProcessor(original))
-            undo.append(lambda module=module, original=original: module.set_processor(original))
+            undo.append((_set_processor, module, original))
             report["self-attention -> flash-attn"] += 1
 
 
-def _capture_cuda_graphs(unet: nn.Module, undo: list[Callable[[], None]], report: Counter) -> None:
+def _capture_cuda_graphs(unet: nn.Module, undo: list[tuple], report: Counter) -> None:
 
     unet.forward = CUDAGraphedForward(unet.forward)
-    undo.append(lambda: vars(unet).pop("forward", None))
+    undo.append((pop_attribute, unet, "forward"))
     report["UNet forward -> CUDA graph capture and replay"] += 1
 
 
-def _set(module: nn.Module, **attributes: nn.Module) -> None:
+def _set(module: nn.Module, attributes: dict[str, nn.Module]) -> None:
     for name, value in attributes.items():
         setattr(module, name, value)
+
+
+def _set_processor(module: nn.Module, processor: Any) -> None:
+    module.set_processor(processor)
+
+
+def _set_chunking(previous: list[tuple[nn.Module, int | None, int]]) -> None:
+    for module, size, dim in previous:
+        module.set_chunk_feed_forward(chunk_size=size, dim=dim)
 
 
 def _is_pipeline(target: Any) -> bool:
@@ -258,14 +269,14 @@ def _check_target(target: Any, scheduler: bool) -> bool:
     return is_pipeline
 
 
-def _enable_forward_chunking(unet: nn.Module, undo: list[Callable[[], None]], report: Counter) -> None:
+def _enable_forward_chunking(unet: nn.Module, undo: list[tuple], report: Counter) -> None:
     """Feed-forward chunking over the batch dimension; undone by giving each block back its own setting
     (diffusers has no disable_forward_chunking for this UNet)."""
     blocks = [m for m in unet.modules() if hasattr(m, "set_chunk_feed_forward")]
     previous = [(m, getattr(m, "_chunk_size", None), getattr(m, "_chunk_dim", 0)) for m in blocks]
     for block in blocks:
         block.set_chunk_feed_forward(chunk_size=1, dim=0)
-    undo.append(lambda: [m.set_chunk_feed_forward(chunk_size=size, dim=dim) for m, size, dim in previous])
+    undo.append((_set_chunking, previous))
     report["UNet feed-forward chunking"] += 1
 
 
@@ -325,13 +336,12 @@ def optimize(
         raise ValueError("optimize: target is already optimized with other arguments; call svd_fast.restore(target) first")
     attention = resolve_attention(attention)
     _check_target(target, scheduler)
-    undo: list[Callable[[], None]] = []
+    undo: list[tuple] = []
     report: Counter = Counter()
     try:
         _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval, undo, report)
     except BaseException:
-        for step in reversed(undo):
-            step()
+        _run_undo(undo)
         raise
     setattr(target, _UNDO_ATTRIBUTE, undo)
     setattr(target, _REPORT_ATTRIBUTE, {"backend": backend, "attention": attention, "patched": dict(report), "settings": settings})
@@ -344,8 +354,10 @@ def _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, sched
     if dtype is not None:
         target.to(dtype=dtype)
     for model in models:
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
+        if channels_last:  # 2-D convolutions only: the temporal layers' 5-D weights have no channels-last format
+            for conv in model.modules():
+                if isinstance(conv, nn.Conv2d):
+                    conv.to(memory_format=torch.channels_last)
         _patch_modules(model, backend, undo, report)
         _patch_cross_attention(model, undo, report)
         _patch_temporal_blocks(model, backend, undo, report)
@@ -357,10 +369,15 @@ def _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, sched
         _enable_forward_chunking(target.unet if is_pipeline else target, undo, report)
         if is_pipeline and torch.cuda.is_available():
             target.enable_model_cpu_offload()
-            undo.append(target.remove_all_hooks)
+            undo.append((target.remove_all_hooks,))
             report["model CPU offload"] += 1
     if cuda_graphs:
         _capture_cuda_graphs(target.unet if is_pipeline else target, undo, report)
+
+
+def _run_undo(undo: list[tuple]) -> None:
+    for function, *objects in reversed(undo):
+        function(*objects)
 
 
 def restore(target: Any) -> Any:
@@ -368,8 +385,7 @@ def restore(target: Any) -> Any:
     undo = getattr(target, _UNDO_ATTRIBUTE, None)
     if not undo:
         raise ValueError("restore: target was not optimized by svd_fast.optimize")
-    for step in reversed(undo):
-        step()
+    _run_undo(undo)
     delattr(target, _UNDO_ATTRIBUTE)
     delattr(target, _REPORT_ATTRIBUTE)
     return target

@@ -2,27 +2,37 @@
 
 A checkpoint ``checkpoints/step_N`` holds DeepSpeed's files, each rank's trainer state
 (``trainer_state_rank{r}.pt``) and EMA shard (``ema_rank{r}.pt``), and last ``complete.json``: every file of the
-checkpoint with its size. Order of a save: DeepSpeed's files (without moving DeepSpeed's own ``latest``), the
+checkpoint with its size and SHA-256, the run it belongs to (svd_fast.training.run) and the config it was
+trained with. Order of a save: DeepSpeed's files (without moving DeepSpeed's own ``latest``), the
 per-rank files (each written to a temporary file and renamed), fsync, a barrier, then rank 0 writes
 ``complete.json`` and finally moves ``checkpoints/latest`` (again temporary file + rename). A kill or a full disk
 at any point leaves ``latest`` on the previous complete checkpoint; a checkpoint without ``complete.json``, or whose
-files are missing or have other sizes (truncated), is incomplete and never resumed from.
+files are missing or have other sizes (truncated), is incomplete and never resumed from; so is one whose files have other contents (flipped bytes) than were
+written. A damaged newest checkpoint makes ``latest`` fall back to the newest valid one, said in the log.
 
 Checkpoints are trusted input, but loading them runs no pickled code: DeepSpeed's files are read with
-``torch.load(weights_only=True)`` allowing exactly the classes DeepSpeed stores in them (:data:`DEEPSPEED_GLOBALS`).
+``torch.load(weights_only=True)`` allowing exactly the classes DeepSpeed stores in them (:func:`deepspeed_globals`),
+through its checkpoint engine and, for the loaders that call ``torch.load(weights_only=False)`` themselves
+(universal checkpoints, ZeRO-3's optimizer state), by :func:`weights_only_loading` around the whole load. Universal
+checkpoints are refused before the model loads (svd_fast.training.setup.build_deepspeed_config).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from svd_fast import _io
 
 LOGGER = logging.getLogger(__name__)
 LATEST = "latest"
@@ -48,6 +58,23 @@ def safe_load(path: str | os.PathLike, map_location: Any = None) -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+@contextlib.contextmanager
+def weights_only_loading() -> Iterator[None]:
+    """Every ``torch.load`` in the block is :func:`safe_load`, whatever ``weights_only`` its caller asks for:
+    DeepSpeed's universal and ZeRO-3 loaders call ``torch.load(weights_only=False)`` directly."""
+    real_load = torch.load
+
+    def load(f, map_location=None, *args, **kwargs):
+        with torch.serialization.safe_globals(deepspeed_globals()):
+            return real_load(f, map_location=map_location, weights_only=True)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real_load
+
+
 def use_safe_loading(engine) -> None:
     """Make the engine read its checkpoints with :func:`safe_load` (DeepSpeed's own engine unpickles freely)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
@@ -62,36 +89,8 @@ def use_safe_loading(engine) -> None:
     engine.checkpoint_engine.__class__ = WeightsOnlyCheckpointEngine
 
 
-def write_atomic(path: Path, write: Any) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, then rename over ``path``."""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with temporary.open("wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def replace_folder(target: Path, write) -> None:
-    """Fill a staging folder with ``write(staging)``, then swap it in for ``target`` (the old one is removed
-    only after the new one is in place)."""
-    staging = target.with_name(f".{target.name}.tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    write(staging)
-    previous = target.with_name(f".{target.name}.old")
-    if target.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        target.rename(previous)
-    staging.rename(target)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def save_torch_atomic(obj: Any, path: Path) -> None:
-    write_atomic(path, lambda file: torch.save(obj, file))
+    _io.write_file(path, lambda temporary: torch.save(obj, temporary), fsync=True)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -101,14 +100,29 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(file.fileno())
 
 
+def _sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def read_complete(folder: Path) -> dict[str, Any]:
+    """``complete.json`` of a checkpoint ({} when missing or unreadable)."""
+    try:
+        record = json.loads((folder / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def incomplete_reason(folder: Path) -> str | None:
-    """None for a complete checkpoint, else why not."""
+    """None for a complete checkpoint whose files are as written, else why not (sizes first, then contents)."""
     marker = folder / COMPLETE
     if not marker.is_file():
         return f"no {COMPLETE} (the save was interrupted)"
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as error:
+        record = json.loads(marker.read_text())
+        files, digests = record["files"], record.get("sha256", {})
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         return f"unreadable {COMPLETE} ({error})"
     for name, size in files.items():
         path = folder / name
@@ -116,20 +130,23 @@ def incomplete_reason(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    for name, digest in digests.items():
+        if _sha256(folder / name) != digest:
+            return f"{name} differs from what was written (checksum mismatch: damaged on disk)"
     return None
 
 
-def save_checkpoint(engine, root: Path, step: int, rank_files: dict[str, Any], rank: int) -> Path:
+def save_checkpoint(engine, root: Path, step: int, rank_files: dict[str, Any], rank: int, record: dict[str, Any] | None = None) -> Path:
     """Write ``root/step_{step}`` (DeepSpeed + ``rank_files``: file name -> object for torch.save, per rank),
-    mark it complete and move ``latest`` to it. A collective: every rank calls it."""
+    mark it complete (with ``record``'s keys: the run and its config) and move ``latest`` to it. A collective:
+    every rank calls it."""
     tag = f"step_{step}"
     folder = root / tag
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if folder.exists():  # an interrupted save of this step, or a history this run replaces
             shutil.rmtree(folder)
-        for stale in root.glob(f".{LATEST}.tmp*"):  # left by a save killed while moving `latest`
-            stale.unlink()
+        _io.remove_partials(root)  # left by a save killed while moving `latest`
     torch.distributed.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     for name, obj in rank_files.items():
@@ -137,17 +154,20 @@ def save_checkpoint(engine, root: Path, step: int, rank_files: dict[str, Any], r
     torch.distributed.barrier()
     if rank == 0:
         _fsync_tree(folder)
-        files = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*")) if path.is_file()}
-        write_atomic(folder / COMPLETE, lambda file: file.write(json.dumps({"step": step, "files": files}).encode()))
-        write_atomic(root / LATEST, lambda file: file.write(tag.encode()))
+        paths = [path for path in sorted(folder.rglob("*")) if path.is_file()]
+        files = {str(path.relative_to(folder)): path.stat().st_size for path in paths}
+        digests = {str(path.relative_to(folder)): _sha256(path) for path in paths}
+        _io.write_json(folder / COMPLETE, {**(record or {}), "step": step, "files": files, "sha256": digests}, fsync=True)
+        _io.write_bytes(root / LATEST, tag.encode(), fsync=True)
     torch.distributed.barrier()
     return folder
 
 
-def _complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, newest first."""
+def _newest_complete_checkpoint(root: Path, skip: Path | None) -> Path | None:
+    """The newest complete checkpoint under ``root`` other than ``skip`` (checked newest first, stopping at the
+    first valid one: verifying a checksum reads the whole file)."""
     tagged = [(int(match.group(1)), path) for path in root.iterdir() if path.is_dir() and (match := TAG.match(path.name))]
-    return [path for _, path in sorted(tagged, reverse=True) if incomplete_reason(path) is None]
+    return next((path for _, path in sorted(tagged, reverse=True) if path != skip and incomplete_reason(path) is None), None)
 
 
 def resolve_resume(resume_from: str | None, output_dir: Path) -> Path | None:
@@ -172,15 +192,16 @@ def resolve_resume(resume_from: str | None, output_dir: Path) -> Path | None:
         raise ValueError(f"resume_from: 'latest' but {root} does not exist (no checkpoint in output_dir)")
     marker = root / LATEST
     named = root / marker.read_text().strip() if marker.is_file() else None
-    if named is not None and named.is_dir() and incomplete_reason(named) is None:
+    reason = incomplete_reason(named) if named is not None and named.is_dir() else None
+    if named is not None and named.is_dir() and reason is None:
         return named
-    complete = _complete_checkpoints(root)
-    said = f"{named.name} is incomplete ({incomplete_reason(named)})" if named is not None and named.is_dir() else f"{marker} names no checkpoint"
-    if not complete:
+    newest = _newest_complete_checkpoint(root, named)
+    said = f"{named.name} is incomplete ({reason})" if named is not None and named.is_dir() else f"{marker} names no checkpoint"
+    if newest is None:
         LOGGER.warning("resume_from latest: %s and no complete checkpoint exists in %s; training starts at step 0", said, root)
         return None
-    LOGGER.warning("resume_from latest: %s; resuming from the newest complete checkpoint, %s", said, complete[0].name)
-    return complete[0]
+    LOGGER.warning("resume_from latest: %s; resuming from the newest valid checkpoint, %s", said, newest.name)
+    return newest
 
 
 def load_checkpoint(engine, folder: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -189,7 +210,8 @@ def load_checkpoint(engine, folder: Path, rank: int) -> tuple[dict[str, Any], di
     if not state_file.is_file():
         raise ValueError(f"resume_from: {state_file} missing (was the checkpoint written with another number of processes?)")
     use_safe_loading(engine)
-    load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    with weights_only_loading():
+        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     if load_path is None:
         raise ValueError(f"resume_from: DeepSpeed found no checkpoint in {folder}")
     state = torch.load(state_file, map_location="cpu", weights_only=True)

@@ -76,6 +76,8 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int = 0  # 0: only at the end
     resume_from: str | None = None  # a checkpoint dir written by this trainer, or "latest" (in output_dir)
+    allow_other_run: bool = False  # resume_from: latest may continue a checkpoint of another run in output_dir
+    max_nonfinite_steps: int = 1  # stop after this many consecutive steps with a non-finite loss (fp16 overflows skip steps)
     export: bool = True
     # Validation samples (svd_fast.training.validation): every validate_every steps, one clip per held-out first frame
     validate_every: int = 0  # 0: never
@@ -96,7 +98,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        positive = ("num_frames", "height", "width", "batch_size", "gradient_accumulation_steps", "max_steps", "log_every")
+        positive = ("num_frames", "height", "width", "batch_size", "gradient_accumulation_steps", "max_steps", "log_every",
+                    "max_nonfinite_steps")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -160,6 +163,11 @@ class TrainConfig:
         if list(self.sigma_bins) != sorted(self.sigma_bins) or any(edge <= 0 for edge in self.sigma_bins):
             raise ValueError(f"sigma_bins must be increasing positive edges, got {self.sigma_bins!r}")
         self.objective()  # checks p_std, dropout probabilities
+        from svd_fast import checks  # noqa: PLC0415
+
+        for name in ("seed", "num_frames", "height", "width", "batch_size", "learning_rate", "adam_eps", "default_fps",
+                     "default_motion_bucket_id", "target_fps", "stride", "validation_num_frames", "validation_inference_steps"):  # fmt: skip
+            checks.check(name, getattr(self, name))
 
     def objective(self) -> ObjectiveConfig:
         return ObjectiveConfig(

@@ -1,12 +1,15 @@
 """Precomputed clip features (``svd-fast encode``) and the dataset the trainer reads them from.
 
-A latents folder holds ``settings.json`` (what was encoded: data, model, frames, size, frame sampling, layout),
-``clips/clip_SSSSSSSS_NNNN.pt`` per clip (clip N of source S, the data's S-th file or manifest row: the VAE
-posterior mean and std of every frame, the CLIP embedding of the clean first frame, the first frame's pixels,
-fps and motion bucket; each written atomically), ``sources/source_SSSSSSSS.json`` once a source is done (its
-clip files, or why it was skipped) and, last, ``complete.json``. Sources are independent jobs, encoded in one
-process or by Ray Data actors (``svd-fast encode --ray``) into the same files. Encoding is resumable: a rerun
-with the same settings redoes only the sources without a record or with a clip file missing.
+A latents folder holds ``settings.json`` (what was encoded: data, model and the identity of its VAE and image
+encoder weights, frames, size, frame sampling, layout), ``clips/clip_KKKKKKKKKKKKKKKK_NNNN.pt`` per clip (clip N of
+the source with key K: the VAE posterior mean and std of every frame, the CLIP embedding of the clean first
+frame, the first frame's pixels, fps and motion bucket; each written atomically), ``sources/source_K.json``
+once a source is done (its clip files with their sizes, or why it was skipped) and, last, ``complete.json``
+(every clip file with its size). A source's key is its identity (path, size, modification time, frame range),
+not its position, so adding, removing or changing a video redoes exactly the sources that changed. Sources are
+independent jobs, encoded in one process or by Ray Data actors (``svd-fast encode --ray``) into the same files.
+Encoding is resumable: a rerun with the same settings redoes only the sources without a record or with a clip
+file missing or of another size (truncated), and removes the files of sources no longer in the data.
 
 What stays in the training loop: the conditioning frame is noise-augmented in pixel space and then VAE-encoded,
 as SVD trains it, so one VAE encode of one frame per sample remains; target latents are still sampled from the
@@ -17,6 +20,7 @@ one crop per clip, not one per epoch).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Iterator
@@ -25,19 +29,51 @@ from typing import Any
 
 import torch
 
-from svd_fast.training.checkpoint import save_torch_atomic, write_atomic
+from svd_fast import _io
+from svd_fast.training.checkpoint import save_torch_atomic
 from svd_fast.training.objective import ClipFeatures, encode_clip_features
 
 SETTINGS = "settings.json"
 COMPLETE = "complete.json"
-CLIP_FILE = "clip_{source:08d}_{number:04d}.pt"
-SOURCE_FILE = "source_{source:08d}.json"
-LAYOUT = 2  # clips named by source (1: by position among the usable clips)
+CLIP_FILE = "clip_{key}_{number:04d}.pt"
+SOURCE_FILE = "source_{key}.json"
+LAYOUT = 3  # clips named by source identity (2: by source position, 1: by position among the usable clips)
+MODEL_PARTS = ("vae", "image_encoder")
+EDGE_BYTES = 1 << 20
+
+
+def source_key(source) -> str:
+    """The identity of a data source (a ClipSource): path, size, modification time, frame range and columns."""
+    path = Path(source.path).resolve()
+    try:
+        stat = path.stat()
+        found = [stat.st_size, stat.st_mtime_ns]
+    except OSError as error:
+        found = [f"unreadable {error.errno}"]
+    identity = [str(path), *found, source.start_frame, source.end_frame, [list(item) for item in source.extra]]
+    return hashlib.sha1(json.dumps(identity, default=str).encode()).hexdigest()[:16]
+
+
+def model_identity(model: str | Path) -> str:
+    """What the latents depend on in a pipeline folder: the VAE's and image encoder's files (names, sizes and
+    the hash of their first and last MiB), so a copy of the same model matches and other weights do not."""
+    digest = hashlib.sha256()
+    for part in MODEL_PARTS:
+        for path in sorted((Path(model) / part).rglob("*")):
+            if not path.is_file() or path.name == _io.MARKER:
+                continue
+            size = path.stat().st_size
+            digest.update(f"{path.relative_to(model)}|{size}|".encode())
+            with path.open("rb") as file:
+                digest.update(file.read(EDGE_BYTES))
+                if size > 2 * EDGE_BYTES:
+                    file.seek(size - EDGE_BYTES)
+                    digest.update(file.read())
+    return digest.hexdigest()[:16]
 
 
 def _write_json(path: Path, value: dict) -> None:
-    text = json.dumps(value, indent=2).encode()
-    write_atomic(path, lambda file: file.write(text))
+    _io.write_json(path, value, fsync=True)
 
 
 def clip_dataset(settings: dict[str, Any]):
@@ -51,7 +87,7 @@ def clip_dataset(settings: dict[str, Any]):
 def prepare_latents_dir(out: Path, settings: dict[str, Any]) -> list[int]:
     """Create or reopen ``out`` for ``settings``; returns the sources still to encode. A folder written with
     other settings is refused (ValueError)."""
-    settings = {**settings, "layout": LAYOUT}
+    settings = {**settings, "layout": LAYOUT, "model_identity": model_identity(settings["model"])}
     (out / "clips").mkdir(parents=True, exist_ok=True)
     (out / "sources").mkdir(exist_ok=True)
     settings_path = out / SETTINGS
@@ -62,14 +98,29 @@ def prepare_latents_dir(out: Path, settings: dict[str, Any]) -> list[int]:
     else:
         _write_json(settings_path, settings)
     (out / COMPLETE).unlink(missing_ok=True)
-    return [index for index in range(len(clip_dataset(settings).sources)) if not _source_done(out, index)]
+    sources = clip_dataset(settings).sources
+    return [index for index, source in enumerate(sources) if not _source_done(out, source_key(source))]
 
 
-def _source_done(out: Path, source: int) -> bool:
-    record = out / "sources" / SOURCE_FILE.format(source=source)
-    if not record.is_file():
+def _record(out: Path, key: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads((out / "sources" / SOURCE_FILE.format(key=key)).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("clips"), dict) else None
+
+
+def _source_done(out: Path, key: str) -> bool:
+    """The source's record exists and every clip file it lists has the size written (a truncated one does not)."""
+    record = _record(out, key)
+    if record is None:
         return False
-    return all((out / "clips" / name).is_file() for name in json.loads(record.read_text())["clips"])
+    for name, size in record["clips"].items():
+        path = out / "clips" / name
+        if not path.is_file() or path.stat().st_size != size:
+            path.unlink(missing_ok=True)
+            return False
+    return True
 
 
 class ClipEncoder:
@@ -90,10 +141,11 @@ class ClipEncoder:
     def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
         index = int(job["source"])
         source = self.dataset.sources[index]
+        key = source_key(source)
         errors_before = len(self.dataset.errors)
         names = []
         for number, sample in enumerate(self.dataset.source_clips(source)):
-            name = CLIP_FILE.format(source=index, number=number)
+            name = CLIP_FILE.format(key=key, number=number)
             names.append(name)
             if (self.out / "clips" / name).is_file():
                 continue
@@ -106,23 +158,30 @@ class ClipEncoder:
                 "fps": sample.get("fps"), "motion_bucket_id": sample.get("motion_bucket_id"),
             }, self.out / "clips" / name)
         error = "; ".join(reason for _, reason in self.dataset.errors[errors_before:])
-        _write_json(self.out / "sources" / SOURCE_FILE.format(source=index), {"path": source.path, "clips": names, "error": error})
+        clips = {name: (self.out / "clips" / name).stat().st_size for name in names}
+        _write_json(self.out / "sources" / SOURCE_FILE.format(key=key), {"path": source.path, "clips": clips, "error": error})
         return {"source": index, "path": source.path, "clips": len(names), "error": error}
 
 
 def finish_latents_dir(out: Path) -> tuple[int, list[tuple[str, str]]]:
     """Write ``complete.json`` once every source has its record; returns (clips, skipped (path, reason))."""
     settings = json.loads((out / SETTINGS).read_text())
-    sources = len(clip_dataset(settings).sources)
-    missing = [index for index in range(sources) if not _source_done(out, index)]
+    sources = clip_dataset(settings).sources
+    keys = [source_key(source) for source in sources]
+    missing = [source.path for source, key in zip(sources, keys) if not _source_done(out, key)]
     if missing:
         raise ValueError(f"--out {out}: {len(missing)} source(s) not encoded (first: {missing[0]}); rerun to finish")
-    records = [json.loads((out / "sources" / SOURCE_FILE.format(source=index)).read_text()) for index in range(sources)]
-    clips = sum(len(record["clips"]) for record in records)
-    if clips == 0:
+    records = [_record(out, key) for key in keys]
+    files = {name: size for record in records for name, size in record["clips"].items()}
+    if not files:
         raise ValueError(f"data: no usable clips in {settings['data']!r}")
-    _write_json(out / COMPLETE, {"clips": clips})
-    return clips, [(record["path"], record["error"]) for record in records if record["error"]]
+    # Sources no longer in the data (removed or changed files): their clips must not be trained on.
+    wanted = set(files) | {SOURCE_FILE.format(key=key) for key in keys}
+    for stale in [*(out / "clips").glob("clip_*.pt"), *(out / "sources").glob("source_*.json")]:
+        if stale.name not in wanted:
+            stale.unlink()
+    _write_json(out / COMPLETE, {"clips": len(files), "files": files})
+    return len(files), [(record["path"], record["error"]) for record in records if record["error"]]
 
 
 def check_latents_dir(folder: Path, expected: dict[str, Any]) -> int:
@@ -130,10 +189,20 @@ def check_latents_dir(folder: Path, expected: dict[str, Any]) -> int:
     if not (folder / COMPLETE).is_file():
         raise ValueError(f"latents_dir: {str(folder)!r} is not a complete `svd-fast encode` output (rerun svd-fast encode to finish it)")
     settings = json.loads((folder / SETTINGS).read_text())
+    if settings.get("layout") != LAYOUT:
+        raise ValueError(f"latents_dir: {str(folder)!r} was written by an older svd-fast encode (layout {settings.get('layout')}); encode again into a new folder")
     for key, value in expected.items():
+        if key == "model_identity" and settings.get(key) != value:
+            raise ValueError(f"latents_dir: encoded with the VAE and image encoder of {settings.get('model')!r}, "
+                             "the config's model has other weights (encode again with this model)")
         if settings.get(key) != value:
             raise ValueError(f"latents_dir: encoded with {key}={settings.get(key)!r}, the config has {value!r}")
-    return int(json.loads((folder / COMPLETE).read_text())["clips"])
+    files = json.loads((folder / COMPLETE).read_text())["files"]
+    for name, size in files.items():
+        path = folder / "clips" / name
+        if not path.is_file() or path.stat().st_size != size:
+            raise ValueError(f"latents_dir: {path} is missing or truncated (rerun svd-fast encode on {folder} to redo it)")
+    return len(files)
 
 
 class PrecomputedClips:
@@ -142,7 +211,7 @@ class PrecomputedClips:
 
     def __init__(self, folder: str | Path, shuffle: bool, seed: int, rank: int, world_size: int) -> None:
         self.folder = Path(folder)
-        self.files = sorted((self.folder / "clips").glob("clip_*.pt"))
+        self.files = [self.folder / "clips" / name for name in json.loads((self.folder / COMPLETE).read_text())["files"]]  # data order
         self.sources = [str(self.folder)]
         self.errors: list[tuple[str, str]] = []
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from svd_fast.training.checkpoint import write_atomic
+from svd_fast import _io
 from svd_fast.training.step import StepStats, sigma_bin_names
 
 
@@ -37,8 +37,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class TrainLog:
-    def __init__(self, path: Path, start_step: int, sigma_bins: list[float], world_size: int, device: torch.device, rank: int) -> None:
+    def __init__(self, path: Path, start_step: int, sigma_bins: list[float], world_size: int, device: torch.device, rank: int,
+                 run_id: str = "") -> None:
         self.path = path
+        self.run_id = run_id
         self.bin_names = sigma_bin_names(sigma_bins)
         self.world_size = world_size
         self.device = device
@@ -47,7 +49,7 @@ class TrainLog:
         self._interval_samples = 0
         if rank == 0:
             kept = _records_before(path, start_step)
-            write_atomic(path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))
+            _io.write_bytes(path, "".join(line + "\n" for line in kept).encode(), fsync=True)
 
     def record(self, step: int, stats: StepStats, write: bool, extra: dict[str, Any] | None = None) -> None:
         """Count ``stats``; when ``write``, reduce the loss over ranks (a collective) and append a record (with
@@ -60,6 +62,7 @@ class TrainLog:
         now = time.perf_counter()
         record: dict[str, Any] = {
             "step": step,
+            "run_id": self.run_id,
             "loss": mean_loss.item() / self.world_size,
             "lr": stats.lr,
             "samples_per_s": self._interval_samples * self.world_size / max(now - self._interval_start, 1e-9),

@@ -23,6 +23,7 @@ from svd_fast.training.validation import load_validation_images
 # and the frame-position embedding (temporal-only fine-tunes train these and freeze the rest).
 TEMPORAL_PARAMETER = re.compile(r"temporal_transformer_blocks|temporal_res_block|time_mixer|time_pos_embed")
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+PROBED_SOURCES = 8  # videos whose frame count is read before the model loads
 
 
 class TrainInputError(ValueError):
@@ -53,7 +54,8 @@ def check_inputs(config: TrainConfig) -> CheckedInputs:
         missing = [source for source in sources if not Path(source).exists()]
         if missing:
             raise ValueError(f"data: {missing[0]!r} does not exist")
-    _check_writable(Path(config.output_dir))
+        check_data(config)
+    check_output_dir(config)
     images = []
     if config.validate_every:
         images = load_validation_images(config)
@@ -63,9 +65,58 @@ def check_inputs(config: TrainConfig) -> CheckedInputs:
     return CheckedInputs(deepspeed_config=build_deepspeed_config(config), validation_images=images)
 
 
+def check_data(config: TrainConfig) -> None:
+    """The data lists videos (a manifest is readable), and one of the first :data:`PROBED_SOURCES` videos holds a
+    clip of ``num_frames`` frames (with stride/target_fps), so a config the data cannot serve fails here, naming
+    the video or manifest, not in the first step."""
+    from svd_fast.data.clips import clip_frame_indices, sources_from  # noqa: PLC0415
+    from svd_fast.data.decode import probe_video  # noqa: PLC0415
+
+    try:
+        sources = sources_from(config.data)
+    except (OSError, ValueError, KeyError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"data: {config.data!r} is not a readable video folder, list or manifest ({type(error).__name__}: {error})") from None
+    if not sources:
+        raise ValueError(f"data: no video files in {config.data!r} (a folder of videos, a list of them or a curate manifest)")
+    unreadable, longest = [], 0
+    for source in sources[:PROBED_SOURCES]:
+        try:
+            info = probe_video(source.path)
+        except (OSError, ValueError) as error:  # VideoDecodeError is a ValueError
+            unreadable.append(f"{source.path} ({error})")
+            continue
+        if config.on_short == "pad" or clip_frame_indices(info.num_frames, info.fps, config.num_frames, config.stride, config.target_fps,
+                                                          source.start_frame, source.end_frame):  # fmt: skip
+            return
+        longest = max(longest, info.num_frames)
+    if len(unreadable) == min(len(sources), PROBED_SOURCES):
+        raise ValueError(f"data: the first {len(unreadable)} video(s) cannot be read, e.g. {unreadable[0]}")
+    raise ValueError(f"num_frames: none of the first {min(len(sources), PROBED_SOURCES)} videos holds a clip of {config.num_frames} frames "
+                     f"(the longest has {longest} frames); lower num_frames, stride or target_fps, or set on_short: pad")
+
+
 def latents_settings(config: TrainConfig) -> dict[str, Any]:
     """The config keys precomputed latents must have been encoded with."""
-    return {"num_frames": config.num_frames, "height": config.height, "width": config.width}
+    from svd_fast.training.latents import model_identity  # noqa: PLC0415
+
+    return {"num_frames": config.num_frames, "height": config.height, "width": config.width, "model_identity": model_identity(config.model)}
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """``output_dir`` is new, empty or an earlier training run's (never a folder of the user's, the current folder
+    or an input's folder) and writable, and the exports it will replace are svd-fast's."""
+    from svd_fast import _io  # noqa: PLC0415
+
+    inputs = [config.model, *([config.data] if isinstance(config.data, str) else list(config.data or []))]
+    folder = Path(config.output_dir)
+    try:
+        _io.check_output_folder(folder, "train", inputs, name="output_dir:", replaced=False)
+        for kind in ("pipeline", "lora"):
+            if (folder / kind).exists():
+                _io.check_output_folder(folder / kind, kind, inputs, name=f"output_dir: its {kind} export")
+    except _io.OutputPathError as error:
+        raise ValueError(str(error)) from None
+    _check_writable(folder)
 
 
 def _check_writable(folder: Path) -> None:
@@ -181,6 +232,13 @@ def build_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
     merged = _merge(derived, user, "", conflicts)
     if conflicts:
         raise ValueError(f"deepspeed_config: {str(path)!r} conflicts with the training config: {'; '.join(conflicts)}")
+    checkpoint = merged.get("checkpoint")
+    if isinstance(checkpoint, dict) and checkpoint.get("load_universal"):
+        raise ValueError(f"deepspeed_config: {str(path)!r} sets checkpoint.load_universal, whose loader unpickles "
+                         "(torch.load(weights_only=False)) and can run code from the checkpoint; remove it and resume from "
+                         "a checkpoint this trainer wrote")
+    if isinstance(merged.get("nebula"), dict) and merged["nebula"].get("enabled"):
+        raise ValueError(f"deepspeed_config: {str(path)!r} enables nebula, a checkpoint engine without weights-only loading; remove it")
     return merged
 
 

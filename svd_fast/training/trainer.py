@@ -10,7 +10,7 @@ lora (peft adapters, ``trained_parameters: lora``) and validation (sample clips 
 
 from __future__ import annotations
 
-import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -20,21 +20,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from svd_fast import _io
 from svd_fast.training.checkpoint import (
     EMA_FILE,
+    LATEST,
     STATE_FILE,
     load_checkpoint,
-    replace_folder,
+    read_complete,
     resolve_resume,
     save_checkpoint,
-    write_atomic,
 )
 from svd_fast.training.config import TrainConfig
 from svd_fast.training.ema import ShardedEMA, full_shapes, gather_full, local_master_fragments
 from svd_fast.training.latents import PrecomputedClips
 from svd_fast.training.log import TrainLog
 from svd_fast.training.lora import add_lora, merge_lora, save_lora
-from svd_fast.training.setup import Models, TrainInputError, build_models, check_inputs, resolve_device, setup_distributed
+from svd_fast.training.run import apply_learning_rate, changed_settings, check_same_run, current_identity, new_identity, write_identity
+from svd_fast.training.setup import CheckedInputs, Models, TrainInputError, build_models, check_inputs, resolve_device, setup_distributed
 from svd_fast.training.step import ClipStream, StepRunner, restore_rng_state, rng_state
 from svd_fast.training.validation import Validator
 
@@ -86,13 +88,52 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
     """Train (or resume) as ``config`` says; returns losses, the last checkpoint and the exported pipeline."""
     config = as_config(config)
     output_dir = Path(config.output_dir)
+    config_dict = config.to_dict()
     try:  # everything cheap, before any model loads
         checked = check_inputs(config)
         resume_path = resolve_resume(config.resume_from, output_dir)
+        identity, changes = _run_identity(config, config_dict, resume_path, output_dir)
     except ValueError as error:
         raise TrainInputError(str(error)) from error
     device = resolve_device(config)
     rank, world_size = setup_distributed(device)
+    if rank == 0:
+        _io.claim_folder(output_dir, "train", name="output_dir:")
+    # One lock per rank: every rank of a second run on the same folder finds its lock held and stops.
+    with _io.lock(output_dir / f".svd-fast-lock-rank{rank}", "training run", output_dir, busy=OutputDirBusyError):
+        return _train(config, config_dict, checked, resume_path, identity, changes, device, rank, world_size)
+
+
+class OutputDirBusyError(_io.OutputBusyError, ValueError):
+    """Another training run is writing the same output_dir (a ValueError: the config names a busy folder)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was not finite for max_nonfinite_steps steps in a row; the run stopped."""
+
+
+def _run_identity(config: TrainConfig, config_dict: dict[str, Any], resume_path: Path | None, output_dir: Path) -> tuple[dict, dict]:
+    """This run's identity and the settings changed since ``resume_path`` (checked: see svd_fast.training.run)."""
+    if resume_path is None:
+        kept = current_identity(output_dir) if config.resume_from == LATEST else None  # every save was interrupted
+        return kept or new_identity(config_dict), {}
+    if config.resume_from == LATEST:
+        check_same_run(resume_path, output_dir, config.allow_other_run)
+    changes = changed_settings(resume_path, config_dict)
+    return read_complete(resume_path).get("run") or current_identity(output_dir) or new_identity(config_dict), changes
+
+
+def _all_finite(loss: float) -> bool:
+    finite = torch.tensor([1.0 if math.isfinite(loss) else 0.0])
+    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def _train(config: TrainConfig, config_dict: dict[str, Any], checked: CheckedInputs, resume_path: Path | None, identity: dict[str, Any],
+           changes: dict[str, tuple[Any, Any]], device: torch.device, rank: int, world_size: int) -> TrainResult:
+    output_dir = Path(config.output_dir)
+    if rank == 0:
+        write_identity(output_dir, identity)
     dataset = _open_dataset(config, rank, world_size)
     models = build_models(config, device, checked.deepspeed_config)
     engine = models.engine
@@ -101,8 +142,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
 
     checkpoint_root = output_dir / "checkpoints"
     if rank == 0:
-        text = json.dumps(config.to_dict(), indent=2, default=str).encode()
-        write_atomic(output_dir / "train_config.json", lambda file: file.write(text))
+        _io.write_json(output_dir / "train_config.json", config_dict, fsync=True)
 
     state = TrainerState()
     last_checkpoint: Path | None = None
@@ -112,6 +152,8 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
             raise ValueError(f"resume_from: {resume_path} was written by {saved['world_size']} processes, this run has {world_size}")
         state = TrainerState(saved["step"], saved["micro_step"], list(saved["losses"]), saved["data_epoch"], saved["data_position"])
         restore_rng_state(saved["rng"])
+        if "learning_rate" in changes:
+            apply_learning_rate(engine, config.learning_rate)
         if ema is not None:
             if ema_state is None:
                 raise ValueError(f"resume_from: {resume_path} has no EMA ({EMA_FILE.format(rank=rank)}) but ema_decay > 0")
@@ -119,7 +161,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
         last_checkpoint = resume_path
     stream = ClipStream(dataset, config.batch_size, state.data_epoch, state.data_position)
     runner = StepRunner(config, models, stream, device, rank, state.micro_step)
-    log = TrainLog(output_dir / "train_log.jsonl", state.step, list(config.sigma_bins), world_size, device, rank)
+    log = TrainLog(output_dir / "train_log.jsonl", state.step, list(config.sigma_bins), world_size, device, rank, identity["run_id"])
     validator = Validator(config, models.pipeline, device, output_dir, checked.validation_images) if config.validate_every and rank == 0 else None
 
     def checkpoint() -> Path:
@@ -129,9 +171,9 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
         }}
         if ema is not None:
             files[EMA_FILE.format(rank=rank)] = ema.state_dict()
-        return save_checkpoint(engine, checkpoint_root, state.step, files, rank)
+        return save_checkpoint(engine, checkpoint_root, state.step, files, rank, {"run": identity, "config": config_dict})
 
-    samples_seen, start = 0, time.perf_counter()
+    samples_seen, start, nonfinite_in_a_row = 0, time.perf_counter(), 0
     progress = tqdm(total=config.max_steps, initial=state.step, desc="train", unit="step", disable=rank != 0)
     while state.step < config.max_steps:
         stats = runner.run()
@@ -140,7 +182,16 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
         samples_seen += stats.samples
         progress.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
         progress.update(1)
-        if ema is not None:
+        finite = _all_finite(stats.loss)
+        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+        if nonfinite_in_a_row >= config.max_nonfinite_steps:
+            log.record(state.step, stats, write=True)
+            progress.close()
+            kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None else "no checkpoint was saved"
+            raise NonFiniteLossError(f"step {state.step}: the loss is {stats.loss} ({nonfinite_in_a_row} step(s) in a row, "
+                                     f"max_nonfinite_steps: {config.max_nonfinite_steps}); training stopped, {kept} "
+                                     "(lower learning_rate, or raise max_nonfinite_steps where fp16 overflows skip steps)")
+        if ema is not None and finite:
             ema.update(engine.module)
         extra = {}
         if config.validate_every and state.step % config.validate_every == 0:
@@ -149,11 +200,11 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
                 extra["validation"] = validator.run(state.step, trained_state)
         write = state.step % config.log_every == 0 or state.step == config.max_steps or bool(extra)
         log.record(state.step, stats, write=write, extra=extra)
-        if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and finite:
             last_checkpoint = checkpoint()
     progress.close()
     elapsed = time.perf_counter() - start
-    if last_checkpoint is None or last_checkpoint.name != f"step_{state.step}":  # never lose the finished steps
+    if (last_checkpoint is None or last_checkpoint.name != f"step_{state.step}") and nonfinite_in_a_row == 0:  # never lose the finished steps
         last_checkpoint = checkpoint()
 
     export_path = export_pipeline(models, ema, config, output_dir / "pipeline", rank) if config.export else None
@@ -181,14 +232,14 @@ def export_pipeline(models: Models, ema: ShardedEMA | None, config: TrainConfig,
         if unexpected:
             raise RuntimeError(f"export: parameter names do not match the base UNet (unexpected {unexpected[:3]})")
         if config.trained_parameters == "lora":
-            replace_folder(target.with_name("lora"), lambda staging: save_lora(unet, config.lora(), staging))
+            _io.replace_folder(target.with_name("lora"), "lora", lambda staging: save_lora(unet, config.lora(), staging), [config.model], name="lora export")
             merge_lora(unet)
 
         def write_pipeline(staging: Path) -> None:
-            shutil.copytree(config.model, staging, ignore=shutil.ignore_patterns("unet"))
+            shutil.copytree(config.model, staging, ignore=shutil.ignore_patterns("unet", _io.MARKER), dirs_exist_ok=True)
             unet.save_pretrained(staging / "unet", safe_serialization=True)
 
-        replace_folder(target, write_pipeline)
+        _io.replace_folder(target, "pipeline", write_pipeline, [config.model], name="pipeline export")
     return target
 
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from svd_fast import media
-from svd_fast.training.checkpoint import replace_folder
+from svd_fast import _io, media
 from svd_fast.training.config import TrainConfig
 from svd_fast.training.lora import add_lora
 
@@ -86,7 +85,6 @@ class Validator:
         try:
 
             def write(staging: Path) -> None:
-                staging.mkdir(parents=True)
                 for index, (image, name) in enumerate(zip(self.images, names)):
                     frames = pipe(
                         image, height=config.height, width=config.width, num_frames=frames_per_clip,
@@ -98,7 +96,7 @@ class Validator:
 
             self.folder.mkdir(parents=True, exist_ok=True)
             with torch.random.fork_rng(devices=devices):  # the training's RNG stream stays as without validation
-                replace_folder(target, write)
+                _io.replace_folder(target, "validation", write, name="validation folder")
         finally:
             pipe.unet.to("cpu")
             pipe.vae.to("cpu")
