@@ -109,6 +109,11 @@ def register(
     return entry
 
 
+def registered_ops() -> tuple[str, ...]:
+    """The ops that declared backends (svd_fast.checks checks a forced backend against each)."""
+    return tuple(_registry)
+
+
 def entries(op: str) -> dict[str, Entry]:
     """The declared backends of ``op`` (backend -> Entry)."""
     return dict(_registry[op])

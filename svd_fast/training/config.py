@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from svd_fast import checks
 from svd_fast.training.objective import ObjectiveConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -163,8 +164,6 @@ class TrainConfig:
         if list(self.sigma_bins) != sorted(self.sigma_bins) or any(edge <= 0 for edge in self.sigma_bins):
             raise ValueError(f"sigma_bins must be increasing positive edges, got {self.sigma_bins!r}")
         self.objective()  # checks p_std, dropout probabilities
-        from svd_fast import checks  # noqa: PLC0415
-
         for name in ("seed", "num_frames", "height", "width", "batch_size", "learning_rate", "adam_eps", "default_fps",
                      "default_motion_bucket_id", "target_fps", "stride", "validation_num_frames", "validation_inference_steps"):  # fmt: skip
             checks.check(name, getattr(self, name))

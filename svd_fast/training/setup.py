@@ -14,9 +14,12 @@ from typing import Any
 
 import torch
 
+from svd_fast import _io
+from svd_fast.data.clips import clip_frame_indices, sources_from
+from svd_fast.data.decode import probe_video
 from svd_fast.training.activation_checkpointing import enable_activation_checkpointing
 from svd_fast.training.config import TrainConfig
-from svd_fast.training.latents import check_latents_dir
+from svd_fast.training.latents import check_latents_dir, model_identity
 from svd_fast.training.validation import load_validation_images
 
 # The layers SVD added to the image model: temporal attention and resnets, their blends with the spatial path,
@@ -69,8 +72,6 @@ def check_data(config: TrainConfig) -> None:
     """The data lists videos (a manifest is readable), and one of the first :data:`PROBED_SOURCES` videos holds a
     clip of ``num_frames`` frames (with stride/target_fps), so a config the data cannot serve fails here, naming
     the video or manifest, not in the first step."""
-    from svd_fast.data.clips import clip_frame_indices, sources_from  # noqa: PLC0415
-    from svd_fast.data.decode import probe_video  # noqa: PLC0415
 
     try:
         sources = sources_from(config.data)
@@ -97,16 +98,12 @@ def check_data(config: TrainConfig) -> None:
 
 def latents_settings(config: TrainConfig) -> dict[str, Any]:
     """The config keys precomputed latents must have been encoded with."""
-    from svd_fast.training.latents import model_identity  # noqa: PLC0415
-
     return {"num_frames": config.num_frames, "height": config.height, "width": config.width, "model_identity": model_identity(config.model)}
 
 
 def check_output_dir(config: TrainConfig) -> None:
     """``output_dir`` is new, empty or an earlier training run's (never a folder of the user's, the current folder
     or an input's folder) and writable, and the exports it will replace are svd-fast's."""
-    from svd_fast import _io  # noqa: PLC0415
-
     inputs = [config.model, *([config.data] if isinstance(config.data, str) else list(config.data or []))]
     folder = Path(config.output_dir)
     try:
