@@ -754,11 +754,33 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+# Seconds to wait for a killed process group to be gone (a dying CUDA process still holds device memory).
+KILL_WAIT_SECONDS = 20
+
+
 def _kill_group(group: int) -> None:
+    """SIGKILL every process of ``group``, then wait until none of them runs (at most KILL_WAIT_SECONDS), so
+    that the next stage starts on a free GPU."""
     try:
         os.killpg(group, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return
+    deadline = time.monotonic() + KILL_WAIT_SECONDS
+    while _group_members(group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _group_members(group: int) -> list[int]:
+    """Processes of ``group`` that have not exited (zombies excluded), from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _parent, process_group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(process_group) == group and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
 
 
 def run_stage_process(work: Path, name: str, command: list[str], limit: float, env: dict[str, str]) -> dict:
