@@ -43,13 +43,14 @@ from torch import nn
 
 from svd_fast import backends
 from svd_fast.diffusers.attention_processors import FlashAttnSelfAttnProcessor, SingleTokenCrossAttnProcessor, flash_attn_unavailable_reason
+from svd_fast.diffusers.consistency_scheduler import SVDConsistencyScheduler
 from svd_fast.diffusers.cuda_graph import CUDAGraphedForward
 from svd_fast.diffusers.denoising_loop import fuse_denoising_loop
 from svd_fast.diffusers.step_cache import check_cache_interval
 from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock, unsupported_reason
 from svd_fast.nn.group_norm import FusedGroupNorm
 from svd_fast.ops.group_norm import group_norm
-from svd_fast.sampling.samplers import check_sampler
+from svd_fast.sampling.samplers import SAMPLERS
 
 LOGGER = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ _UNDO_ATTRIBUTE = "_svd_fast_undo"
 _REPORT_ATTRIBUTE = "_svd_fast_report"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATTENTION_CHOICES = ("auto", "sdpa", "flash-attn")
+# "auto": the pipeline's scheduler decides (a SVDConsistencyScheduler -> "consistency", else "euler").
+SAMPLER_CHOICES = ("auto", "consistency") + SAMPLERS
 
 # The diffusers forwards that this module re-implements (the _fused_* forwards and the fused temporal
 # block), with the sha256 prefix of their source in the tested diffusers release:
@@ -246,13 +249,13 @@ def _check_target(target: Any, scheduler: bool) -> bool:
     if is_pipeline:
         if not isinstance(target, StableVideoDiffusionPipeline):
             raise TypeError(f"optimize: target must be a StableVideoDiffusionPipeline, got {type(target).__name__}")
-        if scheduler:
+        if scheduler and not isinstance(target.scheduler, SVDConsistencyScheduler):
             config = target.scheduler.config
             if not isinstance(target.scheduler, EulerDiscreteScheduler) or config.get("prediction_type") != "v_prediction":
                 raise ValueError(
-                    f"optimize: the fused sampling needs SVD's v-prediction EulerDiscreteScheduler, but the pipeline has "
-                    f"{type(target.scheduler).__name__} (prediction_type={config.get('prediction_type')!r}); pass scheduler=False "
-                    "to keep it and patch only the models"
+                    f"optimize: the fused sampling needs SVD's v-prediction EulerDiscreteScheduler or an "
+                    f"SVDConsistencyScheduler, but the pipeline has {type(target.scheduler).__name__} "
+                    f"(prediction_type={config.get('prediction_type')!r}); pass scheduler=False to keep it and patch only the models"
                 )
         models = (target.unet, target.vae)
     elif isinstance(target, nn.Module):
@@ -297,7 +300,7 @@ def optimize(
     scheduler: bool = True,
     attention: str = "auto",
     cuda_graphs: bool = False,
-    sampler: str = "euler",
+    sampler: str = "auto",
     cache_interval: int = 1,
 ) -> Any:
     """Patch ``target`` (a StableVideoDiffusionPipeline, or a bare UNet / VAE / any module holding diffusers
@@ -318,7 +321,10 @@ def optimize(
     when installed, else SDPA).
     ``cuda_graphs``: capture the UNet forward as a CUDA graph per input shape and replay it (inference on
     CUDA; needs a CUDA device; not with ``low_memory``, whose offload moves weights between calls).
-    ``sampler``: "euler" (SVD's, the stock result), "ipndm-2" (second-order Adams-Bashforth in sigma: at 15
+    ``sampler``: "auto" (the default: "consistency" when the pipeline's scheduler is an
+    :class:`~svd_fast.diffusers.consistency_scheduler.SVDConsistencyScheduler`, else "euler"), "consistency" (few-step
+    consistency sampling, :mod:`svd_fast.sampling.consistency`, for AnimateLCM-SVD-xt and ``svd-fast distill``
+    students; an Euler pipeline gets AnimateLCM-SVD-xt's scheduler config), "euler" (SVD's, the stock result), "ipndm-2" (second-order Adams-Bashforth in sigma: at 15
     steps the ODE accuracy of Euler at 25) or "dpmpp-2m" (DPM-Solver++(2M)); one UNet call per step each, see
     :mod:`svd_fast.sampling.samplers` and bench/RESULTS.md. Pipelines with ``scheduler`` only.
     ``cache_interval``: N > 1 runs the full UNet every N-th step only and, in between, just its outermost
@@ -333,7 +339,8 @@ def optimize(
         dtype = DTYPES[dtype]
     elif dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"optimize: dtype must be a str or a torch.dtype, got {type(dtype).__name__}")
-    check_sampler(sampler)
+    if sampler not in SAMPLER_CHOICES:
+        raise ValueError(f"optimize: sampler must be one of {SAMPLER_CHOICES}, got {sampler!r}")
     check_cache_interval(cache_interval)
     settings = _settings(
         backend=backend, dtype=dtype, channels_last=channels_last, low_memory=low_memory, scheduler=scheduler,
@@ -352,6 +359,9 @@ def optimize(
             "between calls, which a captured graph cannot follow"
         )
     is_pipeline = _check_target(target, scheduler)
+    if sampler == "auto":
+        consistency = is_pipeline and scheduler and isinstance(target.scheduler, SVDConsistencyScheduler)
+        sampler = "consistency" if consistency else "euler"
     if (sampler != "euler" or cache_interval > 1) and not (is_pipeline and scheduler):
         raise ValueError("optimize: sampler and cache_interval apply to the fused sampling of a pipeline (scheduler=True)")
     if cuda_graphs and cache_interval > 1:
