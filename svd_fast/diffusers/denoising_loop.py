@@ -5,7 +5,8 @@ Per step the stock loop concatenates the CFG batch, scales it, concatenates the 
 the UNet, applies guidance and calls the scheduler: five passes over the latents besides the UNet. Here
 one fused op prepares the UNet input (c_in scaling, conditioning concat, CFG doubling with zero
 conditioning for the unconditional half) and one applies the frame-ramped guidance, the v-prediction
-denoiser and the Euler (or a multistep sampler's) update. Everything else (image encoding, conditioning, noise,
+denoiser and the Euler (or a multistep sampler's) update; with consistency sampling (an SVDConsistencyScheduler),
+the guided denoiser's output re-noised to the next level (:mod:`svd_fast.sampling.consistency`). Everything else (image encoding, conditioning, noise,
 decoding, callbacks, outputs) is diffusers' code path, so the result equals the stock pipeline's within
 float32 rounding for the Euler sampler.
 

@@ -14,7 +14,8 @@ What is patched (weights and state_dict keys stay the diffusers ones):
   keeps the frame-major layout (no permute copies) and attends over frames with the fused
   ``temporal_attention`` op (the block object is swapped; its submodules are shared);
 * the pipeline's scheduler: :class:`svd_fast.diffusers.scheduler.FusedEulerDiscreteScheduler` (fused EDM Euler
-  step) built from the pipeline's own scheduler config, and its denoising loop: the pipeline's class becomes the
+  step) built from the pipeline's own scheduler config (a
+  :class:`~svd_fast.diffusers.consistency_scheduler.SVDConsistencyScheduler` is kept), and its denoising loop: the pipeline's class becomes the
   subclass from :mod:`svd_fast.diffusers.denoising_loop` whose ``__call__`` runs the fused input preparation,
   guidance and step (Euler, or a second-order multistep sampler: ``sampler="ipndm-2"`` or ``"dpmpp-2m"``),
   optionally with step caching;
@@ -315,7 +316,8 @@ def optimize(
     ``channels_last``: convert the UNet (and VAE) convolutions' memory format (not undone).
     ``low_memory``: feed-forward chunking in the UNet, and model CPU offload when CUDA is present.
     ``scheduler``: fused sampling (pipelines only): the FusedEulerDiscreteScheduler and the fused denoising loop
-    (input preparation, guidance and step as svd_fast ops). Needs SVD's v-prediction EulerDiscreteScheduler.
+    (input preparation, guidance and step as svd_fast ops). Needs SVD's v-prediction EulerDiscreteScheduler or an
+    SVDConsistencyScheduler.
     ``attention``: spatial self-attention through "flash-attn" (the optional package; an error if it is not
     installed), "sdpa" (diffusers' default, PyTorch's scaled_dot_product_attention), or "auto" (flash-attn
     when installed, else SDPA).

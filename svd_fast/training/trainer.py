@@ -161,9 +161,12 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
     )
 
 
-def export_pipeline(models: Models, ema: ShardedEMA | None, config: TrainConfig, target: Path, rank: int) -> Path:
+def export_pipeline(
+    models: Models, ema: ShardedEMA | None, config: TrainConfig, target: Path, rank: int, extra_files: dict[str, bytes] | None = None
+) -> Path:
     """Write a diffusers pipeline folder: the base pipeline's other components and the trained UNet, from the
-    fp32 master weights (or their EMA). Frozen parameters keep the base pipeline's fp32 values. With
+    fp32 master weights (or their EMA), and ``extra_files`` (name -> content) at its top, in the same atomic
+    replace. Frozen parameters keep the base pipeline's fp32 values. With
     ``trained_parameters: lora`` the adapter is also written on its own (``lora`` beside ``target``, see
     svd_fast.training.lora) and the pipeline's UNet has it merged. A collective."""
     state = trained_full_state(models.engine.module, ema if config.export_ema else None)
@@ -185,6 +188,8 @@ def export_pipeline(models: Models, ema: ShardedEMA | None, config: TrainConfig,
         def write_pipeline(staging: Path) -> None:
             shutil.copytree(config.model, staging, ignore=shutil.ignore_patterns("unet"))
             unet.save_pretrained(staging / "unet", safe_serialization=True)
+            for name, content in (extra_files or {}).items():
+                (staging / name).write_bytes(content)
 
         replace_folder(target, write_pipeline)
     return target
