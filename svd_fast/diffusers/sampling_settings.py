@@ -2,8 +2,8 @@
 
 ``svd-fast distill`` writes it for its students (consistency sampling, the scheduler config, the step count and
 guidance 1); stock diffusers ignores the file and loads the folder as any SVD pipeline. ``svd-fast generate``
-reads it (:func:`read_sampling_settings`, checked before any model loads) and puts the scheduler it names on the
-loaded pipeline (:func:`apply_sampling_settings`), so a student samples as it was distilled without flags.
+reads it (:func:`read_sampling_settings`, checked before any model loads) and loads the pipeline with the scheduler
+it names, so a student samples as it was distilled without flags.
 """
 
 from __future__ import annotations
@@ -46,11 +46,3 @@ def read_sampling_settings(folder: str | Path) -> dict[str, Any] | None:
             raise ValueError(f"{path}: {key} must be a number >= 0, got {value!r}")
     return {**settings, "scheduler_config": config, "min_guidance": settings.get("min_guidance", 1.0),
             "max_guidance": settings.get("max_guidance", 1.0)}
-
-
-def apply_sampling_settings(pipe: Any, settings: dict[str, Any]) -> Any:
-    """Give ``pipe`` the scheduler ``settings`` name (before svd_fast.optimize, whose sampler "auto" keeps it)."""
-    from svd_fast.diffusers.consistency_scheduler import SVDConsistencyScheduler  # noqa: PLC0415
-
-    pipe.scheduler = SVDConsistencyScheduler.from_config(settings["scheduler_config"])
-    return pipe
