@@ -40,21 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def check_teacher(model: str) -> None:
-    """The teacher folder is a diffusers StableVideoDiffusionPipeline (read from model_index.json, nothing loaded)."""
-    index = Path(model) / "model_index.json"
-    try:
-        class_name = json.loads(index.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        raise ValueError(f"model: {model!r} has no readable model_index.json (not a diffusers pipeline folder)") from None
-    if class_name != "StableVideoDiffusionPipeline":
-        raise ValueError(f"model: the teacher must be a StableVideoDiffusionPipeline, {str(index)!r} says {class_name!r}")
-
-
 def load_config(args: argparse.Namespace, check_paths: bool = True):
     """The config with the --set overrides, checked without loading any model; a problem is a UsageError."""
     from svd_fast.training.checkpoint import resolve_resume  # noqa: PLC0415 - keep `svd-fast --help` fast
-    from svd_fast.training.distill import DistillConfig  # noqa: PLC0415
+    from svd_fast.training.distill import DistillConfig, check_teacher  # noqa: PLC0415
     from svd_fast.training.setup import check_inputs  # noqa: PLC0415
 
     overrides = parse_overrides(args.overrides)

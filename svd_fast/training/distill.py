@@ -101,6 +101,17 @@ class DistillConfig(TrainConfig):
                 "num_inference_steps": self.student_steps, "min_guidance": 1.0, "max_guidance": 1.0}
 
 
+def check_teacher(model: str) -> None:
+    """The teacher folder is a diffusers StableVideoDiffusionPipeline (read from model_index.json, nothing loaded)."""
+    index = Path(model) / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise ValueError(f"model: {model!r} has no readable model_index.json (not a diffusers pipeline folder)") from None
+    if class_name != "StableVideoDiffusionPipeline":
+        raise ValueError(f"model: the teacher must be a StableVideoDiffusionPipeline, {str(index)!r} says {class_name!r}")
+
+
 def as_distill_config(config: DistillConfig | dict[str, Any] | str | Path) -> DistillConfig:
     if isinstance(config, DistillConfig):
         return config
@@ -200,6 +211,7 @@ def distill(config: DistillConfig | dict[str, Any] | str | Path) -> TrainResult:
     """Distill (or resume) as ``config`` says; returns losses, the last checkpoint and the exported student."""
     config = as_distill_config(config)
     check_inputs(config)
+    check_teacher(config.model)
     output_dir = Path(config.output_dir)
     resume_path = resolve_resume(config.resume_from, output_dir)
     device = resolve_device(config)
