@@ -110,10 +110,12 @@ def test_objective_matches_float64_formulas(solver: str, kind: str, guided: bool
 
 
 def test_student_learns_the_target() -> None:
-    """A few optimiser steps on the tiny UNet against a fixed teacher/target lower the distillation loss."""
+    """Small normalised gradient steps of the student (the tiny UNet) against a fixed teacher/target lower the
+    distillation loss at every step (first order: the steps are short enough for curvature not to undo that)."""
     pipe = tiny_pipeline(seed=0)
     teacher = copy.deepcopy(pipe.unet).eval().requires_grad_(False)
     student = pipe.unet.train()
+    params = [p for p in student.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(1)
     batch = TrainingBatch(
         latents=torch.randn(1, 2, 4, 8, 8, generator=g), cond_latent=torch.randn(1, 4, 8, 8, generator=g),
@@ -121,18 +123,19 @@ def test_student_learns_the_target() -> None:
         sigma=torch.ones(1), noise=torch.randn(1, 2, 4, 8, 8, generator=g), drop_image=torch.zeros(1, dtype=torch.bool),
         drop_latent=torch.zeros(1, dtype=torch.bool),
     )  # fmt: skip
-    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
     losses = []
-    for _ in range(6):
+    for _ in range(4):
         loss, _, _ = consistency_distillation_loss(
             student, teacher, teacher, batch, torch.tensor([20]), num_train_timesteps=40, skip_steps=4, schedule=SCHEDULE,
             solver="euler", guidance=None, kind="l2",
         )  # fmt: skip
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum(grad.square().sum() for grad in grads))
+        with torch.no_grad():
+            for param, grad in zip(params, grads):
+                param.sub_(grad, alpha=3e-3 / norm.item())
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
 
 
 # --- the DeepSpeed run on the tiny pipeline --------------------------------------------------------------------------

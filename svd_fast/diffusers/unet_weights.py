@@ -25,7 +25,7 @@ def check_weights_file(path: str | Path) -> None:
 
 
 def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
 
     if path.suffix != ".safetensors":
         raise UNetWeightsError(f"{path}: expected a .safetensors file")
@@ -34,7 +34,7 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     try:
         with safe_open(str(path), framework="pt") as file:
             return {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
-    except (OSError, ValueError, RuntimeError) as error:  # safetensors raises SafetensorError (a RuntimeError subclass)
+    except (OSError, ValueError, SafetensorError) as error:
         raise UNetWeightsError(f"{path}: not a readable safetensors file ({error})") from None
 
 
