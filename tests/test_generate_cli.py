@@ -227,9 +227,9 @@ def test_low_memory_generates(tiny_model: Path, image: Path, tmp_path: Path, cap
 
 
 def test_sampler_names_are_the_sampling_modules() -> None:
-    from svd_fast.sampling import SAMPLERS  # noqa: PLC0415 - the CLI's list is spelled out to avoid importing torch
+    from svd_fast.diffusers.settings import SAMPLER_CHOICES  # noqa: PLC0415 - the CLI's list is spelled out to avoid importing torch
 
-    assert generate_command.SAMPLER_NAMES == SAMPLERS
+    assert generate_command.SAMPLER_NAMES == SAMPLER_CHOICES
 
 
 def test_multistep_sampler_generates(tiny_model: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

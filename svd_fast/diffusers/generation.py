@@ -53,9 +53,10 @@ class GenerateOptions:
     optimize: bool = True
     attention: str = "auto"
     cuda_graphs: bool = False
-    sampler: str = "euler"
+    sampler: str = "auto"  # "auto": consistency for a folder whose svd_fast.json says so (svd-fast distill), else euler
     cache_interval: int = 1
     progress: bool = True
+    unet_weights: str | None = None  # a UNet state dict (.safetensors) loaded over the model's UNet, strictly
 
 
 def _model_config(model: str) -> dict[str, Any] | None:
@@ -89,8 +90,14 @@ def check_options(options: GenerateOptions) -> GenerateOptions:
     if options.guidance_preset not in GUIDANCE_PRESETS:
         raise OptionError("{guidance_preset} must be one of {choices}, got {got!r}", choices=tuple(GUIDANCE_PRESETS), got=options.guidance_preset)
     preset = GUIDANCE_PRESETS[options.guidance_preset]
-    minimum = preset.min_guidance if options.min_guidance is None else options.min_guidance
-    maximum = preset.max_guidance if options.max_guidance is None else options.max_guidance
+    few_step = _few_step_settings(options.model)
+    sampler = options.sampler if options.sampler != "auto" else "consistency" if few_step is not None else "euler"
+    # Few-step models run without classifier-free guidance unless asked (AnimateLCM-SVD-xt's batch script).
+    default_guidance = (preset.min_guidance, preset.max_guidance)
+    if sampler == "consistency":
+        default_guidance = (few_step["min_guidance"], few_step["max_guidance"]) if few_step else (1.0, 1.0)
+    minimum = default_guidance[0] if options.min_guidance is None else options.min_guidance
+    maximum = default_guidance[1] if options.max_guidance is None else options.max_guidance
     require_in_range("min_guidance", minimum, 0.0, math.inf)
     require_in_range("max_guidance", maximum, 0.0, math.inf)
     if minimum > maximum:
@@ -114,18 +121,68 @@ def check_options(options: GenerateOptions) -> GenerateOptions:
     width = default_size[1] if options.width is None else options.width
     frames = default_frames if options.frames is None else options.frames
     steps = preset.num_inference_steps if options.steps is None else options.steps
+    if sampler == "consistency":
+        steps = _consistency_steps(options.steps, few_step)
+    if options.unet_weights is not None:
+        _check_unet_weights(options.unet_weights, config)
 
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = options.dtype or ("fp16" if device == "cuda" else "fp32")
     check_settings(
         backend=options.backend, dtype=dtype, device=device, low_memory=options.low_memory, attention=options.attention,
-        cuda_graphs=options.cuda_graphs, sampler=options.sampler, cache_interval=options.cache_interval,
+        cuda_graphs=options.cuda_graphs, sampler=sampler, cache_interval=options.cache_interval,
         optimized=options.optimize,
     )  # fmt: skip
     return dataclasses.replace(
         options, height=height, width=width, frames=frames, steps=steps, min_guidance=minimum, max_guidance=maximum,
-        device=device, dtype=dtype,
+        device=device, dtype=dtype, sampler=sampler,
     )  # fmt: skip
+
+
+def _few_step_settings(model: str) -> dict[str, Any] | None:
+    """The model folder's checked svd_fast.json (svd-fast distill's students), None without one."""
+    from svd_fast.diffusers.sampling_settings import read_sampling_settings  # noqa: PLC0415
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return None
+    try:
+        return read_sampling_settings(path)
+    except ValueError as error:
+        raise OptionError("{why}", "fix or remove the file", why=str(error)) from None
+
+
+def _consistency_steps(steps: int | None, few_step: dict[str, Any] | None) -> int:
+    from svd_fast.sampling.consistency import ANIMATELCM_SVD_CONFIG, DEFAULT_CONSISTENCY_STEPS  # noqa: PLC0415
+
+    limit = (few_step["scheduler_config"] if few_step else ANIMATELCM_SVD_CONFIG)["num_train_timesteps"]
+    if steps is None:
+        return few_step["num_inference_steps"] if few_step else DEFAULT_CONSISTENCY_STEPS
+    if steps > limit:
+        raise OptionError("{steps} {got} exceeds the consistency scheduler's num_train_timesteps ({limit})",
+                          "a consistency model samples at most at the noise levels it was trained on", got=steps, limit=limit)
+    return steps
+
+
+def _check_unet_weights(path: str, config: dict[str, Any] | None) -> None:
+    """The file is the state dict of the model's UNet (from its header; a hub model's is compared on loading)."""
+    from svd_fast.diffusers.unet_weights import UNetWeightsError, check_unet_weights, check_weights_file  # noqa: PLC0415
+
+    try:
+        if config is not None:
+            check_unet_weights(path, config["unet"])
+        else:
+            check_weights_file(path)
+    except UNetWeightsError as error:
+        raise OptionError("{unet_weights} {why}", "pass a state dict of this model's UNet", why=str(error)) from None
+
+
+def consistency_scheduler_for(model: str | Path):
+    """The SVDConsistencyScheduler of ``model``'s svd_fast.json, else with AnimateLCM-SVD-xt's config."""
+    from svd_fast.diffusers.consistency_scheduler import SVDConsistencyScheduler  # noqa: PLC0415
+
+    few_step = _few_step_settings(str(model))
+    return SVDConsistencyScheduler.from_config(few_step["scheduler_config"] if few_step else {})
 
 
 def load_optimized_pipeline(
@@ -137,13 +194,15 @@ def load_optimized_pipeline(
     progress: bool = True,
     variant: str | None = None,
     components: dict[str, Any] | None = None,
+    unet_weights: str | Path | None = None,
     **settings: Any,
 ) -> StableVideoDiffusionPipeline:
     """The StableVideoDiffusionPipeline at ``model`` (a local diffusers folder, or a hub id where the network
     allows), moved to ``device`` (None: left where it loads; not moved with ``low_memory``, whose offload
     places each model) and, when ``optimized``, patched by :func:`svd_fast.optimize` with ``settings``
     (its keyword arguments). ``components`` (e.g. ``vae=``, ``scheduler=``) are taken as given instead of
-    being loaded. ModelFolderError names what is wrong with ``model``."""
+    being loaded; ``unet_weights``: a UNet state dict (.safetensors) loaded over the UNet, strictly, before
+    optimizing. ModelFolderError names what is wrong with ``model``."""
     if _looks_like_path(model) or Path(model).suffix:
         check_model_folder(Path(model).expanduser())
         source = str(Path(model).expanduser())
@@ -157,6 +216,10 @@ def load_optimized_pipeline(
         pipe = StableVideoDiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as error:
         raise ModelFolderError(f"--model: could not load {model!r}: {error}") from error
+    if unet_weights is not None:
+        from svd_fast.diffusers.unet_weights import load_unet_weights  # noqa: PLC0415
+
+        load_unet_weights(pipe.unet, unet_weights)
     if device is not None and not settings.get("low_memory", False):
         pipe = pipe.to(device)
     if optimized:
@@ -167,10 +230,11 @@ def load_optimized_pipeline(
 
 def pipeline_for(options: GenerateOptions) -> StableVideoDiffusionPipeline:
     """The pipeline of checked ``options``, on its device, optimized as asked."""
+    components = {"scheduler": consistency_scheduler_for(options.model)} if options.sampler == "consistency" else None
     # low_memory leaves the pipeline where it loads: optimize()'s CPU offload places each model.
     return load_optimized_pipeline(
         options.model, dtype=options.dtype, device=None if options.low_memory else options.device, optimized=options.optimize,
-        progress=options.progress,
+        progress=options.progress, components=components, unet_weights=options.unet_weights,
         **(dict(backend=options.backend, low_memory=options.low_memory, attention=options.attention, cuda_graphs=options.cuda_graphs,
                 sampler=options.sampler, cache_interval=options.cache_interval) if options.optimize else {}),
     )  # fmt: skip
@@ -222,6 +286,7 @@ def generate_video(image: str | Path, out: str | Path, options: GenerateOptions)
         "steps": options.steps,
         "guidance": [options.min_guidance, options.max_guidance],
         "sampler": options.sampler,
+        "unet_weights": options.unet_weights,
         "cache_interval": options.cache_interval,
         "device": options.device,
         "dtype": options.dtype,

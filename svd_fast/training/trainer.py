@@ -92,7 +92,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
     try:  # everything cheap, before any model loads
         checked = check_inputs(config)
         resume_path = resolve_resume(config.resume_from, output_dir)
-        identity, changes = _run_identity(config, config_dict, resume_path, output_dir)
+        identity, changes = run_identity(config, config_dict, resume_path, output_dir)
     except ValueError as error:
         raise TrainInputError(str(error)) from error
     device = resolve_device(config)
@@ -112,7 +112,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss was not finite for max_nonfinite_steps steps in a row; the run stopped."""
 
 
-def _run_identity(config: TrainConfig, config_dict: dict[str, Any], resume_path: Path | None, output_dir: Path) -> tuple[dict, dict]:
+def run_identity(config: TrainConfig, config_dict: dict[str, Any], resume_path: Path | None, output_dir: Path) -> tuple[dict, dict]:
     """This run's identity and the settings changed since ``resume_path`` (checked: see svd_fast.training.run)."""
     if resume_path is None:
         kept = current_identity(output_dir) if config.resume_from == LATEST else None  # every save was interrupted
@@ -123,7 +123,7 @@ def _run_identity(config: TrainConfig, config_dict: dict[str, Any], resume_path:
     return read_complete(resume_path).get("run") or current_identity(output_dir) or new_identity(config_dict), changes
 
 
-def _all_finite(loss: float) -> bool:
+def all_finite(loss: float) -> bool:
     finite = torch.tensor([1.0 if math.isfinite(loss) else 0.0])
     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
     return bool(finite.item())
@@ -182,7 +182,7 @@ def _train(config: TrainConfig, config_dict: dict[str, Any], checked: CheckedInp
         samples_seen += stats.samples
         progress.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
         progress.update(1)
-        finite = _all_finite(stats.loss)
+        finite = all_finite(stats.loss)
         nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
         if nonfinite_in_a_row >= config.max_nonfinite_steps:
             log.record(state.step, stats, write=True)
@@ -216,9 +216,12 @@ def _train(config: TrainConfig, config_dict: dict[str, Any], checked: CheckedInp
     )
 
 
-def export_pipeline(models: Models, ema: ShardedEMA | None, config: TrainConfig, target: Path, rank: int) -> Path:
+def export_pipeline(
+    models: Models, ema: ShardedEMA | None, config: TrainConfig, target: Path, rank: int, extra_files: dict[str, bytes] | None = None
+) -> Path:
     """Write a diffusers pipeline folder: the base pipeline's other components and the trained UNet, from the
-    fp32 master weights (or their EMA). Frozen parameters keep the base pipeline's fp32 values. With
+    fp32 master weights (or their EMA), and ``extra_files`` (name -> content) at its top, in the same atomic
+    replace. Frozen parameters keep the base pipeline's fp32 values. With
     ``trained_parameters: lora`` the adapter is also written on its own (``lora`` beside ``target``, see
     svd_fast.training.lora) and the pipeline's UNet has it merged. A collective."""
     state = trained_full_state(models.engine.module, ema if config.export_ema else None)
@@ -238,6 +241,8 @@ def export_pipeline(models: Models, ema: ShardedEMA | None, config: TrainConfig,
         def write_pipeline(staging: Path) -> None:
             shutil.copytree(config.model, staging, ignore=shutil.ignore_patterns("unet", _io.MARKER), dirs_exist_ok=True)
             unet.save_pretrained(staging / "unet", safe_serialization=True)
+            for name, content in (extra_files or {}).items():
+                (staging / name).write_bytes(content)
 
         _io.replace_folder(target, "pipeline", write_pipeline, [config.model], name="pipeline export")
     return target

@@ -39,9 +39,14 @@ def load_validation_images(config: TrainConfig) -> list:
 class Validator:
     """Samples the validation clips on rank 0 from the trained parameters' full fp32 values."""
 
-    def __init__(self, config: TrainConfig, base_pipeline, device: torch.device, output_dir: Path, images: list) -> None:
-        """``images``: the held-out first frames, as :func:`load_validation_images` read them."""
+    def __init__(self, config: TrainConfig, base_pipeline, device: torch.device, output_dir: Path, images: list, scheduler=None,
+                 call_options: dict | None = None) -> None:
+        """``images``: the held-out first frames, as :func:`load_validation_images` read them; ``scheduler``: sample
+        with it instead of the base pipeline's; ``call_options``: extra pipeline arguments (``svd-fast distill``
+        validates its student with consistency sampling at guidance 1)."""
         self.config = config
+        self.scheduler = scheduler
+        self.call_options = call_options or {}
         self.base = base_pipeline
         self.device = device
         self.folder = output_dir / VALIDATION_DIR
@@ -55,7 +60,7 @@ class Validator:
 
             components = {
                 "vae": copy.deepcopy(self.base.vae).to("cpu"), "image_encoder": self.base.image_encoder,
-                "scheduler": copy.deepcopy(self.base.scheduler), "feature_extractor": self.base.feature_extractor,
+                "scheduler": copy.deepcopy(self.scheduler or self.base.scheduler), "feature_extractor": self.base.feature_extractor,
             }  # fmt: skip
             pipe = load_optimized_pipeline(self.config.model, optimized=self.config.use_svd_fast_kernels, progress=False, components=components)
             unet = pipe.unet
@@ -90,7 +95,7 @@ class Validator:
                         image, height=config.height, width=config.width, num_frames=frames_per_clip,
                         num_inference_steps=config.validation_inference_steps, fps=fps,
                         motion_bucket_id=round(config.default_motion_bucket_id), decode_chunk_size=frames_per_clip,
-                        generator=torch.Generator().manual_seed(config.seed + index),
+                        generator=torch.Generator().manual_seed(config.seed + index), **self.call_options,
                     ).frames[0]
                     media.write_frames(frames, staging / name, fps=fps)
 
