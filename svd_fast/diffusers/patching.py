@@ -43,7 +43,7 @@ from torch import nn
 
 from svd_fast import backends
 from svd_fast.diffusers.attention_processors import FlashAttnSelfAttnProcessor, SingleTokenCrossAttnProcessor
-from svd_fast.diffusers.cuda_graph import CUDAGraphedForward
+from svd_fast.diffusers.cuda_graph import DEFAULT_MAX_CAPTURES, CUDAGraphedForward
 from svd_fast.diffusers.denoising_loop import fuse_denoising_loop
 from svd_fast.diffusers.settings import check_settings, resolve_attention
 from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock, unsupported_reason
@@ -192,9 +192,9 @@ def _patch_self_attention(root: nn.Module, undo: list[Callable[[], None]], repor
             report["self-attention -> flash-attn"] += 1
 
 
-def _capture_cuda_graphs(unet: nn.Module, undo: list[Callable[[], None]], report: Counter) -> None:
+def _capture_cuda_graphs(unet: nn.Module, max_captures: int, undo: list[Callable[[], None]], report: Counter) -> None:
 
-    unet.forward = CUDAGraphedForward(unet.forward)
+    unet.forward = CUDAGraphedForward(unet.forward, max_captures)
     undo.append(lambda: vars(unet).pop("forward", None))
     report["UNet forward -> CUDA graph capture and replay"] += 1
 
@@ -284,6 +284,7 @@ def optimize(
     cuda_graphs: bool = False,
     sampler: str = "euler",
     cache_interval: int = 1,
+    cuda_graph_cache: int = DEFAULT_MAX_CAPTURES,
 ) -> Any:
     """Patch ``target`` (a StableVideoDiffusionPipeline, or a bare UNet / VAE / any module holding diffusers
     resblocks) in place with svd_fast's kernels and return it. Undo with :func:`restore`.
@@ -303,6 +304,8 @@ def optimize(
     when installed, else SDPA).
     ``cuda_graphs``: capture the UNet forward as a CUDA graph per input shape and replay it (inference on
     CUDA; needs a CUDA device; not with ``low_memory``, whose offload moves weights between calls).
+    ``cuda_graph_cache``: with ``cuda_graphs``, how many input shapes stay captured (least recently used
+    evicted; each capture keeps about one forward's activations on the device).
     ``sampler``: "euler" (SVD's, the stock result), "ipndm-2" (second-order Adams-Bashforth in sigma: at 15
     steps the ODE accuracy of Euler at 25) or "dpmpp-2m" (DPM-Solver++(2M)); one UNet call per step each, see
     :mod:`svd_fast.sampling.samplers` and bench/RESULTS.md. Pipelines with ``scheduler`` only.
@@ -315,9 +318,12 @@ def optimize(
         backend=backend, dtype=dtype, low_memory=low_memory, attention=attention, cuda_graphs=cuda_graphs,
         sampler=sampler, cache_interval=cache_interval, fused_sampling=is_pipeline and scheduler,
     )  # fmt: skip
+    if isinstance(cuda_graph_cache, bool) or not isinstance(cuda_graph_cache, int) or cuda_graph_cache < 1:
+        raise ValueError(f"optimize: cuda_graph_cache must be a positive integer, got {cuda_graph_cache!r}")
     settings = _settings(
         backend=backend, dtype=dtype, channels_last=channels_last, low_memory=low_memory, scheduler=scheduler,
         attention=attention, cuda_graphs=cuda_graphs, sampler=sampler, cache_interval=cache_interval,
+        cuda_graph_cache=cuda_graph_cache,
     )  # fmt: skip
     if getattr(target, _UNDO_ATTRIBUTE, None):
         if getattr(target, _REPORT_ATTRIBUTE, {}).get("settings") == settings:
@@ -328,7 +334,8 @@ def optimize(
     undo: list[Callable[[], None]] = []
     report: Counter = Counter()
     try:
-        _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval, undo, report)
+        _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval,
+               cuda_graph_cache, undo, report)
     except BaseException:
         for step in reversed(undo):
             step()
@@ -339,7 +346,8 @@ def optimize(
     return target
 
 
-def _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval, undo, report) -> None:
+def _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval,
+           cuda_graph_cache, undo, report) -> None:
     models = [target.unet, target.vae] if is_pipeline else [target]
     if dtype is not None:
         target.to(dtype=dtype)
@@ -360,7 +368,7 @@ def _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, sched
             undo.append(target.remove_all_hooks)
             report["model CPU offload"] += 1
     if cuda_graphs:
-        _capture_cuda_graphs(target.unet if is_pipeline else target, undo, report)
+        _capture_cuda_graphs(target.unet if is_pipeline else target, cuda_graph_cache, undo, report)
 
 
 def restore(target: Any) -> Any:
