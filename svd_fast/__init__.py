@@ -6,6 +6,7 @@ from svd_fast.backends import BackendUnavailableError, backends_used, last_backe
 __version__ = "0.1.0"
 
 _PATCHING_EXPORTS = ("optimize", "restore", "describe")
+_LORA_EXPORTS = ("load_lora", "unload_lora", "fuse_lora", "unfuse_lora", "set_lora_scale", "lora_adapters")
 
 
 def __getattr__(name: str) -> object:
@@ -14,6 +15,10 @@ def __getattr__(name: str) -> object:
         from svd_fast.diffusers import patching  # noqa: PLC0415 - diffusers loads only when a model is built
 
         return getattr(patching, name)
+    if name in _LORA_EXPORTS:
+        from svd_fast.diffusers import lora  # noqa: PLC0415
+
+        return getattr(lora, name)
     raise AttributeError(f"module 'svd_fast' has no attribute {name!r}")
 
 __all__ = [
@@ -26,4 +31,5 @@ __all__ = [
     "optimize",
     "restore",
     "use_backend",
+    *_LORA_EXPORTS,
 ]

@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   svd-fast generate --model ./stable-video-diffusion-img2vid-xt --unet-weights AnimateLCM-SVD-xt-1.1.safetensors \\
       --sampler consistency --image rocket.png --out rocket.mp4 --frames 25      # 4 steps, guidance 1
   svd-fast generate --model runs/distill/pipeline --image cat.jpg --out cat.mp4   # svd_fast.json: consistency, its steps
+  svd-fast generate --model ./svd-xt --image cat.jpg --out long.mp4 --frames 72 --overlap 4 --lora run/lora:0.8
 guidance presets (min -> max over frames, steps): diffusers 1.0->3.0, 25; svd 1.0->2.5, 25; svd-xt 1.5->3.0, 30"""
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -77,6 +78,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                                "(e.g. AnimateLCM-SVD-xt-1.1.safetensors)")
     parser.add_argument("--cache-interval", type=int, default=1,
                         help="N > 1: full UNet every N-th step, outer level only in between (faster, slight deviation)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="LoRA adapter (svd-fast train's output, diffusers or peft layout) fused at SCALE (default 1); repeatable")
+    parser.add_argument("--window", type=int, help="long videos: frames per window when --frames exceeds it (default: the UNet's num_frames)")
+    parser.add_argument("--overlap", type=int, default=2, help="long videos: frames two windows share, 0 <= K < window (default: 2)")
     parser.add_argument("--ray", choices=("auto", "local"), help="batch: spread over Ray actors (auto: the running cluster; local: start one)")
     parser.add_argument("--actors", type=int, help="batch with --ray: pipeline actors (default: one per GPU, else 2)")
     parser.set_defaults(func=run)

@@ -5,7 +5,8 @@
   and completed before the model loads (an :class:`~svd_fast.diffusers.settings.OptionError` naming the field);
 * :func:`load_optimized_pipeline`: the one way svd_fast loads a pipeline (generation, the demo, training's
   validation samples), optionally around components the caller already holds;
-* :func:`sample_video` and :func:`generate`: one video.
+* :func:`sample_video` and :func:`generate`: one video (in windows when ``frames`` exceeds ``window``:
+  :mod:`svd_fast.diffusers.long_video`), with LoRA adapters (``lora``: :func:`svd_fast.load_lora`, fused).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class GenerateOptions:
     cache_interval: int = 1
     progress: bool = True
     unet_weights: str | None = None  # a UNet state dict (.safetensors) loaded over the model's UNet, strictly
+    lora: list[str] = dataclasses.field(default_factory=list)  # "PATH" or "PATH:SCALE" each
+    window: int | None = None  # frames per window of a long video (None: the UNet's num_frames)
+    overlap: int = 2  # frames two windows of a long video share
 
 
 def _model_config(model: str) -> dict[str, Any] | None:
@@ -120,6 +124,12 @@ def check_options(options: GenerateOptions) -> GenerateOptions:
     height = default_size[0] if options.height is None else options.height
     width = default_size[1] if options.width is None else options.width
     frames = default_frames if options.frames is None else options.frames
+    window = default_frames if options.window is None else options.window
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise OptionError("{window} must be an integer >= 2, got {got!r}", got=window)
+    if isinstance(options.overlap, bool) or not isinstance(options.overlap, int) or not 0 <= options.overlap < window:
+        raise OptionError("{overlap} must be in [0, {window}) = [0, {limit}), got {got!r}", "windows must advance", limit=window, got=options.overlap)
+    loras = [parse_lora(argument) for argument in options.lora]
     steps = preset.num_inference_steps if options.steps is None else options.steps
     if sampler == "consistency":
         steps = _consistency_steps(options.steps, few_step)
@@ -135,7 +145,7 @@ def check_options(options: GenerateOptions) -> GenerateOptions:
     )  # fmt: skip
     return dataclasses.replace(
         options, height=height, width=width, frames=frames, steps=steps, min_guidance=minimum, max_guidance=maximum,
-        device=device, dtype=dtype, sampler=sampler,
+        device=device, dtype=dtype, sampler=sampler, window=window, lora=[f"{path}:{scale}" for path, scale in loras],
     )  # fmt: skip
 
 
@@ -185,6 +195,26 @@ def consistency_scheduler_for(model: str | Path):
     return SVDConsistencyScheduler.from_config(few_step["scheduler_config"] if few_step else {})
 
 
+def parse_lora(argument: str) -> tuple[str, float]:
+    """``"PATH"`` or ``"PATH:SCALE"`` -> (path, scale), the adapter file read and checked (not yet against a UNet)."""
+    from svd_fast.diffusers.lora import read_lora  # noqa: PLC0415 - safetensors, only when adapters are asked for
+
+    path, _, scale_text = str(argument).rpartition(":")
+    try:
+        scale = float(scale_text)
+    except ValueError:
+        path, scale = str(argument), 1.0
+    if not path or not math.isfinite(scale):
+        raise OptionError("{lora} {got!r}: expected PATH or PATH:SCALE with a finite SCALE", got=argument)
+    if not Path(path).expanduser().exists():
+        raise OptionError("{lora} {got!r} does not exist", "pass an adapter folder or .safetensors file", got=path)
+    try:
+        read_lora(path)
+    except ValueError as error:
+        raise OptionError("{lora}: {detail}", detail=str(error)) from None
+    return path, scale
+
+
 def load_optimized_pipeline(
     model: str | Path,
     *,
@@ -229,19 +259,39 @@ def load_optimized_pipeline(
 
 
 def pipeline_for(options: GenerateOptions) -> StableVideoDiffusionPipeline:
-    """The pipeline of checked ``options``, on its device, optimized as asked."""
+    """The pipeline of checked ``options``, on its device, optimized as asked, its LoRA adapters fused."""
+    from svd_fast.diffusers.lora import load_lora  # noqa: PLC0415 - safetensors and peft load only when adapters are asked for
+
     components = {"scheduler": consistency_scheduler_for(options.model)} if options.sampler == "consistency" else None
     # low_memory leaves the pipeline where it loads: optimize()'s CPU offload places each model.
-    return load_optimized_pipeline(
+    pipe = load_optimized_pipeline(
         options.model, dtype=options.dtype, device=None if options.low_memory else options.device, optimized=options.optimize,
         progress=options.progress, components=components, unet_weights=options.unet_weights,
         **(dict(backend=options.backend, low_memory=options.low_memory, attention=options.attention, cuda_graphs=options.cuda_graphs,
                 sampler=options.sampler, cache_interval=options.cache_interval) if options.optimize else {}),
     )  # fmt: skip
+    for argument in options.lora:
+        path, scale = parse_lora(argument)
+        try:
+            load_lora(pipe, path, scale=scale)
+        except ValueError as error:  # an adapter for another UNet
+            raise OptionError("{lora}: {detail}", detail=str(error)) from None
+    return pipe
 
 
 def sample_video(pipe, condition, options: GenerateOptions, seed: int) -> list:
     """The frames (PIL images) of one video."""
+    if options.window is not None and options.frames > options.window:
+        from svd_fast.diffusers.long_video import generate_long_video  # noqa: PLC0415
+
+        with use_backend(options.backend):
+            return generate_long_video(
+                pipe, condition, options.frames, window=options.window, overlap=options.overlap, seed=seed,
+                decode_chunk_size=options.decode_chunk_size or (2 if options.low_memory else options.window),
+                height=options.height, width=options.width, num_inference_steps=options.steps,
+                min_guidance_scale=options.min_guidance, max_guidance_scale=options.max_guidance, fps=options.fps,
+                motion_bucket_id=options.motion_bucket_id, noise_aug_strength=options.noise_aug_strength,
+            )  # fmt: skip
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with use_backend(options.backend):
         result = pipe(
@@ -282,6 +332,8 @@ def generate_video(image: str | Path, out: str | Path, options: GenerateOptions)
     return {
         "out": str(written),
         "frames": options.frames,
+        "window": options.window if options.frames > options.window else None,
+        "lora": options.lora,
         "size": [options.height, options.width],
         "steps": options.steps,
         "guidance": [options.min_guidance, options.max_guidance],

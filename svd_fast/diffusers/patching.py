@@ -47,7 +47,7 @@ from torch import nn
 from svd_fast import backends
 from svd_fast.diffusers.attention_processors import FlashAttnSelfAttnProcessor, SingleTokenCrossAttnProcessor
 from svd_fast.diffusers.consistency_scheduler import SVDConsistencyScheduler
-from svd_fast.diffusers.cuda_graph import CUDAGraphedForward
+from svd_fast.diffusers.cuda_graph import DEFAULT_MAX_CAPTURES, CUDAGraphedForward
 from svd_fast.diffusers.denoising_loop import fuse_denoising_loop, pop_attribute
 from svd_fast.diffusers.settings import check_settings, resolve_attention
 from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock, unsupported_reason
@@ -196,9 +196,9 @@ def _patch_self_attention(root: nn.Module, undo: list[tuple], report: Counter) -
             report["self-attention -> flash-attn"] += 1
 
 
-def _capture_cuda_graphs(unet: nn.Module, undo: list[tuple], report: Counter) -> None:
+def _capture_cuda_graphs(unet: nn.Module, max_captures: int, undo: list[tuple], report: Counter) -> None:
 
-    unet.forward = CUDAGraphedForward(unet.forward)
+    unet.forward = CUDAGraphedForward(unet.forward, max_captures)
     undo.append((pop_attribute, unet, "forward"))
     report["UNet forward -> CUDA graph capture and replay"] += 1
 
@@ -297,6 +297,7 @@ def optimize(
     cuda_graphs: bool = False,
     sampler: str = "auto",
     cache_interval: int = 1,
+    cuda_graph_cache: int = DEFAULT_MAX_CAPTURES,
 ) -> Any:
     """Patch ``target`` (a StableVideoDiffusionPipeline, or a bare UNet / VAE / any module holding diffusers
     resblocks) in place with svd_fast's kernels and return it. Undo with :func:`restore`.
@@ -317,6 +318,8 @@ def optimize(
     when installed, else SDPA).
     ``cuda_graphs``: capture the UNet forward as a CUDA graph per input shape and replay it (inference on
     CUDA; needs a CUDA device; not with ``low_memory``, whose offload moves weights between calls).
+    ``cuda_graph_cache``: with ``cuda_graphs``, how many input shapes stay captured (least recently used
+    evicted; each capture keeps about one forward's activations on the device).
     ``sampler``: "auto" (the default: "consistency" when the pipeline's scheduler is an
     :class:`~svd_fast.diffusers.consistency_scheduler.SVDConsistencyScheduler`, else "euler"), "consistency" (few-step
     consistency sampling, :mod:`svd_fast.sampling.consistency`, for AnimateLCM-SVD-xt and ``svd-fast distill``
@@ -332,9 +335,12 @@ def optimize(
         backend=backend, dtype=dtype, low_memory=low_memory, attention=attention, cuda_graphs=cuda_graphs,
         sampler=sampler, cache_interval=cache_interval, fused_sampling=is_pipeline and scheduler,
     )  # fmt: skip
+    if isinstance(cuda_graph_cache, bool) or not isinstance(cuda_graph_cache, int) or cuda_graph_cache < 1:
+        raise ValueError(f"optimize: cuda_graph_cache must be a positive integer, got {cuda_graph_cache!r}")
     settings = _settings(
         backend=backend, dtype=dtype, channels_last=channels_last, low_memory=low_memory, scheduler=scheduler,
         attention=attention, cuda_graphs=cuda_graphs, sampler=sampler, cache_interval=cache_interval,
+        cuda_graph_cache=cuda_graph_cache,
     )  # fmt: skip
     if getattr(target, _UNDO_ATTRIBUTE, None):
         if getattr(target, _REPORT_ATTRIBUTE, {}).get("settings") == settings:
@@ -347,7 +353,8 @@ def optimize(
     undo: list[tuple] = []
     report: Counter = Counter()
     try:
-        _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval, undo, report)
+        _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval,
+               cuda_graph_cache, undo, report)
     except BaseException:
         _run_undo(undo)
         raise
@@ -357,7 +364,8 @@ def optimize(
     return target
 
 
-def _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval, undo, report) -> None:
+def _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval,
+           cuda_graph_cache, undo, report) -> None:
     models = [target.unet, target.vae] if is_pipeline else [target]
     if dtype is not None:
         target.to(dtype=dtype)
@@ -380,7 +388,7 @@ def _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, sched
             undo.append((target.remove_all_hooks,))
             report["model CPU offload"] += 1
     if cuda_graphs:
-        _capture_cuda_graphs(target.unet if is_pipeline else target, undo, report)
+        _capture_cuda_graphs(target.unet if is_pipeline else target, cuda_graph_cache, undo, report)
 
 
 def _run_undo(undo: list[tuple]) -> None:
