@@ -255,11 +255,12 @@ def test_long_video_with_a_lora_adapter(tiny_model: Path, image: Path, tmp_path:
     its scale (an adapter trained for another model is exit 2 after loading, one line)."""
     import torch
     from diffusers import UNetSpatioTemporalConditionModel
+    from peft import LoraConfig
 
-    from svd_fast.training.lora import add_lora, lora_config, save_lora
+    from svd_fast.training.lora import add_lora, save_lora
 
     unet = UNetSpatioTemporalConditionModel.from_pretrained(tiny_model, subfolder="unet")
-    config = lora_config(2, 2.0, 0.0, ["to_q", "to_v"])
+    config = LoraConfig(r=2, lora_alpha=2.0, lora_dropout=0.0, target_modules=["to_q", "to_v"], init_lora_weights=True)
     add_lora(unet, config)
     with torch.no_grad():
         for name, parameter in unet.named_parameters():
@@ -271,7 +272,7 @@ def test_long_video_with_a_lora_adapter(tiny_model: Path, image: Path, tmp_path:
                  "--window", "4", "--overlap", "1", "--lora", f"{tmp_path / 'run'}:0.5"]  # fmt: skip
     assert main([*arguments, "--out", str(out)]) == 0, capsys.readouterr().err
     assert "wrote" in capsys.readouterr().out
-    assert sorted(path.name for path in out.iterdir()) == [f"frame_{index:04d}.png" for index in range(11)]
+    assert sorted(path.name for path in out.glob("frame_*.png")) == [f"frame_{index:04d}.png" for index in range(11)]
     from safetensors.torch import load_file, save_file
 
     save_file({f"down_blocks.7.{key}": value for key, value in load_file(adapter).items()}, tmp_path / "other.safetensors")

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import UNetSpatioTemporalConditionModel
+from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 import svd_fast
 from svd_fast.diffusers.tiny import TINY_UNET_CONFIG
-from svd_fast.training.lora import add_lora, lora_config, merge_lora, save_lora
+from svd_fast.training.lora import add_lora, merge_lora, save_lora
 from svd_fast.training.lora import load_lora as load_lora_as_peft
 
 RANK, ALPHA = 2, 6.0  # scaling alpha / r = 3: a wrong scaling is a factor 3 off
@@ -30,7 +31,7 @@ def base() -> UNetSpatioTemporalConditionModel:
 def _random_adapter(unet: torch.nn.Module, folder: Path, seed: int, targets=("to_q", "to_k", "to_v", "to_out.0")) -> Path:
     """An adapter with random A and B (B starts at zero in training), written by svd-fast train's save_lora."""
     adapted = copy.deepcopy(unet)
-    config = lora_config(RANK, ALPHA, 0.0, list(targets))
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(targets), init_lora_weights=True)
     add_lora(adapted, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
