@@ -38,7 +38,7 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq tesseract-ocr; }
 
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 lint: $(VENV)/.deps-installed
 	$(BIN)/ruff check svd_fast tests bench
@@ -51,9 +51,10 @@ demo: setup
 bench: setup
 	$(BIN)/python -m pytest bench -q -o python_files="bench_*.py" --benchmark-only --benchmark-json=bench/last_run.json
 
-# Wheels the GPU machine's image lacks (it has torch, triton, numpy, transformers, ...), for bench/gpu_check.sh
-# to install offline. Run where PyPI is reachable; at most 40 MiB may travel with the job.
-GPU_WHEELS ?= diffusers==0.42.1 pillow==13.0.0
+# Wheels the GPU machine's image lacks (it has torch, triton, numpy, transformers, pillow, ...), for
+# bench/gpu_check.sh to install offline: diffusers only (a carried pillow would shadow the image's own).
+# Run where PyPI is reachable; .whl/ then travels with the job (the device tool's carry list); at most 40 MiB.
+GPU_WHEELS ?= diffusers==0.42.1
 gpu-wheels:
 	rm -rf .whl && mkdir -p .whl
 	for spec in $(GPU_WHEELS); do \

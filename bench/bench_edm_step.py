@@ -159,3 +159,31 @@ def test_edm_prepare_model_input(timed, benchmark, device: torch.device, variant
     run = _released(run)
     timed(run, bytes_moved=bytes_moved, op="edm_prepare_model_input", variant=variant, shape=list(x.shape))
     _record_page_faults(benchmark, device, run)
+
+
+@pytest.mark.parametrize("variant", ["fused-composed", "eager"])
+def test_consistency_step(timed, benchmark, device: torch.device, variant: str) -> None:
+    """Consistency sampling's step at guidance 1 (AnimateLCM-SVD-xt, batch 1): svd_fast's composition (the fused
+    edm_euler_step's denoised output, then the re-noising in place) vs AnimateLCM's scheduler arithmetic in eager
+    PyTorch (c_out * model_output + c_skip * sample, then + s_noise * noise * sigma_next)."""
+    from svd_fast.sampling.consistency import consistency_step
+
+    x, uncond, _cond, _guidance, sigma, sigma_next = _inputs(1, device)
+    noise = torch.randn_like(x)
+    sigma_f, sigma_next_f = sigma.item(), sigma_next.item()
+    if variant == "fused-composed":
+
+        def run():
+            return consistency_step(x, uncond, None, sigma_f, sigma_next_f, None, noise)[0]
+
+    else:
+        c_skip, c_out = 1 / (sigma_f**2 + 1), -sigma_f / (sigma_f**2 + 1) ** 0.5
+
+        def run():
+            return c_out * uncond + c_skip * x + noise * 1.0 * sigma_next_f
+
+    # Minimum traffic: reads of x, the model output and the noise, the write of x_next.
+    bytes_moved = 4 * x.numel() * x.element_size()
+    run = _released(run)
+    timed(run, bytes_moved=bytes_moved, op="consistency_step", variant=variant, shape=list(x.shape), dtype=str(x.dtype))
+    _record_page_faults(benchmark, device, run)

@@ -1,13 +1,17 @@
-"""The prepared GPU check: one command for a short slot on a fresh GPU machine with no network.
+"""The prepared GPU check: one job for a short slot on a fresh GPU machine with no network.
 
-    python bench/gpu_check.py --out DIR [--dry-run] [--budget SECONDS]
+    bash bench/gpu_check.sh --out DIR [--dry-run]          (installs carried wheels, then runs this)
+    python bench/gpu_check.py --out DIR [--dry-run] [--budget SECONDS] [--only STAGE ...]
 
-Stages run in order of value, each in its own process under a time box (so a hang or a crash of one
-stage is recorded and the next still runs): preflight, build, correctness, ops, pytest, unet_step,
-end_to_end, vae_decode, optical_flow. Each stage writes DIR/stages/NAME.json; the driver merges them
-into DIR/gpu_report.json and DIR/gpu_report.md (printed at the end). ``--dry-run`` runs the same on a
-CPU machine: stages that need CUDA are skipped with their reason, correctness and ops run at tiny shapes,
-so CI proves the script itself works. bench/gpu_check.sh is the shell entry point.
+Stages run in order of value, each in its own process group under a time box (a hang or a crash of one
+stage is recorded, its whole process group is killed, and the next stage runs): preflight, build,
+correctness, ops, pytest, unet_step, end_to_end, vae_decode, optical_flow. Stages write their records
+and bulky files under the git-ignored WORK folder (build/gpu_check/); a stage that fails, however it
+fails, keeps the partial results it wrote as it went. DIR receives exactly three files: gpu_report.json,
+gpu_report.md (also printed at the end) and gpu_check_files.tar.gz (every stage record and log), so that
+the results fit what comes back from the GPU machine. ``--dry-run`` runs the same on a CPU machine:
+stages that need CUDA are skipped with their reason, correctness and ops run at tiny shapes, so CI
+proves the script itself works.
 """
 
 from __future__ import annotations
@@ -16,34 +20,49 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WHEEL_DIR = ROOT / ".whl"
-# Carried wheels install here, outside DIR (whose files are copied back from the GPU machine).
+# Per-stage records, partial results and logs: under build/ (git-ignored), packed into one tarball in DIR.
+WORK_DIR = ROOT / "build" / "gpu_check"
+TARBALL = "gpu_check_files.tar.gz"
+# Carried wheels are installed here by gpu_check.sh before Python starts (outside DIR and WORK).
 SITE_DIR = Path(os.environ.get("SVD_FAST_GPU_SITE", "/tmp/svd_fast_gpu_site"))
-# Seconds per stage on the GPU machine, most valuable first; together <= 6 minutes with the driver's overhead.
+# Seconds per stage on the GPU machine, most valuable first: 420 s together, which leaves the rest of the
+# job's 8 minutes (bench/gpu_check.sh) to the wheel install and the packing of the results.
 BUDGETS = {
     "preflight": 15,
-    "build": 90,
-    "correctness": 45,
-    "ops": 40,
-    "pytest": 50,
-    "unet_step": 45,
-    "end_to_end": 45,
-    "vae_decode": 20,
+    "build": 75,
+    "correctness": 40,
+    "ops": 60,
+    "pytest": 60,
+    "unet_step": 90,
+    "end_to_end": 60,
+    "vae_decode": 15,
     "optical_flow": 5,
 }
+STAGE_SECONDS = sum(BUDGETS.values())
+# Seconds kept after the stages for merging and packing the report.
+PACKING_SECONDS = 15
 NEEDS_CUDA = {"build", "unet_step", "end_to_end", "vae_decode"}
+# A dry run's ops stage runs under the Triton interpreter, so that a CPU exercises the launch-plan variants.
+DRY_RUN_INTERPRETED = {"ops"}
+# End to end at a few steps (25 do not fit the box); the per-step time and its extrapolation are reported.
+END_TO_END_STEPS = 4
+FULL_STEPS = 25
+PYTEST_KEYS = ("passed", "failed", "skipped", "errors")
 REPORT_KEYS = (
-    "device", "torch", "triton", "copy_gbs", "stages", "pytest", "correctness", "ops",
+    "device", "torch", "triton", "copy_gbs", "stages", "pytest", "correctness", "ops", "fastest_plans",
     "unet_step_ms", "end_to_end_s", "peak_reserved_gib", "vae_decode", "optical_flow_engine",
 )  # fmt: skip
 
@@ -122,7 +141,7 @@ def _available_backends(op_name: str, x, **facts) -> list[str]:
 # --- stages --------------------------------------------------------------------------------------
 
 
-def stage_preflight(out: Path, dry_run: bool) -> dict:
+def stage_preflight(work: Path, dry_run: bool) -> dict:
     torch = _torch()
     facts: dict[str, object] = {
         "python": platform.python_version(),
@@ -137,85 +156,112 @@ def stage_preflight(out: Path, dry_run: bool) -> dict:
         facts["triton"] = triton.__version__
     except ImportError as error:
         facts["triton"] = f"missing ({error})"
-    nvcc = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.access(p, os.X_OK)), None)
+    nvcc = shutil.which("nvcc")
     facts["nvcc"] = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1] if nvcc else None
-    wheels = sorted(WHEEL_DIR.glob("*.whl"))
-    facts["wheels"] = [wheel.name for wheel in wheels]
-    if wheels and not dry_run:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEEL_DIR), "--no-deps",
-             "--target", str(SITE_DIR), *map(str, wheels)],
-            check=True, timeout=60,
-        )  # fmt: skip
-        facts["wheels_installed_to"] = str(SITE_DIR)
-    for module in ("diffusers", "nvidia.dali", "deepspeed", "av", "flash_attn"):
+    home = cuda_home()
+    facts["cuda_home"] = str(home) if home else None
+    # What bench/gpu_check.sh installed (or skipped because the image has the package) before Python started.
+    facts["wheels_installed"] = os.environ.get("SVD_FAST_GPU_WHEELS_INSTALLED", "").split()
+    facts["wheels_skipped"] = os.environ.get("SVD_FAST_GPU_WHEELS_SKIPPED", "").split()
+    facts["wheel_install_error"] = os.environ.get("SVD_FAST_GPU_WHEEL_ERROR") or None
+    for module in ("diffusers", "PIL", "nvidia.dali", "deepspeed", "av", "flash_attn"):
         facts[f"has_{module}"] = _installed(module)
     return facts
+
+
+def cuda_home() -> Path | None:
+    """The CUDA toolkit of the ``nvcc`` on PATH, else $CUDA_HOME. nvcc's own dry run names its toolkit
+    (``TOP=``): the nvcc on PATH may be a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        dry = subprocess.run([nvcc, "-dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=30)
+        top = re.search(r"^#\$ TOP=(\S+)", dry.stdout + dry.stderr, flags=re.MULTILINE)
+        return Path(top.group(1)).resolve() if top else Path(nvcc).resolve().parent.parent
+    return Path(os.environ["CUDA_HOME"]) if os.environ.get("CUDA_HOME") else None
 
 
 def _installed(module: str) -> bool:
     """Whether ``module`` is found on the path (the carried wheels' folder included), without importing it."""
     import importlib.util
 
-    if str(SITE_DIR) not in sys.path:
-        sys.path.append(str(SITE_DIR))
     try:
         return importlib.util.find_spec(module) is not None
     except ImportError:
         return False
 
 
-def stage_build(out: Path, dry_run: bool) -> dict:
+def _seconds_left() -> float:
+    """Seconds left in this stage's time box (set by the driver)."""
+    return float(os.environ.get("SVD_FAST_GPU_CHECK_DEADLINE", time.time() + 3600)) - time.time()
+
+
+def stage_build(work: Path, dry_run: bool) -> dict:
     _require_cuda(dry_run)
-    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": "16", "SVD_FAST_BUILD_CUDA": "1",
-           "CUDA_HOME": os.environ.get("CUDA_HOME", "/usr/local/cuda")}  # fmt: skip
-    result = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, env=env, capture_output=True, text=True)
+    home = cuda_home()
+    if home is None:
+        raise RuntimeError("no nvcc on PATH and no CUDA_HOME: cannot build the CUDA kernels")
+    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": str(os.cpu_count() or 4), "SVD_FAST_BUILD_CUDA": "1",
+           "CUDA_HOME": str(home)}  # fmt: skip
+    # Same process group as this stage: the driver's group kill on timeout stops the compilers too.
+    result = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=max(1.0, _seconds_left() - 5),
+    )  # fmt: skip
+    (work / "build.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
-        raise RuntimeError(f"build failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"build failed (CUDA_HOME={home}):\n{result.stderr[-3000:]}")
     check = subprocess.run(
         [sys.executable, "-c", "import svd_fast._C as C; print(C.built_with_cuda())"], cwd=ROOT, capture_output=True, text=True
     )
     if check.stdout.strip() != "True":
         raise RuntimeError(f"svd_fast._C was built without CUDA kernels: {check.stdout} {check.stderr[-1000:]}")
-    return {"built_with_cuda": True}
+    return {"built_with_cuda": True, "cuda_home": str(home)}
 
 
-def stage_pytest(out: Path, dry_run: bool) -> dict:
+def stage_pytest(work: Path, dry_run: bool) -> dict:
     env = dict(os.environ)
     if dry_run:
         env["SVD_FAST_GPU_TESTS_MUST_RUN"] = "0"
     tests = ["tests/test_group_norm.py", "tests/test_temporal_attention.py", "tests/test_edm_step.py",
              "tests/test_gpu_test_path.py"] if dry_run else ["tests"]  # fmt: skip
-    log = out / "pytest.log"
-    # Verbose, one line per case, so that a run cut short by the time box still yields its counts.
+    log = work / "pytest.log"
+    # Verbose, one line per case, so that a run cut short by the time box still yields its counts; a module
+    # that cannot be imported on the image is counted as an error while every other module still runs.
     with log.open("w") as stream:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-rfEs", *tests],
+            [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-rfEs",
+             "--continue-on-collection-errors", *tests],
             cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
-            returncode = process.wait(timeout=float(os.environ.get("SVD_FAST_GPU_CHECK_SECONDS", "3600")) - 3)
+            returncode = process.wait(timeout=max(1.0, _seconds_left() - 3))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
             returncode = None
-    counts = _pytest_counts(log.read_text())
+    counts = pytest_counts(log.read_text())
     if returncode is None:
-        raise StageFailure(f"pytest -m gpu cut short by the time box: {counts} so far; see pytest.log", {"pytest": counts})
-    if returncode not in (0, 5) or counts["failed"]:  # 5: nothing selected
-        raise StageFailure(f"pytest -m gpu: {counts}; see pytest.log", {"pytest": counts})
+        raise StageFailure(f"pytest -m gpu cut short by the time box: {counts} so far; see gpu_check/pytest.log in the tarball", {"pytest": counts})
+    if returncode not in (0, 5) or counts["failed"] or counts["errors"]:  # 5: nothing selected
+        raise StageFailure(f"pytest -m gpu: {counts}; see gpu_check/pytest.log in the tarball", {"pytest": counts})
     return {"pytest": counts}
 
 
-def _pytest_counts(log: str) -> dict[str, int]:
-    """passed / failed (errors included) / skipped from ``pytest -v`` result lines."""
-    import re
-
-    outcomes = re.findall(r"::\S+ (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", log)
+def pytest_counts(log: str) -> dict[str, int]:
+    """passed / failed / skipped / errors from ``pytest -v -rE`` output. Errors are test ids with an ERROR
+    result line (setup or teardown) or an ``ERROR path`` summary line (a module that failed to collect),
+    each counted once; a run cut short before its summary still counts the collection errors announced
+    in its header (``collected N items / K errors``)."""
+    outcomes = re.findall(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", log, flags=re.MULTILINE)
+    errors = {test for test, outcome in outcomes if outcome == "ERROR"}
+    errors |= set(re.findall(r"^ERROR (\S+)", log, flags=re.MULTILINE))
+    collection = re.search(r"collected \d+ items? / (\d+) errors?", log)
+    collection_errors = int(collection.group(1)) if collection else 0
     return {
-        "passed": sum(o in ("PASSED", "XPASS") for o in outcomes),
-        "failed": sum(o in ("FAILED", "ERROR") for o in outcomes),
-        "skipped": sum(o in ("SKIPPED", "XFAIL") for o in outcomes),
+        "passed": sum(o in ("PASSED", "XPASS") for _, o in outcomes),
+        "failed": sum(o == "FAILED" for _, o in outcomes),
+        "skipped": sum(o in ("SKIPPED", "XFAIL") for _, o in outcomes),
+        "errors": max(len(errors), collection_errors),
     }
 
 
@@ -264,7 +310,7 @@ def correctness_shapes(dry_run: bool) -> dict:
     }
 
 
-def stage_correctness(out: Path, dry_run: bool) -> dict:
+def stage_correctness(work: Path, dry_run: bool) -> dict:
     torch = _torch()
     import torch.nn.functional as F
 
@@ -349,60 +395,162 @@ def _torch_edm_step(x, uncond, cond, sigma: float, sigma_next: float, guidance):
     return x + (x - denoised) / sigma * (sigma_next - sigma)
 
 
-def stage_ops(out: Path, dry_run: bool) -> dict:
+# Launch-plan variants the ops stage times (through each Triton module's launch_plan_override), so that one
+# GPU job can set the defaults: temporal attention (BLOCK_P positions per program, warps) and GroupNorm's
+# tile size in elements.
+ATTENTION_PLANS = ((1, 4), (2, 2), (1, 1), (4, 4))
+GROUP_NORM_TILES = (4096, 8192)
+# Rotating input sets hold together at least this many bytes (3x an H200's 60 MB L2), at least 2 sets, so that
+# repeated calls read memory, not the cache.
+ROTATION_BYTES = 180 * 2**20
+
+
+def _input_sets(make: Callable[[], tuple], set_bytes: int, device) -> list[tuple]:
+    count = 2 if device.type != "cuda" else min(8, max(2, -(-ROTATION_BYTES // max(set_bytes, 1))))
+    return [make() for _ in range(count)]
+
+
+def time_rotating(fn: Callable[..., object], input_sets: list[tuple], device, repeats: int) -> float:
+    """Median ms of ``fn(*inputs)``, each call on the next of ``input_sets`` (one warm-up call per set)."""
+    calls = iter(range(10**9))
+    return time_ms(lambda: fn(*input_sets[next(calls) % len(input_sets)]), device, repeats, warmup=len(input_sets))
+
+
+def _triton_available(op_name: str, x, **facts) -> bool:
+    from svd_fast import backends
+
+    return backends.unavailable_reasons(op_name, x, **facts)["triton"] is None
+
+
+def fastest_plans(rows: list[dict]) -> list[dict]:
+    """Per (op, shape): the fastest timed launch plan, beside the default plan's time."""
+    best: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        if row.get("plan") is None:
+            continue
+        key = (row["op"], str(row["shape"]))
+        entry = best.setdefault(key, {"op": row["op"], "shape": row["shape"], "plan": None, "ms": float("inf"),
+                                      "default_plan": None, "default_ms": None})  # fmt: skip
+        if row["ms"] < entry["ms"]:
+            entry.update(plan=row["plan"], ms=row["ms"])
+        if row["default_plan"]:
+            entry.update(default_plan=row["plan"], default_ms=row["ms"])
+    return list(best.values())
+
+
+def stage_ops(work: Path, dry_run: bool) -> dict:
+    """Each op against diffusers' path (or torch's), every available backend, and the Triton backend at every
+    launch-plan variant, in one process on rotating inputs. Bandwidth is reported twice: over the compulsory
+    bytes (each input read once, each output written once: % of the copy bandwidth is the headroom left)
+    and over the bytes the kernel's design moves (GroupNorm reads x twice: 3N where 2N are compulsory)."""
     torch = _torch()
     import torch.nn.functional as F
 
     from svd_fast import backends
     from svd_fast.ops import edm_euler_step, group_norm, temporal_attention
+    from svd_fast.triton import group_norm as triton_group_norm
+    from svd_fast.triton import temporal_attention as triton_attention
 
     device = _device(dry_run)
     copy_gbs = copy_bandwidth_gbs(device)
     shapes = correctness_shapes(dry_run)
+    if dry_run:
+        # The interpreter runs each program in Python: the fewest programs that still span several per group.
+        shapes.update(group_norm=[(1, 32, 4, 8)], group_norm_5d=(1, 32, 2, 4, 8))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    repeats = 20 if device.type == "cuda" else 2
+    repeats = 20 if device.type == "cuda" else 1
     rows: list[dict] = []
+    partial = {"copy_gbs": copy_gbs, "ops": rows}
 
-    def record(op, shape, backend, ms, min_bytes, baseline, baseline_ms):
-        gbs = min_bytes / (ms * 1e-3) / 1e9
+    def record(op, shape, backend, ms, compulsory_bytes, designed_bytes, baseline, baseline_ms, plan=None, default_plan=False):
+        gbs = compulsory_bytes / (ms * 1e-3) / 1e9
         rows.append({"op": op, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "backend": backend,
-                     "ms": round(ms, 4), "gbs": round(gbs, 1), "pct_of_copy": round(100 * gbs / copy_gbs, 1),
+                     "plan": plan, "default_plan": default_plan, "ms": round(ms, 4), "compulsory_bytes": compulsory_bytes,
+                     "gbs": round(gbs, 1), "pct_of_copy": round(100 * gbs / copy_gbs, 1), "designed_bytes": designed_bytes,
+                     "designed_gbs": round(designed_bytes / (ms * 1e-3) / 1e9, 1) if designed_bytes else None,
                      "baseline": baseline, "baseline_ms": round(baseline_ms, 4)})  # fmt: skip
+        _write_partial(work, partial)
 
     gn_shapes = [(shape, shape) for shape in shapes["group_norm"][:1]]
     batch, channels, frames, height, width = shapes["group_norm_5d"]
     gn_shapes.append(((batch * frames, channels, height, width), list(shapes["group_norm_5d"]) + ["permuted"]))
     for shape, label in gn_shapes:
-        x = torch.randn(shape, device=device, dtype=dtype)
-        if "permuted" in label:
-            x = x.unflatten(0, (batch, frames)).permute(0, 2, 1, 3, 4)
-        weight, bias = torch.ones(x.shape[1], device=device, dtype=dtype), torch.zeros(x.shape[1], device=device, dtype=dtype)
-        baseline_ms = time_ms(lambda x=x, w=weight, b=bias: F.silu(F.group_norm(x, 32, w, b)), device, repeats)
+
+        def make_group_norm_inputs(shape=shape, label=label):
+            x = torch.randn(shape, device=device, dtype=dtype)
+            if "permuted" in label:
+                x = x.unflatten(0, (batch, frames)).permute(0, 2, 1, 3, 4)
+            return x, torch.rand(x.shape[1], device=device, dtype=dtype) + 0.5, torch.randn(x.shape[1], device=device, dtype=dtype)
+
+        inputs = _input_sets(make_group_norm_inputs, 2 * torch.Size(shape).numel() * dtype.itemsize, device)
+        x = inputs[0][0]
+        element_bytes = x.numel() * x.element_size()
+        baseline_ms = time_rotating(lambda x, w, b: F.silu(F.group_norm(x, 32, w, b)), inputs, device, repeats)
+
+        def run_group_norm(x, w, b):
+            return group_norm(x, 32, w, b, 1e-5, "silu")
+
         for backend in _available_backends("group_norm", x):
             with backends.use_backend(backend):
-                ms = time_ms(lambda x=x, w=weight, b=bias: group_norm(x, 32, w, b, 1e-5, "silu"), device, repeats)
-            # Compulsory traffic: read x once, write y once.
-            record("group_norm_silu", label, backend, ms, 2 * x.numel() * x.element_size(), "torch group_norm + silu", baseline_ms)
-        del x
+                ms = time_rotating(run_group_norm, inputs, device, repeats)
+            record("group_norm_silu", label, backend, ms, 2 * element_bytes, None, "torch group_norm + silu", baseline_ms)
+        if _triton_available("group_norm", x):
+            interpreted = _triton_interpreting()
+            default_tile = triton_group_norm.INTERPRETER_TILE_ELEMENTS if interpreted else triton_group_norm.GPU_TILE_ELEMENTS
+            for tile in GROUP_NORM_TILES:
+                with backends.use_backend("triton"), triton_group_norm.launch_plan_override(tile):
+                    ms = time_rotating(run_group_norm, inputs, device, repeats)
+                # Designed traffic: the statistics pass reads x, the normalize pass reads x and writes y.
+                record("group_norm_silu", label, "triton", ms, 2 * element_bytes, 3 * element_bytes, "torch group_norm + silu",
+                       baseline_ms, plan=f"tile={tile}", default_plan=tile == default_tile)  # fmt: skip
+        del inputs, x
 
-    batch, frames, positions, heads, head_dim = shapes["attention"]
-    q, k, v = (torch.randn(batch * frames, positions, heads * head_dim, device=device, dtype=dtype) for _ in range(3))
-    baseline_ms = time_ms(lambda: _diffusers_attention(q, k, v, frames, heads), device, repeats)
-    for backend in _available_backends("temporal_attention", q, num_frames=frames, head_dim=head_dim):
-        with backends.use_backend(backend):
-            ms = time_ms(lambda: temporal_attention(q, k, v, frames, heads), device, repeats)
-        record("temporal_attention", shapes["attention"], backend, ms, 4 * q.numel() * q.element_size(),
-               "diffusers permute + SDPA + permute", baseline_ms)  # fmt: skip
+    attention_shapes = [shapes["attention"]] + ([] if dry_run else [(2, 14, 9216, 5, 64)])
+    for attention_shape in attention_shapes:
+        batch, frames, positions, heads, head_dim = attention_shape
+
+        def make_attention_inputs(batch=batch, frames=frames, positions=positions, heads=heads, head_dim=head_dim):
+            return tuple(torch.randn(batch * frames, positions, heads * head_dim, device=device, dtype=dtype) for _ in range(3))
+
+        inputs = _input_sets(make_attention_inputs, 3 * batch * frames * positions * heads * head_dim * dtype.itemsize, device)
+        q = inputs[0][0]
+        # q, k, v read once, out written once (lse, 1/D of that, left out).
+        compulsory = 4 * q.numel() * q.element_size()
+        baseline_ms = time_rotating(lambda q, k, v, f=frames, h=heads: _diffusers_attention(q, k, v, f, h), inputs, device, repeats)
+
+        def run_attention(q, k, v, frames=frames, heads=heads):
+            return temporal_attention(q, k, v, frames, heads)
+
+        for backend in _available_backends("temporal_attention", q, num_frames=frames, head_dim=head_dim):
+            with backends.use_backend(backend):
+                ms = time_rotating(run_attention, inputs, device, repeats)
+            record("temporal_attention", attention_shape, backend, ms, compulsory, None, "diffusers permute + SDPA + permute", baseline_ms)
+        if _triton_available("temporal_attention", q, num_frames=frames, head_dim=head_dim):
+            default = triton_attention.launch_plan(tuple(q.shape), frames, heads)
+            for block_p, warps in ATTENTION_PLANS:
+                with backends.use_backend("triton"), triton_attention.launch_plan_override(block_p, warps):
+                    ms = time_rotating(run_attention, inputs, device, repeats)
+                record("temporal_attention", attention_shape, "triton", ms, compulsory, compulsory, "diffusers permute + SDPA + permute",
+                       baseline_ms, plan=f"BLOCK_P={block_p}, warps={warps}",
+                       default_plan=(block_p, warps) == (default.block_p, default.num_warps))  # fmt: skip
+        del inputs, q
 
     shape = shapes["edm"]
-    x, uncond, cond = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+    inputs = _input_sets(lambda: tuple(torch.randn(shape, device=device, dtype=dtype) for _ in range(3)), 3 * torch.Size(shape).numel() * dtype.itemsize, device)
+    x = inputs[0][0]
     guidance = torch.linspace(1.0, 3.0, shape[1], device=device)
-    baseline_ms = time_ms(lambda: _torch_edm_step(x, uncond, cond, 1.5, 1.2, guidance), device, repeats)
+    baseline_ms = time_rotating(lambda x, uncond, cond: _torch_edm_step(x, uncond, cond, 1.5, 1.2, guidance), inputs, device, repeats)
     for backend in _available_backends("edm_euler_step", x):
         with backends.use_backend(backend):
-            ms = time_ms(lambda: edm_euler_step(x, uncond, cond, 1.5, 1.2, guidance), device, repeats)
-        record("edm_euler_step", shape, backend, ms, 4 * x.numel() * x.element_size(), "diffusers eager arithmetic", baseline_ms)
-    return {"copy_gbs": copy_gbs, "ops": rows}
+            ms = time_rotating(lambda x, uncond, cond: edm_euler_step(x, uncond, cond, 1.5, 1.2, guidance), inputs, device, repeats)
+        record("edm_euler_step", shape, backend, ms, 4 * x.numel() * x.element_size(), None, "diffusers eager arithmetic", baseline_ms)
+    return {"copy_gbs": copy_gbs, "ops": rows, "fastest_plans": fastest_plans(rows)}
+
+
+def _triton_interpreting() -> bool:
+    from svd_fast import _triton
+
+    return _triton.interpreting()
 
 
 def _unet_inputs(unet, frames: int, device):
@@ -415,7 +563,7 @@ def _unet_inputs(unet, frames: int, device):
     return sample, timestep, context, time_ids
 
 
-def stage_unet_step(out: Path, dry_run: bool) -> dict:
+def stage_unet_step(work: Path, dry_run: bool) -> dict:
     _require_cuda(dry_run)
     torch = _torch()
     from diffusers import UNetSpatioTemporalConditionModel
@@ -428,15 +576,21 @@ def stage_unet_step(out: Path, dry_run: bool) -> dict:
         unet = UNetSpatioTemporalConditionModel(num_frames=frames).to(torch.float16).eval()
     inputs = _unet_inputs(unet, frames, device)
     results: dict[str, float | None] = dict.fromkeys(("eager", "optimized", "optimized_cuda", "optimized_cuda_graphs"))
-    partial = {"unet_step_ms": results}
+    partial: dict[str, object] = {"unet_step_ms": results}
+    variants = [("optimized", {}), ("optimized_cuda", {"backend": "cuda"}), ("optimized_cuda_graphs", {"cuda_graphs": True})]
+    build = stage_status(work, "build")
+    if build != "ok":
+        # Forcing the CUDA backend needs the CUDA kernels: without them that variant would only time an error.
+        variants = [variant for variant in variants if variant[0] != "optimized_cuda"]
+        partial.setdefault("errors", {})["optimized_cuda"] = f"skipped: the build stage did not succeed ({build})"
 
     def step():
         return unet(*inputs).sample
 
     with torch.inference_mode():
         results["eager"] = round(time_ms(step, device, repeats=5), 2)
-        _write_partial(out, partial)
-        for key, options in (("optimized", {}), ("optimized_cuda", {"backend": "cuda"}), ("optimized_cuda_graphs", {"cuda_graphs": True})):
+        _write_partial(work, partial)
+        for key, options in variants:
             svd_fast.optimize(unet, **options)
             try:
                 results[key] = round(time_ms(step, device, repeats=5), 2)
@@ -445,16 +599,28 @@ def stage_unet_step(out: Path, dry_run: bool) -> dict:
                 partial.setdefault("errors", {})[key] = repr(error)[:500]
             finally:
                 svd_fast.restore(unet)
-            _write_partial(out, partial)
+            _write_partial(work, partial)
     return partial
 
 
-def _write_partial(out: Path, results: dict) -> None:
-    """Results so far, kept if the stage is killed by its time box."""
-    (out / "stages" / f"{os.environ['SVD_FAST_GPU_CHECK_STAGE']}.partial.json").write_text(json.dumps(results))
+def stage_status(work: Path, name: str) -> str:
+    """Status of an earlier stage of this run ("missing" when it has no record)."""
+    path = work / "stages" / f"{name}.json"
+    return json.loads(path.read_text())["status"] if path.exists() else "missing"
 
 
-def stage_end_to_end(out: Path, dry_run: bool) -> dict:
+def _write_partial(work: Path, results: dict) -> None:
+    """Results so far, kept however the stage ends (time box, exception, crash)."""
+    path = work / "stages" / f"{os.environ['SVD_FAST_GPU_CHECK_STAGE']}.partial.json"
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(results))
+    os.replace(temporary, path)
+
+
+def stage_end_to_end(work: Path, dry_run: bool) -> dict:
+    """SVD-XT 576x1024 at END_TO_END_STEPS steps, eager then optimized. The time per step is taken between
+    the ends of the first and the last step (so the first step's warm-up and compilation stay out of it);
+    the 25-step figure adds the missing steps at that rate to the measured total."""
     _require_cuda(dry_run)
     torch = _torch()
     import numpy as np
@@ -467,25 +633,40 @@ def stage_end_to_end(out: Path, dry_run: bool) -> dict:
     pipe = random_full_size_pipeline("svd-xt", device=device)
     pipe.set_progress_bar_config(disable=True)
     image = Image.fromarray((np.random.default_rng(0).random((576, 1024, 3)) * 255).astype(np.uint8))
-    seconds: dict[str, float | None] = {"eager": None, "optimized": None}
-    peak: dict[str, float | None] = {"eager": None, "optimized": None}
-    partial = {"end_to_end_s": seconds, "peak_reserved_gib": peak}
-    for key in ("eager", "optimized"):
+    keys = ("eager", "optimized")
+    seconds: dict[str, float | None] = dict.fromkeys(keys)
+    per_step: dict[str, float | None] = dict.fromkeys(keys)
+    extrapolated: dict[str, float | None] = dict.fromkeys(keys)
+    peak: dict[str, float | None] = dict.fromkeys(keys)
+    partial = {"end_to_end_s": seconds, "end_to_end_steps": END_TO_END_STEPS, "end_to_end_s_per_step": per_step,
+               f"end_to_end_s_at_{FULL_STEPS}_steps": extrapolated, "peak_reserved_gib": peak}  # fmt: skip
+    for key in keys:
         if key == "optimized":
             svd_fast.optimize(pipe)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        step_ends: list[float] = []
+
+        def on_step_end(pipeline, step, timestep, tensors, step_ends=step_ends):
+            torch.cuda.synchronize(device)
+            step_ends.append(time.perf_counter())
+            return tensors
+
         begin = time.perf_counter()
-        pipe(image, height=576, width=1024, num_frames=NUM_FRAMES["svd-xt"], num_inference_steps=25, decode_chunk_size=8, output_type="pt")
+        pipe(image, height=576, width=1024, num_frames=NUM_FRAMES["svd-xt"], num_inference_steps=END_TO_END_STEPS,
+             decode_chunk_size=8, output_type="pt", callback_on_step_end=on_step_end)  # fmt: skip
         torch.cuda.synchronize(device)
-        seconds[key] = round(time.perf_counter() - begin, 2)
+        total = time.perf_counter() - begin
+        seconds[key] = round(total, 2)
+        per_step[key] = round((step_ends[-1] - step_ends[0]) / (len(step_ends) - 1), 3)
+        extrapolated[key] = round(total + (FULL_STEPS - END_TO_END_STEPS) * per_step[key], 1)
         # Reserved, not allocated: CUDA-graph pools and the caching allocator's blocks are what a user must fit.
         peak[key] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
-        _write_partial(out, partial)
+        _write_partial(work, partial)
     return partial
 
 
-def stage_vae_decode(out: Path, dry_run: bool) -> dict:
+def stage_vae_decode(work: Path, dry_run: bool) -> dict:
     _require_cuda(dry_run)
     torch = _torch()
     from diffusers import AutoencoderKLTemporalDecoder
@@ -511,11 +692,11 @@ def stage_vae_decode(out: Path, dry_run: bool) -> dict:
             torch.cuda.synchronize(device)
             rows.append({"decode_chunk_size": chunk, "seconds": round(time.perf_counter() - begin, 3),
                          "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)})  # fmt: skip
-            _write_partial(out, {"vae_decode": rows})
+            _write_partial(work, {"vae_decode": rows})
     return {"vae_decode": rows}
 
 
-def stage_optical_flow(out: Path, dry_run: bool) -> dict:
+def stage_optical_flow(work: Path, dry_run: bool) -> dict:
     probe: dict[str, object] = {"dali_installed": _installed("nvidia.dali")}
     smi = shutil.which("nvidia-smi")
     if smi is None:
@@ -539,12 +720,12 @@ STAGES: dict[str, Callable[[Path, bool], dict]] = {
 }
 
 
-def run_stage(name: str, out: Path, dry_run: bool) -> int:
-    """Body of one stage process: writes DIR/stages/NAME.json with status, seconds, error and results."""
+def run_stage(name: str, work: Path, dry_run: bool) -> int:
+    """Body of one stage process: writes WORK/stages/NAME.json with status, seconds, error and results."""
     begin = time.perf_counter()
     record: dict[str, object] = {"status": "ok", "error": None, "results": {}}
     try:
-        record["results"] = STAGES[name](out, dry_run)
+        record["results"] = STAGES[name](work, dry_run)
     except Skipped as reason:
         record.update(status="skipped", error=str(reason))
     except StageFailure as failure:
@@ -552,74 +733,170 @@ def run_stage(name: str, out: Path, dry_run: bool) -> int:
     except Exception as error:  # noqa: BLE001 - a stage's failure is recorded, the next stage still runs
         record.update(status="failed", error="".join(traceback.format_exception(error))[-3000:])
     record["seconds"] = round(time.perf_counter() - begin, 1)
-    (out / "stages" / f"{name}.json").write_text(json.dumps(record, indent=1))
+    _write_json(work / "stages" / f"{name}.json", record)
     return 0 if record["status"] != "failed" else 1
 
 
 # --- driver --------------------------------------------------------------------------------------
 
 
-def drive(out: Path, dry_run: bool, budget: float, only: list[str] | None) -> dict:
-    (out / "stages").mkdir(parents=True, exist_ok=True)
+def _write_json(path: Path, value: object) -> None:
+    """Atomic: a reader (the driver, the packer) never sees half a record."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=1))
+    os.replace(temporary, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# Seconds to wait for a killed process group to be gone (a dying CUDA process still holds device memory).
+KILL_WAIT_SECONDS = 20
+
+
+def _kill_group(group: int) -> None:
+    """SIGKILL every process of ``group``, then wait until none of them runs (at most KILL_WAIT_SECONDS), so
+    that the next stage starts on a free GPU."""
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + KILL_WAIT_SECONDS
+    while _group_members(group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _group_members(group: int) -> list[int]:
+    """Processes of ``group`` that have not exited (zombies excluded), from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _parent, process_group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(process_group) == group and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def run_stage_process(work: Path, name: str, command: list[str], limit: float, env: dict[str, str]) -> dict:
+    """Run one stage's ``command`` as the leader of its own process group under a time box of ``limit``
+    seconds. The whole group is killed when the box runs out (the build's compilers and pytest's workers
+    with it) and when the stage ends (nothing it started outlives it). The stage's record is written
+    however it ended, merged with the partial results it wrote as it went; returns the record."""
+    begin = time.monotonic()
+    stage_env = {**env, "SVD_FAST_GPU_CHECK_STAGE": name, "SVD_FAST_GPU_CHECK_DEADLINE": str(time.time() + limit)}
+    process = subprocess.Popen(command, cwd=ROOT, env=stage_env, start_new_session=True)
+    timed_out = False
+    try:
+        process.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    _kill_group(process.pid)
+    process.wait()
+    path = work / "stages" / f"{name}.json"
+    if timed_out:
+        record = {"status": "failed", "error": f"timed out after {limit:.0f} s (its process group was killed)"}
+    elif path.exists():
+        record = _read_json(path) or {"status": "failed", "error": "the stage's record is unreadable"}
+    else:
+        record = {"status": "failed", "error": f"the stage process died without a report (exit status {process.returncode})"}
+    partial = _read_json(work / "stages" / f"{name}.partial.json")
+    record["results"] = {**partial, **(record.get("results") or {})}
+    record["seconds"] = round(time.monotonic() - begin, 1)
+    _write_json(path, record)
+    return record
+
+
+def drive(out: Path, work: Path, dry_run: bool, budget: float, only: list[str] | None) -> dict:
+    """Every stage (or ``only`` these) within ``budget`` seconds, then DIR's three files."""
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "stages").mkdir(parents=True)
+    job_deadline = os.environ.get("SVD_FAST_GPU_JOB_DEADLINE")
+    if job_deadline:
+        # The job's wall limit (bench/gpu_check.sh) counts the wheel install before and the packing after.
+        budget = min(budget, float(job_deadline) - time.time() - PACKING_SECONDS)
     deadline = time.monotonic() + budget
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), str(SITE_DIR), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
     if dry_run:
         env["TRITON_INTERPRET"] = env.get("TRITON_INTERPRET", "0")
     for name in STAGES:
         if only and name not in only:
             continue
         if dry_run and name in NEEDS_CUDA:
-            _write_stage(out, name, "skipped", 0.0, "needs a CUDA device (dry run)")
+            _write_stage(work, name, "skipped", 0.0, "needs a CUDA device (dry run)")
             continue
-        remaining = deadline - time.monotonic()
-        limit = min(BUDGETS[name] * (3 if dry_run else 1), remaining)
+        limit = min(BUDGETS[name] * (3 if dry_run else 1), deadline - time.monotonic())
         if limit < 3:
-            _write_stage(out, name, "skipped", 0.0, f"no time left in the {budget:.0f} s budget")
+            _write_stage(work, name, "skipped", 0.0, f"no time left in the {budget:.0f} s budget")
             continue
-        begin = time.perf_counter()
-        command = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--stage", name] + (["--dry-run"] if dry_run else [])
+        command = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--work", str(work), "--stage", name]
         print(f"[gpu_check] {name} (time box {limit:.0f} s)", flush=True)
-        try:
-            stage_env = {**env, "SVD_FAST_GPU_CHECK_STAGE": name, "SVD_FAST_GPU_CHECK_SECONDS": str(limit)}
-            subprocess.run(command, cwd=ROOT, env=stage_env, timeout=limit)
-        except subprocess.TimeoutExpired:
-            partial = out / "stages" / f"{name}.partial.json"
-            results = json.loads(partial.read_text()) if partial.exists() else {}
-            _write_stage(out, name, "failed", time.perf_counter() - begin, f"timed out after {limit:.0f} s", results)
-        if not (out / "stages" / f"{name}.json").exists():
-            _write_stage(out, name, "failed", time.perf_counter() - begin, "the stage process died without a report")
-    report = merge(out)
-    (out / "gpu_report.json").write_text(json.dumps(report, indent=1))
-    (out / "gpu_report.md").write_text(markdown(report))
+        stage_env = {**env, "TRITON_INTERPRET": "1"} if dry_run and name in DRY_RUN_INTERPRETED else env
+        run_stage_process(work, name, command + (["--dry-run"] if dry_run else []), limit, stage_env)
+    report = merge(work)
+    package(out, work, report)
     return report
 
 
-def _write_stage(out: Path, name: str, status: str, seconds: float, error: str, results: dict | None = None) -> None:
-    record = {"status": status, "seconds": round(seconds, 1), "error": error, "results": results or {}}
-    (out / "stages" / f"{name}.json").write_text(json.dumps(record, indent=1))
+def _write_stage(work: Path, name: str, status: str, seconds: float, error: str, results: dict | None = None) -> None:
+    _write_json(work / "stages" / f"{name}.json", {"status": status, "seconds": round(seconds, 1), "error": error, "results": results or {}})
 
 
-def merge(out: Path) -> dict:
+# Files larger than this enter the tarball as their last bytes only (the tarball must stay far under the
+# 16 MiB a file that comes back from the GPU machine may have).
+TARBALL_FILE_BYTES = 4 * 2**20
+
+
+def package(out: Path, work: Path, report: dict) -> None:
+    """DIR's three files: gpu_report.json, gpu_report.md and one tarball of WORK (stage records, logs)."""
+    import io
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "gpu_report.json", report)
+    temporary = out / "gpu_report.md.tmp"
+    temporary.write_text(markdown(report))
+    os.replace(temporary, out / "gpu_report.md")
+    temporary = out / f"{TARBALL}.tmp"
+    with tarfile.open(temporary, "w:gz") as tar:
+        for path in sorted(p for p in work.rglob("*") if p.is_file()):
+            name = f"gpu_check/{path.relative_to(work)}"
+            data = path.read_bytes()
+            if len(data) > TARBALL_FILE_BYTES:
+                data = data[-TARBALL_FILE_BYTES:]
+                name += ".tail"
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), int(path.stat().st_mtime)
+            tar.addfile(info, io.BytesIO(data))
+    os.replace(temporary, out / TARBALL)
+
+
+def merge(work: Path) -> dict:
     report: dict[str, object] = {
         "device": None, "torch": None, "triton": None, "copy_gbs": None, "stages": {},
-        "pytest": {"passed": 0, "failed": 0, "skipped": 0}, "correctness": [], "ops": [],
+        "pytest": dict.fromkeys(PYTEST_KEYS, 0), "correctness": [], "ops": [], "fastest_plans": [],
         "unet_step_ms": dict.fromkeys(("eager", "optimized", "optimized_cuda", "optimized_cuda_graphs")),
         "end_to_end_s": {"eager": None, "optimized": None}, "peak_reserved_gib": {"eager": None, "optimized": None},
-        "vae_decode": [], "optical_flow_engine": None,
+        "vae_decode": [], "optical_flow_engine": None, "variant_errors": {},
     }  # fmt: skip
     for name in STAGES:
-        path = out / "stages" / f"{name}.json"
-        if not path.exists():
+        record = _read_json(work / "stages" / f"{name}.json")
+        if not record:
             continue
-        record = json.loads(path.read_text())
-        report["stages"][name] = {key: record[key] for key in ("status", "seconds", "error")}
+        report["stages"][name] = {key: record.get(key) for key in ("status", "seconds", "error")}
         results = record.get("results") or {}
         if name == "preflight":
             report.update(device=results.get("device"), torch=results.get("torch"), triton=results.get("triton"))
             report["preflight"] = results
-        else:
-            report.update({key: value for key, value in results.items() if key in REPORT_KEYS or key == "errors"})
+            continue
+        if results.get("errors"):
+            report["variant_errors"][name] = results["errors"]
+        report.update({key: value for key, value in results.items() if key != "errors"})
     return report
 
 
@@ -632,26 +909,40 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {stage['status']} | {stage['seconds']} | {error[-1][:160] if error else ''} |")
     lines += ["", f"pytest -m gpu: {report['pytest']}", "", "| op | shape | dtype | backend | max abs err | tolerance | ok |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['backend']} | {r['max_abs_err']:.3g} | {r['tolerance']:.3g} | {r['ok']} |" for r in report["correctness"]]
-    lines += ["", "| op | shape | backend | ms | GB/s | % of copy | baseline | baseline ms |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['op']} | {r['shape']} | {r['backend']} | {r['ms']} | {r['gbs']} | {r['pct_of_copy']} | {r['baseline']} | {r['baseline_ms']} |" for r in report["ops"]]
+    lines += ["", "| op | shape | backend | plan | ms | compulsory GB/s | % of copy | designed GB/s | baseline | baseline ms |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['op']} | {r['shape']} | {r['backend']} | {r.get('plan') or ''} | {r['ms']} | {r['gbs']} | {r['pct_of_copy']} | "
+              f"{'' if r.get('designed_gbs') is None else r['designed_gbs']} | {r['baseline']} | {r['baseline_ms']} |" for r in report["ops"]]  # fmt: skip
+    if report["fastest_plans"]:
+        lines += ["", "Fastest launch plan per shape (set the defaults from these):", "", "| op | shape | plan | ms | default plan | default ms |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r['shape']} | {r['plan']} | {r['ms']} | {r['default_plan']} | {r['default_ms']} |" for r in report["fastest_plans"]]
+    steps = report.get("end_to_end_steps")
+    end_to_end = (
+        f"SVD-XT end to end s at {steps} steps: {report['end_to_end_s']}; s per step: {report.get('end_to_end_s_per_step')}; "
+        f"extrapolated to {FULL_STEPS} steps: {report.get(f'end_to_end_s_at_{FULL_STEPS}_steps')}"
+        if steps else f"SVD-XT end to end s: {report['end_to_end_s']}"
+    )  # fmt: skip
     lines += ["", f"UNet step ms (25 frames, 576x1024, fp16, batch 2): {report['unet_step_ms']}",
-              f"SVD-XT end to end s (25 steps): {report['end_to_end_s']}; peak reserved GiB: {report['peak_reserved_gib']}",
-              f"VAE decode: {report['vae_decode']}", f"optical-flow engine: {report['optical_flow_engine']}", ""]  # fmt: skip
-    return "\n".join(lines)
+              f"{end_to_end}; peak reserved GiB: {report['peak_reserved_gib']}",
+              f"VAE decode: {report['vae_decode']}", f"optical-flow engine: {report['optical_flow_engine']}"]  # fmt: skip
+    if report["variant_errors"]:
+        lines.append(f"variants that failed or were skipped: {report['variant_errors']}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="receives gpu_report.json, gpu_report.md and one tarball")
+    parser.add_argument("--work", type=Path, default=WORK_DIR, help="stage records and logs (emptied first)")
     parser.add_argument("--dry-run", action="store_true", help="CPU machine: skip CUDA stages, tiny shapes")
-    parser.add_argument("--budget", type=float, default=345.0, help="seconds for all stages together")
+    parser.add_argument("--budget", type=float, default=STAGE_SECONDS, help="seconds for all stages together")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="+", choices=sorted(STAGES), help="run these stages only")
     args = parser.parse_args(argv)
-    out = args.out.resolve()
+    out, work = args.out.resolve(), args.work.resolve()
     if args.stage:
-        return run_stage(args.stage, out, args.dry_run)
-    report = drive(out, args.dry_run, args.budget, args.only)
+        return run_stage(args.stage, work, args.dry_run)
+    report = drive(out, work, args.dry_run, args.budget, args.only)
     print((out / "gpu_report.md").read_text())
     return 0 if all(stage["status"] != "failed" for stage in report["stages"].values()) else 1
 

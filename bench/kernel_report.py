@@ -7,10 +7,22 @@ kernels, grids, block sizes and warps are exactly what a GPU run would launch; e
 compiled ahead of time (triton.compile with a GPUTarget) and its cubin read with cuobjdump (Triton's
 wheel ships it). CUDA: kernels/*.cu compiled with ``nvcc -Xptxas -v`` for the same targets.
 
-Per row: registers, spill bytes (local memory), shared bytes, theoretical occupancy at the launch's
-block size (registers, shared memory and threads against the target's per-SM limits), grid, min_bytes
-(compulsory bytes the launch reads and writes: every distinct tensor argument once) and, for kernels
-without loops, sass_per_element (static SASS instructions one thread runs / elements one thread handles).
+Per row: the Triton version (``triton``), registers, spill bytes (local memory), shared bytes, theoretical
+occupancy at the launch's block size (registers, shared memory and threads against the target's per-SM
+limits), grid, min_bytes (compulsory bytes the launch reads and writes: every distinct tensor argument once),
+for kernels without loops sass_per_element (static SASS instructions one thread runs / elements one thread
+handles), and:
+
+* residency: resident_programs per SM (the occupancy limit in programs) and bytes_in_flight_per_sm =
+  resident programs x the bytes one program moves (min_bytes / programs: these kernels issue their loads
+  before any use). Little's law says how much must be in flight to keep memory busy: bandwidth x loaded
+  latency / SMs = 4.8e12 B/s x 700e-9 s / 132 = 25,455 bytes per SM on an H200 (H100: 3.35e12 x 700e-9 / 132
+  = 17,765), NEEDED_BYTES_PER_SM.
+* tensor-core work (temporal attention): mma_per_position = static HMMA/HGMMA instructions one warp runs x
+  warps / positions per program (no loops: each runs once), against mma_needed_per_position, what the padded
+  products need at the instruction's shape (m16n8k16 for float16): anything above it is warps repeating the
+  same product.
+
 Must run with the Triton interpreter off (TRITON_INTERPRET unset or 0).
 """
 
@@ -49,6 +61,8 @@ TARGETS = {
     "sm_80": {"capability": 80, "regs": 65536, "threads": 2048, "warps": 64, "blocks": 32, "smem_sm": 167936, "smem_block": 166912},
 }
 RESERVED_SMEM_PER_BLOCK = 1024  # the driver's per-block reservation since sm_80
+# Bytes in flight per SM that keep an H200's memory busy (module docstring): 4.8 TB/s x 700 ns / 132 SMs.
+NEEDED_BYTES_PER_SM = math.ceil(4.8e12 * 700e-9 / 132)
 DTYPE = torch.float16
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -99,15 +113,16 @@ def temporal_attention_cases() -> Iterator[tuple[str, str, Callable[[], object]]
         for height, width, channel_list in UNET_LEVELS:
             channels = channel_list[0]
             heads = channels // HEAD_DIM
-            q = _meta(CFG_BATCH * frames, height * width, channels)
+            # Distinct tensors, so that min_bytes counts each of them.
+            q, k, v, out, grad_out = (_meta(CFG_BATCH * frames, height * width, channels) for _ in range(5))
             shape = f"{model} (B*F={CFG_BATCH * frames}, S={height * width}, heads={heads}, D={HEAD_DIM})"
             yield "temporal_attention", shape, functools.partial(
-                triton_temporal_attention.forward, q, q, q, frames, heads, HEAD_DIM**-0.5
+                triton_temporal_attention.forward, q, k, v, frames, heads, HEAD_DIM**-0.5
             )
             if height == 72:
                 lse = _meta(CFG_BATCH * frames, height * width, heads, dtype=torch.float32)
                 yield "temporal_attention_backward", shape, functools.partial(
-                    triton_temporal_attention.backward, q, q, q, q, q, lse, frames, heads, HEAD_DIM**-0.5
+                    triton_temporal_attention.backward, grad_out, q, k, v, out, lse, frames, heads, HEAD_DIM**-0.5
                 )
 
 
@@ -192,7 +207,10 @@ def _compile_triton_uncached(launch: _triton.Launch, target: str) -> dict:
     resources = _parse_resource_usage(usage)
     instructions = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/\s+\S", line)]
     has_loop = any(_is_backward_branch(line) for line in instructions)
+    mma = [match.group(1) for line in instructions if (match := re.search(r"\b(HG?MMA\.\w+)", line))]
     return {
+        "mma_instructions": len(mma),
+        "mma_shapes": sorted(set(mma)),
         "registers": resources["REG"],
         "spill_bytes": resources["LOCAL"],
         "shared_bytes": resources["SHARED"] + compiled.metadata.shared,
@@ -214,6 +232,12 @@ def _parse_resource_usage(text: str) -> dict[str, int]:
 
 def occupancy(target: str, registers: int, shared_bytes: int, threads_per_block: int) -> float:
     """Theoretical occupancy: resident warps per SM / the SM's maximum, from the three per-SM limits."""
+    warps_per_block = math.ceil(threads_per_block / 32)
+    return round(resident_blocks(target, registers, shared_bytes, threads_per_block) * warps_per_block / TARGETS[target]["warps"], 4)
+
+
+def resident_blocks(target: str, registers: int, shared_bytes: int, threads_per_block: int) -> int:
+    """Blocks (programs) resident per SM: the tightest of the block, thread, register and shared-memory limits."""
     limits = TARGETS[target]
     warps_per_block = math.ceil(threads_per_block / 32)
     registers_per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
@@ -224,7 +248,24 @@ def occupancy(target: str, registers: int, shared_bytes: int, threads_per_block:
     )
     if shared_bytes:
         blocks = min(blocks, limits["smem_sm"] // (shared_bytes + RESERVED_SMEM_PER_BLOCK))
-    return round(blocks * warps_per_block / limits["warps"], 4)
+    return blocks
+
+
+def mma_needed_per_position(kernel: str, frames_pad: int, head_dim_pad: int, mma_shape: str) -> int | None:
+    """Tensor-core instructions the padded products of one temporal-attention position need at the SASS
+    instruction's shape (HMMA.16816: m16 n8 k16; HMMA.1688: m16 n8 k8). Forward: scores [F, D] x [D, F] and
+    output [F, F] x [F, D]; backward: scores, grad_v, grad_prob, grad_q and grad_k, the same two shapes."""
+    shape = re.match(r"HG?MMA\.(16)(8)(\d+)", mma_shape)
+    if shape is None:
+        return None
+    m, n, k = (int(group) for group in shape.groups())
+    scores = (frames_pad // m) * (frames_pad // n) * (head_dim_pad // k)  # [F, D] x [D, F]
+    values = (frames_pad // m) * (head_dim_pad // n) * (frames_pad // k)  # [F, F] x [F, D]
+    if kernel == "forward_kernel":
+        return scores + values
+    if kernel == "backward_kernel":
+        return 2 * scores + 3 * values  # scores, grad_prob; grad_v, grad_q, grad_k
+    return None
 
 
 def _elements_per_program(launch: _triton.Launch) -> int | None:
@@ -250,26 +291,46 @@ def triton_rows(targets: list[str]) -> list[dict]:
                 for target in targets:
                     compiled = _compile_triton(key, launch, target)
                     elements = _elements_per_program(launch)
+                    threads = compiled["num_warps"] * 32
+                    blocks = resident_blocks(target, compiled["registers"], compiled["shared_bytes"], threads)
+                    min_bytes = sum(_distinct_bytes(t) for t in {id(a): a for a in launch.args if isinstance(a, torch.Tensor)}.values())
+                    programs = math.prod(launch.grid)
                     rows.append({
                         "kernel": f"{op}:{launch.kernel.__name__.strip('_')}",
                         "backend": "triton",
+                        "triton": triton.__version__,
                         "target": target,
                         "shape": shape,
                         "registers": compiled["registers"],
                         "spill_bytes": compiled["spill_bytes"],
                         "shared_bytes": compiled["shared_bytes"],
-                        "occupancy": occupancy(target, compiled["registers"], compiled["shared_bytes"], compiled["num_warps"] * 32),
+                        "occupancy": occupancy(target, compiled["registers"], compiled["shared_bytes"], threads),
+                        "resident_programs": blocks,
+                        "bytes_in_flight_per_sm": round(blocks * min_bytes / programs),
                         "grid": list(launch.grid),
                         "num_warps": compiled["num_warps"],
-                        "min_bytes": sum(_distinct_bytes(t) for t in {id(a): a for a in launch.args if isinstance(a, torch.Tensor)}.values()),
+                        "min_bytes": min_bytes,
                         "sass_per_element": (
                             # Each thread runs every static instruction once and handles elements / threads elements.
-                            round(compiled["sass_instructions"] * compiled["num_warps"] * 32 / elements, 1)
+                            round(compiled["sass_instructions"] * threads / elements, 1)
                             if elements and not compiled["has_loop"]
                             else None
                         ),
+                        **_mma_columns(launch, compiled),
                     })  # fmt: skip
     return rows
+
+
+def _mma_columns(launch: _triton.Launch, compiled: dict) -> dict:
+    """Tensor-core work per temporal-attention position: what the SASS runs and what the products need."""
+    kwargs, name = launch.kwargs, launch.kernel.__name__.strip("_")
+    if "BLOCK_P" not in kwargs or compiled["has_loop"] or not compiled["mma_shapes"]:
+        return {"block_p": kwargs.get("BLOCK_P"), "mma_per_position": None, "mma_needed_per_position": None}
+    return {
+        "block_p": kwargs["BLOCK_P"],
+        "mma_per_position": compiled["mma_instructions"] * compiled["num_warps"] / kwargs["BLOCK_P"],
+        "mma_needed_per_position": mma_needed_per_position(name, kwargs["F_PAD"], kwargs["D_PAD"], compiled["mma_shapes"][0]),
+    }
 
 
 def _nvcc() -> str | None:
@@ -321,7 +382,7 @@ def _parse_ptxas_verbose(text: str, stem: str) -> list[dict]:
             demangled = subprocess.run(["c++filt", function.group(1)], capture_output=True, text=True).stdout.strip()
             name = demangled.removeprefix("void ").replace("(anonymous namespace)::", "").split("(")[0]
             current = {
-                "kernel": f"{stem}:{name}", "backend": "cuda", "target": function.group(2),
+                "kernel": f"{stem}:{name}", "backend": "cuda", "triton": None, "target": function.group(2),
                 "shape": "all (block size fixed per kernel)", "registers": 0, "spill_bytes": 0, "shared_bytes": 0,
                 "grid": None, "min_bytes": None, "sass_per_element": None,
             }  # fmt: skip
@@ -351,7 +412,9 @@ def compiler_versions() -> dict[str, str]:
 
 
 def print_table(rows: list[dict], target: str = "sm_90") -> None:
-    columns = ("kernel", "backend", "shape", "registers", "spill_bytes", "shared_bytes", "occupancy", "grid", "min_bytes", "sass_per_element")
+    columns = ("kernel", "backend", "triton", "shape", "registers", "spill_bytes", "shared_bytes", "occupancy", "num_warps", "block_p",
+               "resident_programs", "bytes_in_flight_per_sm", "mma_per_position", "mma_needed_per_position", "grid",
+               "min_bytes", "sass_per_element")  # fmt: skip
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:

@@ -1,6 +1,7 @@
-// The pybind11 module svd_fast._C. Importing it runs the TORCH_LIBRARY registrations of every csrc/*.cpp and
-// kernels/*.cu file linked into it, which defines torch.ops.svd_fast.*: those ops are the extension's only API
-// (as in pytorch/extension-cpp). The module body itself only reports how the extension was built.
+// The Python module svd_fast._C (pybind11). Importing it runs the TORCH_LIBRARY registrations of every
+// csrc/*.cpp and kernels/*.cu file linked into it, which define torch.ops.svd_fast.*: those ops are the
+// extension's only compute API. The module's own functions only report how the extension was built
+// (svd_fast._extension.build_info).
 #include <torch/extension.h>
 #include <torch/version.h>
 

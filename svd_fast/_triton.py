@@ -34,7 +34,7 @@ def interpreting() -> bool:
 @functools.cache
 def _import_error() -> str | None:
     try:
-        import triton  # noqa: F401, PLC0415
+        import triton  # noqa: F401, PLC0415 - triton is optional
     except ImportError as error:
         return f"triton is not installed ({error})"
     return None

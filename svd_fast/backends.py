@@ -7,10 +7,11 @@ Every op has up to four implementations:
 * ``cuda``: CUDA kernel in the compiled extension (CUDA tensors, extension built with CUDA).
 * ``triton``: Triton kernel (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 
-Each op declares, once per backend, what that backend accepts (:func:`register`): device types,
-dtypes, limits on facts of the call (e.g. at most 64 frames) and its priority per device type. An
-op call asks :func:`select_backend` with its input and those facts; the first backend by priority
-that accepts the call and is built/installed runs it. A backend can be forced with the environment
+Each op declares, once per backend, the implementation (a callable) and what that backend accepts
+(:func:`register`): device types, dtypes, limits on facts of the call (e.g. at most 64 frames), a probe
+saying whether it is built/installed, and its priority per device type. An op call asks
+:func:`select_backend` with its input and those facts and calls the implementation of the entry it
+returns: the first backend by priority that accepts the call and is built/installed. A backend can be forced with the environment
 variable ``SVD_FAST_BACKEND`` or, for a block of code, with :func:`use_backend`; a forced backend
 that cannot run raises :class:`BackendUnavailableError` naming the reason. It never falls back
 silently. :func:`last_backend` tells which backend the last call of an op ran on.
@@ -21,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -50,7 +52,8 @@ class Limit:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """What one backend of one op accepts, and its rank per device type (lower runs first).
+    """One backend of one op: its ``implementation``, what it accepts, and its rank per device type (lower
+    runs first). ``probe(device)`` says why the backend is not built/installed/usable there (None: it is).
 
     A device type missing from ``priority`` is never chosen automatically there, only when forced
     (e.g. Triton on CPU tensors, which runs in the slow interpreter).
@@ -58,10 +61,12 @@ class Entry:
 
     op: str
     backend: str
+    implementation: Callable[..., Any]
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     priority: Mapping[str, int]
     limits: tuple[Limit, ...] = ()
+    probe: Callable[[torch.device], str | None] | None = None
 
     def rejection(self, device: torch.device, dtype: torch.dtype, facts: Mapping[str, int]) -> str | None:
         """Why this backend cannot run the call (None when it can)."""
@@ -73,7 +78,7 @@ class Entry:
             value = facts[limit.fact]
             if value > limit.maximum:
                 return f"the {self.backend} kernel holds at most {limit.maximum} {limit.description}, got {limit.fact}={value}"
-        return _build_reason(self.backend, device)
+        return None if self.probe is None else self.probe(device)
 
 
 _registry: dict[str, dict[str, Entry]] = {}
@@ -82,30 +87,36 @@ _registry: dict[str, dict[str, Entry]] = {}
 def register(
     op: str,
     backend: str,
+    implementation: Callable[..., Any],
     *,
     devices: tuple[str, ...],
     dtypes: tuple[torch.dtype, ...],
     priority: Mapping[str, int],
     limits: tuple[Limit, ...] = (),
+    probe: Callable[[torch.device], str | None] | None = None,
 ) -> Entry:
-    """Declare ``backend`` of ``op``: the devices, dtypes and limits it accepts and its priority per device type."""
+    """Declare ``backend`` of ``op``: the callable that runs it, the devices, dtypes and limits it accepts, the
+    probe of whether it is built/installed (None: always) and its priority per device type."""
     if backend not in BACKENDS:
         raise ValueError(f"register: unknown backend {backend!r}; expected one of {BACKENDS}")
+    if not callable(implementation):
+        raise TypeError(f"register: implementation of {op!r} on {backend!r} must be callable, got {type(implementation).__name__}")
     entries = _registry.setdefault(op, {})
     if backend in entries:
         raise ValueError(f"register: {op!r} already declares backend {backend!r}")
-    entry = Entry(op, backend, tuple(devices), tuple(dtypes), dict(priority), tuple(limits))
+    entry = Entry(op, backend, implementation, tuple(devices), tuple(dtypes), dict(priority), tuple(limits), probe)
     entries[backend] = entry
     return entry
+
+
+def registered_ops() -> tuple[str, ...]:
+    """The ops that declared backends (svd_fast.checks checks a forced backend against each)."""
+    return tuple(_registry)
 
 
 def entries(op: str) -> dict[str, Entry]:
     """The declared backends of ``op`` (backend -> Entry)."""
     return dict(_registry[op])
-
-
-def registered_ops() -> tuple[str, ...]:
-    return tuple(_registry)
 
 
 def _validate_name(name: str, source: str) -> str:
@@ -157,8 +168,8 @@ def unavailable_reasons(op_name: str, x: torch.Tensor, **facts: int) -> dict[str
     }
 
 
-def select_backend(op_name: str, x: torch.Tensor, **facts: int) -> str:
-    """Choose the backend for one call of ``op_name`` whose main input is ``x``.
+def select_backend(op_name: str, x: torch.Tensor, **facts: int) -> Entry:
+    """The entry (backend and implementation) that runs one call of ``op_name`` whose main input is ``x``.
 
     ``facts`` are the call's values the entries' limits name (e.g. ``num_frames=25``). The choice is
     recorded for :func:`last_backend`.
@@ -170,7 +181,7 @@ def select_backend(op_name: str, x: torch.Tensor, **facts: int) -> str:
         reason = f"{op_name} has no {forced} implementation" if entry is None else entry.rejection(x.device, x.dtype, facts)
         if reason is not None:
             raise BackendUnavailableError(f"{op_name}: backend {forced!r} was forced but cannot run: {reason}")
-        chosen = forced
+        chosen = entry
     else:
         ranked = sorted(
             (entry for entry in declared.values() if x.device.type in entry.priority),
@@ -181,24 +192,11 @@ def select_backend(op_name: str, x: torch.Tensor, **facts: int) -> str:
         for entry in ranked:
             reason = entry.rejection(x.device, x.dtype, facts)
             if reason is None:
-                chosen = entry.backend
+                chosen = entry
                 break
             reasons[entry.backend] = reason
         if chosen is None:
             listing = "; ".join(f"{name}: {why}" for name, why in reasons.items()) or f"none ranked for {x.device.type}"
             raise BackendUnavailableError(f"{op_name}: no backend can run this call ({listing})")
-    _last_backend[op_name] = chosen
+    _last_backend[op_name] = chosen.backend
     return chosen
-
-
-def _build_reason(backend: str, device: torch.device) -> str | None:
-    """Is the backend built/installed and usable on this device?"""
-    from svd_fast import _extension, _triton  # noqa: PLC0415 - both import backends (for the error type)
-
-    if backend == "cpu":
-        return _extension.unavailable_reason()
-    if backend == "cuda":
-        return _extension.cuda_unavailable_reason()
-    if backend == "triton":
-        return _triton.unavailable_reason(device)
-    return None

@@ -84,7 +84,7 @@ def check(name: str, value: Any, *, spelled: str | None = None, allow_none: bool
 
 def parse_device(value: str | None, *, spelled: str = "device") -> str:
     """``cpu``, ``cuda`` or ``cuda:N``, available on this machine (None: cuda when available, else cpu)."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - torch loads only when a device is checked, so argument parsing stays light
 
     if value is None or value == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,7 +105,7 @@ def parse_device(value: str | None, *, spelled: str = "device") -> str:
 
 def backend_unavailable_reason(backend: str, device: str, dtype: Any) -> str | None:
     """Why the forced kernel ``backend`` cannot run ops on ``device``/``dtype`` (None: it can, or "auto")."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - torch loads only when a device is checked, so argument parsing stays light
 
     from svd_fast import backends, ops  # noqa: F401, PLC0415 - importing ops registers their backends
 
@@ -124,7 +124,7 @@ def backend_unavailable_reason(backend: str, device: str, dtype: Any) -> str | N
 def available_memory(device: str) -> int:
     """Bytes free for this process: the CUDA device's free memory, else the machine's available RAM."""
     if device.startswith("cuda"):
-        import torch  # noqa: PLC0415
+        import torch  # noqa: PLC0415 - torch loads only when a device is checked, so argument parsing stays light
 
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free)

@@ -18,13 +18,14 @@ from typing import NoReturn
 from svd_fast.commands.errors import EXIT_USAGE, UsageError
 
 # Subcommand modules, in the order --help lists them.
-COMMANDS = ("demo", "generate", "make_tiny", "train", "encode", "curate")
+COMMANDS = ("demo", "generate", "make_tiny", "train", "distill", "encode", "curate")
 
 EPILOG = """examples:
   svd-fast demo --out demo_out                      # the whole system on the embedded tiny model
   svd-fast make-tiny models/tiny-svd                # a tiny architecture-true SVD pipeline folder
   svd-fast generate --model models/tiny-svd --image cat.png --out cat.mp4
   svd-fast train --config configs/train_tiny_cpu.yaml
+  svd-fast distill --config configs/distill_tiny_cpu.yaml   # a 4-step consistency student of a pipeline
   svd-fast curate --input videos/ --out manifest.parquet
 run `svd-fast COMMAND --help` for each command's options; add --debug (or SVD_FAST_DEBUG=1) for tracebacks."""
 

@@ -7,11 +7,11 @@ import argparse
 import os
 import sys
 
+from svd_fast.commands.errors import EXIT_USAGE, UsageError
+from svd_fast.commands.train import EXAMPLES, run
+
 
 def main(argv: list[str] | None = None) -> int:
-    from svd_fast.commands.errors import EXIT_USAGE, UsageError  # noqa: PLC0415
-    from svd_fast.commands.train import EXAMPLES, run  # noqa: PLC0415
-
     parser = argparse.ArgumentParser(prog="python -m svd_fast.train", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML or JSON training config (see configs/)")

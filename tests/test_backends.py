@@ -23,9 +23,26 @@ def test_every_op_declares_every_backend_once() -> None:
 
 def test_registering_twice_or_an_unknown_backend_is_an_error() -> None:
     with pytest.raises(ValueError, match="already declares"):
-        backends.register("group_norm", "cpu", devices=("cpu",), dtypes=(torch.float32,), priority={})
+        backends.register("group_norm", "cpu", torch.relu, devices=("cpu",), dtypes=(torch.float32,), priority={})
     with pytest.raises(ValueError, match="unknown backend"):
-        backends.register("group_norm", "metal", devices=("mps",), dtypes=(torch.float32,), priority={})
+        backends.register("group_norm", "metal", torch.relu, devices=("mps",), dtypes=(torch.float32,), priority={})
+    with pytest.raises(TypeError, match="must be callable"):
+        backends.register("group_norm_again", "cpu", "group_norm_forward", devices=("cpu",), dtypes=(torch.float32,), priority={})
+
+
+def test_selection_returns_the_entry_whose_callable_runs_and_whose_probe_decides(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setitem(backends._registry, "probe_test", {})
+    backends.register("probe_test", "cpu", lambda x: calls.append("cpu") or x, devices=("cpu",), dtypes=(torch.float32,),
+                      priority={"cpu": 0}, probe=lambda device: "not built here")  # fmt: skip
+    backends.register("probe_test", "reference", lambda x: calls.append("reference") or x, devices=("cpu",), dtypes=(torch.float32,),
+                      priority={"cpu": 1})  # fmt: skip
+    x = torch.zeros(2)
+    entry = backends.select_backend("probe_test", x)
+    assert entry.backend == "reference" and entry.implementation(x) is x and calls == ["reference"]
+    assert backends.unavailable_reasons("probe_test", x)["cpu"] == "not built here"
+    with backends.use_backend("cpu"), pytest.raises(backends.BackendUnavailableError, match="not built here"):
+        backends.select_backend("probe_test", x)
 
 
 def test_reasons_name_device_dtype_and_limit() -> None:

@@ -17,7 +17,7 @@ from svd_fast.curation import (
     CurationRequestError,
     apply_filters,
     curate,
-    detect_cuts,
+    detect_transitions,
     mean_flow_magnitude,
     motion_bucket_id,
     optical_flow,
@@ -37,6 +37,11 @@ NO_OCR = CurationConfig(ocr=False)
 
 
 # ---------------------------------------------------------------- cut detection
+
+
+def detect_cuts(frames, times=None, **options) -> list[int]:
+    """The first frame of each new scene: the ends of the detected transitions (a hard cut has start == end)."""
+    return [transition.end for transition in detect_transitions(frames, times, **options) if transition.end > 0]
 
 
 @pytest.mark.parametrize("scene_lengths", [[12, 10, 14], [9, 30, 8, 11]])

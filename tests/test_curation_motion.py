@@ -18,7 +18,7 @@ from svd_fast.curation.flow import _warp
 from svd_fast.data import decode_all_frames_with_motion, synthetic
 
 NO_OCR = CurationConfig(ocr=False)
-BACKENDS = ["auto", "torch"]  # "auto" is OpenCV on a CPU tensor
+FLOW_BACKENDS_ON_CPU = ["auto", "torch"]  # "auto" is OpenCV on a CPU tensor
 
 
 # ---------------------------------------------------------------- flow accuracy on ground-truth pairs
@@ -96,12 +96,12 @@ def test_endpoint_error_no_worse_than_farneback(name: str, size: str) -> None:
     pair = GROUND_TRUTH[name] if size == "full" else _resize(GROUND_TRUTH[name])
     first, second, truth, valid = pair
     reference = _endpoint_error(_farneback_reference(first, second), truth, valid)
-    for backend in BACKENDS:
+    for backend in FLOW_BACKENDS_ON_CPU:
         measured = _endpoint_error(optical_flow(first[None], second[None], backend)[0], truth, valid)
         assert measured <= reference, f"{name} at {size} size: {backend} EPE {measured:.3f} > Farneback {reference:.3f}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FLOW_BACKENDS_ON_CPU)
 @pytest.mark.parametrize("change", ["gain 0.6 + 0.1", "gain 0.3", "gain 0.1", "offset 0.15"])
 def test_brightness_change_is_not_motion(backend: str, change: str) -> None:
     image = torch.from_numpy(synthetic.smooth_texture(96, 160, seed=5).mean(-1).astype(np.float32))

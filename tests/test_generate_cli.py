@@ -74,6 +74,13 @@ BAD_INPUTS = [
     ({"--ray": "local"}, "apply to batch generation"),
     ({"--image": None, "--input": "missing-folder"}, "does not exist"),
     ({"--image": None, "--input": "EMPTY_FOLDER"}, "holds no images"),
+    ({"--overlap": "8"}, "--overlap must be in [0, --window) = [0, 8)"),  # the tiny UNet's num_frames is 8
+    ({"--window": "4", "--overlap": "-1"}, "--overlap must be in [0, --window) = [0, 4)"),
+    ({"--window": "1"}, "--window must be an integer >= 2"),
+    ({"--lora": "/nonexistent/adapter:0.5"}, "--lora '/nonexistent/adapter' does not exist"),
+    ({"--lora": "NOT_AN_IMAGE"}, "is not a safetensors file"),
+    ({"--lora": "EMPTY_FOLDER"}, "holds none of"),
+    ({"--lora": "EMPTY_FOLDER:nan"}, "with a finite SCALE"),
 ]
 
 
@@ -95,6 +102,8 @@ def test_bad_input_is_one_line_and_exit_2_before_loading(
             continue
         if value in special:
             value = str(special[value]())
+        elif value == "EMPTY_FOLDER:nan":
+            value = f"{special['EMPTY_FOLDER']()}:nan"
         elif key in ("--model", "--image", "--out", "--input"):
             value = str(tmp_path / value)
         arguments[key] = value
@@ -157,8 +166,7 @@ def test_outputs_are_atomic_when_the_disk_fills(tmp_path: Path) -> None:
     assert result.stdout.strip() == "3"  # every large write failed ...
     with Image.open(tmp_path / "clip.gif") as gif:
         assert gif.n_frames == 2 and gif.size == (16, 16)  # ... and the previous outputs are whole
-    import av
-
+    av = pytest.importorskip("av")
     with av.open(str(tmp_path / "clip.mp4")) as container:
         assert sum(1 for _ in container.decode(video=0)) == 2
     assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [_io.MARKER, "frame_0000.png", "frame_0001.png"]
@@ -228,9 +236,9 @@ def test_low_memory_generates(tiny_model: Path, image: Path, tmp_path: Path, cap
 
 
 def test_sampler_names_are_the_sampling_modules() -> None:
-    from svd_fast.sampling import SAMPLERS  # noqa: PLC0415 - the CLI's list is spelled out to avoid importing torch
+    from svd_fast.diffusers.settings import SAMPLER_CHOICES  # noqa: PLC0415 - the CLI's list is spelled out to avoid importing torch
 
-    assert generate_command.SAMPLER_NAMES == SAMPLERS
+    assert generate_command.SAMPLER_NAMES == SAMPLER_CHOICES
 
 
 def test_multistep_sampler_generates(tiny_model: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -240,3 +248,36 @@ def test_multistep_sampler_generates(tiny_model: Path, image: Path, tmp_path: Pa
     assert '"sampler": "ipndm-2"' in capsys.readouterr().out
     with Image.open(out) as gif:
         assert gif.size == (64, 64)
+
+
+def test_long_video_with_a_lora_adapter(tiny_model: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--frames above the window: windows sharing --overlap frames, one video of --frames frames; --lora fused at
+    its scale (an adapter trained for another model is exit 2 after loading, one line)."""
+    import torch
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from svd_fast.training.lora import add_lora, lora_config, save_lora
+
+    unet = UNetSpatioTemporalConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    config = lora_config(2, 2.0, 0.0, ["to_q", "to_v"])
+    add_lora(unet, config)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_(std=0.05)
+    adapter = save_lora(unet, config, tmp_path / "run" / "lora")
+    out = tmp_path / "frames"
+    arguments = ["generate", "--model", str(tiny_model), "--image", str(image), "--steps", "1", "--frames", "11",
+                 "--window", "4", "--overlap", "1", "--lora", f"{tmp_path / 'run'}:0.5"]  # fmt: skip
+    assert main([*arguments, "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "wrote" in capsys.readouterr().out
+    assert sorted(path.name for path in out.iterdir()) == [f"frame_{index:04d}.png" for index in range(11)]
+    from safetensors.torch import load_file, save_file
+
+    save_file({f"down_blocks.7.{key}": value for key, value in load_file(adapter).items()}, tmp_path / "other.safetensors")
+    assert main(["generate", "--model", str(tiny_model), "--image", str(image), "--steps", "1", "--frames", "2",
+                 "--lora", str(tmp_path / "other.safetensors"), "--out", str(tmp_path / "other.gif")]) == 2  # fmt: skip
+    error = capsys.readouterr().err  # after the model loaded: its progress bars come first
+    lines = [line for line in error.splitlines() if "error" in line]
+    assert len(lines) == 1 and lines[0].startswith("svd-fast generate: error: --lora: ") and "this UNet lacks" in lines[0], error
+    assert "Traceback" not in error

@@ -118,16 +118,13 @@ def _fake_unet(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tenso
     return torch.tanh(0.9 * latents + 0.6 * cond + 0.1 * timestep + frame_ramp)
 
 
-def _diffusers_loop(scheduler, latents, image_latents, guidance, do_cfg, step_fn=None):
+def _diffusers_loop(scheduler, latents, image_latents, guidance, do_cfg):
     """The denoising loop of StableVideoDiffusionPipeline.__call__ (step 9), with a fake UNet."""
     for t in scheduler.timesteps:
         latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
         latent_model_input = scheduler.scale_model_input(latent_model_input, t)
         latent_model_input = torch.cat([latent_model_input, image_latents], dim=2)
         noise_pred = _fake_unet(latent_model_input, t)
-        if step_fn is not None:
-            latents = step_fn(noise_pred, t, latents)
-            continue
         if do_cfg:
             noise_pred_uncond, noise_pred_cond = noise_pred.chunk(2)
             noise_pred = noise_pred_uncond + guidance * (noise_pred_cond - noise_pred_uncond)
@@ -145,8 +142,8 @@ def _trajectory_inputs(batch: int = 1, frames: int = 4):
 @pytest.mark.parametrize("num_steps", [1, 25])
 @pytest.mark.parametrize("do_cfg", [True, False], ids=["cfg", "no-cfg"])
 def test_trajectory_matches_diffusers(num_steps: int, do_cfg: bool) -> None:
-    """A full trajectory (and a single step) with a fixed fake model: the drop-in scheduler, its step_guided
-    and the fused sampling loop all equal diffusers' scheduler inside the pipeline's loop."""
+    """A full trajectory (and a single step) with a fixed fake model: the drop-in scheduler and the fused
+    sampling loop both equal diffusers' scheduler inside the pipeline's loop."""
     noise, image_latents, repeated = _trajectory_inputs(batch=2)
     max_guidance = 3.0 if do_cfg else 1.0
     guidance = frame_guidance(noise.shape[1], 1.0, max_guidance, batch_size=2)
@@ -158,12 +155,6 @@ def test_trajectory_matches_diffusers(num_steps: int, do_cfg: bool) -> None:
 
     scheduler = _fused_scheduler(num_steps)
     results = {"drop-in": _diffusers_loop(scheduler, noise * scheduler.init_noise_sigma, pipeline_cond, guidance, do_cfg)}
-    if do_cfg:
-        scheduler.set_timesteps(num_steps)
-        results["step_guided"] = _diffusers_loop(
-            scheduler, start, pipeline_cond, guidance, do_cfg,
-            step_fn=lambda out, t, x: scheduler.step_guided(out, t, x, guidance).prev_sample,
-        )  # fmt: skip
     results["sample"] = sample(
         lambda model_input, step: _fake_unet(model_input, scheduler.timesteps[step]),
         start, image_latents, scheduler.sigmas, guidance,
@@ -422,11 +413,7 @@ def test_callback_can_replace_latents() -> None:
     assert seen == [0, 1, 2] and torch.equal(result, torch.zeros_like(result))
 
 
-def test_old_scheduler_name_is_a_deprecated_alias() -> None:
-    import svd_fast.diffusers.scheduler as scheduler_module
-
-    with pytest.warns(DeprecationWarning, match="FusedEulerDiscreteScheduler"):
-        assert scheduler_module.EDMEulerScheduler is FusedEulerDiscreteScheduler
+def test_scheduler_overrides_only_the_step() -> None:
     assert issubclass(FusedEulerDiscreteScheduler, EulerDiscreteScheduler)
     overridden = {name for name in vars(FusedEulerDiscreteScheduler) if name in vars(EulerDiscreteScheduler)}
     assert overridden <= {"step", "_compatibles", "__module__", "__doc__"}, overridden
@@ -466,8 +453,3 @@ def test_scheduler_misuse_is_explained() -> None:
         x = scheduler.step(x, t, x).prev_sample
     with pytest.raises(RuntimeError, match="all 2 steps"):
         scheduler.step(x, scheduler.timesteps[-1], x)
-    scheduler.set_timesteps(2)
-    with pytest.raises(ValueError, match="guidance"):
-        scheduler.step_guided(torch.zeros(2, 2, 4, 2, 2), scheduler.timesteps[0], x, torch.ones(3))
-    with pytest.raises(ValueError, match="CFG batch"):
-        scheduler.step_guided(x, scheduler.timesteps[0], x, 2.0)

@@ -175,6 +175,28 @@ def test_triton_backward_odd_frames_strided_inputs(frames: int, head_dim: int, d
     _assert_gradients_within_rule(base, grad_out, fused, frames, heads, head_dim**-0.5)
 
 
+@requires_triton_interpreter
+@pytest.mark.parametrize("block_p,num_warps", [(1, 4), (2, 2), (1, 1), (4, 4)])
+def test_triton_at_every_launch_plan_the_gpu_job_times(block_p: int, num_warps: int) -> None:
+    """Forward and gradients at each launch plan bench/gpu_check.py times (the default (2, 2) among them),
+    at SVD-XT's 25 frames with 2 videos of 3 positions x 2 heads (partial blocks for BLOCK_P 4)."""
+    from svd_fast.triton import temporal_attention as triton_kernels
+
+    frames, heads, head_dim = 25, 2, 64
+    base = _qkv(2, frames, 3, heads, head_dim, torch.float16)
+    grad_out = torch.randn(base[0].shape, dtype=torch.float64).to(torch.float16)
+    with triton_kernels.launch_plan_override(block_p, num_warps):
+        assert triton_kernels.launch_plan(tuple(base[0].shape), frames, heads, interpreter=True).block_p == block_p
+        out = _run("triton", *base, frames, heads)
+        fused = _backend_gradients("triton", base, grad_out, frames, heads)
+    scale = head_dim**-0.5
+    truth = _truth(*base, frames, heads, scale)
+    own = _torch_own(*base, frames, heads, scale)
+    magnitude = truth.abs().max().item() * _score_conditioning(*base[:2], frames, heads, scale)
+    assert_within_torch_error(out, truth, own, torch.float16, head_dim + frames, magnitude, f"plan ({block_p}, {num_warps})")
+    _assert_gradients_within_rule(base, grad_out, fused, frames, heads, head_dim**-0.5)
+
+
 @pytest.mark.parametrize("backend,device", [p for p in BACKEND_PARAMS if p.values[0] != "reference"])
 # The interpreter evaluates exp2 of the padded keys before tl.where discards it, as a GPU does, but numpy warns.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
@@ -242,12 +264,19 @@ def test_triton_launch_plan_covers_every_position_with_a_1d_grid(backward: bool)
         assert (blocks_per_video - 1) * plan.block_p < positions <= blocks_per_video * plan.block_p
         assert plan.frames_pad % 16 == 0 and frames <= plan.frames_pad < max(2 * frames, 17)
         assert plan.head_dim_pad >= max(head_dim, 16) and plan.head_dim_pad & (plan.head_dim_pad - 1) == 0
-        if plan.block_p > 1:
-            tile_elements = triton_kernels.GPU_BACKWARD_TILE_ELEMENTS if backward else triton_kernels.GPU_FORWARD_TILE_ELEMENTS
-            assert plan.block_p * plan.frames_pad * plan.head_dim_pad <= tile_elements
+        # One position per warp, no warp holding more than WARP_TILE_ELEMENTS of a position.
+        warps = plan.kwargs(interpreter=False)["num_warps"]
+        assert plan.block_p == warps or plan.block_p == 1
+        assert plan.block_p * plan.frames_pad * plan.head_dim_pad <= warps * triton_kernels.WARP_TILE_ELEMENTS
     svd_xt = triton_kernels.launch_plan((50, 9216, 320), 25, 5, backward=backward)
-    assert svd_xt.grid[0] > 65_535 and svd_xt.block_p == 1
-    assert svd_xt.kwargs(interpreter=False)["num_warps"] == (triton_kernels.BACKWARD_WARPS if backward else triton_kernels.FORWARD_WARPS)
+    assert svd_xt.block_p == svd_xt.kwargs(interpreter=False)["num_warps"] == 2
+    with triton_kernels.launch_plan_override(block_p=1, num_warps=4):
+        overridden = triton_kernels.launch_plan((50, 9216, 320), 25, 5, backward=backward)
+    assert (overridden.block_p, overridden.num_warps) == (1, 4) and overridden.grid == (2 * 9216 * 5,)
+    assert overridden.grid[0] > 65_535
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        with triton_kernels.launch_plan_override(block_p=2, num_warps=3):
+            pass
     interpreted = triton_kernels.launch_plan((4, 3, 16), 2, 2, backward=backward, interpreter=True)
     assert interpreted.block_p == 4 and interpreted.grid == (2 * 2,) and "num_warps" not in interpreted.kwargs(interpreter=True)
 

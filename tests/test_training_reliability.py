@@ -81,13 +81,13 @@ def _cli_cases(workdir: Path) -> list[tuple[list[str], str]]:
 
 def test_train_cli_user_errors_are_one_line_before_any_model(workdir: Path, monkeypatch, capsys) -> None:
     from svd_fast import cli
-    from svd_fast.training import setup
+    from svd_fast.training import trainer
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was loaded for a bad input")
 
-    monkeypatch.setattr(setup, "build_models", no_models)
-    monkeypatch.setattr(setup, "setup_distributed", no_models)
+    monkeypatch.setattr(trainer, "build_models", no_models)  # train() checks its inputs before it builds any
+    monkeypatch.setattr(trainer, "setup_distributed", no_models)
     for arguments, fragment in _cli_cases(workdir):
         code = cli.main(["train", *arguments])
         err = capsys.readouterr().err

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -33,6 +32,7 @@ def _first_frame(workdir: Path) -> Path:
 
 
 def _decoded(path: Path) -> np.ndarray:
+    av = pytest.importorskip("av", reason="decoding the validation clips needs PyAV")
     with av.open(str(path)) as container:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
@@ -73,12 +73,12 @@ def test_validation_clips_are_the_ema_pipelines_samples(workdir: Path) -> None:
 )
 def test_bad_validation_settings_are_one_line_before_any_model(workdir: Path, overrides: dict, message: str, monkeypatch, capsys) -> None:
     from svd_fast import cli
-    from svd_fast.training import setup
+    from svd_fast.training import trainer
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was loaded for a bad input")
 
-    monkeypatch.setattr(setup, "build_models", no_models)
+    monkeypatch.setattr(trainer, "build_models", no_models)  # train() checks its inputs before it builds any
     monkeypatch.chdir(workdir)
     config = workdir / "validation_bad.json"
     config.write_text(json.dumps(tiny_config(workdir, "bad")))

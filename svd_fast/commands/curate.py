@@ -75,7 +75,7 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from svd_fast.curation import CurationRequestError, ManifestBusyError, curate  # noqa: PLC0415
+    from svd_fast.curation import CurationRequestError, ManifestBusyError, curate  # noqa: PLC0415 - torch and OpenCV load only when curation runs
 
     require("flow_fps", args.flow_fps)
     if args.device is not None:

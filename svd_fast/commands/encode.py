@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     device = require_device(args.device)
     out = require_output_folder("--out", args.out, "latents", [args.data, args.model])
 
-    from svd_fast.training.latents import finish_latents_dir, prepare_latents_dir  # noqa: PLC0415
+    from svd_fast.training.latents import finish_latents_dir, prepare_latents_dir  # noqa: PLC0415 - torch and diffusers load only when the command runs
 
     settings = {"data": str(Path(args.data).resolve()), "model": str(Path(args.model).resolve()), "num_frames": args.num_frames,
                 "height": args.height, "width": args.width, "stride": args.stride, "target_fps": args.target_fps}
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _encode_local(jobs: list[dict], settings: dict, out: Path, device: str, _args: argparse.Namespace) -> None:
-    from svd_fast.training.latents import ClipEncoder  # noqa: PLC0415
+    from svd_fast.training.latents import ClipEncoder  # noqa: PLC0415 - torch and diffusers load only when the command runs
 
     encoder = ClipEncoder(settings, str(out), device)
     for job in jobs:
@@ -89,7 +89,7 @@ def _encode_local(jobs: list[dict], settings: dict, out: Path, device: str, _arg
 
 
 def _encode_ray(jobs: list[dict], settings: dict, out: Path, device: str, args: argparse.Namespace) -> None:
-    from svd_fast.training.latents import ClipEncoder  # noqa: PLC0415
+    from svd_fast.training.latents import ClipEncoder  # noqa: PLC0415 - torch and diffusers load only when the command runs
 
     def encoder_options(cluster_has_gpus: bool) -> dict:
         return {"settings": settings, "out": str(out), "device": "cuda" if cluster_has_gpus else device}

@@ -25,11 +25,16 @@ EXAMPLES = """examples:
   svd-fast make-tiny tiny && svd-fast generate --model tiny --image cat.jpg --out frames/   # PNG frames
   svd-fast generate --model tiny --input photos/ --out videos/ --ray local --actors 2    # one video per image
   svd-fast generate --model tiny --image cat.jpg --out cat.mp4 --sampler ipndm-2 --steps 15 --cache-interval 3
+  svd-fast generate --model ./stable-video-diffusion-img2vid-xt --unet-weights AnimateLCM-SVD-xt-1.1.safetensors \\
+      --sampler consistency --image rocket.png --out rocket.mp4 --frames 25      # 4 steps, guidance 1
+  svd-fast generate --model runs/distill/pipeline --image cat.jpg --out cat.mp4   # svd_fast.json: consistency, its steps
+  svd-fast generate --model ./svd-xt --image cat.jpg --out long.mp4 --frames 72 --overlap 4 --lora run/lora:0.8
 guidance presets (min -> max over frames, steps): diffusers 1.0->3.0, 25; svd 1.0->2.5, 25; svd-xt 1.5->3.0, 30"""
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
-# svd_fast.sampling.SAMPLERS, spelled out so that parsing arguments does not import torch (a test keeps them equal).
-SAMPLER_NAMES = ("euler", "dpmpp-2m", "ipndm-2")
+# svd_fast.diffusers.settings.SAMPLER_CHOICES, spelled out so that parsing arguments does not import torch (a test
+# keeps them equal).
+SAMPLER_NAMES = ("auto", "consistency", "euler", "dpmpp-2m", "ipndm-2")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -66,10 +71,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--attention", choices=("auto", "sdpa", "flash-attn"), default="auto",
                         help="spatial self-attention: flash-attn when installed (auto), or PyTorch SDPA")
     parser.add_argument("--cuda-graphs", action="store_true", help="capture the UNet step as a CUDA graph (CUDA only)")
-    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="euler",
-                        help="euler (SVD's), ipndm-2 (second order: at 15 steps as accurate as Euler at 25) or dpmpp-2m")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="auto",
+                        help="euler (SVD's), ipndm-2 (second order: at 15 steps as accurate as Euler at 25), dpmpp-2m, or "
+                             "consistency (few-step models: AnimateLCM-SVD-xt, svd-fast distill; default 4 steps, guidance 1); "
+                             "auto (default): what the model folder's svd_fast.json says, else euler")
+    parser.add_argument("--unet-weights", help="a UNet state dict (.safetensors) loaded over the model's UNet, strictly "
+                                               "(e.g. AnimateLCM-SVD-xt-1.1.safetensors)")
     parser.add_argument("--cache-interval", type=int, default=1,
                         help="N > 1: full UNet every N-th step, outer level only in between (faster, slight deviation)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="LoRA adapter (svd-fast train's output, diffusers or peft layout) fused at SCALE (default 1); repeatable")
+    parser.add_argument("--window", type=int, help="long videos: frames per window when --frames exceeds it (default: the UNet's num_frames)")
+    parser.add_argument("--overlap", type=int, default=2, help="long videos: frames two windows share, 0 <= K < window (default: 2)")
     parser.add_argument("--ray", choices=("auto", "local"), help="batch: spread over Ray actors (auto: the running cluster; local: start one)")
     parser.add_argument("--actors", type=int, help="batch with --ray: pipeline actors (default: one per GPU, else 2)")
     parser.set_defaults(func=run)
@@ -127,6 +140,9 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_PARTIAL if failed else 0
     media.check_output(args.out, [args.image])
     options = generation.check_options(options)
+    if options.sampler == "consistency" and options.max_guidance > 1:
+        print("svd-fast generate: note: --sampler consistency with a guidance above 1 runs classifier-free guidance, "
+              "which doubles the UNet batch (2 evaluations per step)", file=sys.stderr)
     require_writable_dir("--out folder", args.out.parent)
     summary = generation.generate_video(args.image, args.out, options)
     seconds = summary["seconds"]

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dir.is_dir() and any(args.dir.iterdir()):
         raise UsageError(f"{args.dir} exists and is not empty", "pass a new folder, or remove this one")
     require("seed", args.seed)
-    from svd_fast.diffusers.tiny import save_tiny_pipeline  # noqa: PLC0415
+    from svd_fast.diffusers.tiny import save_tiny_pipeline  # noqa: PLC0415 - diffusers loads only when a model is built
 
     # Written beside the target and moved into place: an interrupted run leaves no half-written pipeline.
     _io.replace_folder(args.dir, "pipeline", lambda staging: save_tiny_pipeline(staging, seed=args.seed), name="DIR")

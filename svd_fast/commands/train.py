@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from svd_fast.commands.errors import UsageError, require
 
@@ -54,36 +53,24 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return values
 
 
-def load_config(args: argparse.Namespace, check_paths: bool = True):
-    """The config file with the --set overrides, checked (types, values and, with ``check_paths``, paths,
-    writability and resumability) without loading any model; every problem is a UsageError naming the key."""
+def load_config(args: argparse.Namespace):
+    """The config file with the --set overrides, checked for types and values; every problem is a UsageError
+    naming the key. Paths, writability and resumability are checked once, by train() (TrainInputError)."""
     from svd_fast.training import TrainConfig  # noqa: PLC0415 - keep `svd-fast --help` fast
-    from svd_fast.training.checkpoint import LATEST, resolve_resume  # noqa: PLC0415
-    from svd_fast.training.run import changed_settings, check_same_run  # noqa: PLC0415
-    from svd_fast.training.setup import check_inputs  # noqa: PLC0415
 
     overrides = parse_overrides(args.overrides)
     try:
         values = TrainConfig.from_file(args.config).to_dict()
         values.update(overrides)
-        config = TrainConfig.from_dict(values)
-        if not check_paths:
-            return config
-        check_inputs(config)
-        resume_path = resolve_resume(config.resume_from, Path(config.output_dir))
-        if resume_path is not None:  # the run and its settings, as train() checks them again under its lock
-            if config.resume_from == LATEST:
-                check_same_run(resume_path, Path(config.output_dir), config.allow_other_run)
-            changed_settings(resume_path, config.to_dict(), report=False)
+        return TrainConfig.from_dict(values)
     except ValueError as error:
         raise UsageError(str(error), f"fix {args.config} or the --set values") from None
-    return config
 
 
 def plan(args: argparse.Namespace) -> int:
-    from svd_fast.training.memory_plan import describe, plan_memory  # noqa: PLC0415
+    from svd_fast.training.memory_plan import describe, plan_memory  # noqa: PLC0415 - torch and diffusers load only when the command runs
 
-    config = load_config(args, check_paths=False)  # a plan needs neither the model nor the data
+    config = load_config(args)  # a plan needs neither the model nor the data
     require("gpus", args.gpus)
     if config.precision == "fp32":
         raise UsageError("precision: the memory plan models mixed precision (DeepSpeed's estimators assume 16-bit parameters)",
@@ -94,11 +81,16 @@ def plan(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from svd_fast.training import train  # noqa: PLC0415
+    from svd_fast.training import train  # noqa: PLC0415 - torch and deepspeed load only when training runs
+    from svd_fast.training.setup import TrainInputError  # noqa: PLC0415 - torch and deepspeed load only when training runs
 
     if getattr(args, "plan_memory", False):
         return plan(args)
-    result = train(load_config(args))
+    config = load_config(args)
+    try:
+        result = train(config)
+    except TrainInputError as error:  # found by train()'s checks, before any model loaded
+        raise UsageError(str(error), f"fix {args.config} or the --set values") from None
     print(json.dumps({
         "steps": result.steps,
         "losses": result.losses,

@@ -69,7 +69,7 @@ def scan_video(path: str | Path, cut_max_side: int, flow_max_side: int, flow_fps
     """Decode ``path`` once; see the module docstring. ``ocr_max_side`` None: no text crops. A file damaged
     part-way yields the frames before the damage."""
     import av  # noqa: PLC0415 - optional dependency
-    from av.video.reformatter import VideoReformatter  # noqa: PLC0415
+    from av.video.reformatter import VideoReformatter  # noqa: PLC0415 - PyAV is optional (the data extra)
 
     path = Path(path)
     check_file(path)

@@ -55,7 +55,7 @@ class ClipScorer:
     """Holds the CLIP model (and optional aesthetics head) once; scores many clips."""
 
     def __init__(self, model_path: str | Path, aesthetic_head_path: str | Path | None = None, device: torch.device | str | None = None):
-        from transformers import CLIPModel  # noqa: PLC0415
+        from transformers import CLIPModel  # noqa: PLC0415 - transformers loads only when a CLIP model is built
 
         model_path = Path(model_path)
         if not (model_path / "config.json").is_file():
@@ -73,7 +73,7 @@ class ClipScorer:
         self.tokenizer_missing_reason: str | None = None
         # Only a tokenizer saved in the folder is used: transformers would otherwise build an empty default one.
         if any((model_path / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
-            from transformers import AutoTokenizer  # noqa: PLC0415
+            from transformers import AutoTokenizer  # noqa: PLC0415 - transformers loads only when a CLIP model is built
 
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         else:

@@ -311,11 +311,6 @@ def _merge(transitions: list[Transition], min_scene_frames: int) -> list[Transit
     return merged
 
 
-def detect_cuts(frames: np.ndarray | torch.Tensor, times: Sequence[float] | np.ndarray | None = None, **options: object) -> list[int]:
-    """The first frame of each new scene (never 0): the ends of :func:`detect_transitions`."""
-    return [transition.end for transition in detect_transitions(frames, times, **options) if transition.end > 0]
-
-
 def scenes_from_transitions(transitions: list[Transition], num_frames: int) -> list[tuple[int, int]]:
     """[start, end) frame ranges between transitions; transition frames belong to no scene."""
     bounds = [0]
@@ -323,8 +318,3 @@ def scenes_from_transitions(transitions: list[Transition], num_frames: int) -> l
         bounds += [transition.start, transition.end]
     bounds.append(num_frames)
     return [(start, min(end, num_frames)) for start, end in zip(bounds[::2], bounds[1::2]) if min(end, num_frames) > start]
-
-
-def scenes_from_cuts(cuts: list[int], num_frames: int) -> list[tuple[int, int]]:
-    """[start, end) frame ranges of the scenes delimited by hard ``cuts``."""
-    return scenes_from_transitions([Transition(cut, cut) for cut in cuts if 0 < cut < num_frames], num_frames)

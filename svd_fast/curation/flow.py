@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "opencv", "torch", "dali")
+FLOW_BACKENDS = ("auto", "opencv", "torch", "dali")
 # OpenCV's defaults for Farneback's solver at one pyramid level (both backends; the pyramid is built here).
 FARNEBACK_SOLVER = {"winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2}
 DAMPING = 1e-3  # Tikhonov weight, relative to the mean structure tensor trace
@@ -60,8 +60,8 @@ def _resolve_backend(first: torch.Tensor, second: torch.Tensor, backend: str) ->
         raise ValueError(f"optical_flow: first and second must both be (N, H, W), got {tuple(first.shape)} and {tuple(second.shape)}")
     if min(first.shape[-2:]) < 8:
         raise ValueError(f"optical_flow: frames must be at least 8x8, got {tuple(first.shape[-2:])}")
-    if backend not in BACKENDS:
-        raise ValueError(f"optical_flow: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in FLOW_BACKENDS:
+        raise ValueError(f"optical_flow: backend must be one of {FLOW_BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "torch" if first.device.type == "cuda" else "opencv"
     return backend
@@ -273,7 +273,7 @@ def dali_unavailable_reason() -> str | None:
     if torch.cuda.get_device_capability() < (7, 5):
         return "the GPU has no optical-flow engine (needs Turing or newer)"
     try:
-        import nvidia.dali  # noqa: F401, PLC0415
+        import nvidia.dali  # noqa: F401, PLC0415 - DALI is optional (GPU decoding)
     except ImportError:
         return "nvidia-dali is not installed"
     return None
@@ -281,7 +281,7 @@ def dali_unavailable_reason() -> str | None:
 
 def _dali_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """DALI's fn.optical_flow per pair (output grid 4x4 in input pixels), upsampled to (N, 2, H, W)."""
-    from nvidia.dali import fn, pipeline_def, types  # noqa: PLC0415
+    from nvidia.dali import fn, pipeline_def, types  # noqa: PLC0415 - DALI is optional (GPU decoding)
 
     height, width = first.shape[-2:]
     pairs = (torch.stack([first, second], dim=1) * 255).round().to(torch.uint8).unsqueeze(-1).expand(-1, -1, -1, -1, 3).cpu().numpy()

@@ -38,7 +38,7 @@ GATE_LEVELS = 3  # pyramid levels the gate looks at: full, 1/2 and 1/4 resolutio
 def tesseract_unavailable_reason() -> str | None:
     """None when OCR can run, else why not (recorded in the manifest instead of failing the run)."""
     try:
-        import pytesseract  # noqa: F401, PLC0415
+        import pytesseract  # noqa: F401, PLC0415 - optional dependency (OCR)
     except ImportError:
         return "pytesseract is not installed"
     if shutil.which("tesseract") is None:
@@ -61,7 +61,7 @@ def text_candidate_boxes(frame: np.ndarray) -> list[tuple[int, int, int, int]]:
     components kept when they are as tall as text can be, wider than tall and dense in edge pixels. Boxes from
     different levels may overlap. Recall matters more than precision: a false candidate costs one crop.
     """
-    import cv2  # noqa: PLC0415
+    import cv2  # noqa: PLC0415 - OpenCV is optional (the data extra)
 
     frame = _check_frame(frame)
     gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
@@ -79,7 +79,7 @@ def text_candidate_boxes(frame: np.ndarray) -> list[tuple[int, int, int, int]]:
 
 def _line_boxes(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
     """:func:`text_candidate_boxes` at one pyramid level."""
-    import cv2  # noqa: PLC0415
+    import cv2  # noqa: PLC0415 - OpenCV is optional (the data extra)
 
     height, width = gray.shape
     gradient = cv2.morphologyEx(gray, cv2.MORPH_GRADIENT, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
@@ -101,8 +101,8 @@ def _line_boxes(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
 
 def _read_words(image: np.ndarray, min_confidence: float) -> list[tuple[int, int, int, int]]:
     """Tesseract's word boxes (left, top, width, height) read with confidence > ``min_confidence``."""
-    import cv2  # noqa: PLC0415
-    import pytesseract  # noqa: PLC0415
+    import cv2  # noqa: PLC0415 - OpenCV is optional (the data extra)
+    import pytesseract  # noqa: PLC0415 - optional dependency (OCR)
 
     # Tesseract reads a file; written here with light PNG compression (pytesseract's own PIL default level costs
     # as much as a quarter of a Tesseract call on a packed image of crops).
@@ -150,14 +150,14 @@ class TextCrop:
 
     def to_json(self) -> list:
         """[x0, y0, scale, PNG as base64]: a work item's state is JSON (it travels between Ray stages)."""
-        import cv2  # noqa: PLC0415
+        import cv2  # noqa: PLC0415 - OpenCV is optional (the data extra)
 
         _, png = cv2.imencode(".png", self.image)
         return [self.x0, self.y0, self.scale, base64.b64encode(png.tobytes()).decode("ascii")]
 
     @classmethod
     def from_json(cls, value: list) -> TextCrop:
-        import cv2  # noqa: PLC0415
+        import cv2  # noqa: PLC0415 - OpenCV is optional (the data extra)
 
         x0, y0, scale, png = value
         return cls(int(x0), int(y0), float(scale), cv2.imdecode(np.frombuffer(base64.b64decode(png), np.uint8), cv2.IMREAD_UNCHANGED))
@@ -166,7 +166,7 @@ class TextCrop:
 def text_candidate_crops(frame: np.ndarray) -> list[TextCrop]:
     """The crops Tesseract reads for ``frame``: :func:`text_candidate_boxes` with a margin, merged where they
     overlap, each scaled down where its lowest line is taller than Tesseract needs. [] when no candidates."""
-    import cv2  # noqa: PLC0415
+    import cv2  # noqa: PLC0415 - OpenCV is optional (the data extra)
 
     frame = _check_frame(frame)
     boxes = text_candidate_boxes(frame)
@@ -197,7 +197,7 @@ def crop_coverages(crops_per_frame: list[list[TextCrop]], frame_shape: tuple[int
 
 def _pack_and_read(crops_per_frame: list[list[TextCrop]], min_confidence: float) -> list[list[tuple[int, int, int, int]]]:
     """Word boxes per frame, in frame coordinates, from one Tesseract call on all crops packed into one image."""
-    import cv2  # noqa: PLC0415
+    import cv2  # noqa: PLC0415 - OpenCV is optional (the data extra)
 
     tiles = [crop for crops in crops_per_frame for crop in crops]
     owners = [frame_index for frame_index, crops in enumerate(crops_per_frame) for _ in crops]

@@ -68,8 +68,8 @@ class CurationConfig:
     device: str | None = None  # None: CUDA when available, else CPU
 
     def __post_init__(self) -> None:
-        if self.flow_backend not in flow.BACKENDS:
-            raise ValueError(f"flow_backend must be one of {', '.join(flow.BACKENDS)}, got {self.flow_backend!r}")
+        if self.flow_backend not in flow.FLOW_BACKENDS:
+            raise ValueError(f"flow_backend must be one of {', '.join(flow.FLOW_BACKENDS)}, got {self.flow_backend!r}")
         for name in ("cut_threshold", "flow_fps"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")

@@ -75,7 +75,7 @@ def sources_from(sources: str | Path | Sequence[Any]) -> list[ClipSource]:
         if location.is_dir():
             return [ClipSource(str(p)) for p in sorted(location.rglob("*")) if p.suffix.lower() in VIDEO_SUFFIXES]
         if location.suffix == ".parquet":
-            import pandas as pd  # noqa: PLC0415
+            import pandas as pd  # noqa: PLC0415 - pandas loads only for manifests
 
             return sources_from(pd.read_parquet(location).to_dict("records"))
         if location.suffix == ".jsonl":

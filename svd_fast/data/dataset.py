@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from svd_fast.data.clips import ClipSource, clip_frame_indices, frame_step, sources_from, window
-from svd_fast.data.decode import BACKENDS, VIDEO_SUFFIXES, VideoDecodeError, VideoInfo, iter_windows, probe_video
+from svd_fast.data.decode import DECODE_BACKENDS, VIDEO_SUFFIXES, VideoDecodeError, VideoInfo, iter_windows, probe_video
 
 LOGGER = logging.getLogger(__name__)
 _UNIT_RANGE = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)  # uint8 -> [-1, 1]
@@ -89,8 +89,8 @@ class VideoClipDataset(torch.utils.data.IterableDataset):
             raise ValueError("give either stride or target_fps, not both")
         if on_short not in ("skip", "pad"):
             raise ValueError(f"on_short must be 'skip' or 'pad', got {on_short!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend not in DECODE_BACKENDS:
+            raise ValueError(f"backend must be one of {DECODE_BACKENDS}, got {backend!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.sources = sources_from(sources)
@@ -198,10 +198,10 @@ def dali_clip_loader(
     """
     if not torch.cuda.is_available():
         raise RuntimeError("dali_clip_loader decodes on the GPU and no CUDA device is available; use VideoClipDataset")
-    import nvidia.dali.fn as fn  # noqa: PLC0415
-    import nvidia.dali.types as types  # noqa: PLC0415
-    from nvidia.dali import pipeline_def  # noqa: PLC0415
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy  # noqa: PLC0415
+    import nvidia.dali.fn as fn  # noqa: PLC0415 - DALI is optional (GPU decoding)
+    import nvidia.dali.types as types  # noqa: PLC0415 - DALI is optional (GPU decoding)
+    from nvidia.dali import pipeline_def  # noqa: PLC0415 - DALI is optional (GPU decoding)
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy  # noqa: PLC0415 - DALI is optional (GPU decoding)
 
     files = [source.path for source in sources_from(sources)]
     if not files:

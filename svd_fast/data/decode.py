@@ -33,7 +33,7 @@ LOGGER = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v"})
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
-BACKENDS = ("auto", "dali", "pyav")
+DECODE_BACKENDS = ("auto", "dali", "pyav")
 # FFmpeg demuxers for still images: such a file "decodes" to one frame but is not a video.
 STILL_IMAGE_FORMATS = frozenset({"image2", "image2pipe"})
 
@@ -111,8 +111,8 @@ def _video_stream(path: Path, container: Any) -> Any:
 
 
 def _resolve_backend(backend: str, codec: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"backend must be one of {DECODE_BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "dali" if codec in DALI_CPU_CODECS and _dali_import_error() is None else "pyav"
     if backend == "dali":
@@ -126,7 +126,7 @@ def _resolve_backend(backend: str, codec: str) -> str:
 @functools.cache
 def _dali_import_error() -> str | None:
     try:
-        import nvidia.dali  # noqa: F401, PLC0415
+        import nvidia.dali  # noqa: F401, PLC0415 - DALI is optional (GPU decoding)
     except ImportError as error:
         return str(error)
     return None
@@ -168,7 +168,7 @@ def scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int
 
 
 def _decode_pyav(path: Path, indices: list[int], size: tuple[int, int]) -> np.ndarray:
-    import av  # noqa: PLC0415
+    import av  # noqa: PLC0415 - PyAV is optional (the data extra)
 
     wanted = set(indices)
     last = max(indices)
@@ -205,7 +205,7 @@ def iter_windows(
         for number, window in enumerate(windows):
             yield number, _decode_dali_cpu(path, [int(index) for index in window])
         return
-    import av  # noqa: PLC0415
+    import av  # noqa: PLC0415 - PyAV is optional (the data extra)
 
     waiting = {number: {int(index) for index in window} for number, window in enumerate(windows)}
     users = Counter(index for wanted in waiting.values() for index in wanted)  # windows still needing each frame
@@ -244,7 +244,7 @@ def decode_frames_at_times(path: str | Path, times: Sequence[float], max_side: i
     Targets more than ``seek_gap`` seconds past the current position are reached by seeking to the keyframe
     before them instead of decoding everything in between.
     """
-    import av  # noqa: PLC0415
+    import av  # noqa: PLC0415 - PyAV is optional (the data extra)
 
     path = Path(path)
     _check_max_side(max_side)
@@ -296,7 +296,7 @@ def decode_all_frames_with_motion(path: str | Path, max_side: int | None = None)
 
 
 def _decode_all_pyav(path: Path, max_side: int | None, motion_vectors: bool) -> tuple[np.ndarray, np.ndarray]:
-    import av  # noqa: PLC0415
+    import av  # noqa: PLC0415 - PyAV is optional (the data extra)
 
     _check_max_side(max_side)
     check_file(path)
@@ -344,9 +344,9 @@ def _dali_cpu_pipeline():
 
 
 def _build_dali_cpu_pipeline():
-    import nvidia.dali.fn as fn  # noqa: PLC0415
-    import nvidia.dali.types as types  # noqa: PLC0415
-    from nvidia.dali import pipeline_def  # noqa: PLC0415
+    import nvidia.dali.fn as fn  # noqa: PLC0415 - DALI is optional (GPU decoding)
+    import nvidia.dali.types as types  # noqa: PLC0415 - DALI is optional (GPU decoding)
+    from nvidia.dali import pipeline_def  # noqa: PLC0415 - DALI is optional (GPU decoding)
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
     def pipeline():

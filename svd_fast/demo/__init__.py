@@ -51,6 +51,23 @@ class DemoSettings:
     guidance: float = 1.0  # 1: no classifier-free guidance (half the UNet work); the motion bucket is never dropped
     noise_aug_strength: float = 0.05  # exp(-3): the training objective's typical conditioning noise
     held_out: int = 8
+    # `--distill`: consistency distillation of the trained UNet into a student sampled in student_steps steps.
+    distill: bool = False
+    distill_steps: int = 300
+    distill_batch_size: int = 4
+    distill_learning_rate: float = 2e-4
+    student_steps: int = 4
+    distill_skip_steps: int = 10  # the student's own step gap on the 40-level grid: i -> i + 10 in one teacher step
+
+    def distillation(self) -> dict[str, Any]:
+        """svd_fast.training.distill.DistillConfig fields for the student (the teacher: the trained pipeline)."""
+        return {
+            "num_frames": self.num_frames, "height": self.size, "width": self.size, "batch_size": self.distill_batch_size,
+            "max_steps": self.distill_steps, "learning_rate": self.distill_learning_rate,
+            "warmup_steps": min(20, self.distill_steps // 10), "num_train_timesteps": 40, "skip_steps": self.distill_skip_steps,
+            "teacher_solver": "ipndm-2", "teacher_min_guidance": self.guidance, "teacher_max_guidance": self.guidance,
+            "loss": "pseudo-huber", "target_ema_decay": 0.95, "student_steps": self.student_steps,
+        }  # fmt: skip
 
     def unet_training(self) -> dict[str, Any]:
         """svd_fast.training.TrainConfig fields for the UNet."""
@@ -83,7 +100,8 @@ class DemoSettings:
 
 
 # The test suite's end-to-end check: every stage and output, in well under two minutes; it does not learn.
-QUICK = DemoSettings(reels=1, scenes_per_reel=8, vae_steps=3, unet_steps=3, unet_batch_size=2, sample_steps=2)
+QUICK = DemoSettings(reels=1, scenes_per_reel=8, vae_steps=3, unet_steps=3, unet_batch_size=2, sample_steps=2, distill_steps=2,
+                     distill_batch_size=2)
 
 OUTPUT_FILES = (
     "generated_slow.mp4", "generated_fast.mp4", "reference_slow.mp4", "reference_fast.mp4", "first_frame.png",
@@ -112,11 +130,11 @@ class StageTimer:
 
 def run_demo(out: Path, settings: DemoSettings, seed: int, progress: Callable[[str], None]) -> dict[str, Any]:
     """Run every stage into ``out`` (an empty or new folder); returns the summary also written to summary.json."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - torch loads only when the command runs (fast --help)
 
-    import svd_fast  # noqa: PLC0415
-    from svd_fast.demo import autoencoder, evaluate, outputs, train, world  # noqa: PLC0415
-    from svd_fast.diffusers.generation import load_optimized_pipeline  # noqa: PLC0415
+    import svd_fast  # noqa: PLC0415 - torch and diffusers load only when the demo runs
+    from svd_fast.demo import autoencoder, evaluate, outputs, train, world  # noqa: PLC0415 - torch, diffusers and deepspeed load only when the demo runs
+    from svd_fast.diffusers.generation import load_optimized_pipeline  # noqa: PLC0415 - diffusers loads only when a model is built
 
     _io.claim_folder(out, "demo")
     work = out / "work"  # inputs and intermediates; the results sit at the top of ``out``
@@ -173,15 +191,28 @@ def run_demo(out: Path, settings: DemoSettings, seed: int, progress: Callable[[s
             outputs.write_video(out / f"generated_{speed}.mp4", pair["generated"], settings.fps)
             outputs.write_video(out / f"reference_{speed}.mp4", pair["reference"], settings.fps)
         outputs.write_png(out / "first_frame.png", videos["slow"]["reference"][0])
-        outputs.plot_comparison(
-            out / "comparison.png",
-            [
-                ("reference\nslow", videos["slow"]["reference"]),
-                (f"generated\nbucket {buckets['low']}", videos["slow"]["generated"]),
-                ("reference\nfast", videos["fast"]["reference"]),
-                (f"generated\nbucket {buckets['high']}", videos["fast"]["generated"]),
-            ],
-        )
+        rows = [
+            ("reference\nslow", videos["slow"]["reference"]),
+            (f"generated\nbucket {buckets['low']}", videos["slow"]["generated"]),
+            ("reference\nfast", videos["fast"]["reference"]),
+            (f"generated\nbucket {buckets['high']}", videos["fast"]["generated"]),
+        ]
+    if settings.distill:
+        from svd_fast.demo import distill  # noqa: PLC0415
+
+        with timer.stage("distill a 4-step student (DeepSpeed ZeRO-2)"):
+            student = distill.distill_student(pipeline, manifest, work / "distill", settings.distillation(), seed)
+        with timer.stage("evaluate the student"):
+            distilled, student_videos = distill.evaluate_student(
+                student.export_path, pipeline, held_out, buckets, settings.speeds, settings.sampling(), settings.student_steps,
+                seed, progress,
+            )  # fmt: skip
+        distilled["distill_seconds"] = timer.seconds["distill a 4-step student (DeepSpeed ZeRO-2)"]
+        distilled["distill_last_50_mean_loss"] = round(float(np.mean(student.losses[-50:])), 6)
+        summary["distilled"] = distilled
+        rows += [(f"student {settings.student_steps} steps\nbucket {buckets['low']}", student_videos["slow"]["generated"]),
+                 (f"student {settings.student_steps} steps\nbucket {buckets['high']}", student_videos["fast"]["generated"])]
+    outputs.plot_comparison(out / "comparison.png", rows)
     summary["stage_seconds"] = timer.seconds
     summary["stage_cpu_seconds"] = timer.cpu_seconds
     summary["total_seconds"] = round(sum(timer.seconds.values()), 2)

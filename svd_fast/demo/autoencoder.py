@@ -36,7 +36,7 @@ def train_autoencoder(clips: np.ndarray, steps: int, learning_rate: float, clips
     decoder (so it sees the frame count it decodes at sampling time; disk pixels weighted) plus a small KL term. Afterwards the
     latent scaling factor is set so that scaled latents have unit variance, as the EDM objective assumes.
     Returns (vae, per-step losses, seconds)."""
-    from diffusers import AutoencoderKLTemporalDecoder  # noqa: PLC0415
+    from diffusers import AutoencoderKLTemporalDecoder  # noqa: PLC0415 - diffusers loads only when a model is built
 
     torch.manual_seed(seed)
     vae = AutoencoderKLTemporalDecoder(**DEMO_VAE_CONFIG)
@@ -89,11 +89,11 @@ def reconstruction_psnr(vae, clips: np.ndarray) -> float:
 def save_base_pipeline(folder: Path, vae, unet_config: dict[str, object], seed: int) -> Path:
     """A diffusers StableVideoDiffusionPipeline folder: the trained VAE, a freshly initialised UNet of
     ``unet_config``, the tiny CLIP image encoder and SVD's scheduler. Training starts from it."""
-    from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel  # noqa: PLC0415
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: PLC0415
+    from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel  # noqa: PLC0415 - diffusers loads only when a model is built
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: PLC0415 - transformers loads only when a CLIP model is built
 
-    from svd_fast.diffusers.loading import clip_image_processor  # noqa: PLC0415
-    from svd_fast.diffusers.tiny import SVD_SCHEDULER_CONFIG, TINY_CLIP_CONFIG  # noqa: PLC0415
+    from svd_fast.diffusers.loading import clip_image_processor  # noqa: PLC0415 - diffusers loads only when a model is built
+    from svd_fast.diffusers.tiny import SVD_SCHEDULER_CONFIG, TINY_CLIP_CONFIG  # noqa: PLC0415 - diffusers loads only when a model is built
 
     torch.manual_seed(seed)
     pipe = StableVideoDiffusionPipeline(

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from svd_fast.demo.world import DIRECTIONS, ClipSpec, render
 
@@ -63,8 +64,6 @@ def motion_of(track: list[list[float] | None], colour: str) -> tuple[float | Non
 
 def generate(pipe, first_frame: np.ndarray, motion_bucket_id: int, settings: dict[str, Any], seed: int) -> np.ndarray:
     """(F, H, W, 3) uint8 frames animated from ``first_frame`` (H, W, 3) uint8 at ``motion_bucket_id``."""
-    from PIL import Image  # noqa: PLC0415
-
     height, width = first_frame.shape[:2]
     result = pipe(
         Image.fromarray(first_frame),

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from svd_fast import _io
+from svd_fast.data.synthetic import write_video as encode
 
 VIEW_SCALE = 4  # videos and figures show the 32x32 frames enlarged, pixels kept sharp
 
@@ -18,14 +20,10 @@ def enlarge(frames: np.ndarray, scale: int = VIEW_SCALE) -> np.ndarray:
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int) -> Path:
-    from svd_fast.data.synthetic import write_video as encode  # noqa: PLC0415
-
     return _io.write_file(path, lambda temporary: encode(temporary, enlarge(frames), fps=fps, codec="h264"))
 
 
 def write_png(path: Path, image: np.ndarray) -> Path:
-    from PIL import Image  # noqa: PLC0415
-
     return _io.write_file(path, lambda temporary: Image.fromarray(image).save(temporary))
 
 
@@ -34,10 +32,10 @@ def write_json(path: Path, value: Any) -> Path:
 
 
 def _pyplot():
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 - matplotlib is optional, only for the demo figures
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - matplotlib is optional, only for the demo figures
 
     return plt
 

@@ -17,7 +17,7 @@ from svd_fast.demo.world import ClipSpec
 def curate_clips(clips: Path, manifest: Path) -> dict[str, Any]:
     """Curate ``clips`` into ``manifest``: cuts split the reels into scenes, the motion score gives each scene
     its motion_bucket_id, and static scenes are marked keep=False (the paper's finding: they teach no motion)."""
-    from svd_fast.curation import CurationConfig, curate  # noqa: PLC0415
+    from svd_fast.curation import CurationConfig, curate  # noqa: PLC0415 - torch and OpenCV load only when curation runs
 
     # The demo's frames hold no text. The codec prefilter is off: a 4 px disk moving 0.5 px/frame on a 32x32 frame
     # leaves the frame's mean codec motion vector near 0 px (under its 0.1 px threshold), so it called most slow
@@ -31,7 +31,7 @@ def curate_clips(clips: Path, manifest: Path) -> dict[str, Any]:
 def join_ground_truth(manifest: Path, specs: list[ClipSpec]):
     """The manifest's rows with each scene's ground truth (colour, speed) beside what curation measured.
     Scenes are matched by file and order: the n-th clip curation found in a file is scene n."""
-    import pandas as pd  # noqa: PLC0415
+    import pandas as pd  # noqa: PLC0415 - pandas loads only for manifests
 
     table = pd.read_parquet(manifest)
     truth = pd.DataFrame([spec.to_row() for spec in specs])
@@ -65,7 +65,7 @@ def motion_buckets(joined) -> dict[str, Any]:
 def train_unet(base_model: Path, manifest: Path, output_dir: Path, settings: dict[str, Any], seed: int):
     """Train the UNet of ``base_model`` on the manifest's kept clips with svd_fast.training.train under
     DeepSpeed ZeRO-2; returns its TrainResult (losses, exported pipeline folder)."""
-    from svd_fast.training import TrainConfig, train  # noqa: PLC0415
+    from svd_fast.training import TrainConfig, train  # noqa: PLC0415 - torch and deepspeed load only when training runs
 
     # A single-process run on a shared machine: a free port, so another training there cannot collide with it.
     if "MASTER_PORT" not in os.environ:

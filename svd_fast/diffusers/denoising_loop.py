@@ -5,7 +5,8 @@ Per step the stock loop concatenates the CFG batch, scales it, concatenates the 
 the UNet, applies guidance and calls the scheduler: five passes over the latents besides the UNet. Here
 one fused op prepares the UNet input (c_in scaling, conditioning concat, CFG doubling with zero
 conditioning for the unconditional half) and one applies the frame-ramped guidance, the v-prediction
-denoiser and the Euler (or a multistep sampler's) update. Everything else (image encoding, conditioning, noise,
+denoiser and the Euler (or a multistep sampler's) update; with consistency sampling (an SVDConsistencyScheduler),
+the guided denoiser's output re-noised to the next level (:mod:`svd_fast.sampling.consistency`). Everything else (image encoding, conditioning, noise,
 decoding, callbacks, outputs) is diffusers' code path, so the result equals the stock pipeline's within
 float32 rounding for the Euler sampler.
 
@@ -29,8 +30,11 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 from diffusers.utils.torch_utils import randn_tensor
 
 from svd_fast import backends
+from svd_fast.diffusers.consistency_scheduler import SVDConsistencyScheduler
 from svd_fast.diffusers.scheduler import FusedEulerDiscreteScheduler
 from svd_fast.diffusers.step_cache import CachedUNetStep
+from svd_fast.diffusers.tiny import SVD_SCHEDULER_CONFIG
+from svd_fast.sampling.consistency import consistency_sample
 from svd_fast.sampling.samplers import sample
 
 _SETTINGS_ATTRIBUTE = "_svd_fast_sampling"
@@ -136,10 +140,22 @@ class FusedDenoisingLoop:
                 progress_bar.update()
                 return latents
 
-            latents = sample(
-                unet_step, latents, image_latents, self.scheduler.sigmas, guidance if do_cfg else None,
-                sampler=settings["sampler"], on_step_end=on_step_end,
-            )  # fmt: skip
+            if settings["sampler"] == "consistency":
+                config = self.scheduler.config
+                shape, dtype = latents.shape, latents.dtype
+
+                def noise(_step: int) -> torch.Tensor:
+                    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+                latents = consistency_sample(
+                    unet_step, latents, image_latents, self.scheduler.sigmas, guidance if do_cfg else None, noise,
+                    config.s_noise, config.clip_denoised, config.sigma_data, on_step_end,
+                )  # fmt: skip
+            else:
+                latents = sample(
+                    unet_step, latents, image_latents, self.scheduler.sigmas, guidance if do_cfg else None,
+                    sampler=settings["sampler"], on_step_end=on_step_end,
+                )  # fmt: skip
 
         if output_type == "latent":
             frames = latents
@@ -178,15 +194,25 @@ def pop_attribute(target: Any, name: str) -> None:
 def fuse_denoising_loop(
     pipe: Any, backend: str, sampler: str, cache_interval: int, undo: list[tuple], report: Counter
 ) -> None:
-    """optimize()'s sampling patch: the fused scheduler, the fused loop's class and its settings, each undoable."""
+    """optimize()'s sampling patch: the fused scheduler, the fused loop's class and its settings, each undoable.
+
+    Consistency sampling keeps the pipeline's SVDConsistencyScheduler (or, on an Euler pipeline, takes one with
+    AnimateLCM-SVD-xt's config); the ODE samplers take the FusedEulerDiscreteScheduler of the pipeline's Euler
+    config (or of SVD's, replacing a consistency scheduler)."""
     original_scheduler, original_class = pipe.scheduler, type(pipe)
-    pipe.scheduler = FusedEulerDiscreteScheduler.from_config(original_scheduler.config)
+    if sampler == "consistency":
+        if not isinstance(original_scheduler, SVDConsistencyScheduler):
+            pipe.scheduler = SVDConsistencyScheduler()
+    elif isinstance(original_scheduler, SVDConsistencyScheduler):
+        pipe.scheduler = FusedEulerDiscreteScheduler.from_config(SVD_SCHEDULER_CONFIG)
+    else:
+        pipe.scheduler = FusedEulerDiscreteScheduler.from_config(original_scheduler.config)
     undo.append((setattr, pipe, "scheduler", original_scheduler))
     setattr(pipe, _SETTINGS_ATTRIBUTE, {"backend": backend, "sampler": sampler, "cache_interval": cache_interval})
     undo.append((pop_attribute, pipe, _SETTINGS_ATTRIBUTE))
     pipe.__class__ = fused_pipeline_class(original_class)
     undo.append((setattr, pipe, "__class__", original_class))
-    report["scheduler -> FusedEulerDiscreteScheduler"] += 1
+    report[f"scheduler -> {type(pipe.scheduler).__name__}"] += 1
     report[f"denoising loop -> fused input preparation + guidance + {sampler} step"] += 1
     if cache_interval > 1:
         report[f"UNet step caching: deep features reused for {cache_interval - 1} of every {cache_interval} steps"] += 1

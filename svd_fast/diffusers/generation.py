@@ -5,7 +5,8 @@
   and completed before the model loads (an :class:`~svd_fast.diffusers.settings.OptionError` naming the field);
 * :func:`load_optimized_pipeline`: the one way svd_fast loads a pipeline (generation, the demo, training's
   validation samples), optionally around components the caller already holds;
-* :func:`sample_video` and :func:`generate`: one video.
+* :func:`sample_video` and :func:`generate`: one video (in windows when ``frames`` exceeds ``window``:
+  :mod:`svd_fast.diffusers.long_video`), with LoRA adapters (``lora``: :func:`svd_fast.load_lora`, fused).
 """
 
 from __future__ import annotations
@@ -55,9 +56,13 @@ class GenerateOptions:
     optimize: bool = True
     attention: str = "auto"
     cuda_graphs: bool = False
-    sampler: str = "euler"
+    sampler: str = "auto"  # "auto": consistency for a folder whose svd_fast.json says so (svd-fast distill), else euler
     cache_interval: int = 1
     progress: bool = True
+    unet_weights: str | None = None  # a UNet state dict (.safetensors) loaded over the model's UNet, strictly
+    lora: list[str] = dataclasses.field(default_factory=list)  # "PATH" or "PATH:SCALE" each
+    window: int | None = None  # frames per window of a long video (None: the UNet's num_frames)
+    overlap: int = 2  # frames two windows of a long video share
 
 
 def _model_config(model: str) -> dict[str, Any] | None:
@@ -96,8 +101,14 @@ def check_options(options: GenerateOptions) -> GenerateOptions:
     if options.guidance_preset not in GUIDANCE_PRESETS:
         raise OptionError("{guidance_preset} must be one of {choices}, got {got!r}", choices=tuple(GUIDANCE_PRESETS), got=options.guidance_preset)
     preset = GUIDANCE_PRESETS[options.guidance_preset]
-    minimum = preset.min_guidance if options.min_guidance is None else options.min_guidance
-    maximum = preset.max_guidance if options.max_guidance is None else options.max_guidance
+    few_step = _few_step_settings(options.model)
+    sampler = options.sampler if options.sampler != "auto" else "consistency" if few_step is not None else "euler"
+    # Few-step models run without classifier-free guidance unless asked (AnimateLCM-SVD-xt's batch script).
+    default_guidance = (preset.min_guidance, preset.max_guidance)
+    if sampler == "consistency":
+        default_guidance = (few_step["min_guidance"], few_step["max_guidance"]) if few_step else (1.0, 1.0)
+    minimum = default_guidance[0] if options.min_guidance is None else options.min_guidance
+    maximum = default_guidance[1] if options.max_guidance is None else options.max_guidance
     _check("min_guidance", minimum)
     _check("max_guidance", maximum)
     if minimum > maximum:
@@ -120,7 +131,17 @@ def check_options(options: GenerateOptions) -> GenerateOptions:
     height = default_size[0] if options.height is None else options.height
     width = default_size[1] if options.width is None else options.width
     frames = default_frames if options.frames is None else options.frames
+    window = default_frames if options.window is None else options.window
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise OptionError("{window} must be an integer >= 2, got {got!r}", got=window)
+    if isinstance(options.overlap, bool) or not isinstance(options.overlap, int) or not 0 <= options.overlap < window:
+        raise OptionError("{overlap} must be in [0, {window}) = [0, {limit}), got {got!r}", "windows must advance", limit=window, got=options.overlap)
+    loras = [parse_lora(argument) for argument in options.lora]
     steps = preset.num_inference_steps if options.steps is None else options.steps
+    if sampler == "consistency":
+        steps = _consistency_steps(options.steps, few_step)
+    if options.unet_weights is not None:
+        _check_unet_weights(options.unet_weights, config)
 
     try:
         device = checks.parse_device(options.device, spelled="{device}")
@@ -129,21 +150,88 @@ def check_options(options: GenerateOptions) -> GenerateOptions:
     dtype = options.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     torch_dtype = check_settings(
         backend=options.backend, dtype=dtype, device=device, low_memory=options.low_memory, attention=options.attention,
-        cuda_graphs=options.cuda_graphs, sampler=options.sampler, cache_interval=options.cache_interval,
+        cuda_graphs=options.cuda_graphs, sampler=sampler, cache_interval=options.cache_interval,
         optimized=options.optimize,
     )  # fmt: skip
     reason = checks.backend_unavailable_reason(options.backend, device, torch_dtype)
     if reason is not None:
         raise OptionError("{backend} {name} cannot run on {where}: {reason}", "use {backend} auto", name=options.backend, where=device, reason=reason)
-    decode_chunk = options.decode_chunk_size or (2 if options.low_memory else frames)
+    active = window if options.window is not None and frames > window else frames  # a long video holds one window at a time
+    decode_chunk = options.decode_chunk_size or (2 if options.low_memory else active)
     try:
-        checks.check_generation_memory(frames, height, width, decode_chunk, torch_dtype.itemsize, device, spelled="{frames} x {height} x {width}")
+        checks.check_generation_memory(active, height, width, decode_chunk, torch_dtype.itemsize, device, spelled="{frames} x {height} x {width}")
     except checks.CheckError as error:
         raise OptionError(str(error)) from None
     return dataclasses.replace(
         options, height=height, width=width, frames=frames, steps=steps, min_guidance=minimum, max_guidance=maximum,
-        device=device, dtype=dtype,
+        device=device, dtype=dtype, sampler=sampler, window=window, lora=[f"{path}:{scale}" for path, scale in loras],
     )  # fmt: skip
+
+
+def _few_step_settings(model: str) -> dict[str, Any] | None:
+    """The model folder's checked svd_fast.json (svd-fast distill's students), None without one."""
+    from svd_fast.diffusers.sampling_settings import read_sampling_settings  # noqa: PLC0415
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return None
+    try:
+        return read_sampling_settings(path)
+    except ValueError as error:
+        raise OptionError("{why}", "fix or remove the file", why=str(error)) from None
+
+
+def _consistency_steps(steps: int | None, few_step: dict[str, Any] | None) -> int:
+    from svd_fast.sampling.consistency import ANIMATELCM_SVD_CONFIG, DEFAULT_CONSISTENCY_STEPS  # noqa: PLC0415
+
+    limit = (few_step["scheduler_config"] if few_step else ANIMATELCM_SVD_CONFIG)["num_train_timesteps"]
+    if steps is None:
+        return few_step["num_inference_steps"] if few_step else DEFAULT_CONSISTENCY_STEPS
+    if steps > limit:
+        raise OptionError("{steps} {got} exceeds the consistency scheduler's num_train_timesteps ({limit})",
+                          "a consistency model samples at most at the noise levels it was trained on", got=steps, limit=limit)
+    return steps
+
+
+def _check_unet_weights(path: str, config: dict[str, Any] | None) -> None:
+    """The file is the state dict of the model's UNet (from its header; a hub model's is compared on loading)."""
+    from svd_fast.diffusers.unet_weights import UNetWeightsError, check_unet_weights, check_weights_file  # noqa: PLC0415
+
+    try:
+        if config is not None:
+            check_unet_weights(path, config["unet"])
+        else:
+            check_weights_file(path)
+    except UNetWeightsError as error:
+        raise OptionError("{unet_weights} {why}", "pass a state dict of this model's UNet", why=str(error)) from None
+
+
+def consistency_scheduler_for(model: str | Path):
+    """The SVDConsistencyScheduler of ``model``'s svd_fast.json, else with AnimateLCM-SVD-xt's config."""
+    from svd_fast.diffusers.consistency_scheduler import SVDConsistencyScheduler  # noqa: PLC0415
+
+    few_step = _few_step_settings(str(model))
+    return SVDConsistencyScheduler.from_config(few_step["scheduler_config"] if few_step else {})
+
+
+def parse_lora(argument: str) -> tuple[str, float]:
+    """``"PATH"`` or ``"PATH:SCALE"`` -> (path, scale), the adapter file read and checked (not yet against a UNet)."""
+    from svd_fast.diffusers.lora import read_lora  # noqa: PLC0415 - safetensors, only when adapters are asked for
+
+    path, _, scale_text = str(argument).rpartition(":")
+    try:
+        scale = float(scale_text)
+    except ValueError:
+        path, scale = str(argument), 1.0
+    if not path or not math.isfinite(scale):
+        raise OptionError("{lora} {got!r}: expected PATH or PATH:SCALE with a finite SCALE", got=argument)
+    if not Path(path).expanduser().exists():
+        raise OptionError("{lora} {got!r} does not exist", "pass an adapter folder or .safetensors file", got=path)
+    try:
+        read_lora(path)
+    except ValueError as error:
+        raise OptionError("{lora}: {detail}", detail=str(error)) from None
+    return path, scale
 
 
 def load_optimized_pipeline(
@@ -155,13 +243,15 @@ def load_optimized_pipeline(
     progress: bool = True,
     variant: str | None = None,
     components: dict[str, Any] | None = None,
+    unet_weights: str | Path | None = None,
     **settings: Any,
 ) -> StableVideoDiffusionPipeline:
     """The StableVideoDiffusionPipeline at ``model`` (a local diffusers folder, or a hub id where the network
     allows), moved to ``device`` (None: left where it loads; not moved with ``low_memory``, whose offload
     places each model) and, when ``optimized``, patched by :func:`svd_fast.optimize` with ``settings``
     (its keyword arguments). ``components`` (e.g. ``vae=``, ``scheduler=``) are taken as given instead of
-    being loaded. ModelFolderError names what is wrong with ``model``."""
+    being loaded; ``unet_weights``: a UNet state dict (.safetensors) loaded over the UNet, strictly, before
+    optimizing. ModelFolderError names what is wrong with ``model``."""
     if _looks_like_path(model) or Path(model).suffix:
         check_model_folder(Path(model).expanduser())
         source = str(Path(model).expanduser())
@@ -175,6 +265,10 @@ def load_optimized_pipeline(
         pipe = StableVideoDiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as error:
         raise ModelFolderError(f"--model: could not load {model!r}: {error}") from error
+    if unet_weights is not None:
+        from svd_fast.diffusers.unet_weights import load_unet_weights  # noqa: PLC0415
+
+        load_unet_weights(pipe.unet, unet_weights)
     if device is not None and not settings.get("low_memory", False):
         pipe = pipe.to(device)
     if optimized:
@@ -184,16 +278,39 @@ def load_optimized_pipeline(
 
 
 def pipeline_for(options: GenerateOptions) -> StableVideoDiffusionPipeline:
-    """The pipeline of checked ``options``, on its device, optimized as asked."""
-    return load_optimized_pipeline(
-        options.model, dtype=options.dtype, device=options.device, optimized=options.optimize, progress=options.progress,
+    """The pipeline of checked ``options``, on its device, optimized as asked, its LoRA adapters fused."""
+    from svd_fast.diffusers.lora import load_lora  # noqa: PLC0415 - safetensors and peft load only when adapters are asked for
+
+    components = {"scheduler": consistency_scheduler_for(options.model)} if options.sampler == "consistency" else None
+    # low_memory leaves the pipeline where it loads: optimize()'s CPU offload places each model.
+    pipe = load_optimized_pipeline(
+        options.model, dtype=options.dtype, device=None if options.low_memory else options.device, optimized=options.optimize,
+        progress=options.progress, components=components, unet_weights=options.unet_weights,
         **(dict(backend=options.backend, low_memory=options.low_memory, attention=options.attention, cuda_graphs=options.cuda_graphs,
                 sampler=options.sampler, cache_interval=options.cache_interval) if options.optimize else {}),
     )  # fmt: skip
+    for argument in options.lora:
+        path, scale = parse_lora(argument)
+        try:
+            load_lora(pipe, path, scale=scale)
+        except ValueError as error:  # an adapter for another UNet
+            raise OptionError("{lora}: {detail}", detail=str(error)) from None
+    return pipe
 
 
 def sample_video(pipe, condition, options: GenerateOptions, seed: int) -> list:
     """The frames (PIL images) of one video."""
+    if options.window is not None and options.frames > options.window:
+        from svd_fast.diffusers.long_video import generate_long_video  # noqa: PLC0415
+
+        with use_backend(options.backend):
+            return generate_long_video(
+                pipe, condition, options.frames, window=options.window, overlap=options.overlap, seed=seed,
+                decode_chunk_size=options.decode_chunk_size or (2 if options.low_memory else options.window),
+                height=options.height, width=options.width, num_inference_steps=options.steps,
+                min_guidance_scale=options.min_guidance, max_guidance_scale=options.max_guidance, fps=options.fps,
+                motion_bucket_id=options.motion_bucket_id, noise_aug_strength=options.noise_aug_strength,
+            )  # fmt: skip
     generator = torch.Generator(device="cpu").manual_seed(seed)
     stage = f"sampling and decoding {options.frames} frames {options.height}x{options.width}"
     with use_backend(options.backend), heartbeat(stage) if options.progress else contextlib.nullcontext():
@@ -235,10 +352,13 @@ def generate_video(image: str | Path, out: str | Path, options: GenerateOptions)
     return {
         "out": str(written),
         "frames": options.frames,
+        "window": options.window if options.frames > options.window else None,
+        "lora": options.lora,
         "size": [options.height, options.width],
         "steps": options.steps,
         "guidance": [options.min_guidance, options.max_guidance],
         "sampler": options.sampler,
+        "unet_weights": options.unet_weights,
         "cache_interval": options.cache_interval,
         "device": options.device,
         "dtype": options.dtype,

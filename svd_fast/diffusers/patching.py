@@ -14,7 +14,8 @@ What is patched (weights and state_dict keys stay the diffusers ones):
   keeps the frame-major layout (no permute copies) and attends over frames with the fused
   ``temporal_attention`` op (the block object is swapped; its submodules are shared);
 * the pipeline's scheduler: :class:`svd_fast.diffusers.scheduler.FusedEulerDiscreteScheduler` (fused EDM Euler
-  step) built from the pipeline's own scheduler config, and its denoising loop: the pipeline's class becomes the
+  step) built from the pipeline's own scheduler config (a
+  :class:`~svd_fast.diffusers.consistency_scheduler.SVDConsistencyScheduler` is kept), and its denoising loop: the pipeline's class becomes the
   subclass from :mod:`svd_fast.diffusers.denoising_loop` whose ``__call__`` runs the fused input preparation,
   guidance and step (Euler, or a second-order multistep sampler: ``sampler="ipndm-2"`` or ``"dpmpp-2m"``),
   optionally with step caching;
@@ -45,7 +46,8 @@ from torch import nn
 
 from svd_fast import backends
 from svd_fast.diffusers.attention_processors import FlashAttnSelfAttnProcessor, SingleTokenCrossAttnProcessor
-from svd_fast.diffusers.cuda_graph import CUDAGraphedForward
+from svd_fast.diffusers.consistency_scheduler import SVDConsistencyScheduler
+from svd_fast.diffusers.cuda_graph import DEFAULT_MAX_CAPTURES, CUDAGraphedForward
 from svd_fast.diffusers.denoising_loop import fuse_denoising_loop, pop_attribute
 from svd_fast.diffusers.settings import check_settings, resolve_attention
 from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock, unsupported_reason
@@ -194,9 +196,9 @@ def _patch_self_attention(root: nn.Module, undo: list[tuple], report: Counter) -
             report["self-attention -> flash-attn"] += 1
 
 
-def _capture_cuda_graphs(unet: nn.Module, undo: list[tuple], report: Counter) -> None:
+def _capture_cuda_graphs(unet: nn.Module, max_captures: int, undo: list[tuple], report: Counter) -> None:
 
-    unet.forward = CUDAGraphedForward(unet.forward)
+    unet.forward = CUDAGraphedForward(unet.forward, max_captures)
     undo.append((pop_attribute, unet, "forward"))
     report["UNet forward -> CUDA graph capture and replay"] += 1
 
@@ -242,13 +244,13 @@ def _check_target(target: Any, scheduler: bool) -> bool:
     if is_pipeline:
         if not isinstance(target, StableVideoDiffusionPipeline):
             raise TypeError(f"optimize: target must be a StableVideoDiffusionPipeline, got {type(target).__name__}")
-        if scheduler:
+        if scheduler and not isinstance(target.scheduler, SVDConsistencyScheduler):
             config = target.scheduler.config
             if not isinstance(target.scheduler, EulerDiscreteScheduler) or config.get("prediction_type") != "v_prediction":
                 raise ValueError(
-                    f"optimize: the fused sampling needs SVD's v-prediction EulerDiscreteScheduler, but the pipeline has "
-                    f"{type(target.scheduler).__name__} (prediction_type={config.get('prediction_type')!r}); pass scheduler=False "
-                    "to keep it and patch only the models"
+                    f"optimize: the fused sampling needs SVD's v-prediction EulerDiscreteScheduler or an "
+                    f"SVDConsistencyScheduler, but the pipeline has {type(target.scheduler).__name__} "
+                    f"(prediction_type={config.get('prediction_type')!r}); pass scheduler=False to keep it and patch only the models"
                 )
         models = (target.unet, target.vae)
     elif isinstance(target, nn.Module):
@@ -293,8 +295,9 @@ def optimize(
     scheduler: bool = True,
     attention: str = "auto",
     cuda_graphs: bool = False,
-    sampler: str = "euler",
+    sampler: str = "auto",
     cache_interval: int = 1,
+    cuda_graph_cache: int = DEFAULT_MAX_CAPTURES,
 ) -> Any:
     """Patch ``target`` (a StableVideoDiffusionPipeline, or a bare UNet / VAE / any module holding diffusers
     resblocks) in place with svd_fast's kernels and return it. Undo with :func:`restore`.
@@ -308,13 +311,19 @@ def optimize(
     ``channels_last``: convert the UNet (and VAE) convolutions' memory format (not undone).
     ``low_memory``: feed-forward chunking in the UNet, and model CPU offload when CUDA is present.
     ``scheduler``: fused sampling (pipelines only): the FusedEulerDiscreteScheduler and the fused denoising loop
-    (input preparation, guidance and step as svd_fast ops). Needs SVD's v-prediction EulerDiscreteScheduler.
+    (input preparation, guidance and step as svd_fast ops). Needs SVD's v-prediction EulerDiscreteScheduler or an
+    SVDConsistencyScheduler.
     ``attention``: spatial self-attention through "flash-attn" (the optional package; an error if it is not
     installed), "sdpa" (diffusers' default, PyTorch's scaled_dot_product_attention), or "auto" (flash-attn
     when installed, else SDPA).
     ``cuda_graphs``: capture the UNet forward as a CUDA graph per input shape and replay it (inference on
     CUDA; needs a CUDA device; not with ``low_memory``, whose offload moves weights between calls).
-    ``sampler``: "euler" (SVD's, the stock result), "ipndm-2" (second-order Adams-Bashforth in sigma: at 15
+    ``cuda_graph_cache``: with ``cuda_graphs``, how many input shapes stay captured (least recently used
+    evicted; each capture keeps about one forward's activations on the device).
+    ``sampler``: "auto" (the default: "consistency" when the pipeline's scheduler is an
+    :class:`~svd_fast.diffusers.consistency_scheduler.SVDConsistencyScheduler`, else "euler"), "consistency" (few-step
+    consistency sampling, :mod:`svd_fast.sampling.consistency`, for AnimateLCM-SVD-xt and ``svd-fast distill``
+    students; an Euler pipeline gets AnimateLCM-SVD-xt's scheduler config), "euler" (SVD's, the stock result), "ipndm-2" (second-order Adams-Bashforth in sigma: at 15
     steps the ODE accuracy of Euler at 25) or "dpmpp-2m" (DPM-Solver++(2M)); one UNet call per step each, see
     :mod:`svd_fast.sampling.samplers` and bench/RESULTS.md. Pipelines with ``scheduler`` only.
     ``cache_interval``: N > 1 runs the full UNet every N-th step only and, in between, just its outermost
@@ -326,9 +335,12 @@ def optimize(
         backend=backend, dtype=dtype, low_memory=low_memory, attention=attention, cuda_graphs=cuda_graphs,
         sampler=sampler, cache_interval=cache_interval, fused_sampling=is_pipeline and scheduler,
     )  # fmt: skip
+    if isinstance(cuda_graph_cache, bool) or not isinstance(cuda_graph_cache, int) or cuda_graph_cache < 1:
+        raise ValueError(f"optimize: cuda_graph_cache must be a positive integer, got {cuda_graph_cache!r}")
     settings = _settings(
         backend=backend, dtype=dtype, channels_last=channels_last, low_memory=low_memory, scheduler=scheduler,
         attention=attention, cuda_graphs=cuda_graphs, sampler=sampler, cache_interval=cache_interval,
+        cuda_graph_cache=cuda_graph_cache,
     )  # fmt: skip
     if getattr(target, _UNDO_ATTRIBUTE, None):
         if getattr(target, _REPORT_ATTRIBUTE, {}).get("settings") == settings:
@@ -336,10 +348,13 @@ def optimize(
         raise ValueError("optimize: target is already optimized with other arguments; call svd_fast.restore(target) first")
     attention = resolve_attention(attention)
     _check_target(target, scheduler)
+    if sampler == "auto":
+        sampler = "consistency" if is_pipeline and scheduler and isinstance(target.scheduler, SVDConsistencyScheduler) else "euler"
     undo: list[tuple] = []
     report: Counter = Counter()
     try:
-        _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval, undo, report)
+        _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval,
+               cuda_graph_cache, undo, report)
     except BaseException:
         _run_undo(undo)
         raise
@@ -349,7 +364,8 @@ def optimize(
     return target
 
 
-def _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval, undo, report) -> None:
+def _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, scheduler, attention, cuda_graphs, sampler, cache_interval,
+           cuda_graph_cache, undo, report) -> None:
     models = [target.unet, target.vae] if is_pipeline else [target]
     if dtype is not None:
         target.to(dtype=dtype)
@@ -372,7 +388,7 @@ def _apply(target, is_pipeline, backend, dtype, channels_last, low_memory, sched
             undo.append((target.remove_all_hooks,))
             report["model CPU offload"] += 1
     if cuda_graphs:
-        _capture_cuda_graphs(target.unet if is_pipeline else target, undo, report)
+        _capture_cuda_graphs(target.unet if is_pipeline else target, cuda_graph_cache, undo, report)
 
 
 def _run_undo(undo: list[tuple]) -> None:

@@ -6,17 +6,13 @@ indices) is diffusers' own. Usable alone in a stock StableVideoDiffusionPipeline
 
     pipe.scheduler = FusedEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
-Stock pipelines apply guidance themselves and then call step(); :meth:`FusedEulerDiscreteScheduler.step_guided`
-takes the UNet's raw (2B, ...) output instead and fuses the guidance into the step as well (the optimized
-pipeline's denoising loop, :mod:`svd_fast.diffusers.denoising_loop`, uses the fused ops directly).
-Not to be confused with diffusers' EDMEulerScheduler (EDM's own parametrisation); this class was called
-``EDMEulerScheduler`` before, and that name still works with a DeprecationWarning. Sampling only: the fused
+Stock pipelines apply guidance themselves and then call step(); the optimized pipeline's denoising loop
+(:mod:`svd_fast.diffusers.denoising_loop`) fuses the guidance into the step with the fused ops directly.
+Not to be confused with diffusers' EDMEulerScheduler (EDM's own parametrisation). Sampling only: the fused
 step is not differentiable.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from diffusers import EulerDiscreteScheduler
@@ -47,30 +43,7 @@ class FusedEulerDiscreteScheduler(EulerDiscreteScheduler):
         if not self._can_fuse(timestep, model_output, sample, s_churn, s_tmin, s_tmax):
             return super().step(model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator, return_dict)
         sigma, sigma_next = self._step_sigmas(timestep)
-        prev_sample, denoised = _fused_step(sample, model_output, None, sigma, sigma_next, None)
-        return self._finish_step(prev_sample, denoised, return_dict)
-
-    def step_guided(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        guidance: torch.Tensor | float,
-        return_dict: bool = True,
-    ) -> EulerDiscreteSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """Guidance and step in one pass: ``model_output`` is the UNet's raw (2B, ...) output for the
-        classifier-free-guidance batch (unconditional half first), ``sample`` the (B, ...) latents and
-        ``guidance`` the per-frame weights ((F,), (B, F), (B, F, 1, 1, 1) or a float)."""
-        if self.config.prediction_type != "v_prediction":
-            raise ValueError(f"step_guided: needs prediction_type 'v_prediction', got {self.config.prediction_type!r}")
-        if model_output.shape[0] != 2 * sample.shape[0]:
-            raise ValueError(
-                f"step_guided: model_output must hold the (2B, ...) CFG batch for sample of batch {sample.shape[0]}, "
-                f"got shape {tuple(model_output.shape)}"
-            )
-        sigma, sigma_next = self._step_sigmas(timestep)
-        uncond, cond = model_output.chunk(2)
-        prev_sample, denoised = _fused_step(sample, uncond, cond, sigma, sigma_next, guidance)
+        prev_sample, denoised = _fused_step(sample, model_output, sigma, sigma_next)
         return self._finish_step(prev_sample, denoised, return_dict)
 
     def _can_fuse(self, timestep, model_output, sample, s_churn, s_tmin, s_tmax) -> bool:
@@ -99,31 +72,10 @@ class FusedEulerDiscreteScheduler(EulerDiscreteScheduler):
         return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
 
-def _fused_step(
-    sample: torch.Tensor,
-    uncond: torch.Tensor,
-    cond: torch.Tensor | None,
-    sigma: float,
-    sigma_next: float,
-    guidance: torch.Tensor | float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_step(sample: torch.Tensor, model_output: torch.Tensor, sigma: float, sigma_next: float) -> tuple[torch.Tensor, torch.Tensor]:
     """edm_euler_step on latents of any shape: the fused op takes (B, F, C, H, W), others are viewed as one slab."""
     if sample.dim() == 5:
-        return edm_euler_step(sample, uncond, cond, sigma, sigma_next, guidance, return_denoised=True)
-    if cond is not None:
-        raise ValueError(f"step_guided: latents must be 5-D (B, F, C, H, W) for per-frame guidance, got shape {tuple(sample.shape)}")
+        return edm_euler_step(sample, model_output, None, sigma, sigma_next, None, return_denoised=True)
     flat = (1, 1, 1, 1, sample.numel())
-    x_next, denoised = edm_euler_step(sample.reshape(flat), uncond.reshape(flat), None, sigma, sigma_next, None, return_denoised=True)
+    x_next, denoised = edm_euler_step(sample.reshape(flat), model_output.reshape(flat), None, sigma, sigma_next, None, return_denoised=True)
     return x_next.reshape(sample.shape), denoised.reshape(sample.shape)
-
-
-def __getattr__(name: str) -> type:
-    if name == "EDMEulerScheduler":
-        warnings.warn(
-            "svd_fast.diffusers.scheduler.EDMEulerScheduler was renamed FusedEulerDiscreteScheduler "
-            "(diffusers' own EDMEulerScheduler is a different scheduler)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return FusedEulerDiscreteScheduler
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

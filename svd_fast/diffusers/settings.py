@@ -22,6 +22,9 @@ from svd_fast.sampling.samplers import SAMPLERS
 PYTHON_SPELLING = {"no_optimize": "optimize=False", "cuda_graphs": "cuda_graphs=True", "low_memory": "low_memory=True"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATTENTION_CHOICES = ("auto", "sdpa", "flash-attn")
+# "auto": the pipeline's scheduler decides (an SVDConsistencyScheduler -> "consistency", else "euler");
+# "consistency": few-step consistency sampling (svd_fast.sampling.consistency), also a drop-in for stock pipelines.
+SAMPLER_CHOICES = ("auto", "consistency") + SAMPLERS
 
 
 def python_name(name: str) -> str:
@@ -107,8 +110,8 @@ def check_settings(
     on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if dtype == torch.float16 and device is not None and not on_cuda:
         raise OptionError("{dtype} fp16 is not supported on the CPU", "use fp32 or bf16")
-    if sampler not in SAMPLERS:
-        raise OptionError("{sampler} must be one of {choices}, got {got!r}", choices=SAMPLERS, got=sampler)
+    if sampler not in SAMPLER_CHOICES:
+        raise OptionError("{sampler} must be one of {choices}, got {got!r}", choices=SAMPLER_CHOICES, got=sampler)
     if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
         raise OptionError("{cache_interval} must be an int >= 1 (1: no caching), got {got!r}", got=cache_interval)
     if attention not in ATTENTION_CHOICES:
@@ -117,7 +120,9 @@ def check_settings(
         reason = flash_attn_unavailable_reason()
         if reason is not None:
             raise OptionError("{attention} flash-attn was asked for but {reason}", "use {attention} auto or sdpa", reason=reason)
-    if (sampler != "euler" or cache_interval > 1) and not (optimized and fused_sampling):
+    if sampler == "consistency" and optimized and not fused_sampling:
+        raise OptionError("{sampler} consistency runs in the fused sampling of a pipeline", "pass a pipeline with scheduler=True")
+    if (sampler not in ("auto", "euler", "consistency") or cache_interval > 1) and not (optimized and fused_sampling):
         raise OptionError(
             "{sampler} and {cache_interval} need the optimized pipeline's fused sampling",
             "drop {no_optimize}" if not optimized else "pass a pipeline with scheduler=True",

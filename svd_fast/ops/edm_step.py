@@ -22,21 +22,40 @@ import math
 import torch
 
 from svd_fast import _extension, _triton, backends
+from svd_fast.ops._library import extension_cuda_unavailable, extension_unavailable, triton_unavailable
 from svd_fast.reference import edm_step as reference
 
 EULER_OP_NAME = "edm_euler_step"
 PREPARE_OP_NAME = "edm_prepare_model_input"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FLOAT32_MATH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-EULER_OPS = {"cpu": "edm_euler_step", "cuda": "edm_euler_step", "triton": "edm_euler_step_triton"}
-PREPARE_OPS = {"cpu": "edm_prepare_model_input", "cuda": "edm_prepare_model_input", "triton": "edm_prepare_model_input_triton"}
+
+
+def _compiled_euler_step(*args):
+    return torch.ops.svd_fast.edm_euler_step(*args)
+
+
+def _triton_euler_step(*args):
+    return torch.ops.svd_fast.edm_euler_step_triton(*args)
+
+
+def _compiled_prepare_model_input(*args):
+    return torch.ops.svd_fast.edm_prepare_model_input(*args)
+
+
+def _triton_prepare_model_input(*args):
+    return torch.ops.svd_fast.edm_prepare_model_input_triton(*args)
+
 
 # The compiled and Triton kernels compute in float32 and do not take float64 input.
-for _op_name in (EULER_OP_NAME, PREPARE_OP_NAME):
-    backends.register(_op_name, "reference", devices=("cpu", "cuda"), dtypes=SUPPORTED_DTYPES, priority={"cpu": 1, "cuda": 2})
-    backends.register(_op_name, "cpu", devices=("cpu",), dtypes=FLOAT32_MATH_DTYPES, priority={"cpu": 0})
-    backends.register(_op_name, "cuda", devices=("cuda",), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 1})
-    backends.register(_op_name, "triton", devices=("cuda", "cpu"), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 0})
+for _op_name, _reference, _compiled, _triton_op in (
+    (EULER_OP_NAME, reference.edm_euler_step, _compiled_euler_step, _triton_euler_step),
+    (PREPARE_OP_NAME, reference.edm_prepare_model_input, _compiled_prepare_model_input, _triton_prepare_model_input),
+):
+    backends.register(_op_name, "reference", _reference, devices=("cpu", "cuda"), dtypes=SUPPORTED_DTYPES, priority={"cpu": 1, "cuda": 2})
+    backends.register(_op_name, "cpu", _compiled, devices=("cpu",), dtypes=FLOAT32_MATH_DTYPES, priority={"cpu": 0}, probe=extension_unavailable)
+    backends.register(_op_name, "cuda", _compiled, devices=("cuda",), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 1}, probe=extension_cuda_unavailable)
+    backends.register(_op_name, "triton", _triton_op, devices=("cuda", "cpu"), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 0}, probe=triton_unavailable)
 
 GuidanceLike = torch.Tensor | float | None
 
@@ -73,14 +92,8 @@ def edm_euler_step(
     if not isinstance(return_denoised, bool):
         raise TypeError(f"{EULER_OP_NAME}: return_denoised must be a bool, got {type(return_denoised).__name__}")
 
-    backend = backends.select_backend(EULER_OP_NAME, x)
-    if backend == "reference":
-        x_next, denoised = reference.edm_euler_step(
-            x, model_out_uncond, model_out_cond, sigma, sigma_next, guidance_2d, return_denoised
-        )
-    else:
-        op = getattr(torch.ops.svd_fast, EULER_OPS[backend])
-        x_next, denoised = op(x, model_out_uncond, model_out_cond, sigma, sigma_next, guidance_2d, return_denoised)
+    entry = backends.select_backend(EULER_OP_NAME, x)
+    x_next, denoised = entry.implementation(x, model_out_uncond, model_out_cond, sigma, sigma_next, guidance_2d, return_denoised)
     return (x_next, denoised) if return_denoised else x_next
 
 
@@ -103,10 +116,7 @@ def edm_prepare_model_input(
     if not isinstance(do_cfg, bool):
         raise TypeError(f"{PREPARE_OP_NAME}: do_cfg must be a bool, got {type(do_cfg).__name__}")
 
-    backend = backends.select_backend(PREPARE_OP_NAME, x)
-    if backend == "reference":
-        return reference.edm_prepare_model_input(x, cond, sigma, do_cfg)
-    return getattr(torch.ops.svd_fast, PREPARE_OPS[backend])(x, cond, sigma, do_cfg)
+    return backends.select_backend(PREPARE_OP_NAME, x).implementation(x, cond, sigma, do_cfg)
 
 
 # --- argument checks ---------------------------------------------------------------------------

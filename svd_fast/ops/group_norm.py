@@ -12,24 +12,32 @@ from __future__ import annotations
 import torch
 
 from svd_fast import _extension, _triton, backends
-from svd_fast.ops._library import register_differentiable_op
+from svd_fast.ops._library import extension_cuda_unavailable, extension_unavailable, register_differentiable_op, triton_unavailable
 from svd_fast.reference import group_norm as reference
 
 OP_NAME = "group_norm"
 ACTIVATIONS = (None, "silu")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FLOAT32_MATH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FORWARD_OPS = {"cpu": "group_norm_forward", "cuda": "group_norm_forward", "triton": "group_norm_forward_triton"}
+
+
+def _compiled_forward(x, num_groups, weight, bias, eps, silu):
+    return torch.ops.svd_fast.group_norm_forward(x, num_groups, weight, bias, eps, silu)[0]
+
+
+def _triton_forward(x, num_groups, weight, bias, eps, silu):
+    return torch.ops.svd_fast.group_norm_forward_triton(x, num_groups, weight, bias, eps, silu)[0]
+
 
 # On CPU tensors ATen's own vectorised GroupNorm and SiLU (the reference path) measured 2x faster than
 # the scalar C++ kernel on SVD shapes (bench/RESULTS.md), so auto mode prefers it there; the C++ kernel
 # stays available with use_backend("cpu"). On CUDA, Triton first: its arithmetic is checked against the
 # float64 truth on every CI run (under the interpreter); the CUDA kernels are ranked from GPU measurements.
-backends.register(OP_NAME, "reference", devices=("cpu", "cuda"), dtypes=SUPPORTED_DTYPES, priority={"cpu": 0, "cuda": 2})
-backends.register(OP_NAME, "cpu", devices=("cpu",), dtypes=SUPPORTED_DTYPES, priority={"cpu": 1})
-backends.register(OP_NAME, "cuda", devices=("cuda",), dtypes=SUPPORTED_DTYPES, priority={"cuda": 1})
+backends.register(OP_NAME, "reference", reference.group_norm, devices=("cpu", "cuda"), dtypes=SUPPORTED_DTYPES, priority={"cpu": 0, "cuda": 2})
+backends.register(OP_NAME, "cpu", _compiled_forward, devices=("cpu",), dtypes=SUPPORTED_DTYPES, priority={"cpu": 1}, probe=extension_unavailable)
+backends.register(OP_NAME, "cuda", _compiled_forward, devices=("cuda",), dtypes=SUPPORTED_DTYPES, priority={"cuda": 1}, probe=extension_cuda_unavailable)
 # The Triton kernels compute in float32 and do not take float64 input.
-backends.register(OP_NAME, "triton", devices=("cuda", "cpu"), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 0})
+backends.register(OP_NAME, "triton", _triton_forward, devices=("cuda", "cpu"), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 0}, probe=triton_unavailable)
 
 
 def group_norm(
@@ -46,12 +54,7 @@ def group_norm(
     dtype and memory format (contiguous or channels_last / channels_last_3d).
     """
     _check_arguments(x, num_groups, weight, bias, eps, activation)
-    silu = activation == "silu"
-    backend = backends.select_backend(OP_NAME, x)
-    if backend == "reference":
-        return reference.group_norm(x, num_groups, weight, bias, eps, silu)
-    output, _mean, _rstd = getattr(torch.ops.svd_fast, FORWARD_OPS[backend])(x, num_groups, weight, bias, eps, silu)
-    return output
+    return backends.select_backend(OP_NAME, x).implementation(x, num_groups, weight, bias, eps, activation == "silu")
 
 
 def _check_arguments(

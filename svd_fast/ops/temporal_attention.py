@@ -20,15 +20,12 @@ import math
 import torch
 
 from svd_fast import _extension, _triton, backends
-from svd_fast.ops._library import register_differentiable_op
+from svd_fast.ops._library import extension_cuda_unavailable, extension_unavailable, register_differentiable_op, triton_unavailable
 from svd_fast.reference import temporal_attention as reference
 
 OP_NAME = "temporal_attention"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FLOAT32_MATH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FORWARD_OPS = {
-    "cpu": "temporal_attention_forward", "cuda": "temporal_attention_forward", "triton": "temporal_attention_forward_triton"
-}  # fmt: skip
 # What the GPU kernels (Triton and CUDA) hold on chip: frames and head channels per position.
 GPU_MAX_FRAMES = 64
 GPU_MAX_HEAD_DIM = 128
@@ -37,13 +34,27 @@ GPU_LIMITS = (
     backends.Limit("head_dim", GPU_MAX_HEAD_DIM, "channels per head"),
 )
 
-backends.register(OP_NAME, "reference", devices=("cpu", "cuda"), dtypes=SUPPORTED_DTYPES, priority={"cpu": 1, "cuda": 2})
-backends.register(OP_NAME, "cpu", devices=("cpu",), dtypes=SUPPORTED_DTYPES, priority={"cpu": 0})
+
+
+def _compiled_forward(q, k, v, num_frames, num_heads, scale):
+    return torch.ops.svd_fast.temporal_attention_forward(q, k, v, num_frames, num_heads, scale)[0]
+
+
+def _triton_forward(q, k, v, num_frames, num_heads, scale):
+    return torch.ops.svd_fast.temporal_attention_forward_triton(q, k, v, num_frames, num_heads, scale)[0]
+
+
+backends.register(OP_NAME, "reference", reference.temporal_attention, devices=("cpu", "cuda"), dtypes=SUPPORTED_DTYPES, priority={"cpu": 1, "cuda": 2})
+backends.register(OP_NAME, "cpu", _compiled_forward, devices=("cpu",), dtypes=SUPPORTED_DTYPES, priority={"cpu": 0}, probe=extension_unavailable)
 # The GPU kernels compute in float32 and do not take float64 input.
-backends.register(OP_NAME, "cuda", devices=("cuda",), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 1}, limits=GPU_LIMITS)
 backends.register(
-    OP_NAME, "triton", devices=("cuda", "cpu"), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 0}, limits=GPU_LIMITS
-)
+    OP_NAME, "cuda", _compiled_forward, devices=("cuda",), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 1}, limits=GPU_LIMITS,
+    probe=extension_cuda_unavailable,
+)  # fmt: skip
+backends.register(
+    OP_NAME, "triton", _triton_forward, devices=("cuda", "cpu"), dtypes=FLOAT32_MATH_DTYPES, priority={"cuda": 0}, limits=GPU_LIMITS,
+    probe=triton_unavailable,
+)  # fmt: skip
 
 
 def temporal_attention(
@@ -63,11 +74,8 @@ def temporal_attention(
     _check_arguments(q, k, v, num_frames, num_heads, scale)
     head_dim = q.shape[2] // num_heads
     scale = head_dim**-0.5 if scale is None else float(scale)
-    backend = backends.select_backend(OP_NAME, q, num_frames=num_frames, head_dim=head_dim)
-    if backend == "reference":
-        return reference.temporal_attention(q, k, v, num_frames, num_heads, scale)
-    output, _lse = getattr(torch.ops.svd_fast, FORWARD_OPS[backend])(q, k, v, num_frames, num_heads, scale)
-    return output
+    entry = backends.select_backend(OP_NAME, q, num_frames=num_frames, head_dim=head_dim)
+    return entry.implementation(q, k, v, num_frames, num_heads, scale)
 
 
 def _check_arguments(

@@ -46,9 +46,9 @@ def deepspeed_globals() -> list[type]:
     """The non-tensor classes DeepSpeed pickles into its ZeRO checkpoints (found with
     torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-2/3 fp32/bf16 checkpoints; the dynamic scaler
     is fp16's)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: PLC0415
-    from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415
-    from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
+    from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
@@ -77,7 +77,7 @@ def weights_only_loading() -> Iterator[None]:
 
 def use_safe_loading(engine) -> None:
     """Make the engine read its checkpoints with :func:`safe_load` (DeepSpeed's own engine unpickles freely)."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: PLC0415
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
 
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise ValueError(f"checkpoints: DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__} is not supported")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from svd_fast import checks
 from svd_fast.training.objective import ObjectiveConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -163,8 +164,6 @@ class TrainConfig:
         if list(self.sigma_bins) != sorted(self.sigma_bins) or any(edge <= 0 for edge in self.sigma_bins):
             raise ValueError(f"sigma_bins must be increasing positive edges, got {self.sigma_bins!r}")
         self.objective()  # checks p_std, dropout probabilities
-        from svd_fast import checks  # noqa: PLC0415
-
         for name in ("seed", "num_frames", "height", "width", "batch_size", "learning_rate", "adam_eps", "default_fps",
                      "default_motion_bucket_id", "target_fps", "stride", "validation_num_frames", "validation_inference_steps"):  # fmt: skip
             checks.check(name, getattr(self, name))
@@ -182,10 +181,11 @@ class TrainConfig:
 
     def lora(self):
         """The peft LoraConfig of ``trained_parameters: lora``."""
-        from svd_fast.training.lora import lora_config  # noqa: PLC0415 - imports peft
+        from peft import LoraConfig  # noqa: PLC0415 - peft loads only for LoRA training
 
         alpha = float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
-        return lora_config(self.lora_rank, alpha, self.lora_dropout, self.lora_target_modules)
+        return LoraConfig(r=self.lora_rank, lora_alpha=alpha, lora_dropout=self.lora_dropout,
+                          target_modules=list(self.lora_target_modules), init_lora_weights=True)  # fmt: skip
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -204,7 +204,7 @@ class TrainConfig:
         if path.suffix.lower() == ".json":
             values = json.loads(text)
         else:
-            import yaml  # noqa: PLC0415
+            import yaml  # noqa: PLC0415 - PyYAML loads only for a YAML config
 
             values = yaml.safe_load(text) or {}
         if not isinstance(values, dict):

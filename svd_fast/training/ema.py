@@ -28,7 +28,7 @@ class MasterFragment:
 
 def local_master_fragments(module: torch.nn.Module) -> dict[str, MasterFragment]:
     """This rank's fp32 master fragment of every trained parameter (none for parameters it does not own)."""
-    from deepspeed.utils import safe_get_local_fp32_param  # noqa: PLC0415
+    from deepspeed.utils import safe_get_local_fp32_param  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
 
     fragments: dict[str, MasterFragment] = {}
     for name, param in module.named_parameters():

@@ -129,7 +129,7 @@ class ClipEncoder:
     the Ray Data actor class."""
 
     def __init__(self, settings: dict[str, Any], out: str, device: str) -> None:
-        from diffusers import StableVideoDiffusionPipeline  # noqa: PLC0415
+        from diffusers import StableVideoDiffusionPipeline  # noqa: PLC0415 - diffusers loads only when a model is built
 
         self.out = Path(out)
         self.device = torch.device(device)

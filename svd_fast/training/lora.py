@@ -5,8 +5,9 @@ diffusers 0.42.1 gives ``UNetSpatioTemporalConditionModel`` no PEFT integration 
 ``StableVideoDiffusionPipeline`` no ``load_lora_weights``, so the adapter is injected with peft's own
 ``inject_adapter_in_model`` (what diffusers' ``add_adapter`` calls) and written as diffusers'
 ``save_lora_adapter`` writes it: ``pytorch_lora_weights.safetensors`` holding ``get_peft_model_state_dict``
-with the LoraConfig as JSON under the ``lora_adapter_metadata`` key. :func:`load_lora` reads it back into a
-base UNet; :func:`merge_lora` folds it into the base weights (the exported pipeline's UNet).
+with the LoraConfig as JSON under the ``lora_adapter_metadata`` key. :func:`load_lora` reads it back (with
+:func:`svd_fast.diffusers.lora.read_lora`, which generation's :func:`svd_fast.load_lora` uses) into a base UNet as
+peft layers; :func:`merge_lora` folds it into the base weights (the exported pipeline's UNet).
 """
 
 from __future__ import annotations
@@ -20,19 +21,13 @@ from svd_fast.training.config import LORA_TARGETS
 
 ADAPTER_NAME = "default"
 LORA_PARAMETER_MARK = ".lora_"
-__all__ = ["LORA_TARGETS", "add_lora", "load_lora", "lora_config", "merge_lora", "save_lora"]
-
-
-def lora_config(rank: int, alpha: float, dropout: float, targets: list[str]):
-    from peft import LoraConfig  # noqa: PLC0415
-
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), init_lora_weights=True)
+__all__ = ["LORA_TARGETS", "add_lora", "load_lora", "merge_lora", "save_lora"]
 
 
 def add_lora(unet: torch.nn.Module, config) -> int:
     """Inject the adapter of ``config`` (a peft LoraConfig) and freeze everything else; returns the number of
     trainable (LoRA) parameters."""
-    from peft import inject_adapter_in_model  # noqa: PLC0415
+    from peft import inject_adapter_in_model  # noqa: PLC0415 - peft loads only for LoRA
 
     inject_adapter_in_model(config, unet, ADAPTER_NAME)
     for name, param in unet.named_parameters():
@@ -42,9 +37,9 @@ def add_lora(unet: torch.nn.Module, config) -> int:
 
 def save_lora(unet: torch.nn.Module, config, folder: Path) -> Path:
     """Write the adapter in diffusers' ``save_lora_adapter`` format (fp32); returns the weights file."""
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE  # noqa: PLC0415
-    from peft.utils import get_peft_model_state_dict  # noqa: PLC0415
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE  # noqa: PLC0415 - diffusers loads only when a model is built
+    from peft.utils import get_peft_model_state_dict  # noqa: PLC0415 - peft loads only for LoRA
+    from safetensors.torch import save_file  # noqa: PLC0415 - safetensors loads only with LoRA weights
 
     state = {key: value.detach().float().contiguous() for key, value in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
     metadata = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
@@ -54,30 +49,25 @@ def save_lora(unet: torch.nn.Module, config, folder: Path) -> Path:
     return path
 
 
-def load_lora(unet: torch.nn.Module, folder: str | Path) -> None:
-    """Inject the adapter saved by :func:`save_lora` (or diffusers' ``save_lora_adapter``) into ``unet``."""
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE  # noqa: PLC0415
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # noqa: PLC0415
-    from safetensors import safe_open  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
+def load_lora(unet: torch.nn.Module, path: str | Path) -> None:
+    """Inject the adapter saved by :func:`save_lora` (or any layout :func:`svd_fast.diffusers.lora.read_lora`
+    reads) into ``unet`` as peft layers (trainable again); for generation use :func:`svd_fast.load_lora`."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # noqa: PLC0415 - peft loads only for LoRA
 
-    path = Path(folder) / LORA_WEIGHT_NAME_SAFE
-    if not path.is_file():
-        raise ValueError(f"folder: {str(folder)!r} holds no {LORA_WEIGHT_NAME_SAFE}")
-    with safe_open(path, framework="pt") as file:
-        metadata = (file.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
-    if metadata is None:
-        raise ValueError(f"folder: {str(path)!r} has no {LORA_ADAPTER_METADATA_KEY} (the LoraConfig) in its metadata")
-    config = LoraConfig(**{key: value for key, value in json.loads(metadata).items() if key in LoraConfig.__dataclass_fields__})
+    from svd_fast.diffusers.lora import check_lora, read_lora  # noqa: PLC0415 - imports diffusers
+
+    adapter = read_lora(path)
+    if not adapter.config:
+        raise ValueError(f"path: {adapter.path!r} has no LoraConfig (metadata or adapter_config.json) to train it further with")
+    check_lora(unet, adapter)
+    config = LoraConfig(**{key: value for key, value in adapter.config.items() if key in LoraConfig.__dataclass_fields__})
     inject_adapter_in_model(config, unet, ADAPTER_NAME)
-    result = set_peft_model_state_dict(unet, load_file(path), adapter_name=ADAPTER_NAME)
-    if result.unexpected_keys:
-        raise ValueError(f"folder: {str(path)!r} has weights for modules this UNet lacks ({result.unexpected_keys[:3]})")
+    set_peft_model_state_dict(unet, adapter.state_dict(), adapter_name=ADAPTER_NAME)
 
 
 def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
     """Fold every adapter into its base layer's weight and put the base layer back: a plain diffusers UNet."""
-    from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
+    from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415 - peft loads only for LoRA
 
     adapted = [(name, module) for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
     for name, module in adapted:

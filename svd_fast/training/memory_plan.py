@@ -32,10 +32,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from svd_fast.training.activation_checkpointing import enable_activation_checkpointing
 from svd_fast.training.config import TrainConfig
+from svd_fast.training.lora import add_lora
+from svd_fast.training.setup import select_trained_parameters
 
 GIB = 2**30
 CUDA_CONTEXT_GIB = 0.75
@@ -70,9 +74,7 @@ class MemoryPlan:
 def parameter_counts(unet_kwargs: dict, trained_parameters: str, lora: Any = None) -> tuple[int, int, int]:
     """(trained parameters, frozen parameters, largest module's own trained parameters) of the UNet, built on
     the meta device (with the LoRA adapters of ``lora``, a peft LoraConfig, for ``trained_parameters: lora``)."""
-    from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415
-
-    from svd_fast.training.setup import select_trained_parameters  # noqa: PLC0415
+    from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415 - diffusers loads only when a model is built
 
     with torch.device("meta"):
         unet = UNetSpatioTemporalConditionModel(**unet_kwargs)
@@ -84,8 +86,8 @@ def parameter_counts(unet_kwargs: dict, trained_parameters: str, lora: Any = Non
 
 def model_states_bytes(config: TrainConfig, total: int, largest: int, gpus: int, frozen: int = 0) -> int:
     """DeepSpeed's estimate for the trained parameters, plus the frozen ones' 16-bit copies (ZeRO-3 shards them)."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: PLC0415
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs  # noqa: PLC0415
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
 
     offload = config.offload_optimizer != "none"
     if config.zero_stage == 3:
@@ -130,11 +132,7 @@ def traced_activation_bytes(unet_kwargs: dict, frames: int, latent_hw: tuple[int
     inputs are made before tracking starts, so they are not counted). With ``lora`` (a peft LoraConfig) the
     adapters are injected and only they are trained, as in the trainer: frozen layers save no inputs for
     weight gradients."""
-    from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily  # noqa: PLC0415
-
-    from svd_fast.training.activation_checkpointing import enable_activation_checkpointing  # noqa: PLC0415
-    from svd_fast.training.lora import add_lora  # noqa: PLC0415
+    from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415 - diffusers loads only when a model is built
 
     with FakeTensorMode():
         # Built in ``dtype``: a .to() of fake parameters would swap them.

@@ -59,7 +59,7 @@ class TrainingBatch:
 def clip_pixel_values(frames: torch.Tensor, feature_extractor) -> torch.Tensor:
     """CLIP input for images in [-1, 1], as the pipeline's ``_encode_image``: antialiased resize to 224 in
     [-1, 1], back to [0, 1], then the feature extractor's mean/std normalisation."""
-    from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (  # noqa: PLC0415
+    from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (  # noqa: PLC0415 - diffusers loads only when a model is built
         _resize_with_antialiasing,
     )
 

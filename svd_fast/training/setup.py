@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 
+from svd_fast import _io
+from svd_fast.data.clips import clip_frame_indices, sources_from
+from svd_fast.data.decode import probe_video
+from svd_fast.training.activation_checkpointing import enable_activation_checkpointing
 from svd_fast.training.config import TrainConfig
+from svd_fast.training.latents import check_latents_dir, model_identity
+from svd_fast.training.validation import load_validation_images
 
 # The layers SVD added to the image model: temporal attention and resnets, their blends with the spatial path,
 # and the frame-position embedding (temporal-only fine-tunes train these and freeze the rest).
@@ -23,14 +29,26 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 PROBED_SOURCES = 8  # videos whose frame count is read before the model loads
 
 
-def check_inputs(config: TrainConfig) -> None:
+class TrainInputError(ValueError):
+    """A problem with the config's inputs that :func:`check_inputs` (or the resume check) found before any model
+    loaded: the command line reports it as a user error."""
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    """What :func:`check_inputs` had to read or build anyway, handed on so that nothing is done twice."""
+
+    deepspeed_config: dict[str, Any]
+    validation_images: list
+
+
+def check_inputs(config: TrainConfig) -> CheckedInputs:
     """Every check that needs no model: paths exist, the output folder is writable, the device and precision
-    go together, a user DeepSpeed JSON merges cleanly. Raises ValueError naming the key."""
+    go together, the validation images read, a user DeepSpeed JSON merges cleanly. Raises ValueError naming
+    the key; returns the DeepSpeed config and the validation images."""
     if not config.model or not Path(config.model).is_dir():
         raise ValueError(f"model: {config.model!r} is not a diffusers pipeline folder")
     if config.latents_dir is not None:
-        from svd_fast.training.latents import check_latents_dir  # noqa: PLC0415
-
         check_latents_dir(Path(config.latents_dir), latents_settings(config))
     else:
         sources = [config.data] if isinstance(config.data, str) else list(config.data)
@@ -41,22 +59,19 @@ def check_inputs(config: TrainConfig) -> None:
             raise ValueError(f"data: {missing[0]!r} does not exist")
         check_data(config)
     check_output_dir(config)
+    images = []
     if config.validate_every:
-        from svd_fast.training.validation import load_validation_images  # noqa: PLC0415
-
-        load_validation_images(config)
+        images = load_validation_images(config)
     device = resolve_device(config)
     if device.type == "cpu" and config.precision == "fp16":
         raise ValueError("precision: fp16 is unsupported on the CPU (DeepSpeed's CPU accelerator); use bf16 or fp32")
-    build_deepspeed_config(config)
+    return CheckedInputs(deepspeed_config=build_deepspeed_config(config), validation_images=images)
 
 
 def check_data(config: TrainConfig) -> None:
     """The data lists videos (a manifest is readable), and one of the first :data:`PROBED_SOURCES` videos holds a
     clip of ``num_frames`` frames (with stride/target_fps), so a config the data cannot serve fails here, naming
     the video or manifest, not in the first step."""
-    from svd_fast.data.clips import clip_frame_indices, sources_from  # noqa: PLC0415
-    from svd_fast.data.decode import probe_video  # noqa: PLC0415
 
     try:
         sources = sources_from(config.data)
@@ -83,16 +98,12 @@ def check_data(config: TrainConfig) -> None:
 
 def latents_settings(config: TrainConfig) -> dict[str, Any]:
     """The config keys precomputed latents must have been encoded with."""
-    from svd_fast.training.latents import model_identity  # noqa: PLC0415
-
     return {"num_frames": config.num_frames, "height": config.height, "width": config.width, "model_identity": model_identity(config.model)}
 
 
 def check_output_dir(config: TrainConfig) -> None:
     """``output_dir`` is new, empty or an earlier training run's (never a folder of the user's, the current folder
     or an input's folder) and writable, and the exports it will replace are svd-fast's."""
-    from svd_fast import _io  # noqa: PLC0415
-
     inputs = [config.model, *([config.data] if isinstance(config.data, str) else list(config.data or []))]
     folder = Path(config.output_dir)
     try:
@@ -264,11 +275,9 @@ class Models:
     compute_dtype: torch.dtype
 
 
-def build_models(config: TrainConfig, device: torch.device) -> Models:
-    import deepspeed  # noqa: PLC0415
-    from diffusers import StableVideoDiffusionPipeline  # noqa: PLC0415
-
-    from svd_fast.training.activation_checkpointing import enable_activation_checkpointing  # noqa: PLC0415
+def build_models(config: TrainConfig, device: torch.device, deepspeed_config: dict[str, Any]) -> Models:
+    import deepspeed  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
+    from diffusers import StableVideoDiffusionPipeline  # noqa: PLC0415 - diffusers loads only when a model is built
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -298,7 +307,7 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
 
     engine, _, _, _ = deepspeed.initialize(
         model=unet, model_parameters=[p for p in unet.parameters() if p.requires_grad] if optimizer is None else None,
-        optimizer=optimizer, lr_scheduler=make_scheduler, config=build_deepspeed_config(config),
+        optimizer=optimizer, lr_scheduler=make_scheduler, config=deepspeed_config,
     )
     compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
     return Models(pipeline=pipe, engine=engine, kernel_status=kernel_status, compute_dtype=compute_dtype)

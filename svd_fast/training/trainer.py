@@ -34,8 +34,9 @@ from svd_fast.training.config import TrainConfig
 from svd_fast.training.ema import ShardedEMA, full_shapes, gather_full, local_master_fragments
 from svd_fast.training.latents import PrecomputedClips
 from svd_fast.training.log import TrainLog
+from svd_fast.training.lora import add_lora, merge_lora, save_lora
 from svd_fast.training.run import apply_learning_rate, changed_settings, check_same_run, current_identity, new_identity, write_identity
-from svd_fast.training.setup import Models, build_models, check_inputs, resolve_device, setup_distributed
+from svd_fast.training.setup import CheckedInputs, Models, TrainInputError, build_models, check_inputs, resolve_device, setup_distributed
 from svd_fast.training.step import ClipStream, StepRunner, restore_rng_state, rng_state
 from svd_fast.training.validation import Validator
 
@@ -86,15 +87,21 @@ class TrainerState:
 def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
     """Train (or resume) as ``config`` says; returns losses, the last checkpoint and the exported pipeline."""
     config = as_config(config)
-    check_inputs(config)  # everything cheap, before any model loads
     output_dir = Path(config.output_dir)
+    config_dict = config.to_dict()
+    try:  # everything cheap, before any model loads
+        checked = check_inputs(config)
+        resume_path = resolve_resume(config.resume_from, output_dir)
+        identity, changes = run_identity(config, config_dict, resume_path, output_dir)
+    except ValueError as error:
+        raise TrainInputError(str(error)) from error
     device = resolve_device(config)
     rank, world_size = setup_distributed(device)
     if rank == 0:
         _io.claim_folder(output_dir, "train", name="output_dir:")
     # One lock per rank: every rank of a second run on the same folder finds its lock held and stops.
     with _io.lock(output_dir / f".svd-fast-lock-rank{rank}", "training run", output_dir, busy=OutputDirBusyError):
-        return _train(config, output_dir, device, rank, world_size)
+        return _train(config, config_dict, checked, resume_path, identity, changes, device, rank, world_size)
 
 
 class OutputDirBusyError(_io.OutputBusyError, ValueError):
@@ -105,7 +112,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss was not finite for max_nonfinite_steps steps in a row; the run stopped."""
 
 
-def _run_identity(config: TrainConfig, config_dict: dict[str, Any], resume_path: Path | None, output_dir: Path) -> tuple[dict, dict]:
+def run_identity(config: TrainConfig, config_dict: dict[str, Any], resume_path: Path | None, output_dir: Path) -> tuple[dict, dict]:
     """This run's identity and the settings changed since ``resume_path`` (checked: see svd_fast.training.run)."""
     if resume_path is None:
         kept = current_identity(output_dir) if config.resume_from == LATEST else None  # every save was interrupted
@@ -116,20 +123,19 @@ def _run_identity(config: TrainConfig, config_dict: dict[str, Any], resume_path:
     return read_complete(resume_path).get("run") or current_identity(output_dir) or new_identity(config_dict), changes
 
 
-def _all_finite(loss: float) -> bool:
+def all_finite(loss: float) -> bool:
     finite = torch.tensor([1.0 if math.isfinite(loss) else 0.0])
     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
     return bool(finite.item())
 
 
-def _train(config: TrainConfig, output_dir: Path, device: torch.device, rank: int, world_size: int) -> TrainResult:
-    resume_path = resolve_resume(config.resume_from, output_dir)
-    config_dict = config.to_dict()
-    identity, changes = _run_identity(config, config_dict, resume_path, output_dir)
+def _train(config: TrainConfig, config_dict: dict[str, Any], checked: CheckedInputs, resume_path: Path | None, identity: dict[str, Any],
+           changes: dict[str, tuple[Any, Any]], device: torch.device, rank: int, world_size: int) -> TrainResult:
+    output_dir = Path(config.output_dir)
     if rank == 0:
         write_identity(output_dir, identity)
     dataset = _open_dataset(config, rank, world_size)
-    models = build_models(config, device)
+    models = build_models(config, device, checked.deepspeed_config)
     engine = models.engine
     ema_device = torch.device("cpu") if config.offload_optimizer != "none" else None
     ema = ShardedEMA(engine.module, config.ema_decay, ema_device) if config.ema_decay > 0 else None
@@ -156,7 +162,7 @@ def _train(config: TrainConfig, output_dir: Path, device: torch.device, rank: in
     stream = ClipStream(dataset, config.batch_size, state.data_epoch, state.data_position)
     runner = StepRunner(config, models, stream, device, rank, state.micro_step)
     log = TrainLog(output_dir / "train_log.jsonl", state.step, list(config.sigma_bins), world_size, device, rank, identity["run_id"])
-    validator = Validator(config, models.pipeline, device, output_dir) if config.validate_every and rank == 0 else None
+    validator = Validator(config, models.pipeline, device, output_dir, checked.validation_images) if config.validate_every and rank == 0 else None
 
     def checkpoint() -> Path:
         files: dict[str, Any] = {STATE_FILE.format(rank=rank): {
@@ -176,7 +182,7 @@ def _train(config: TrainConfig, output_dir: Path, device: torch.device, rank: in
         samples_seen += stats.samples
         progress.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
         progress.update(1)
-        finite = _all_finite(stats.loss)
+        finite = all_finite(stats.loss)
         nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
         if nonfinite_in_a_row >= config.max_nonfinite_steps:
             log.record(state.step, stats, write=True)
@@ -210,19 +216,20 @@ def _train(config: TrainConfig, output_dir: Path, device: torch.device, rank: in
     )
 
 
-def export_pipeline(models: Models, ema: ShardedEMA | None, config: TrainConfig, target: Path, rank: int) -> Path:
+def export_pipeline(
+    models: Models, ema: ShardedEMA | None, config: TrainConfig, target: Path, rank: int, extra_files: dict[str, bytes] | None = None
+) -> Path:
     """Write a diffusers pipeline folder: the base pipeline's other components and the trained UNet, from the
-    fp32 master weights (or their EMA). Frozen parameters keep the base pipeline's fp32 values. With
+    fp32 master weights (or their EMA), and ``extra_files`` (name -> content) at its top, in the same atomic
+    replace. Frozen parameters keep the base pipeline's fp32 values. With
     ``trained_parameters: lora`` the adapter is also written on its own (``lora`` beside ``target``, see
     svd_fast.training.lora) and the pipeline's UNet has it merged. A collective."""
     state = trained_full_state(models.engine.module, ema if config.export_ema else None)
     if rank == 0:
-        from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415
+        from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415 - diffusers loads only when a model is built
 
         unet = UNetSpatioTemporalConditionModel.from_pretrained(config.model, subfolder="unet")
         if config.trained_parameters == "lora":
-            from svd_fast.training.lora import add_lora, merge_lora, save_lora  # noqa: PLC0415
-
             add_lora(unet, config.lora())
         _, unexpected = unet.load_state_dict(state, strict=False)
         if unexpected:
@@ -234,6 +241,8 @@ def export_pipeline(models: Models, ema: ShardedEMA | None, config: TrainConfig,
         def write_pipeline(staging: Path) -> None:
             shutil.copytree(config.model, staging, ignore=shutil.ignore_patterns("unet", _io.MARKER), dirs_exist_ok=True)
             unet.save_pretrained(staging / "unet", safe_serialization=True)
+            for name, content in (extra_files or {}).items():
+                (staging / name).write_bytes(content)
 
         _io.replace_folder(target, "pipeline", write_pipeline, [config.model], name="pipeline export")
     return target

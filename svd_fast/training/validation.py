@@ -18,16 +18,15 @@ from pathlib import Path
 
 import torch
 
-from svd_fast import _io
+from svd_fast import _io, media
 from svd_fast.training.config import TrainConfig
+from svd_fast.training.lora import add_lora
 
 VALIDATION_DIR = "validation"
 
 
 def load_validation_images(config: TrainConfig) -> list:
     """The held-out first frames as RGB PIL images; ValueError naming ``validation_images`` for a bad file."""
-    from svd_fast import media  # noqa: PLC0415
-
     images = []
     for path in config.validation_images:
         try:
@@ -40,28 +39,32 @@ def load_validation_images(config: TrainConfig) -> list:
 class Validator:
     """Samples the validation clips on rank 0 from the trained parameters' full fp32 values."""
 
-    def __init__(self, config: TrainConfig, base_pipeline, device: torch.device, output_dir: Path) -> None:
+    def __init__(self, config: TrainConfig, base_pipeline, device: torch.device, output_dir: Path, images: list, scheduler=None,
+                 call_options: dict | None = None) -> None:
+        """``images``: the held-out first frames, as :func:`load_validation_images` read them; ``scheduler``: sample
+        with it instead of the base pipeline's; ``call_options``: extra pipeline arguments (``svd-fast distill``
+        validates its student with consistency sampling at guidance 1)."""
         self.config = config
+        self.scheduler = scheduler
+        self.call_options = call_options or {}
         self.base = base_pipeline
         self.device = device
         self.folder = output_dir / VALIDATION_DIR
-        self.images = load_validation_images(config)
+        self.images = images
         self._pipeline = None
 
     def _sampling_pipeline(self):
         """Built on first use: the base pipeline's frozen parts around a fresh fp32 UNet."""
         if self._pipeline is None:
-            from svd_fast.diffusers.generation import load_optimized_pipeline  # noqa: PLC0415
+            from svd_fast.diffusers.generation import load_optimized_pipeline  # noqa: PLC0415 - diffusers loads only when a model is built
 
             components = {
                 "vae": copy.deepcopy(self.base.vae).to("cpu"), "image_encoder": self.base.image_encoder,
-                "scheduler": copy.deepcopy(self.base.scheduler), "feature_extractor": self.base.feature_extractor,
+                "scheduler": copy.deepcopy(self.scheduler or self.base.scheduler), "feature_extractor": self.base.feature_extractor,
             }  # fmt: skip
             pipe = load_optimized_pipeline(self.config.model, optimized=self.config.use_svd_fast_kernels, progress=False, components=components)
             unet = pipe.unet
             if self.config.trained_parameters == "lora":
-                from svd_fast.training.lora import add_lora  # noqa: PLC0415
-
                 add_lora(unet, self.config.lora())
             self._pipeline = pipe
         return self._pipeline
@@ -70,7 +73,6 @@ class Validator:
     def run(self, step: int, trained_state: dict[str, torch.Tensor]) -> list[str]:
         """Sample every validation image with ``trained_state`` (the trained parameters' full fp32 tensors) and
         write the step's folder; returns the clips' paths."""
-        from svd_fast import media  # noqa: PLC0415
 
         config = self.config
         pipe = self._sampling_pipeline()
@@ -93,7 +95,7 @@ class Validator:
                         image, height=config.height, width=config.width, num_frames=frames_per_clip,
                         num_inference_steps=config.validation_inference_steps, fps=fps,
                         motion_bucket_id=round(config.default_motion_bucket_id), decode_chunk_size=frames_per_clip,
-                        generator=torch.Generator().manual_seed(config.seed + index),
+                        generator=torch.Generator().manual_seed(config.seed + index), **self.call_options,
                     ).frames[0]
                     media.write_frames(frames, staging / name, fps=fps)
 

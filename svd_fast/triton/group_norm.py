@@ -9,12 +9,14 @@ forward   1. _partial_stats_kernel: per tile count, mean and M2 (sum of squared 
              tile's own mean: stays accurate for inputs far from zero, unlike sum of squares).
           2. _combine_stats_kernel: one program per group merges its tiles with Chan's formula
              -> mean, rstd (float32, shape (N, G)).
-          3. _normalize_kernel: elementwise (x - mean) * rstd * weight + bias, optional SiLU.
+          3. _normalize_kernel: elementwise (x - mean) * rstd * weight + bias, optional SiLU, walking
+             the tiles last to first, so that the tail of pass 1 is re-read from L2.
           x is read twice and y written once.
 backward  1. _backward_partials_kernel: per tile sums of dxhat and dxhat * xhat (per group) and of
              dz * xhat and dz (per channel, for dweight and dbias); summed over tiles by torch, in a
              fixed order (deterministic: no atomics).
-          2. _backward_dx_kernel: elementwise dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+          2. _backward_dx_kernel: elementwise dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
+             last tile first as in the forward.
 
 Layouts: every tensor is addressed as (N, C, F, S) through its own four strides, S = H*W the merged
 spatial positions of one frame (F = 1 for 4-D input). That covers contiguous, channels_last(_3d) and
@@ -27,7 +29,10 @@ arithmetic is wrong; float32 is the intended accumulation precision anyway).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -121,13 +126,20 @@ def _combine_stats_kernel(
 
 
 @triton.jit
+def _reversed_program_id():
+    """Tile of a second pass over x, walking the tiles last to first: the first pass ended on the last tiles,
+    which are still in L2 when the second pass starts (up to the L2's size of the re-read comes from cache)."""
+    return (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
+
+
+@triton.jit
 def _normalize_kernel(
     x_ptr, y_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr,
     positions, num_groups, tiles_per_frame, tiles, x_sn, x_sc, x_sf, x_ss, y_sn, y_sc, y_sf, y_ss,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
+    pid = _reversed_program_id()
     row, _tile, n, group, frame, s_block = _tile_position(pid, num_groups, tiles_per_frame, tiles)
     offsets, mask, channel = _tile_offsets(n, group, frame, s_block, positions, x_sn, x_sc, x_sf, x_ss, D, BLOCK_S, BLOCK_D)
     y_offsets, _mask, _channel = _tile_offsets(n, group, frame, s_block, positions, y_sn, y_sc, y_sf, y_ss, D, BLOCK_S, BLOCK_D)
@@ -215,7 +227,7 @@ def _backward_dx_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
+    pid = _reversed_program_id()
     row, _tile, n, group, frame, s_block = _tile_position(pid, num_groups, tiles_per_frame, tiles)
     offsets, mask, channel = _tile_offsets(n, group, frame, s_block, positions, x_sn, x_sc, x_sf, x_ss, D, BLOCK_S, BLOCK_D)
     dy_offsets, _mask, _channel = _tile_offsets(n, group, frame, s_block, positions, dy_sn, dy_sc, dy_sf, dy_ss, D, BLOCK_S, BLOCK_D)
@@ -246,14 +258,31 @@ class LaunchPlan:
     grid: tuple[int]
 
 
+_tile_override: contextvars.ContextVar[int | None] = contextvars.ContextVar("tile_override", default=None)
+
+
+@contextlib.contextmanager
+def launch_plan_override(tile_elements: int) -> Iterator[None]:
+    """Inside the block, every launch uses tiles of ``tile_elements`` elements (bench/gpu_check.py times
+    launch-plan variants this way)."""
+    if tile_elements < 1 or tile_elements & (tile_elements - 1):
+        raise ValueError(f"tile_elements must be a power of two >= 1, got {tile_elements}")
+    token = _tile_override.set(tile_elements)
+    try:
+        yield
+    finally:
+        _tile_override.reset(token)
+
+
 def launch_plan(shape: tuple[int, ...], num_groups: int, interpreter: bool = False) -> LaunchPlan:
     """Tiles for x of ``shape`` (N, C, H, W) or (N, C, F, H, W). The tile holds GPU_TILE_ELEMENTS (fewer
-    under the interpreter); neither the dtype, the strides nor the compute capability change the choice."""
+    under the interpreter; :func:`launch_plan_override` replaces either); neither the dtype, the strides nor
+    the compute capability change the choice."""
     batch, channels = shape[0], shape[1]
     frames = shape[2] if len(shape) == 5 else 1
     positions = shape[-1] * shape[-2]
     channels_per_group = channels // num_groups
-    tile_elements = INTERPRETER_TILE_ELEMENTS if interpreter else GPU_TILE_ELEMENTS
+    tile_elements = _tile_override.get() or (INTERPRETER_TILE_ELEMENTS if interpreter else GPU_TILE_ELEMENTS)
     block_d = triton.next_power_of_2(channels_per_group)
     block_s = max(1, min(triton.next_power_of_2(positions), tile_elements // block_d))
     tiles_per_frame = triton.cdiv(positions, block_s)

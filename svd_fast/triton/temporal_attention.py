@@ -21,7 +21,10 @@ products in IEEE precision.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -33,20 +36,21 @@ from svd_fast import _triton
 MAX_FRAMES = 64
 MAX_HEAD_DIM = 128
 
-# Elements of one [BLOCK_P, F_PAD, D_PAD] tile (bench/kernel_report.py, Triton 3.9, fp16, sm_90 / sm_80).
-# Forward: q, k, v tiles and a [BLOCK_P, F_PAD, F_PAD] score tile; 2048 elements (one position at F=25 -> 32,
-# D=64; two at F=14) with 4 warps compile to 60 registers and 9 KB of shared memory, no spills, 50%
-# occupancy; 4096 elements needed 79 registers (37.5%). Backward: q, k, v, grad_out tiles, three gradient
-# tiles and three [BLOCK_P, F_PAD, F_PAD] tiles; 2048 elements with 8 warps: 55 registers, 17 KB, 50% at
-# F=25 (44-57 registers at F=14); with 4 warps 78 registers (37.5%), at 4096 elements 80 (37.5%).
-# bfloat16 and float32 tiles are converted to float32 and need about twice the registers.
-# Under the CPU interpreter BLOCK_P is capped small so that the tests' tiny tensors span several blocks per video.
-GPU_FORWARD_TILE_ELEMENTS = 2048
-FORWARD_WARPS = 4
-GPU_BACKWARD_TILE_ELEMENTS = 2048
-BACKWARD_WARPS = 8
+# Launch plan: one position per warp (BLOCK_P == num_warps). Triton 3.6 lays a 3-D tl.dot out with all warps
+# on the BLOCK_P axis: with fewer positions than warps every warp computes the whole product (4x the tensor-core
+# work at F=25 with (BLOCK_P, warps) = (1, 4), 8x in the backward at (1, 8)); Triton 3.9 splits the frame axis
+# instead but repeats 1.5x at F=14 with (1, 4). With (2, 2) neither version repeats any product (HMMA per
+# position = what the padded products need), and at SVD-XT shapes (F=25 -> 32, D=64) 18 positions stay resident
+# per SM in the forward (106 registers under both) and 8 in the backward (206 registers under 3.9, 255 under
+# 3.6, no spills); bench/kernel_report.py and tests/test_triton_aot.py check both versions.
+POSITIONS_PER_PROGRAM = 2
+# One warp's [F_PAD, D_PAD] share at most: larger positions (F > 32 or D > 64, not SVD's) get one program of
+# several warps each, so that no warp holds more than the compiled SVD-XT tile.
+WARP_TILE_ELEMENTS = 2048
+MAX_WARPS = 8
 # tl.dot's smallest operand dimension.
 DOT_MIN = 16
+# Under the CPU interpreter BLOCK_P is capped small so that the tests' tiny tensors span several blocks per video.
 INTERPRETER_MAX_BLOCK_P = 4
 LOG2_E = 1.4426950408889634
 # Kernels may only read globals that are constexpr.
@@ -219,22 +223,48 @@ class LaunchPlan:
         return launch_kwargs
 
 
+_plan_override: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("plan_override", default=None)
+
+
+@contextlib.contextmanager
+def launch_plan_override(block_p: int, num_warps: int) -> Iterator[None]:
+    """Inside the block, forward and backward launch ``block_p`` positions per program with ``num_warps``
+    warps (bench/gpu_check.py times launch-plan variants this way)."""
+    if block_p < 1 or block_p & (block_p - 1):
+        raise ValueError(f"block_p must be a power of two >= 1, got {block_p}")
+    if num_warps < 1 or num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two >= 1, got {num_warps}")
+    token = _plan_override.set((block_p, num_warps))
+    try:
+        yield
+    finally:
+        _plan_override.reset(token)
+
+
 def launch_plan(
     q_shape: tuple[int, int, int], num_frames: int, num_heads: int, backward: bool = False, interpreter: bool = False
 ) -> LaunchPlan:
     """Blocking of the forward (or backward) kernel for q of ``q_shape`` (B*F, S, H*D). The batched matrix
     products need every dimension >= 16, so frames and head channels are padded to at least 16 (padded
-    frames are masked, never loaded). Neither the dtype, the strides nor the compute capability change it."""
+    frames are masked, never loaded). One position per warp where a position's tile fits one warp (see
+    POSITIONS_PER_PROGRAM), else one position per program; :func:`launch_plan_override` replaces the choice.
+    Neither the dtype, the strides nor the compute capability change it."""
     batch = q_shape[0] // num_frames
     positions = q_shape[1] * num_heads
     head_dim = q_shape[2] // num_heads
     frames_pad = max(DOT_MIN, triton.next_power_of_2(num_frames))
     head_dim_pad = max(DOT_MIN, triton.next_power_of_2(head_dim))
-    per_position = frames_pad * head_dim_pad
-    tile_elements = GPU_BACKWARD_TILE_ELEMENTS if backward else GPU_FORWARD_TILE_ELEMENTS
-    block_p = INTERPRETER_MAX_BLOCK_P if interpreter else max(1, tile_elements // per_position)
+    warps_per_position = triton.cdiv(frames_pad * head_dim_pad, WARP_TILE_ELEMENTS)
+    if warps_per_position == 1:
+        block_p = num_warps = POSITIONS_PER_PROGRAM
+    else:
+        block_p, num_warps = 1, min(MAX_WARPS, warps_per_position)
+    if interpreter:
+        block_p = INTERPRETER_MAX_BLOCK_P
+    override = _plan_override.get()
+    if override is not None:
+        block_p, num_warps = override
     block_p = max(1, min(block_p, triton.next_power_of_2(max(positions, 1))))
-    num_warps = BACKWARD_WARPS if backward else FORWARD_WARPS
     # 1-D grid: B * blocks can exceed 65,535 (e.g. 2 * 9216 * 5 positions), dim 0 allows 2^31 - 1.
     grid = (batch * triton.cdiv(positions, block_p),)
     return LaunchPlan(batch, positions, num_frames, head_dim, frames_pad, head_dim_pad, block_p, num_warps, grid)

@@ -1,4 +1,4 @@
-"""Video probing, frame selection, DALI-vs-PyAV decoding and the clip dataset, on generated videos."""
+"""svd_fast.data: video probing, frame selection, DALI-vs-PyAV decoding (decode.py), clip indexing (clips.py) and the clip dataset (dataset.py), on generated videos."""
 
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def test_dataset_yields_normalised_clips(videos: dict[str, Path]) -> None:
 
 
 def test_dataset_decodes_each_file_once(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    import av
+    av = pytest.importorskip("av")
 
     opened: list[str] = []
     real_open = av.open
