@@ -47,6 +47,7 @@ def _base(command: str, files: dict[str, Path]) -> list[str]:
         "demo": ["demo", "--out", str(root / "demo_out"), "--quick"],
         "curate": ["curate", "--input", str(root / "videos"), "--out", str(root / "m.parquet")],
         "train": ["train", "--config", str(files["config"])],
+        "distill": ["distill", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "distill_tiny_cpu.yaml")],
         "generate": ["generate", "--model", str(files["model"]), "--image", str(files["image"]), "--out", str(root / "x.mp4"), "--steps", "1"],
     }[command]  # fmt: skip
 
@@ -82,6 +83,17 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
         "--cache-interval": (["--cache-interval", "0"], "--cache-interval must be"),
         "--ray": (["--ray", "local"], "apply to batch generation"),
         "--actors": (["--actors", "many"], "invalid int value"),
+        "--unet-weights": (["--unet-weights", "{root}/missing.safetensors"], "--unet-weights"),
+        "--lora": (["--lora", "{root}/missing_adapter:1"], "--lora"),
+        "--window": (["--window", "1"], "--window must be an integer >= 2"),
+        "--overlap": (["--overlap", "-1"], "--overlap must be in"),
+    },
+    "distill": {
+        "--config": (["--config", "{root}/missing.yaml"], "missing.yaml"),
+        "--set": (["--set", "noequals"], "--set expects KEY=VALUE"),
+        "--plan-memory": (["--plan-memory=1"], "ignored explicit argument"),
+        "--gpus": (["--plan-memory", "--set", "precision=bf16", "--gpus", "0"], "--gpus must be"),
+        "--json": (["--json=1"], "ignored explicit argument"),
     },
     "encode": {
         "--data": (["--data", "{root}/missing"], "does not exist"),
@@ -103,6 +115,7 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
     "demo": {
         "--out": (["--out", ".."], "not a new folder name"),
         "--quick": (["--quick=yes"], "ignored explicit argument"),
+        "--distill": (["--distill=yes"], "ignored explicit argument"),
         "--unet-steps": (["--unet-steps", "0"], "--unet-steps must be"),
         "--sample-steps": (["--sample-steps", "5000"], "--sample-steps must be"),
         "--seed": (["--seed", "-1"], "--seed must be"),
