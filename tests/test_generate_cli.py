@@ -46,21 +46,21 @@ def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 BAD_INPUTS = [
-    ({"--frames": "1"}, "--frames must be >= 2"),
+    ({"--frames": "1"}, "--frames must be a whole number in [2, 1024]"),
     ({"--frames": "abc"}, "invalid int value"),
-    ({"--steps": "0"}, "--steps must be > 0"),
+    ({"--steps": "0"}, "--steps must be a whole number in [1, 1000]"),
     ({"--min-guidance": "nan"}, "--min-guidance must be a finite number"),
     ({"--max-guidance": "inf"}, "--max-guidance must be a finite number"),
     ({"--min-guidance": "3", "--max-guidance": "1"}, "must not exceed --max-guidance"),
-    ({"--min-guidance": "-1"}, "--min-guidance must be in"),
-    ({"--fps": "0"}, "--fps must be > 0"),
-    ({"--fps": "-3"}, "--fps must be > 0"),
-    ({"--height": "0"}, "--height must be a positive multiple"),
+    ({"--min-guidance": "-1"}, "--min-guidance must be a finite number in [0, 100]"),
+    ({"--fps": "0"}, "--fps must be a whole number in [1, 240]"),
+    ({"--fps": "-3"}, "--fps must be a whole number in [1, 240]"),
+    ({"--height": "0"}, "--height must be a whole number in [8, 8192]"),
     ({"--width": "60"}, "--width must be a positive multiple"),
-    ({"--motion-bucket-id": "300"}, "--motion-bucket-id must be in"),
-    ({"--noise-aug-strength": "-0.5"}, "--noise-aug-strength must be in"),
-    ({"--decode-chunk-size": "0"}, "--decode-chunk-size must be > 0"),
-    ({"--cache-interval": "0"}, "--cache-interval must be > 0"),
+    ({"--motion-bucket-id": "300"}, "--motion-bucket-id must be a whole number in [0, 255]"),
+    ({"--noise-aug-strength": "-0.5"}, "--noise-aug-strength must be a finite number in [0, 10]"),
+    ({"--decode-chunk-size": "0"}, "--decode-chunk-size must be a whole number in [1, 1024]"),
+    ({"--cache-interval": "0"}, "--cache-interval must be a whole number in [1, 1000]"),
     ({"--sampler": "heun"}, "invalid choice"),
     ({"--cache-interval": "2", "--no-optimize": None}, "need the optimized pipeline"),
     ({"--dtype": "fp16", "--device": "cpu"}, "fp16 is not supported on the CPU"),
@@ -117,7 +117,7 @@ def test_bad_input_is_one_line_and_exit_2_before_loading(
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"frames": 1}, "frames must be >= 2"), ({"cache_interval": 2, "optimize": False}, "drop optimize=False"),
+    [({"frames": 1}, "frames must be a whole number in"), ({"cache_interval": 2, "optimize": False}, "drop optimize=False"),
      ({"min_guidance": 3.0, "max_guidance": 1.0}, "min_guidance (3.0) must not exceed max_guidance"),
      ({"dtype": "fp16", "device": "cpu"}, "dtype fp16 is not supported on the CPU")],
 )  # fmt: skip
@@ -206,7 +206,7 @@ def test_batch_records_errors_and_resumes(tiny_model: Path, tmp_path: Path, caps
     assert restarted["a.png"] == started["a.png"] and restarted["b.png"] == started["b.png"]  # kept, not redone
     assert restarted["broken.png"] > started["broken.png"]
     assert {name: (out / name / "frame_0000.png").stat().st_mtime_ns for name in ("a", "b")} == finished
-    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "broken", "index.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [".svd-fast-lock", _io.MARKER, "a", "b", "broken", "index.parquet"]
 
 
 def test_batch_over_two_ray_actors_matches_one_process(tiny_model: Path, tmp_path: Path) -> None:

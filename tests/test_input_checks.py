@@ -1,8 +1,10 @@
 """Every option of every command has a bad value here, refused with one line and exit 2 before any model loads
-(svd_fast.checks is the one table of value rules behind them)."""
+(svd_fast.checks is the one table of value rules behind them). ``test_every_option_has_a_bad_value`` reads the
+parsers, so a new option without a case fails it."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 from PIL import Image
 
 from svd_fast import checks
-from svd_fast.cli import main
+from svd_fast.cli import build_parser, main
 
 HUGE_SEED = "1180591620717411303424"
 
@@ -26,6 +28,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "videos").mkdir()
     (root / "not_a_video.mp4").write_bytes(b"plain text, not a video")
     (root / "not_parquet.parquet").write_text("not parquet")
+    (root / "videos_user").mkdir()
+    (root / "videos_user" / "precious.txt").write_text("the user's")
+    (root / "images").mkdir()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(root / "images" / "a.png")
     config = {"model": str(model), "data": str(root / "not_a_video.mp4"), "output_dir": str(root / "run"), "device": "cpu",
               "num_frames": 8, "height": 64, "width": 64, "precision": "fp32"}  # fmt: skip
     (root / "train.json").write_text(json.dumps(config))
@@ -41,11 +47,54 @@ def _base(command: str, files: dict[str, Path]) -> list[str]:
         "demo": ["demo", "--out", str(root / "demo_out"), "--quick"],
         "curate": ["curate", "--input", str(root / "videos"), "--out", str(root / "m.parquet")],
         "train": ["train", "--config", str(files["config"])],
+        "distill": ["distill", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "distill_tiny_cpu.yaml")],
+        "generate": ["generate", "--model", str(files["model"]), "--image", str(files["image"]), "--out", str(root / "x.mp4"), "--steps", "1"],
     }[command]  # fmt: skip
 
 
 # command -> option -> (arguments replacing or adding to the base line, fragment of the one-line error)
 CASES: dict[str, dict[str, tuple[list[str], str]]] = {
+    "generate": {
+        "--model": (["--model", "{root}/missing"], "does not exist"),
+        "--image": (["--image", "{root}/missing.png"], "does not exist"),
+        "--input": (["--input", "{root}/missing"], "does not exist"),
+        "--out": (["--out", "."], "not a new folder name"),
+        "--format": (["--format", "avi"], "invalid choice"),
+        "--frames": (["--frames", "4000"], "--frames must be a whole number in [2, 1024], got 4000"),
+        "--steps": (["--steps", "0"], "--steps must be"),
+        "--height": (["--height", "100000"], "--height must be"),
+        "--width": (["--width", "60"], "--width must be a positive multiple"),
+        "--fps": (["--fps", "100000"], "--fps must be"),
+        "--motion-bucket-id": (["--motion-bucket-id", "300"], "--motion-bucket-id must be"),
+        "--noise-aug-strength": (["--noise-aug-strength", "-0.5"], "--noise-aug-strength must be"),
+        "--guidance-preset": (["--guidance-preset", "strong"], "invalid choice"),
+        "--min-guidance": (["--min-guidance", "nan"], "--min-guidance must be a finite number"),
+        "--max-guidance": (["--max-guidance", "1e300"], "--max-guidance must be a finite number in [0, 100], got 1e+300"),
+        "--decode-chunk-size": (["--decode-chunk-size", "0"], "--decode-chunk-size must be"),
+        "--seed": (["--seed", HUGE_SEED], "--seed must be a whole number in [0, 9.22337e+18)"),
+        "--dtype": (["--dtype", "fp8"], "invalid choice"),
+        "--backend": (["--backend", "cuda", "--device", "cpu"], "--backend cuda cannot run on cpu"),
+        "--device": (["--device", "potato"], "--device 'potato' is not a device"),
+        "--low-memory": (["--low-memory=1"], "ignored explicit argument"),
+        "--no-optimize": (["--no-optimize=1"], "ignored explicit argument"),
+        "--attention": (["--attention", "magic"], "invalid choice"),
+        "--cuda-graphs": (["--cuda-graphs=1"], "ignored explicit argument"),
+        "--sampler": (["--sampler", "heun"], "invalid choice"),
+        "--cache-interval": (["--cache-interval", "0"], "--cache-interval must be"),
+        "--ray": (["--ray", "local"], "apply to batch generation"),
+        "--actors": (["--actors", "many"], "invalid int value"),
+        "--unet-weights": (["--unet-weights", "{root}/missing.safetensors"], "--unet-weights"),
+        "--lora": (["--lora", "{root}/missing_adapter:1"], "--lora"),
+        "--window": (["--window", "1"], "--window must be an integer >= 2"),
+        "--overlap": (["--overlap", "-1"], "--overlap must be in"),
+    },
+    "distill": {
+        "--config": (["--config", "{root}/missing.yaml"], "missing.yaml"),
+        "--set": (["--set", "noequals"], "--set expects KEY=VALUE"),
+        "--plan-memory": (["--plan-memory=1"], "ignored explicit argument"),
+        "--gpus": (["--plan-memory", "--set", "precision=bf16", "--gpus", "0"], "--gpus must be"),
+        "--json": (["--json=1"], "ignored explicit argument"),
+    },
     "encode": {
         "--data": (["--data", "{root}/missing"], "does not exist"),
         "--model": (["--model", "{root}/img.png"], "not a diffusers pipeline folder"),
@@ -66,6 +115,7 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
     "demo": {
         "--out": (["--out", ".."], "not a new folder name"),
         "--quick": (["--quick=yes"], "ignored explicit argument"),
+        "--distill": (["--distill=yes"], "ignored explicit argument"),
         "--unet-steps": (["--unet-steps", "0"], "--unet-steps must be"),
         "--sample-steps": (["--sample-steps", "5000"], "--sample-steps must be"),
         "--seed": (["--seed", "-1"], "--seed must be"),
@@ -98,6 +148,12 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
 
 # Classes of bad values beyond one per option (the issue's sweep): each is one line and exit 2.
 EXTRA_CASES: list[tuple[str, list[str], str]] = [
+    ("generate", ["--out", ""], "not a new folder name"),
+    ("generate", ["--out", ".."], "not a new folder name"),
+    ("generate", ["--out", "{root}/folder.mp4"], "is an existing folder"),
+    ("generate", ["--out", "{root}/videos_user"], "not written by svd-fast"),
+    ("generate", ["--input", "{root}/images", "--out", "{root}/videos_user"], "not written by svd-fast"),
+    ("generate", ["--frames", "1000", "--height", "8192", "--width", "8192"], "GiB on cpu (estimate)"),
     ("train", ["--set", "adam_eps=-1"], "adam_eps must be"),
     ("train", ["--set", "learning_rate=1e30"], "learning_rate must be"),
     ("train", ["--set", "validate_every=1", "--set", "validation_num_frames=1", "--set", 'validation_images=["{root}/img.png"]'],
@@ -120,6 +176,7 @@ def _no_heavy_work(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("heavy work started before the arguments were checked")
 
     import svd_fast.demo  # noqa: PLC0415
+    import svd_fast.diffusers.generation  # noqa: PLC0415
     import svd_fast.training.latents  # noqa: PLC0415
     import svd_fast.training.setup  # noqa: PLC0415
     import svd_fast.training.trainer  # noqa: PLC0415
@@ -128,6 +185,7 @@ def _no_heavy_work(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(svd_fast.training.trainer, "build_models", refuse)
     monkeypatch.setattr(svd_fast.demo, "run_demo", refuse)
     monkeypatch.setattr(svd_fast.diffusers.tiny, "save_tiny_pipeline", refuse)
+    monkeypatch.setattr(svd_fast.diffusers.generation, "load_optimized_pipeline", refuse)
 
 
 def _assert_one_line(command: str, argv: list[str], fragment: str, capsys: pytest.CaptureFixture) -> None:
@@ -142,6 +200,9 @@ def _argv(command: str, arguments: list[str], files: dict[str, Path]) -> list[st
     base = _base(command, files)
     if command == "make-tiny" and arguments[0] == "make-tiny":
         return arguments
+    if arguments[0] == "--input":  # a batch: no --image
+        index = base.index("--image")
+        base = [*base[:index], *base[index + 2 :]]
     if arguments[0] in base:  # replace the base line's value of this option
         index = base.index(arguments[0])
         return [*base[:index], *arguments, *base[index + 2 :]]
@@ -159,6 +220,21 @@ def test_each_option_refuses_its_bad_value(command: str, option: str, files, cap
 def test_classes_of_bad_values(command: str, arguments: list[str], fragment: str, files, capsys, monkeypatch) -> None:
     _no_heavy_work(monkeypatch)
     _assert_one_line(command, _argv(command, _fill(arguments, files), files), fragment, capsys)
+
+
+def test_every_option_has_a_bad_value() -> None:
+    parser = build_parser()
+    (subparsers,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    missing = []
+    for command, subparser in subparsers.choices.items():
+        for action in subparser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            name = action.option_strings[0] if action.option_strings else action.dest
+            if not any(name == key or key in action.option_strings for key in CASES.get(command, {})):
+                missing.append(f"{command} {name}")
+    assert not missing, f"options without a bad-value case: {missing}"
+
 
 
 @pytest.mark.parametrize(
@@ -201,3 +277,23 @@ def test_a_missing_ray_cluster_is_named(files, capsys, monkeypatch) -> None:
     argv = [*_base("encode", files), "--ray", "auto", "--device", "cpu"]
     argv[argv.index("--data") + 1] = str(files["root"] / "not_a_video.mp4")
     _assert_one_line("encode", argv, "--ray auto: no running Ray cluster to join (Could not find any running Ray instance", capsys)
+
+
+def test_a_long_stage_reports_while_it_runs() -> None:
+    import threading  # noqa: PLC0415
+
+    from svd_fast.heartbeat import heartbeat  # noqa: PLC0415
+
+    lines: list[str] = []
+    two_beats = threading.Event()
+
+    def write(line: str) -> None:
+        lines.append(line)
+        if len(lines) == 2:
+            two_beats.set()
+
+    with heartbeat("decode", interval=0.001, write=write):
+        assert two_beats.wait(60)  # the stage runs until it has been reported twice
+    count = len(lines)
+    assert all(line.startswith("decode: still running after ") for line in lines)
+    assert len(lines) == count  # nothing after the stage ended

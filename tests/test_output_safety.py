@@ -142,7 +142,7 @@ def test_generate_keeps_a_user_folder(tiny_model: Path, tmp_path: Path, monkeypa
     precious = _precious(tmp_path / "work")
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "img.png")
     code = main(["generate", "--model", str(tiny_model), "--image", "img.png", "--out", "work", "--steps", "1", "--frames", "2"])
-    assert code != 0 and precious.read_text() == "the user's work"
+    assert code == 2 and precious.read_text() == "the user's work"
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["precious.txt"]
 
 

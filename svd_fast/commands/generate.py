@@ -14,8 +14,9 @@ import json
 import sys
 from pathlib import Path
 
+from svd_fast import _io
 from svd_fast.backends import BACKENDS
-from svd_fast.commands.errors import EXIT_PARTIAL, UsageError, require_writable_dir
+from svd_fast.commands.errors import EXIT_PARTIAL, UsageError, require_output_folder, require_writable_dir
 
 EXAMPLES = """examples:
   svd-fast generate --model ./stable-video-diffusion-img2vid-xt --image rocket.png --out rocket.mp4 \\
@@ -112,17 +113,23 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(error.render(flag, with_todo=False), error.render_todo(flag)) from None
     except (ModelFolderError, media.MediaError) as error:  # they name the flag themselves
         raise UsageError(str(error)) from None
+    except _io.OutputBusyError as error:
+        raise UsageError(str(error), "wait for it to finish, or choose another --out") from None
+    except ConnectionError as error:  # ray.init(address="auto") without a cluster
+        raise UsageError(f"--ray {args.ray}: no running Ray cluster to join ({str(error).splitlines()[0]})",
+                         "start one with `ray start --head`, or use --ray local") from None
 
 
 def _run(args: argparse.Namespace) -> int:
     from svd_fast import media  # noqa: PLC0415 - PIL and numpy load only when the command runs
     from svd_fast.diffusers import generation  # noqa: PLC0415 - torch and diffusers load only when the command runs
-    from svd_fast.diffusers.generation_batch import generate_batch  # noqa: PLC0415 - torch and diffusers load only when the command runs
+    from svd_fast.diffusers.generation_batch import generate_batch, list_images  # noqa: PLC0415 - torch and diffusers load only when the command runs
 
     options = options_from_args(args)
     if args.input is not None:
         generation.check_options(options)  # the arguments' errors before the folder check's
-        require_writable_dir("--out", args.out)
+        list_images(args.input)  # before the output folder is created
+        require_output_folder("--out", args.out, "videos", [args.input])
 
         def report(row: dict) -> None:
             print(f"{row['status']}: {row['output']}" + (f" ({row['error']})" if row["error"] else ""), file=sys.stderr)
@@ -131,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
         failed = len(summary["failed"])
         print(f"{summary['videos'] - failed} of {summary['videos']} videos in {summary['out']} ({summary['already_there']} already there); {failed} failed")
         return EXIT_PARTIAL if failed else 0
-    media.output_kind(args.out)
+    media.check_output(args.out, [args.image])
     options = generation.check_options(options)
     if options.sampler == "consistency" and options.max_guidance > 1:
         print("svd-fast generate: note: --sampler consistency with a guidance above 1 runs classifier-free guidance, "

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,11 +23,12 @@ from typing import Any
 import torch
 from diffusers import StableVideoDiffusionPipeline
 
-from svd_fast import media
+from svd_fast import checks, media
 from svd_fast.backends import backends_used, use_backend
 from svd_fast.diffusers.loading import ModelFolderError, check_model_folder
 from svd_fast.diffusers.patching import describe, optimize
-from svd_fast.diffusers.settings import OptionError, check_settings, require_in_range, require_positive
+from svd_fast.diffusers.settings import OptionError, check_settings
+from svd_fast.heartbeat import heartbeat
 from svd_fast.sampling.guidance import GUIDANCE_PRESETS
 
 
@@ -80,17 +82,22 @@ def _looks_like_path(model: str | Path) -> bool:
     return Path(model).expanduser().exists() or str(model).startswith((".", "/", "~"))
 
 
+def _check(name: str, value: Any) -> None:
+    """``value`` under svd_fast.checks' rule for ``name``, as an OptionError spelled by the caller."""
+    try:
+        checks.check(name, value, spelled="{" + name + "}")
+    except checks.CheckError as error:
+        raise OptionError(str(error)) from None
+
+
 def check_options(options: GenerateOptions) -> GenerateOptions:
     """Raise OptionError (a ValueError naming the field) or ModelFolderError for any bad option, and fill in
     every default that needs no model load."""
     if _looks_like_path(options.model):
         check_model_folder(Path(options.model).expanduser())
-    if options.frames is not None and options.frames < 2:
-        raise OptionError("{frames} must be >= 2, got {got}", got=options.frames)
-    for name in ("steps", "fps", "decode_chunk_size", "cache_interval"):
-        require_positive(name, getattr(options, name), integer=True)
-    require_in_range("motion_bucket_id", options.motion_bucket_id, 0, 255)
-    require_in_range("noise_aug_strength", options.noise_aug_strength, 0.0, math.inf)
+    for name in ("seed", "frames", "steps", "fps", "decode_chunk_size", "cache_interval", "motion_bucket_id", "noise_aug_strength",
+                 "height", "width"):  # fmt: skip
+        _check(name, getattr(options, name))
     if options.guidance_preset not in GUIDANCE_PRESETS:
         raise OptionError("{guidance_preset} must be one of {choices}, got {got!r}", choices=tuple(GUIDANCE_PRESETS), got=options.guidance_preset)
     preset = GUIDANCE_PRESETS[options.guidance_preset]
@@ -102,8 +109,8 @@ def check_options(options: GenerateOptions) -> GenerateOptions:
         default_guidance = (few_step["min_guidance"], few_step["max_guidance"]) if few_step else (1.0, 1.0)
     minimum = default_guidance[0] if options.min_guidance is None else options.min_guidance
     maximum = default_guidance[1] if options.max_guidance is None else options.max_guidance
-    require_in_range("min_guidance", minimum, 0.0, math.inf)
-    require_in_range("max_guidance", maximum, 0.0, math.inf)
+    _check("min_guidance", minimum)
+    _check("max_guidance", maximum)
     if minimum > maximum:
         raise OptionError("{min_guidance} ({low}) must not exceed {max_guidance} ({high})", "the guidance rises over the frames", low=minimum, high=maximum)
 
@@ -136,13 +143,25 @@ def check_options(options: GenerateOptions) -> GenerateOptions:
     if options.unet_weights is not None:
         _check_unet_weights(options.unet_weights, config)
 
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = options.dtype or ("fp16" if device == "cuda" else "fp32")
-    check_settings(
+    try:
+        device = checks.parse_device(options.device, spelled="{device}")
+    except checks.CheckError as error:
+        raise OptionError(str(error)) from None
+    dtype = options.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    torch_dtype = check_settings(
         backend=options.backend, dtype=dtype, device=device, low_memory=options.low_memory, attention=options.attention,
         cuda_graphs=options.cuda_graphs, sampler=sampler, cache_interval=options.cache_interval,
         optimized=options.optimize,
     )  # fmt: skip
+    reason = checks.backend_unavailable_reason(options.backend, device, torch_dtype)
+    if reason is not None:
+        raise OptionError("{backend} {name} cannot run on {where}: {reason}", "use {backend} auto", name=options.backend, where=device, reason=reason)
+    active = window if options.window is not None and frames > window else frames  # a long video holds one window at a time
+    decode_chunk = options.decode_chunk_size or (2 if options.low_memory else active)
+    try:
+        checks.check_generation_memory(active, height, width, decode_chunk, torch_dtype.itemsize, device, spelled="{frames} x {height} x {width}")
+    except checks.CheckError as error:
+        raise OptionError(str(error)) from None
     return dataclasses.replace(
         options, height=height, width=width, frames=frames, steps=steps, min_guidance=minimum, max_guidance=maximum,
         device=device, dtype=dtype, sampler=sampler, window=window, lora=[f"{path}:{scale}" for path, scale in loras],
@@ -293,7 +312,8 @@ def sample_video(pipe, condition, options: GenerateOptions, seed: int) -> list:
                 motion_bucket_id=options.motion_bucket_id, noise_aug_strength=options.noise_aug_strength,
             )  # fmt: skip
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    with use_backend(options.backend):
+    stage = f"sampling and decoding {options.frames} frames {options.height}x{options.width}"
+    with use_backend(options.backend), heartbeat(stage) if options.progress else contextlib.nullcontext():
         result = pipe(
             condition, height=options.height, width=options.width, num_frames=options.frames,
             num_inference_steps=options.steps, min_guidance_scale=options.min_guidance,
@@ -314,7 +334,7 @@ def generate(model: str | Path, image: str | Path, out: str | Path, **options: A
 def generate_video(image: str | Path, out: str | Path, options: GenerateOptions) -> dict[str, Any]:
     """:func:`generate` with the options as a :class:`GenerateOptions`. Everything is checked (OptionError,
     ModelFolderError, :class:`svd_fast.media.MediaError`: all ValueErrors) before the model loads."""
-    media.output_kind(out)
+    media.check_output(out, [image])
     options = check_options(options)
     out = Path(out)
     condition = media.load_image(image, max_size=(options.width, options.height))
@@ -327,7 +347,7 @@ def generate_video(image: str | Path, out: str | Path, options: GenerateOptions)
     frames = sample_video(pipe, condition, options, options.seed)
     sampled = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    written = media.write_frames(frames, out, fps=options.fps)
+    written = media.write_frames(frames, out, fps=options.fps, inputs=[image])
     peak = torch.cuda.max_memory_allocated() if options.device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "out": str(written),

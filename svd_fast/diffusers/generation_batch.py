@@ -17,15 +17,13 @@ optionally over Ray.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from svd_fast import media
+from svd_fast import _io, media
 from svd_fast._ray import rows_from_actors
 from svd_fast.diffusers import generation
 from svd_fast.diffusers.generation import GenerateOptions, check_options, sample_video
@@ -77,7 +75,7 @@ class VideoWorker:
         try:
             condition = media.load_image(job["image"], max_size=(self.options.width, self.options.height))
             frames = sample_video(self.pipe, condition, self.options, job["seed"])
-            media.write_frames(frames, job["output"], fps=self.options.fps)
+            media.write_frames(frames, job["output"], fps=self.options.fps, inputs=[job["image"]])
             row.update(status="ok", error="")
         except (media.MediaError, OSError) as error:
             row.update(status="error", error=str(error))
@@ -112,14 +110,7 @@ def write_index(out_dir: Path, rows: Iterable[dict[str, Any]]) -> None:
     rows = sorted(rows, key=lambda row: row["image"])
     names = list(dict.fromkeys(name for row in rows for name in row))  # rows of an older index may lack a column
     table = pa.Table.from_pylist([{name: row.get(name) for name in names} for row in rows])
-    descriptor, temporary = tempfile.mkstemp(dir=out_dir, prefix=f"{media.PARTIAL_PREFIX}index-", suffix=".parquet")
-    os.close(descriptor)
-    try:
-        pq.write_table(table, temporary)
-        os.replace(temporary, out_dir / INDEX_NAME)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    _io.write_file(out_dir / INDEX_NAME, lambda temporary: pq.write_table(table, temporary))
 
 
 def generate_batch(
@@ -141,12 +132,24 @@ def generate_batch(
     require_positive("actors", actors, integer=True)
     images = list_images(source)
     options = check_options(options)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stems = [image.stem for image in images]
     if len(set(stems)) != len(stems):
         raise OptionError("{input} has several images with the same name stem; their outputs would collide")
-    media.remove_partials(out_dir)
+    try:
+        out_dir = _io.claim_folder(out_dir, "videos", [source], name="{out}")
+    except _io.OutputPathError as error:
+        raise OptionError(str(error)) from None
+    with _io.lock(out_dir / ".svd-fast-lock", "batch generation", out_dir, busy=BatchBusyError):
+        return _generate_missing(images, out_dir, options, output_format, ray, actors, on_row)
+
+
+class BatchBusyError(_io.OutputBusyError, ValueError):
+    """Another batch generation is writing the same output folder."""
+
+
+def _generate_missing(images: list[Path], out_dir: Path, options: GenerateOptions, output_format: str, ray: str | None,
+                      actors: int | None, on_row: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:  # fmt: skip
+    _io.remove_partials(out_dir)
 
     rows = read_index(out_dir)
     parameters = _parameters(options)
