@@ -200,7 +200,7 @@ def _argv(command: str, arguments: list[str], files: dict[str, Path]) -> list[st
     base = _base(command, files)
     if command == "make-tiny" and arguments[0] == "make-tiny":
         return arguments
-    if arguments[0] == "--input":  # a batch: no --image
+    if command == "generate" and arguments[0] == "--input":  # a batch: no --image
         index = base.index("--image")
         base = [*base[:index], *base[index + 2 :]]
     if arguments[0] in base:  # replace the base line's value of this option
