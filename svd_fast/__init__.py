@@ -1,20 +1,36 @@
 """svd_fast: fast kernels, sampling, training and data curation for Stable Video Diffusion."""
 
-from svd_fast import backends, ops
-from svd_fast.backends import BackendUnavailableError, backends_used, last_backend, use_backend
+import importlib
 
 __version__ = "0.1.0"
 
-_PATCHING_EXPORTS = ("optimize", "restore", "describe")
+# Public name -> the module that defines it. Every one loads on first use, so `import svd_fast` (and the
+# command line's argument parsing and --help) imports neither torch nor diffusers.
+_LAZY_EXPORTS = {
+    "backends": "svd_fast",
+    "ops": "svd_fast",
+    "BackendUnavailableError": "svd_fast.backends",
+    "backends_used": "svd_fast.backends",
+    "last_backend": "svd_fast.backends",
+    "use_backend": "svd_fast.backends",
+    "optimize": "svd_fast.diffusers.patching",
+    "restore": "svd_fast.diffusers.patching",
+    "describe": "svd_fast.diffusers.patching",
+}
 
 
 def __getattr__(name: str) -> object:
-    # optimize/restore import diffusers: load them on first use so `import svd_fast` stays light.
-    if name in _PATCHING_EXPORTS:
-        from svd_fast.diffusers import patching  # noqa: PLC0415
+    module_name = _LAZY_EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'svd_fast' has no attribute {name!r}")
+    if module_name == "svd_fast":
+        return importlib.import_module(f"svd_fast.{name}")
+    return getattr(importlib.import_module(module_name), name)
 
-        return getattr(patching, name)
-    raise AttributeError(f"module 'svd_fast' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY_EXPORTS])
+
 
 __all__ = [
     "BackendUnavailableError",

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from svd_fast.training.config import TrainConfig
+from svd_fast.training.deepspeed_import import import_deepspeed
+from svd_fast.training.deepspeed_json import read_deepspeed_json, without_auto, world_size
 
 # The layers SVD added to the image model: temporal attention and resnets, their blends with the spatial path,
 # and the frame-position embedding (temporal-only fine-tunes train these and freeze the rest).
@@ -90,7 +92,7 @@ def setup_distributed(device: torch.device) -> tuple[int, int]:
             raise ValueError(f"launcher: {name} is not set (RANK/WORLD_SIZE given without the rest of the rendezvous)")
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed  # noqa: PLC0415 - heavy; imported after DS_ACCELERATOR is set
+    deepspeed = import_deepspeed()  # after DS_ACCELERATOR is set
 
     # DeepSpeed's CPU comm backend JIT-compiles its shared-memory all-reduce op (deepspeed_shm_comm) on the first
     # init_distributed (~40 s of g++ per fresh cache). gloo does our reductions, so mark that op unusable.
@@ -104,9 +106,9 @@ def derived_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
     """The DeepSpeed keys this trainer's config determines."""
     zero: dict[str, Any] = {"stage": config.zero_stage}
     if config.offload_optimizer != "none":
-        zero["offload_optimizer"] = {"device": config.offload_optimizer, "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": config.offload_optimizer}
     if config.offload_param != "none":
-        zero["offload_param"] = {"device": config.offload_param, "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {"device": config.offload_param}
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": config.batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
@@ -145,28 +147,32 @@ def _merge(derived: dict[str, Any], user: dict[str, Any], where: str, conflicts:
 def build_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
     """The config's DeepSpeed keys, merged with ``deepspeed_config`` (a JSON file) when given: keys only the
     JSON sets are kept (e.g. communication or offload tuning); a key both set differently is an error, so the
-    run never silently differs from either file."""
+    run never silently differs from either file. Logging and pinning defaults apply where the JSON is silent."""
     derived = derived_deepspeed_config(config)
-    derived.update(steps_per_print=10**9, wall_clock_breakdown=False)
-    if config.deepspeed_config is None:
-        return derived
-    path = Path(config.deepspeed_config)
-    try:
-        user = json.loads(path.read_text())
-    except OSError as error:
-        raise ValueError(f"deepspeed_config: cannot read {str(path)!r} ({error.strerror or error})") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"deepspeed_config: {str(path)!r} is not valid JSON ({error})") from None
-    if not isinstance(user, dict):
-        raise ValueError(f"deepspeed_config: {str(path)!r} must hold a JSON object")
-    for key in ("train_batch_size", "optimizer", "scheduler"):
-        if key in user and key not in derived:
-            raise ValueError(f"deepspeed_config: {key!r} is set by the training config's own keys "
-                             "(batch_size, gradient_accumulation_steps, optimizer, warmup_steps), remove it from the JSON")
-    conflicts: list[str] = []
-    merged = _merge(derived, user, "", conflicts)
-    if conflicts:
-        raise ValueError(f"deepspeed_config: {str(path)!r} conflicts with the training config: {'; '.join(conflicts)}")
+    merged = derived
+    if config.deepspeed_config is not None:
+        path = config.deepspeed_config
+        user = without_auto(read_deepspeed_json(path))
+        if "scheduler" in user:
+            raise ValueError(f"deepspeed_config: {path!r} sets 'scheduler'; the learning-rate schedule is the training "
+                             "config's warmup_steps, remove it from the JSON")
+        if "optimizer" in user and "optimizer" not in derived:
+            raise ValueError(f"deepspeed_config: {path!r} sets 'optimizer' but the training config says optimizer: "
+                             f"{config.optimizer} (remove one of them)")
+        expected_total = config.batch_size * config.gradient_accumulation_steps * world_size()
+        if user.get("train_batch_size", expected_total) != expected_total:
+            raise ValueError(f"deepspeed_config: {path!r} conflicts with the training config: train_batch_size="
+                             f"{user['train_batch_size']} (batch_size x gradient_accumulation_steps x {world_size()} processes "
+                             f"gives {expected_total})")
+        conflicts: list[str] = []
+        merged = _merge(derived, user, "", conflicts)
+        if conflicts:
+            raise ValueError(f"deepspeed_config: {path!r} conflicts with the training config: {'; '.join(conflicts)}")
+    merged.setdefault("steps_per_print", 10**9)
+    merged.setdefault("wall_clock_breakdown", False)
+    for name in ("offload_optimizer", "offload_param"):
+        if name in merged["zero_optimization"]:
+            merged["zero_optimization"][name].setdefault("pin_memory", torch.cuda.is_available())
     return merged
 
 
@@ -207,7 +213,7 @@ class Models:
 
 
 def build_models(config: TrainConfig, device: torch.device) -> Models:
-    import deepspeed  # noqa: PLC0415
+    deepspeed = import_deepspeed()
     from diffusers import StableVideoDiffusionPipeline  # noqa: PLC0415
 
     from svd_fast.training.activation_checkpointing import enable_activation_checkpointing  # noqa: PLC0415
