@@ -30,6 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="video folder, video file or curated manifest (.parquet/.jsonl)")
     parser.add_argument("--model", required=True, help="diffusers SVD pipeline folder (its VAE and image encoder)")
+    parser.add_argument("--variant", default=None, help='weights variant to read, e.g. "fp16" for a folder of *.fp16.safetensors')
     parser.add_argument("--out", required=True, help="output folder (resumable)")
     parser.add_argument("--num-frames", type=int, default=14)
     parser.add_argument("--height", type=int, default=576)
@@ -67,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     settings = {"data": str(Path(args.data).resolve()), "model": str(Path(args.model).resolve()), "num_frames": args.num_frames,
                 "height": args.height, "width": args.width, "stride": args.stride, "target_fps": args.target_fps}
+    if args.variant is not None:  # only then: folders encoded before the option existed keep their settings
+        settings["model_variant"] = args.variant
     try:
         pending = prepare_latents_dir(out, settings)
         if pending:

@@ -29,6 +29,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 class TrainConfig:
     # Inputs and outputs
     model: str = ""  # base diffusers pipeline folder (UNet initialisation + frozen VAE/CLIP + exported components)
+    model_variant: str | None = None  # e.g. "fp16": read the *.fp16.safetensors weights (fp16-only downloads), trained in fp32
     data: str | list[str] = ""  # folder, list of files, or a .parquet/.jsonl manifest (svd_fast.data)
     output_dir: str = "train_out"
     latents_dir: str | None = None  # an `svd-fast encode` output: train from precomputed features instead of `data`

@@ -221,7 +221,7 @@ def build_models(config: TrainConfig, device: torch.device) -> Models:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
-    pipe = StableVideoDiffusionPipeline.from_pretrained(config.model, dtype=torch.float32)
+    pipe = StableVideoDiffusionPipeline.from_pretrained(config.model, dtype=torch.float32, variant=config.model_variant)
     pipe.vae.to(device).eval().requires_grad_(False)
     pipe.image_encoder.eval().requires_grad_(False)
     if config.latents_dir is None:  # with precomputed latents the image encoder is not used in the loop

@@ -170,7 +170,8 @@ def export_pipeline(models: Models, ema: ShardedEMA | None, config: TrainConfig,
     if rank == 0:
         from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415
 
-        unet = UNetSpatioTemporalConditionModel.from_pretrained(config.model, subfolder="unet")
+        unet = UNetSpatioTemporalConditionModel.from_pretrained(config.model, subfolder="unet", variant=config.model_variant,
+                                                                dtype=torch.float32)
         if config.trained_parameters == "lora":
             from svd_fast.training.lora import add_lora, merge_lora, save_lora  # noqa: PLC0415
 

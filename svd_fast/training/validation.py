@@ -53,7 +53,8 @@ class Validator:
         if self._pipeline is None:
             from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel  # noqa: PLC0415
 
-            unet = UNetSpatioTemporalConditionModel.from_pretrained(self.config.model, subfolder="unet").eval()
+            unet = UNetSpatioTemporalConditionModel.from_pretrained(self.config.model, subfolder="unet", variant=self.config.model_variant,
+                                                                    dtype=torch.float32).eval()
             pipe = StableVideoDiffusionPipeline(
                 vae=copy.deepcopy(self.base.vae).to("cpu"), image_encoder=self.base.image_encoder, unet=unet,
                 scheduler=copy.deepcopy(self.base.scheduler), feature_extractor=self.base.feature_extractor,
