@@ -3,12 +3,11 @@
 Without a GPU, Triton kernels run on CPU tensors in the Triton interpreter, which must be switched
 on before triton is first imported: here, before any test module imports svd_fast's kernels.
 
-GPU cases carry the ``gpu`` marker (``requires_cuda``): they skip where there is no CUDA device, and
-on a CUDA machine a skipped ``gpu`` case is reported as a failure, so that ``pytest -m gpu`` cannot
-pass by skipping. Cases that also need an optional package (flash-attn, DALI, deepspeed) carry
-``gpu_optional`` (``requires_cuda_and_package``) and may skip with their reason. Cases that force
-Triton on CPU tensors (``requires_triton_interpreter``) skip when the interpreter is off, as on a
-CUDA machine, where the triton-cuda cases run the same kernels.
+GPU cases carry the ``gpu`` marker (tests/utils.py's ``requires_cuda``): they skip where there is no CUDA
+device, and on a CUDA machine a skipped ``gpu`` case is reported as a failure, so that ``pytest -m gpu``
+cannot pass by skipping. Cases that also need an optional package (flash-attn, DALI, deepspeed) carry
+``gpu_optional`` and may skip with their reason. Plain helpers and markers live in tests/utils.py (test files
+import them from there, never from conftest).
 """
 
 import os
@@ -16,24 +15,13 @@ import os
 import pytest
 import torch
 
-CUDA_AVAILABLE = torch.cuda.is_available()
-if not CUDA_AVAILABLE:
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-TRITON_INTERPRETER_ON = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Tests that must not be affected by a backend forced in the caller's shell.
 os.environ.pop("SVD_FAST_BACKEND", None)
 
-# "1" or "0" overrides whether skipped gpu cases fail (default: they fail where CUDA is available).
-GPU_TESTS_MUST_RUN_ENV = "SVD_FAST_GPU_TESTS_MUST_RUN"
-
-requires_cuda = pytest.mark.gpu
-requires_cuda_and_package = [pytest.mark.gpu, pytest.mark.gpu_optional]
-requires_triton_interpreter = pytest.mark.skipif(
-    not TRITON_INTERPRETER_ON,
-    reason="forces Triton on CPU tensors, which needs the Triton interpreter (TRITON_INTERPRET=1); "
-    "with it off the triton-cuda cases run these kernels on a GPU",
-)
+from utils import CUDA_AVAILABLE, GPU_TESTS_MUST_RUN_ENV  # noqa: E402 - utils reads TRITON_INTERPRET, set just above
 
 
 def _gpu_tests_must_run() -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import requires_cuda
+from utils import requires_cuda
 
 from svd_fast.curation import (
     CurationConfig,

@@ -17,6 +17,7 @@ from PIL import Image
 import svd_fast.commands.generate as generate_command
 from svd_fast import media
 from svd_fast.cli import main
+from svd_fast.diffusers import generation
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(generate_command, "load_optimized_pipeline", refuse)
+    monkeypatch.setattr(generation, "load_optimized_pipeline", refuse)
 
 
 BAD_INPUTS = [
@@ -103,6 +104,18 @@ def test_bad_input_is_one_line_and_exit_2_before_loading(
     assert code == 2, error
     assert message in error, error
     assert "Traceback" not in error and len(error.strip().splitlines()) == 1, error
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"frames": 1}, "frames must be >= 2"), ({"cache_interval": 2, "optimize": False}, "drop optimize=False"),
+     ({"min_guidance": 3.0, "max_guidance": 1.0}, "min_guidance (3.0) must not exceed max_guidance"),
+     ({"dtype": "fp16", "device": "cpu"}, "dtype fp16 is not supported on the CPU")],
+)  # fmt: skip
+def test_python_api_names_the_field(tiny_model: Path, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: dict, message: str) -> None:
+    _no_model_load(monkeypatch)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        generation.generate(tiny_model, image, tmp_path / "x.mp4", steps=1, **change)
 
 
 def test_huge_image_is_shrunk_while_loading(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPU_TESTS_MUST_RUN_ENV, requires_cuda, requires_triton_interpreter
+from utils import GPU_TESTS_MUST_RUN_ENV, requires_cuda, requires_triton_interpreter
 
 from svd_fast import backends
 from svd_fast.ops import edm_euler_step, group_norm, temporal_attention

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import requires_cuda
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableVideoDiffusionPipeline
 from PIL import Image
+from utils import requires_cuda
 
 import svd_fast
 from svd_fast import backends

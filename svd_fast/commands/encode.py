@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from svd_fast._ray import rows_from_actors
 from svd_fast.commands.errors import UsageError, require_positive, require_writable_dir
-from svd_fast.commands.ray_actors import rows_from_actors
 
 EXAMPLES = """examples:
   svd-fast encode --data data/manifest.parquet --model models/stable-video-diffusion-img2vid-xt --out latents/xt \\

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from svd_fast._ray import cluster_gpus, ray_session
 from svd_fast.curation import analysis, flow, manifest, ocr
 from svd_fast.curation.filters import apply_filters, parse_filter
 from svd_fast.data.decode import VIDEO_SUFFIXES, VideoDecodeError, decode_frames_at_times
@@ -295,23 +296,14 @@ def _run_local(items: list[dict], config: CurationConfig, on_done: Callable[[dic
 def _run_ray(items: list[dict], config: CurationConfig, address: str, on_done: Callable[[dict], None]) -> None:
     """Ray Data stages (workers must see the input paths, e.g. a shared filesystem). GPU stages ask for a
     whole GPU per task/actor when the cluster has GPUs; the CLIP actor pool is one actor per GPU."""
-    import ray  # noqa: PLC0415 - optional dependency, slow import
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=None if address == "local" else address, include_dashboard=False)
-    try:
-        cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-        gpus = 1 if cluster_gpus else 0
+    with ray_session(address) as ray:
+        gpus = 1 if cluster_gpus(ray) else 0
         dataset = ray.data.from_items(items)
         dataset = dataset.map(stage_analyse, fn_kwargs={"config": config}, num_gpus=gpus)
         dataset = dataset.map(stage_ocr, fn_kwargs={"config": config})
-        dataset = dataset.map(ClipStage, fn_constructor_kwargs={"config": config}, concurrency=max(1, cluster_gpus) if config.clip_model else 1, num_gpus=gpus if config.clip_model else 0)
+        dataset = dataset.map(ClipStage, fn_constructor_kwargs={"config": config}, concurrency=max(1, cluster_gpus(ray)) if config.clip_model else 1, num_gpus=gpus if config.clip_model else 0)
         for item in dataset.iter_rows():  # streamed: each finished file is written as it arrives
             on_done(dict(item))
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def curate(

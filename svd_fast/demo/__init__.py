@@ -115,6 +115,7 @@ def run_demo(out: Path, settings: DemoSettings, seed: int, progress: Callable[[s
 
     import svd_fast  # noqa: PLC0415
     from svd_fast.demo import autoencoder, evaluate, outputs, train, world  # noqa: PLC0415
+    from svd_fast.diffusers.generation import load_optimized_pipeline  # noqa: PLC0415
 
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"  # inputs and intermediates; the results sit at the top of ``out``
@@ -163,7 +164,7 @@ def run_demo(out: Path, settings: DemoSettings, seed: int, progress: Callable[[s
         shutil.move(str(result.export_path), pipeline)
         outputs.plot_losses(out / "loss.png", {"autoencoder: reconstruction MSE (disk pixels x10)": vae_losses, "UNet: EDM loss (SVD objective)": result.losses})
     with timer.stage("generate and evaluate"):
-        pipe = evaluate.load_pipeline(pipeline)
+        pipe = load_optimized_pipeline(pipeline, progress=False)
         entries, videos = evaluate.evaluate(pipe, held_out, buckets, settings.speeds, settings.sampling(), seed)
         summary["evaluation"] = entries
         summary["evaluation_summary"] = evaluate.aggregate(entries)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,18 +59,6 @@ def motion_of(track: list[list[float] | None], colour: str) -> tuple[float | Non
     expected = math.atan2(DIRECTIONS[colour][1], DIRECTIONS[colour][0])
     error = abs((math.degrees(math.atan2(dy, dx) - expected) + 180.0) % 360.0 - 180.0)
     return round(distance, 3), round(error, 2)
-
-
-def load_pipeline(model: Path):
-    """The trained pipeline from its diffusers folder, with svd_fast's optimizations applied."""
-    from diffusers import StableVideoDiffusionPipeline  # noqa: PLC0415
-
-    import svd_fast  # noqa: PLC0415
-
-    pipe = StableVideoDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    svd_fast.optimize(pipe)
-    return pipe
 
 
 def generate(pipe, first_frame: np.ndarray, motion_bucket_id: int, settings: dict[str, Any], seed: int) -> np.ndarray:

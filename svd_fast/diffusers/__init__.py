@@ -4,8 +4,12 @@
 * :mod:`.temporal_transformer_block`: the frame-major drop-in for diffusers' TemporalBasicTransformerBlock;
 * :mod:`.attention_processors`: the single-token cross-attention shortcut and flash-attn self-attention;
 * :mod:`.scheduler`: the drop-in scheduler with the fused EDM Euler step;
+* :mod:`.settings`: the one check of optimize()'s settings, shared with generation and the CLI;
+* :mod:`.denoising_loop`, :mod:`.step_cache`: the fused denoising loop (multistep samplers) and step caching;
 * :mod:`.cuda_graph`: CUDA-graph capture of the UNet forward;
-* :mod:`.loading`, :mod:`.tiny`, :mod:`.full_size`: loading pipelines, the tiny architecture-true test
+* :mod:`.generation`, :mod:`.generation_batch`: the one pipeline loader, image-to-video generation and the
+  resumable batch runner behind ``svd-fast generate``;
+* :mod:`.loading`, :mod:`.tiny`, :mod:`.full_size`: the model-folder check, the tiny architecture-true test
   pipeline and the random full-size SVD / SVD-XT pipelines for benchmarks.
 
 diffusers is imported here once; the supported range is checked on that import. The kernel packages

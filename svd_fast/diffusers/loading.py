@@ -1,11 +1,10 @@
-"""Loading SVD pipelines from local diffusers-format folders (or a hub id where the network allows)."""
+"""What loading an SVD pipeline needs before and besides the load itself (which is
+:func:`svd_fast.diffusers.generation.load_optimized_pipeline`): the model-folder check and SVD's CLIP image
+processor."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-from diffusers import StableVideoDiffusionPipeline
 
 PIPELINE_COMPONENTS = ("unet", "vae", "image_encoder", "scheduler", "feature_extractor")
 
@@ -19,7 +18,7 @@ def clip_image_processor():
     try:
         from transformers import CLIPImageProcessorPil as processor_class  # noqa: PLC0415 - transformers >= 5
     except ImportError:
-        from transformers import CLIPImageProcessor as processor_class  # noqa: PLC0415
+        from transformers import CLIPImageProcessor as processor_class  # noqa: PLC0415 - transformers < 5
     return processor_class(
         crop_size={"height": 224, "width": 224},
         size={"shortest_edge": 224},
@@ -42,23 +41,3 @@ def check_model_folder(path: Path) -> None:
     missing = [name for name in PIPELINE_COMPONENTS if not (path / name).is_dir()]
     if missing:
         raise ModelFolderError(f"--model: {path} lacks the component folder(s) {missing}")
-
-
-def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32, variant: str | None = None):
-    """Load a StableVideoDiffusionPipeline from a local folder, or from a hub id when ``model`` is not a path."""
-
-    path = Path(model)
-    looks_like_path = path.exists() or str(model).startswith((".", "/", "~")) or path.suffix
-    if looks_like_path:
-        check_model_folder(path.expanduser())
-        source = str(path.expanduser())
-    else:
-        source = str(model)  # hub id such as stabilityai/stable-video-diffusion-img2vid-xt
-    kwargs = {"dtype": dtype}
-    if variant is not None:
-        kwargs["variant"] = variant
-    try:
-        pipe = StableVideoDiffusionPipeline.from_pretrained(source, **kwargs)
-    except OSError as error:
-        raise ModelFolderError(f"--model: could not load {model!r}: {error}") from error
-    return pipe

@@ -42,21 +42,18 @@ from diffusers.models.resnet import ResnetBlock2D, TemporalResnetBlock
 from torch import nn
 
 from svd_fast import backends
-from svd_fast.diffusers.attention_processors import FlashAttnSelfAttnProcessor, SingleTokenCrossAttnProcessor, flash_attn_unavailable_reason
+from svd_fast.diffusers.attention_processors import FlashAttnSelfAttnProcessor, SingleTokenCrossAttnProcessor
 from svd_fast.diffusers.cuda_graph import CUDAGraphedForward
 from svd_fast.diffusers.denoising_loop import fuse_denoising_loop
-from svd_fast.diffusers.step_cache import check_cache_interval
+from svd_fast.diffusers.settings import check_settings, resolve_attention
 from svd_fast.diffusers.temporal_transformer_block import FusedTemporalBasicTransformerBlock, unsupported_reason
 from svd_fast.nn.group_norm import FusedGroupNorm
 from svd_fast.ops.group_norm import group_norm
-from svd_fast.sampling.samplers import check_sampler
 
 LOGGER = logging.getLogger(__name__)
 
 _UNDO_ATTRIBUTE = "_svd_fast_undo"
 _REPORT_ATTRIBUTE = "_svd_fast_report"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ATTENTION_CHOICES = ("auto", "sdpa", "flash-attn")
 
 # The diffusers forwards that this module re-implements (the _fused_* forwards and the fused temporal
 # block), with the sha256 prefix of their source in the tested diffusers release:
@@ -177,18 +174,6 @@ def _patch_temporal_blocks(root: nn.Module, backend: str, undo: list[Callable[[]
             setattr(parent, name, fused)
             undo.append(lambda parent=parent, name=name, child=child: setattr(parent, name, child))
             report["TemporalBasicTransformerBlock -> frame-major fused temporal attention"] += 1
-
-
-def _resolve_attention(attention: str) -> str:
-
-    if attention not in ATTENTION_CHOICES:
-        raise ValueError(f"optimize: attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
-    reason = flash_attn_unavailable_reason()
-    if attention == "flash-attn" and reason is not None:
-        raise ValueError(f"optimize: attention='flash-attn' was asked for but {reason}")
-    if attention == "auto":
-        return "sdpa" if reason is not None else "flash-attn"
-    return attention
 
 
 def _patch_self_attention(root: nn.Module, undo: list[Callable[[], None]], report: Counter) -> None:
@@ -325,16 +310,11 @@ def optimize(
     level on the deep features kept from the last full step (DeepCache; faster, and a small deviation from
     the uncached result, see :mod:`svd_fast.diffusers.step_cache`). 1: off.
     """
-    if backend not in backends.BACKENDS + ("auto",):
-        raise ValueError(f"optimize: backend must be 'auto' or one of {backends.BACKENDS}, got {backend!r}")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"optimize: dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
-        dtype = DTYPES[dtype]
-    elif dtype is not None and not isinstance(dtype, torch.dtype):
-        raise TypeError(f"optimize: dtype must be a str or a torch.dtype, got {type(dtype).__name__}")
-    check_sampler(sampler)
-    check_cache_interval(cache_interval)
+    is_pipeline = _is_pipeline(target)
+    dtype = check_settings(
+        backend=backend, dtype=dtype, low_memory=low_memory, attention=attention, cuda_graphs=cuda_graphs,
+        sampler=sampler, cache_interval=cache_interval, fused_sampling=is_pipeline and scheduler,
+    )  # fmt: skip
     settings = _settings(
         backend=backend, dtype=dtype, channels_last=channels_last, low_memory=low_memory, scheduler=scheduler,
         attention=attention, cuda_graphs=cuda_graphs, sampler=sampler, cache_interval=cache_interval,
@@ -343,20 +323,8 @@ def optimize(
         if getattr(target, _REPORT_ATTRIBUTE, {}).get("settings") == settings:
             return target
         raise ValueError("optimize: target is already optimized with other arguments; call svd_fast.restore(target) first")
-    attention = _resolve_attention(attention)
-    if cuda_graphs and not torch.cuda.is_available():
-        raise ValueError("optimize: cuda_graphs=True needs a CUDA device, and none is available")
-    if cuda_graphs and low_memory:
-        raise ValueError(
-            "optimize: cuda_graphs=True cannot be combined with low_memory=True: CPU offload moves the weights "
-            "between calls, which a captured graph cannot follow"
-        )
-    is_pipeline = _check_target(target, scheduler)
-    if (sampler != "euler" or cache_interval > 1) and not (is_pipeline and scheduler):
-        raise ValueError("optimize: sampler and cache_interval apply to the fused sampling of a pipeline (scheduler=True)")
-    if cuda_graphs and cache_interval > 1:
-        raise ValueError("optimize: cache_interval > 1 runs the UNet level by level and cannot be combined with cuda_graphs=True")
-
+    attention = resolve_attention(attention)
+    _check_target(target, scheduler)
     undo: list[Callable[[], None]] = []
     report: Counter = Counter()
     try:

@@ -51,23 +51,19 @@ class Validator:
     def _sampling_pipeline(self):
         """Built on first use: the base pipeline's frozen parts around a fresh fp32 UNet."""
         if self._pipeline is None:
-            from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel  # noqa: PLC0415
+            from svd_fast.diffusers.generation import load_optimized_pipeline  # noqa: PLC0415
 
-            unet = UNetSpatioTemporalConditionModel.from_pretrained(self.config.model, subfolder="unet", variant=self.config.model_variant,
-                                                                    dtype=torch.float32).eval()
-            pipe = StableVideoDiffusionPipeline(
-                vae=copy.deepcopy(self.base.vae).to("cpu"), image_encoder=self.base.image_encoder, unet=unet,
-                scheduler=copy.deepcopy(self.base.scheduler), feature_extractor=self.base.feature_extractor,
-            )
-            if self.config.use_svd_fast_kernels:
-                import svd_fast  # noqa: PLC0415
-
-                svd_fast.optimize(pipe)
+            components = {
+                "vae": copy.deepcopy(self.base.vae).to("cpu"), "image_encoder": self.base.image_encoder,
+                "scheduler": copy.deepcopy(self.base.scheduler), "feature_extractor": self.base.feature_extractor,
+            }  # fmt: skip
+            pipe = load_optimized_pipeline(self.config.model, optimized=self.config.use_svd_fast_kernels, progress=False,
+                                           variant=self.config.model_variant, components=components)
+            unet = pipe.unet
             if self.config.trained_parameters == "lora":
                 from svd_fast.training.lora import add_lora  # noqa: PLC0415
 
                 add_lora(unet, self.config.lora())
-            pipe.set_progress_bar_config(disable=True)
             self._pipeline = pipe
         return self._pipeline
 

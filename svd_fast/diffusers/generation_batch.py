@@ -1,4 +1,5 @@
-"""`svd-fast generate --input DIR_OR_LIST --out DIR`: one video per image, resumable, optionally over Ray.
+"""Batch generation (``svd-fast generate --input DIR_OR_LIST --out DIR``): one video per image, resumable,
+optionally over Ray.
 
 * Inputs: a folder's images (not recursive, sorted by name) or a text file with one image path a line
   (relative paths are relative to the list file; blank lines and ``#`` comments are skipped).
@@ -9,15 +10,14 @@
 * Resume: an image whose output exists is skipped (outputs only ever appear whole); failed images are
   retried; temporary files of a killed run are removed at the start.
 * A readable batch with some unreadable images generates the others, records each error and exits 1.
-* ``--ray local`` starts a local Ray cluster, ``--ray auto`` joins the running one; Ray Data spreads the
-  images over ``--actors`` actors, each holding one pipeline (one GPU each where the cluster has GPUs).
+* ``ray="local"`` starts a local Ray cluster, ``ray="auto"`` joins the running one (:mod:`svd_fast._ray`); Ray
+  Data spreads the images over ``actors`` actors, each holding one pipeline (one GPU each where the cluster has GPUs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 import time
 import zlib
@@ -26,17 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from svd_fast import media
-from svd_fast.commands import generate
-from svd_fast.commands.errors import EXIT_PARTIAL, UsageError, require_positive, require_writable_dir
-from svd_fast.commands.generate import GenerateOptions, check_options, sample_video
-from svd_fast.commands.ray_actors import rows_from_actors
+from svd_fast._ray import rows_from_actors
+from svd_fast.diffusers import generation
+from svd_fast.diffusers.generation import GenerateOptions, check_options, sample_video
+from svd_fast.diffusers.settings import OptionError, require_positive
 
 INDEX_NAME = "index.parquet"
 OUTPUT_FORMATS = ("mp4", "gif", "frames")
 
 
 def list_images(source: str | Path) -> list[Path]:
-    """The images of a folder or a list file (absolute paths); UsageError when there are none."""
+    """The images of a folder or a list file (absolute paths); OptionError naming ``input`` when there are none."""
     source = Path(source)
     if source.is_dir():
         images = sorted(p.resolve() for p in source.iterdir() if p.is_file() and p.suffix.lower() in media.IMAGE_SUFFIXES)
@@ -44,13 +44,13 @@ def list_images(source: str | Path) -> list[Path]:
         try:
             lines = source.read_text().splitlines()
         except (OSError, UnicodeDecodeError) as error:
-            raise UsageError(f"--input {source} is not a readable list of image paths ({error})") from None
+            raise OptionError("{input} {path} is not a readable list of image paths ({error})", path=source, error=error) from None
         entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
         images = [(source.parent / entry).resolve() for entry in entries]
     else:
-        raise UsageError(f"--input {source} does not exist", "pass a folder of images or a text file listing them")
+        raise OptionError("{input} {path} does not exist", "pass a folder of images or a text file listing them", path=source)
     if not images:
-        raise UsageError(f"--input {source} holds no images ({', '.join(media.IMAGE_SUFFIXES)})")
+        raise OptionError("{input} {path} holds no images ({suffixes})", path=source, suffixes=", ".join(media.IMAGE_SUFFIXES))
     return images
 
 
@@ -69,7 +69,7 @@ class VideoWorker:
 
     def __init__(self, options: GenerateOptions) -> None:
         self.options = options
-        self.pipe = generate.load_optimized_pipeline(options)
+        self.pipe = generation.pipeline_for(options)
 
     def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -93,8 +93,8 @@ def _parameters(options: GenerateOptions) -> dict[str, Any]:
 
 def read_index(out_dir: Path) -> dict[str, dict[str, Any]]:
     """Rows of an existing index by image; {} when there is none or it cannot be read (it is rewritten)."""
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow as pa  # noqa: PLC0415 - optional dependency (the data extra)
+    import pyarrow.parquet as pq  # noqa: PLC0415 - optional dependency (the data extra)
 
     path = out_dir / INDEX_NAME
     if not path.exists():
@@ -106,8 +106,8 @@ def read_index(out_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_index(out_dir: Path, rows: Iterable[dict[str, Any]]) -> None:
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow as pa  # noqa: PLC0415 - optional dependency (the data extra)
+    import pyarrow.parquet as pq  # noqa: PLC0415 - optional dependency (the data extra)
 
     rows = sorted(rows, key=lambda row: row["image"])
     names = list(dict.fromkeys(name for row in rows for name in row))  # rows of an older index may lack a column
@@ -122,26 +122,30 @@ def write_index(out_dir: Path, rows: Iterable[dict[str, Any]]) -> None:
         raise
 
 
-def run_batch(
+def generate_batch(
     source: str | Path,
     out_dir: str | Path,
     options: GenerateOptions,
     output_format: str = "mp4",
     ray: str | None = None,
     actors: int | None = None,
-) -> int:
-    """Generate every missing video of the batch; 0 when all are done, EXIT_PARTIAL when some failed."""
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Generate every missing video of the batch (``on_row`` gets each image's index row as it is written);
+    returns ``{"out", "videos", "already_there", "failed"}`` (the failed rows). Everything is checked before
+    the model loads (OptionError / ModelFolderError, ValueErrors naming the argument)."""
     if output_format not in OUTPUT_FORMATS:
-        raise UsageError(f"--format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
-    if ray not in (None, "auto", "local"):
-        raise UsageError(f"--ray must be auto or local, got {ray!r}")
-    require_positive("--actors", actors, integer=True)
+        raise OptionError("{format} must be one of {choices}, got {got!r}", choices=OUTPUT_FORMATS, got=output_format)
+    if ray is not None and not isinstance(ray, str):
+        raise OptionError("{ray} must be a Ray address ('local', 'auto', ...) or None, got {got!r}", got=ray)
+    require_positive("actors", actors, integer=True)
     images = list_images(source)
     options = check_options(options)
-    out_dir = require_writable_dir("--out", out_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     stems = [image.stem for image in images]
     if len(set(stems)) != len(stems):
-        raise UsageError("--input has several images with the same name stem; their outputs would collide")
+        raise OptionError("{input} has several images with the same name stem; their outputs would collide")
     media.remove_partials(out_dir)
 
     rows = read_index(out_dir)
@@ -158,15 +162,15 @@ def run_batch(
     def on_done(row: dict[str, Any]) -> None:
         rows[row["image"]] = row
         write_index(out_dir, rows.values())
-        print(f"{row['status']}: {row['output']}" + (f" ({row['error']})" if row["error"] else ""), file=sys.stderr)
+        if on_row is not None:
+            on_row(row)
 
     if jobs:
         (_run_ray if ray else _run_local)(jobs, options, on_done, ray, actors)
     else:
         write_index(out_dir, rows.values())
     failed = [row for row in rows.values() if row["status"] != "ok"]
-    print(f"{len(rows) - len(failed)} of {len(rows)} videos in {out_dir} ({len(images) - len(jobs)} already there); {len(failed)} failed")
-    return EXIT_PARTIAL if failed else 0
+    return {"out": str(out_dir), "videos": len(rows), "already_there": len(images) - len(jobs), "failed": failed}
 
 
 def _run_local(jobs: list[dict], options: GenerateOptions, on_done: Callable[[dict], None], _ray: None, _actors: int | None) -> None:
