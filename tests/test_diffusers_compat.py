@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from PIL import Image
 
 import svd_fast
@@ -56,7 +56,7 @@ def test_saved_optimized_pipeline_loads_in_stock_diffusers(tmp_path: Path) -> No
                       "unet_params": sum(p.numel() for p in pipe.unet.parameters())}
 
 
-@pytest.mark.parametrize("scheduler_class", [EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler])
+@pytest.mark.parametrize("scheduler_class", [EulerAncestralDiscreteScheduler, DDIMScheduler])
 def test_scheduler_swapped_after_optimize_samples_as_stock(image: Image.Image, scheduler_class: type) -> None:
     stock = tiny_pipeline(seed=0)
     stock.scheduler = scheduler_class.from_config(stock.scheduler.config)
@@ -83,3 +83,21 @@ def test_fused_only_settings_refuse_an_unsupported_scheduler(image: Image.Image)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(ValueError, match=r"EulerAncestralDiscreteScheduler.*sampler='ipndm-2'"):
         _latents(pipe, image)
+
+
+def test_fp16_only_folder_loads_with_variant(tmp_path: Path, image: Image.Image, capsys) -> None:
+    from svd_fast.cli import main
+
+    folder = tmp_path / "svd-fp16"
+    tiny_pipeline(seed=0, dtype=torch.float16).save_pretrained(folder, variant="fp16", safe_serialization=True)
+    weights = sorted(path.name for path in folder.rglob("*.safetensors"))
+    assert weights and all(name.endswith(".fp16.safetensors") for name in weights), weights
+    image.save(tmp_path / "first.png")
+    capsys.readouterr()
+    common = ["generate", "--model", str(folder), "--image", str(tmp_path / "first.png"), "--frames", "2", "--steps", "1",
+              "--device", "cpu", "--dtype", "fp32", "--backend", "reference"]
+    assert main([*common, "--out", str(tmp_path / "without.gif")]) == 2  # no plain weights: one line, not a traceback
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("svd-fast generate: error: --model: could not load")
+    assert main([*common, "--variant", "fp16", "--out", str(tmp_path / "with.gif")]) == 0
+    with Image.open(tmp_path / "with.gif") as gif:
+        assert gif.n_frames == 2 and gif.size == (TINY_WIDTH, TINY_HEIGHT)

@@ -39,6 +39,34 @@ def test_curate_summary_is_all_of_stdout(tmp_path: Path) -> None:
     assert "pan.mp4" in proc.stderr  # the progress bar names the file done, on stderr
 
 
+PARSE_WITHOUT_TORCH = """
+import contextlib, io, sys
+from svd_fast.cli import COMMANDS, build_parser, main
+parser = build_parser()
+for command in COMMANDS:
+    with contextlib.redirect_stdout(io.StringIO()) as text, contextlib.suppress(SystemExit):
+        main([command.replace("_", "-"), "--help"])
+    assert "usage:" in text.getvalue(), command
+parser.parse_args(["train", "--config", "c.yaml", "--deepspeed_config", "ds.json", "--plan-memory", "--json"])
+parser.parse_args(["generate", "--model", "m", "--image", "i.png", "--out", "o.mp4"])
+heavy = sorted(name for name in ("torch", "numpy", "diffusers", "deepspeed", "triton") if name in sys.modules)
+print(",".join(heavy) or "none")
+"""
+
+
+def test_parsing_and_help_import_no_torch() -> None:
+    proc = _run(code=PARSE_WITHOUT_TORCH)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "none"
+
+
+def test_names_spelled_out_for_parsing_match_the_library() -> None:
+    from svd_fast.backends import BACKENDS
+    from svd_fast.commands.generate import BACKEND_NAMES
+
+    assert BACKEND_NAMES == BACKENDS
+
+
 def test_version_and_env() -> None:
     import svd_fast
 

@@ -16,7 +16,7 @@ from svd_fast._ray import rows_from_actors
 from svd_fast.commands.errors import UsageError, require_positive, require_writable_dir
 
 EXAMPLES = """examples:
-  svd-fast encode --data data/manifest.parquet --model models/stable-video-diffusion-img2vid-xt --out latents/xt \\
+  svd-fast encode --data data/manifest.parquet --model models/svd-xt --variant fp16 --out latents/xt \\
       --num-frames 25 --height 576 --width 1024 --target-fps 7
   svd-fast encode --data data/manifest.parquet --model models/svd-xt --out latents/xt --num-frames 25 --ray auto
   svd-fast train --config configs/train_svd_xt_25x576x1024_8gpu_zero2.yaml --set latents_dir=latents/xt

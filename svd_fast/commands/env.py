@@ -44,7 +44,6 @@ def report() -> dict[str, object]:
 
     from svd_fast import __version__, _extension, _triton  # noqa: PLC0415
     from svd_fast.backends import BACKENDS  # noqa: PLC0415
-    from svd_fast.diffusers.attention_processors import flash_attn_unavailable_reason  # noqa: PLC0415
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -69,7 +68,8 @@ def report() -> dict[str, object]:
         "extension": _extension.build_info(),
         "backends": {name: {"available": backend_reasons[name] is None, "reason": backend_reasons[name]} for name in BACKENDS},
         "optional": {
-            "flash_attn": flash_attn_unavailable_reason() or ("installed" if cuda else "installed (runs on CUDA tensors only)"),
+            "flash_attn": ("installed" if cuda else "installed (runs on CUDA tensors only)") if installed["flash-attn"]
+            else "not installed (pip install 'svd_fast[flash]')",
             "dali": f"{', '.join(dali)} installed" if dali else "not installed (pip install 'svd_fast[dali-cu12]' or '[dali-cu13]')",
             "deepspeed": "installed" if installed["deepspeed"] else "not installed (pip install 'svd_fast[train]')",
         },

@@ -34,6 +34,7 @@ class GenerateOptions:
     """Everything but the image and the output path: shared by every video of a batch."""
 
     model: str
+    variant: str | None = None  # e.g. "fp16": the *.fp16.safetensors weights of an fp16-only download
     frames: int | None = None
     steps: int | None = None
     height: int | None = None
@@ -168,7 +169,7 @@ def load_optimized_pipeline(
 def pipeline_for(options: GenerateOptions) -> StableVideoDiffusionPipeline:
     """The pipeline of checked ``options``, on its device, optimized as asked."""
     return load_optimized_pipeline(
-        options.model, dtype=options.dtype, device=options.device, optimized=options.optimize, progress=options.progress,
+        options.model, dtype=options.dtype, device=options.device, optimized=options.optimize, progress=options.progress, variant=options.variant,
         **(dict(backend=options.backend, low_memory=options.low_memory, attention=options.attention, cuda_graphs=options.cuda_graphs,
                 sampler=options.sampler, cache_interval=options.cache_interval) if options.optimize else {}),
     )  # fmt: skip
