@@ -37,8 +37,12 @@ system-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq tesseract-ocr; }
 
-test: setup
+test: setup $(VENV)/.test-deps-installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
+
+$(VENV)/.test-deps-installed: requirements-test.txt $(VENV)/.deps-installed
+	$(BIN)/python -m pip install -q -r requirements-test.txt
+	touch $@
 
 lint: $(VENV)/.deps-installed
 	$(BIN)/ruff check svd_fast tests bench

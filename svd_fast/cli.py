@@ -15,10 +15,11 @@ import sys
 import traceback
 from typing import NoReturn
 
+from svd_fast import __version__
 from svd_fast.commands.errors import EXIT_USAGE, UsageError
 
 # Subcommand modules, in the order --help lists them.
-COMMANDS = ("demo", "generate", "make_tiny", "train", "distill", "encode", "curate")
+COMMANDS = ("demo", "generate", "make_tiny", "train", "distill", "encode", "curate", "env")
 
 EPILOG = """examples:
   svd-fast demo --out demo_out                      # the whole system on the embedded tiny model
@@ -27,6 +28,7 @@ EPILOG = """examples:
   svd-fast train --config configs/train_tiny_cpu.yaml
   svd-fast distill --config configs/distill_tiny_cpu.yaml   # a 4-step consistency student of a pipeline
   svd-fast curate --input videos/ --out manifest.parquet
+  svd-fast env                                      # versions, CUDA, which kernel backends can run and why not
 run `svd-fast COMMAND --help` for each command's options; add --debug (or SVD_FAST_DEBUG=1) for tracebacks."""
 
 
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"svd-fast {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     for name in COMMANDS:
         importlib.import_module(f"svd_fast.commands.{name}").add_parser(subparsers)

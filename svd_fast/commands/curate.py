@@ -75,6 +75,8 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm  # noqa: PLC0415 - tqdm loads only when curation runs (fast --help)
+
     from svd_fast.curation import CurationRequestError, ManifestBusyError, curate  # noqa: PLC0415 - torch and OpenCV load only when curation runs
 
     require("flow_fps", args.flow_fps)
@@ -91,12 +93,18 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--clip-model {args.clip_model} is not a folder", "give a local CLIPModel folder (transformers format)")
     if args.aesthetic_head is not None:
         require_readable_file("--aesthetic-head", args.aesthetic_head)
-    try:
-        summary = curate(args.input, out, config, filters=args.filters, ray_address=args.ray, progress=print)
-    except CurationRequestError as error:
-        raise UsageError(str(error), "see `svd-fast curate --help`") from None
-    except ManifestBusyError as error:
-        raise UsageError(str(error), "wait for it to finish, or choose another --out") from None
+    # stdout carries only the JSON summary; progress goes to stderr.
+    with tqdm(desc="svd-fast curate", unit="file", file=sys.stderr, dynamic_ncols=True) as bar:
+        def progress(message: str) -> None:
+            bar.set_postfix_str(message.removeprefix("done "), refresh=False)
+            bar.update(1)
+
+        try:
+            summary = curate(args.input, out, config, filters=args.filters, ray_address=args.ray, progress=progress)
+        except CurationRequestError as error:
+            raise UsageError(str(error), "see `svd-fast curate --help`") from None
+        except ManifestBusyError as error:
+            raise UsageError(str(error), "wait for it to finish, or choose another --out") from None
     summary.pop("config")
     print(json.dumps(summary, indent=2))
     if summary["files_failed"]:

@@ -17,7 +17,7 @@ from svd_fast._ray import rows_from_actors
 from svd_fast.commands.errors import UsageError, require, require_device, require_output_folder
 
 EXAMPLES = """examples:
-  svd-fast encode --data data/manifest.parquet --model models/stable-video-diffusion-img2vid-xt --out latents/xt \\
+  svd-fast encode --data data/manifest.parquet --model models/svd-xt --variant fp16 --out latents/xt \\
       --num-frames 25 --height 576 --width 1024 --target-fps 7
   svd-fast encode --data data/manifest.parquet --model models/svd-xt --out latents/xt --num-frames 25 --ray auto
   svd-fast train --config configs/train_svd_xt_25x576x1024_8gpu_zero2.yaml --set latents_dir=latents/xt
@@ -31,6 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="video folder, video file or curated manifest (.parquet/.jsonl)")
     parser.add_argument("--model", required=True, help="diffusers SVD pipeline folder (its VAE and image encoder)")
+    parser.add_argument("--variant", default=None, help='weights variant to read, e.g. "fp16" for a folder of *.fp16.safetensors')
     parser.add_argument("--out", required=True, help="output folder (resumable)")
     parser.add_argument("--num-frames", type=int, default=14)
     parser.add_argument("--height", type=int, default=576)
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = {"data": str(Path(args.data).resolve()), "model": str(Path(args.model).resolve()), "num_frames": args.num_frames,
                 "height": args.height, "width": args.width, "stride": args.stride, "target_fps": args.target_fps}
+    if args.variant is not None:  # only then: folders encoded before the option existed keep their settings
+        settings["model_variant"] = args.variant
     _io.claim_folder(out, "latents", [args.data, args.model])
     try:
         with _io.lock(out / ".svd-fast-lock", "encode run", out):

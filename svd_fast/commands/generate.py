@@ -15,11 +15,10 @@ import sys
 from pathlib import Path
 
 from svd_fast import _io
-from svd_fast.backends import BACKENDS
 from svd_fast.commands.errors import EXIT_PARTIAL, UsageError, require_output_folder, require_writable_dir
 
 EXAMPLES = """examples:
-  svd-fast generate --model ./stable-video-diffusion-img2vid-xt --image rocket.png --out rocket.mp4 \\
+  svd-fast generate --model models/svd-xt --variant fp16 --image rocket.png --out rocket.mp4 \\
       --frames 25 --steps 25 --dtype fp16 --guidance-preset svd-xt
   svd-fast generate --model stabilityai/stable-video-diffusion-img2vid --image cat.jpg --out cat.gif
   svd-fast make-tiny tiny && svd-fast generate --model tiny --image cat.jpg --out frames/   # PNG frames
@@ -35,6 +34,8 @@ DTYPE_NAMES = ("fp32", "fp16", "bf16")
 # svd_fast.diffusers.settings.SAMPLER_CHOICES, spelled out so that parsing arguments does not import torch (a test
 # keeps them equal).
 SAMPLER_NAMES = ("auto", "consistency", "euler", "dpmpp-2m", "ipndm-2")
+# svd_fast.backends.BACKENDS, likewise (tests/test_machine_output.py keeps them equal).
+BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -46,6 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="diffusers-format SVD folder, or a hub id where the network allows")
+    parser.add_argument("--variant", help='weights variant to load, e.g. "fp16" for a folder of *.fp16.safetensors (the usual download)')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", type=Path, help="conditioning image (first frame)")
     source.add_argument("--input", type=Path, help="batch: a folder of images, or a text file listing one image path a line")
@@ -64,7 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--decode-chunk-size", type=int, help="frames decoded by the VAE at once (lower: less memory)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (batch: each image's seed derives from it and its name)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
-    parser.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto", help="kernel backend for every op")
+    parser.add_argument("--backend", choices=("auto",) + BACKEND_NAMES, default="auto", help="kernel backend for every op")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--low-memory", action="store_true", help="feed-forward chunking, small VAE chunks, CPU offload")
     parser.add_argument("--no-optimize", action="store_true", help="run the stock diffusers pipeline (for comparison)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from svd_fast.commands.errors import UsageError, require
 
@@ -11,8 +12,10 @@ EXAMPLES = """examples:
   svd-fast make-tiny models/tiny-svd && svd-fast train --config configs/train_tiny_cpu.yaml
   svd-fast train --config configs/train_tiny_cpu.yaml --set max_steps=5 --set precision='"bf16"'
   svd-fast train --config configs/train_tiny_cpu.yaml --set resume_from='"latest"'
-  deepspeed --num_gpus 8 -m svd_fast.train --config configs/train_svd_xt_25x576x1024_8gpu_zero2.yaml   # multi-GPU
+  deepspeed --num_gpus 8 --module svd_fast.train --config configs/train_svd_xt_25x576x1024_8gpu_zero2.yaml   # multi-GPU
+  deepspeed --num_gpus 8 --module svd_fast.train --config configs/train_svd_xt_25x576x1024_8gpu_zero2.yaml --deepspeed_config ds.json
   torchrun --nproc_per_node 8 -m svd_fast.train --config configs/train_svd_xt_25x576x1024_8gpu_zero3.yaml
+  DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module svd_fast.train --config configs/train_tiny_cpu.yaml   # 2 CPU processes
   svd-fast train --plan-memory --config configs/train_svd_xt_25x576x1024_8gpu_zero3.yaml --gpus 8 --json
 This command runs one process (several GPUs: use a launcher as above). --set values are JSON (strings quoted);
 unknown keys, wrongly typed or impossible values, missing paths and an unwritable output_dir are rejected before
@@ -20,7 +23,9 @@ any model loads. Writes OUTPUT_DIR/train_log.jsonl, OUTPUT_DIR/checkpoints/step_
 complete when complete.json is there; checkpoints/latest names the newest complete one) and OUTPUT_DIR/pipeline
 (a diffusers folder; with trained_parameters: lora its UNet has the adapter merged, and OUTPUT_DIR/lora holds the
 adapter alone, pytorch_lora_weights.safetensors in diffusers' LoRA format, read by svd_fast.training.lora.load_lora).
-resume_from: "latest" resumes from the newest complete checkpoint."""
+resume_from: "latest" resumes from the newest complete checkpoint. --deepspeed_config ds.json (DeepSpeed's own
+argument; or the config key deepspeed_config): the JSON's values apply where the config is silent (batch size,
+accumulation, clipping, ZeRO stage and offload, precision, AdamW); a key both set differently is an error."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -33,11 +38,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", required=True, help="YAML or JSON training config (see configs/)")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=JSON", help="override a config key (repeatable)")
+    add_deepspeed_arguments(parser)
     parser.add_argument("--plan-memory", action="store_true",
                         help="print the per-GPU memory plan of the config (no GPU, no model allocated) instead of training")
     parser.add_argument("--gpus", type=int, default=1, help="with --plan-memory: number of GPUs (one process each)")
     parser.add_argument("--json", action="store_true", help="with --plan-memory: print the plan as JSON")
     parser.set_defaults(func=run)
+
+
+def add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
+    """DeepSpeed's own training-script arguments (``deepspeed.add_config_arguments``), so a launch line written
+    for any DeepSpeed script works here."""
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None, metavar="DS_JSON",
+                        help="a DeepSpeed JSON config: its values apply where the training config is silent")
+    parser.add_argument("--deepspeed", action="store_true",
+                        help="accepted for DeepSpeed launch lines (training always runs under DeepSpeed)")
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
@@ -60,8 +75,15 @@ def load_config(args: argparse.Namespace):
 
     overrides = parse_overrides(args.overrides)
     try:
-        values = TrainConfig.from_file(args.config).to_dict()
+        values = TrainConfig.read_file(args.config)
         values.update(overrides)
+        launcher_json = getattr(args, "deepspeed_config", None)
+        if launcher_json is not None:
+            written = values.get("deepspeed_config")
+            if written is not None and Path(written).resolve() != Path(launcher_json).resolve():
+                raise UsageError(f"--deepspeed_config {launcher_json} and the config's deepspeed_config {written} differ",
+                                 "give one of them")
+            values["deepspeed_config"] = launcher_json
         return TrainConfig.from_dict(values)
     except ValueError as error:
         raise UsageError(str(error), f"fix {args.config} or the --set values") from None

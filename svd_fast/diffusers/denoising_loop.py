@@ -11,18 +11,22 @@ decoding, callbacks, outputs) is diffusers' code path, so the result equals the 
 float32 rounding for the Euler sampler.
 
 :func:`fused_pipeline_class` gives the subclass that :func:`svd_fast.optimize` assigns to the pipeline's
-``__class__`` (``restore`` assigns the original back). The class keeps diffusers' name so that
-save_pretrained writes the same model_index.json.
+``__class__`` (``restore`` assigns the original back). The class keeps diffusers' name and the scheduler stays
+the pipeline's own diffusers scheduler, so save_pretrained writes files stock diffusers loads. The loop runs only
+for schedulers it reproduces (:func:`fused_loop_unsupported_reason`); with any other (e.g. a scheduler swapped in
+after ``optimize``) the pipeline runs diffusers' own loop with that scheduler.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import PIL.Image
 import torch
+from diffusers import EulerDiscreteScheduler
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
     StableVideoDiffusionPipelineOutput,
     retrieve_timesteps,
@@ -38,6 +42,25 @@ from svd_fast.sampling.consistency import consistency_sample
 from svd_fast.sampling.samplers import sample
 
 _SETTINGS_ATTRIBUTE = "_svd_fast_sampling"
+
+# Scheduler classes whose deterministic v-prediction step the fused loop reproduces (exact classes: a subclass may
+# change the step). A sampler that replaces the scheduler's step with a fused one registers its class here.
+FUSED_SCHEDULERS: set[type] = {EulerDiscreteScheduler, FusedEulerDiscreteScheduler}
+
+
+def fused_loop_unsupported_reason(scheduler: Any, sampler: str = "euler") -> str | None:
+    """None when the fused loop reproduces ``scheduler``'s sampling with ``sampler``, else why not: consistency
+    sampling takes an SVDConsistencyScheduler, the ODE samplers a v-prediction Euler scheduler."""
+    if sampler == "consistency":
+        if type(scheduler) is not SVDConsistencyScheduler:
+            return f"consistency sampling needs an SVDConsistencyScheduler, the pipeline has {type(scheduler).__name__}"
+        return None
+    if type(scheduler) not in FUSED_SCHEDULERS:
+        names = ", ".join(sorted(cls.__name__ for cls in FUSED_SCHEDULERS))
+        return f"the fused loop reproduces {names} only, the pipeline has {type(scheduler).__name__}"
+    if scheduler.config.get("prediction_type") != "v_prediction":
+        return f"the fused loop needs prediction_type 'v_prediction', the scheduler has {scheduler.config.get('prediction_type')!r}"
+    return None
 
 
 class FusedDenoisingLoop:
@@ -67,12 +90,24 @@ class FusedDenoisingLoop:
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         return_dict: bool = True,
     ):
-        """As StableVideoDiffusionPipeline.__call__ (same arguments and outputs)."""
+        """As StableVideoDiffusionPipeline.__call__ (same arguments and outputs). With a scheduler the fused loop
+        does not reproduce, diffusers' own loop runs (svd_fast's kernels stay in the UNet and VAE)."""
+        arguments = _arguments(locals())
         settings = getattr(self, _SETTINGS_ATTRIBUTE)
+        reason = fused_loop_unsupported_reason(self.scheduler, settings["sampler"])
+        if reason is not None:
+            if settings["sampler"] != "euler" or settings["cache_interval"] > 1:
+                raise ValueError(f"scheduler: {reason}, and optimize(sampler={settings['sampler']!r}, cache_interval="
+                                 f"{settings['cache_interval']}) needs the fused loop; use an EulerDiscreteScheduler or "
+                                 "optimize with sampler='euler', cache_interval=1")
+            warnings.warn(f"svd_fast: {reason}; running diffusers' denoising loop with it", stacklevel=2)
+            call = super().__call__
+        else:
+            call = self._fused_call
         if settings["backend"] == "auto":
-            return self._fused_call(**_arguments(locals()))
+            return call(**arguments)
         with backends.use_backend(settings["backend"]):
-            return self._fused_call(**_arguments(locals()))
+            return call(**arguments)
 
     def _fused_call(
         self, image, height, width, num_frames, num_inference_steps, sigmas, min_guidance_scale, max_guidance_scale,
@@ -171,7 +206,7 @@ class FusedDenoisingLoop:
 
 
 def _arguments(call_locals: dict[str, Any]) -> dict[str, Any]:
-    return {name: value for name, value in call_locals.items() if name not in ("self", "settings", "__class__")}
+    return {name: value for name, value in call_locals.items() if name not in ("self", "__class__")}
 
 
 _CLASSES: dict[type, type] = {}
@@ -194,19 +229,17 @@ def pop_attribute(target: Any, name: str) -> None:
 def fuse_denoising_loop(
     pipe: Any, backend: str, sampler: str, cache_interval: int, undo: list[tuple], report: Counter
 ) -> None:
-    """optimize()'s sampling patch: the fused scheduler, the fused loop's class and its settings, each undoable.
-
-    Consistency sampling keeps the pipeline's SVDConsistencyScheduler (or, on an Euler pipeline, takes one with
-    AnimateLCM-SVD-xt's config); the ODE samplers take the FusedEulerDiscreteScheduler of the pipeline's Euler
-    config (or of SVD's, replacing a consistency scheduler)."""
+    """optimize()'s sampling patch: the fused loop's class and its settings, each undoable. The scheduler stays the
+    pipeline's own diffusers scheduler (the loop fuses its step), so a saved pipeline names a diffusers scheduler,
+    except where the sampler needs another kind: consistency sampling keeps the pipeline's SVDConsistencyScheduler
+    (or, on an Euler pipeline, takes one with AnimateLCM-SVD-xt's config), and an ODE sampler on a consistency
+    pipeline takes diffusers' EulerDiscreteScheduler with SVD's config."""
     original_scheduler, original_class = pipe.scheduler, type(pipe)
     if sampler == "consistency":
         if not isinstance(original_scheduler, SVDConsistencyScheduler):
             pipe.scheduler = SVDConsistencyScheduler()
     elif isinstance(original_scheduler, SVDConsistencyScheduler):
-        pipe.scheduler = FusedEulerDiscreteScheduler.from_config(SVD_SCHEDULER_CONFIG)
-    else:
-        pipe.scheduler = FusedEulerDiscreteScheduler.from_config(original_scheduler.config)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(SVD_SCHEDULER_CONFIG)
     undo.append((setattr, pipe, "scheduler", original_scheduler))
     setattr(pipe, _SETTINGS_ATTRIBUTE, {"backend": backend, "sampler": sampler, "cache_interval": cache_interval})
     undo.append((pop_attribute, pipe, _SETTINGS_ATTRIBUTE))

@@ -37,6 +37,7 @@ class GenerateOptions:
     """Everything but the image and the output path: shared by every video of a batch."""
 
     model: str
+    variant: str | None = None  # e.g. "fp16": the *.fp16.safetensors weights of an fp16-only download
     frames: int | None = None
     steps: int | None = None
     height: int | None = None
@@ -285,7 +286,7 @@ def pipeline_for(options: GenerateOptions) -> StableVideoDiffusionPipeline:
     # low_memory leaves the pipeline where it loads: optimize()'s CPU offload places each model.
     pipe = load_optimized_pipeline(
         options.model, dtype=options.dtype, device=None if options.low_memory else options.device, optimized=options.optimize,
-        progress=options.progress, components=components, unet_weights=options.unet_weights,
+        progress=options.progress, components=components, unet_weights=options.unet_weights, variant=options.variant,
         **(dict(backend=options.backend, low_memory=options.low_memory, attention=options.attention, cuda_graphs=options.cuda_graphs,
                 sampler=options.sampler, cache_interval=options.cache_interval) if options.optimize else {}),
     )  # fmt: skip

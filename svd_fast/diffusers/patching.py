@@ -13,12 +13,12 @@ What is patched (weights and state_dict keys stay the diffusers ones):
 * every TemporalBasicTransformerBlock: :class:`svd_fast.diffusers.FusedTemporalBasicTransformerBlock`, which
   keeps the frame-major layout (no permute copies) and attends over frames with the fused
   ``temporal_attention`` op (the block object is swapped; its submodules are shared);
-* the pipeline's scheduler: :class:`svd_fast.diffusers.scheduler.FusedEulerDiscreteScheduler` (fused EDM Euler
-  step) built from the pipeline's own scheduler config (a
-  :class:`~svd_fast.diffusers.consistency_scheduler.SVDConsistencyScheduler` is kept), and its denoising loop: the pipeline's class becomes the
-  subclass from :mod:`svd_fast.diffusers.denoising_loop` whose ``__call__`` runs the fused input preparation,
-  guidance and step (Euler, or a second-order multistep sampler: ``sampler="ipndm-2"`` or ``"dpmpp-2m"``),
-  optionally with step caching;
+* the pipeline's denoising loop: the pipeline's class becomes the subclass from
+  :mod:`svd_fast.diffusers.denoising_loop` whose ``__call__`` runs the fused input preparation, guidance and step
+  (Euler, a second-order multistep sampler: ``sampler="ipndm-2"`` or ``"dpmpp-2m"``, or consistency sampling),
+  optionally with step caching; the scheduler stays the pipeline's own diffusers scheduler (save_pretrained names
+  it; consistency sampling needs an :class:`~svd_fast.diffusers.consistency_scheduler.SVDConsistencyScheduler`),
+  and a scheduler the fused loop does not reproduce, swapped in later, runs diffusers' own loop;
 * spatial self-attention: flash-attn (:class:`svd_fast.diffusers.attention_processors.FlashAttnSelfAttnProcessor`) when it
   is installed, else diffusers' default PyTorch SDPA (which itself picks the flash / cuDNN kernels on GPU);
 * optionally (``cuda_graphs=True``) the UNet forward, captured as a CUDA graph and replayed
@@ -310,9 +310,8 @@ def optimize(
     ``dtype``: "fp16"/"bf16"/"fp32" or a torch dtype to convert the weights to (not undone).
     ``channels_last``: convert the UNet (and VAE) convolutions' memory format (not undone).
     ``low_memory``: feed-forward chunking in the UNet, and model CPU offload when CUDA is present.
-    ``scheduler``: fused sampling (pipelines only): the FusedEulerDiscreteScheduler and the fused denoising loop
-    (input preparation, guidance and step as svd_fast ops). Needs SVD's v-prediction EulerDiscreteScheduler or an
-    SVDConsistencyScheduler.
+    ``scheduler``: fused sampling (pipelines only): the fused denoising loop (input preparation, guidance and step
+    as svd_fast ops). Needs SVD's v-prediction EulerDiscreteScheduler or an SVDConsistencyScheduler.
     ``attention``: spatial self-attention through "flash-attn" (the optional package; an error if it is not
     installed), "sdpa" (diffusers' default, PyTorch's scaled_dot_product_attention), or "auto" (flash-attn
     when installed, else SDPA).

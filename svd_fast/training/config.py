@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from svd_fast import checks
+from svd_fast.training.deepspeed_json import adopt_deepspeed_values
 from svd_fast.training.objective import ObjectiveConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -29,6 +30,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 class TrainConfig:
     # Inputs and outputs
     model: str = ""  # base diffusers pipeline folder (UNet initialisation + frozen VAE/CLIP + exported components)
+    model_variant: str | None = None  # e.g. "fp16": read the *.fp16.safetensors weights (fp16-only downloads), trained in fp32
     data: str | list[str] = ""  # folder, list of files, or a .parquet/.jsonl manifest (svd_fast.data)
     output_dir: str = "train_out"
     latents_dir: str | None = None  # an `svd-fast encode` output: train from precomputed features instead of `data`
@@ -189,14 +191,21 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """The config of the keys the user wrote; with ``deepspeed_config``, the keys they left out take that
+        DeepSpeed JSON's values (svd_fast.training.deepspeed_json)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        return cls(**adopt_deepspeed_values(values))
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(cls.read_file(path))
+
+    @staticmethod
+    def read_file(path: str | Path) -> dict[str, Any]:
+        """The keys and values a YAML or JSON config file writes (unchecked)."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config: file {str(path)!r} does not exist")
@@ -209,7 +218,7 @@ class TrainConfig:
             values = yaml.safe_load(text) or {}
         if not isinstance(values, dict):
             raise ValueError(f"config: {path} must hold a mapping of keys to values")
-        return cls.from_dict(values)
+        return values
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

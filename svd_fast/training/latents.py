@@ -134,7 +134,8 @@ class ClipEncoder:
         self.out = Path(out)
         self.device = torch.device(device)
         self.dataset = clip_dataset(settings)
-        self.pipeline = StableVideoDiffusionPipeline.from_pretrained(settings["model"], dtype=torch.float32)
+        self.pipeline = StableVideoDiffusionPipeline.from_pretrained(settings["model"], dtype=torch.float32,
+                                                                     variant=settings.get("model_variant"))
         self.pipeline.vae.to(self.device).eval()
         self.pipeline.image_encoder.to(self.device).eval()
 

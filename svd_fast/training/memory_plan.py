@@ -38,6 +38,7 @@ from torch.utils._pytree import tree_leaves
 
 from svd_fast.training.activation_checkpointing import enable_activation_checkpointing
 from svd_fast.training.config import TrainConfig
+from svd_fast.training.deepspeed_import import import_deepspeed
 from svd_fast.training.lora import add_lora
 from svd_fast.training.setup import select_trained_parameters
 
@@ -86,6 +87,7 @@ def parameter_counts(unet_kwargs: dict, trained_parameters: str, lora: Any = Non
 
 def model_states_bytes(config: TrainConfig, total: int, largest: int, gpus: int, frozen: int = 0) -> int:
     """DeepSpeed's estimate for the trained parameters, plus the frozen ones' 16-bit copies (ZeRO-3 shards them)."""
+    import_deepspeed()  # its import logs to stdout otherwise, before --json output
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
 

@@ -19,6 +19,8 @@ from svd_fast.data.clips import clip_frame_indices, sources_from
 from svd_fast.data.decode import probe_video
 from svd_fast.training.activation_checkpointing import enable_activation_checkpointing
 from svd_fast.training.config import TrainConfig
+from svd_fast.training.deepspeed_import import import_deepspeed
+from svd_fast.training.deepspeed_json import read_deepspeed_json, without_auto, world_size
 from svd_fast.training.latents import check_latents_dir, model_identity
 from svd_fast.training.validation import load_validation_images
 
@@ -152,7 +154,7 @@ def setup_distributed(device: torch.device) -> tuple[int, int]:
             raise ValueError(f"launcher: {name} is not set (RANK/WORLD_SIZE given without the rest of the rendezvous)")
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed  # noqa: PLC0415 - heavy; imported after DS_ACCELERATOR is set
+    deepspeed = import_deepspeed()  # after DS_ACCELERATOR is set
 
     # DeepSpeed's CPU comm backend JIT-compiles its shared-memory all-reduce op (deepspeed_shm_comm) on the first
     # init_distributed (~40 s of g++ per fresh cache). gloo does our reductions, so mark that op unusable.
@@ -166,9 +168,9 @@ def derived_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
     """The DeepSpeed keys this trainer's config determines."""
     zero: dict[str, Any] = {"stage": config.zero_stage}
     if config.offload_optimizer != "none":
-        zero["offload_optimizer"] = {"device": config.offload_optimizer, "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": config.offload_optimizer}
     if config.offload_param != "none":
-        zero["offload_param"] = {"device": config.offload_param, "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {"device": config.offload_param}
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": config.batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
@@ -207,35 +209,39 @@ def _merge(derived: dict[str, Any], user: dict[str, Any], where: str, conflicts:
 def build_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
     """The config's DeepSpeed keys, merged with ``deepspeed_config`` (a JSON file) when given: keys only the
     JSON sets are kept (e.g. communication or offload tuning); a key both set differently is an error, so the
-    run never silently differs from either file."""
+    run never silently differs from either file. Logging and pinning defaults apply where the JSON is silent."""
     derived = derived_deepspeed_config(config)
-    derived.update(steps_per_print=10**9, wall_clock_breakdown=False)
-    if config.deepspeed_config is None:
-        return derived
-    path = Path(config.deepspeed_config)
-    try:
-        user = json.loads(path.read_text())
-    except OSError as error:
-        raise ValueError(f"deepspeed_config: cannot read {str(path)!r} ({error.strerror or error})") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"deepspeed_config: {str(path)!r} is not valid JSON ({error})") from None
-    if not isinstance(user, dict):
-        raise ValueError(f"deepspeed_config: {str(path)!r} must hold a JSON object")
-    for key in ("train_batch_size", "optimizer", "scheduler"):
-        if key in user and key not in derived:
-            raise ValueError(f"deepspeed_config: {key!r} is set by the training config's own keys "
-                             "(batch_size, gradient_accumulation_steps, optimizer, warmup_steps), remove it from the JSON")
-    conflicts: list[str] = []
-    merged = _merge(derived, user, "", conflicts)
-    if conflicts:
-        raise ValueError(f"deepspeed_config: {str(path)!r} conflicts with the training config: {'; '.join(conflicts)}")
-    checkpoint = merged.get("checkpoint")
-    if isinstance(checkpoint, dict) and checkpoint.get("load_universal"):
-        raise ValueError(f"deepspeed_config: {str(path)!r} sets checkpoint.load_universal, whose loader unpickles "
-                         "(torch.load(weights_only=False)) and can run code from the checkpoint; remove it and resume from "
-                         "a checkpoint this trainer wrote")
-    if isinstance(merged.get("nebula"), dict) and merged["nebula"].get("enabled"):
-        raise ValueError(f"deepspeed_config: {str(path)!r} enables nebula, a checkpoint engine without weights-only loading; remove it")
+    merged = derived
+    if config.deepspeed_config is not None:
+        path = config.deepspeed_config
+        user = without_auto(read_deepspeed_json(path))
+        if "scheduler" in user:
+            raise ValueError(f"deepspeed_config: {path!r} sets 'scheduler'; the learning-rate schedule is the training "
+                             "config's warmup_steps, remove it from the JSON")
+        if "optimizer" in user and "optimizer" not in derived:
+            raise ValueError(f"deepspeed_config: {path!r} sets 'optimizer' but the training config says optimizer: "
+                             f"{config.optimizer} (remove one of them)")
+        expected_total = config.batch_size * config.gradient_accumulation_steps * world_size()
+        if user.get("train_batch_size", expected_total) != expected_total:
+            raise ValueError(f"deepspeed_config: {path!r} conflicts with the training config: train_batch_size="
+                             f"{user['train_batch_size']} (batch_size x gradient_accumulation_steps x {world_size()} processes "
+                             f"gives {expected_total})")
+        conflicts: list[str] = []
+        merged = _merge(derived, user, "", conflicts)
+        if conflicts:
+            raise ValueError(f"deepspeed_config: {path!r} conflicts with the training config: {'; '.join(conflicts)}")
+        checkpoint = merged.get("checkpoint")
+        if isinstance(checkpoint, dict) and checkpoint.get("load_universal"):
+            raise ValueError(f"deepspeed_config: {path!r} sets checkpoint.load_universal, whose loader unpickles "
+                             "(torch.load(weights_only=False)) and can run code from the checkpoint; remove it and resume from "
+                             "a checkpoint this trainer wrote")
+        if isinstance(merged.get("nebula"), dict) and merged["nebula"].get("enabled"):
+            raise ValueError(f"deepspeed_config: {path!r} enables nebula, a checkpoint engine without weights-only loading; remove it")
+    merged.setdefault("steps_per_print", 10**9)
+    merged.setdefault("wall_clock_breakdown", False)
+    for name in ("offload_optimizer", "offload_param"):
+        if name in merged["zero_optimization"]:
+            merged["zero_optimization"][name].setdefault("pin_memory", torch.cuda.is_available())
     return merged
 
 
@@ -276,13 +282,13 @@ class Models:
 
 
 def build_models(config: TrainConfig, device: torch.device, deepspeed_config: dict[str, Any]) -> Models:
-    import deepspeed  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
+    deepspeed = import_deepspeed()
     from diffusers import StableVideoDiffusionPipeline  # noqa: PLC0415 - diffusers loads only when a model is built
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
-    pipe = StableVideoDiffusionPipeline.from_pretrained(config.model, dtype=torch.float32)
+    pipe = StableVideoDiffusionPipeline.from_pretrained(config.model, dtype=torch.float32, variant=config.model_variant)
     pipe.vae.to(device).eval().requires_grad_(False)
     pipe.image_encoder.eval().requires_grad_(False)
     if config.latents_dir is None:  # with precomputed latents the image encoder is not used in the loop

@@ -228,7 +228,8 @@ def export_pipeline(
     if rank == 0:
         from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415 - diffusers loads only when a model is built
 
-        unet = UNetSpatioTemporalConditionModel.from_pretrained(config.model, subfolder="unet")
+        unet = UNetSpatioTemporalConditionModel.from_pretrained(config.model, subfolder="unet", variant=config.model_variant,
+                                                                dtype=torch.float32)
         if config.trained_parameters == "lora":
             add_lora(unet, config.lora())
         _, unexpected = unet.load_state_dict(state, strict=False)

@@ -62,7 +62,8 @@ class Validator:
                 "vae": copy.deepcopy(self.base.vae).to("cpu"), "image_encoder": self.base.image_encoder,
                 "scheduler": copy.deepcopy(self.scheduler or self.base.scheduler), "feature_extractor": self.base.feature_extractor,
             }  # fmt: skip
-            pipe = load_optimized_pipeline(self.config.model, optimized=self.config.use_svd_fast_kernels, progress=False, components=components)
+            pipe = load_optimized_pipeline(self.config.model, optimized=self.config.use_svd_fast_kernels, progress=False,
+                                           variant=self.config.model_variant, components=components)
             unet = pipe.unet
             if self.config.trained_parameters == "lora":
                 add_lora(unet, self.config.lora())

@@ -1,0 +1,94 @@
+"""A user's DeepSpeed JSON (the config key ``deepspeed_config``, or DeepSpeed's own ``--deepspeed_config`` argument)
+read into the training config: every training key the config leaves unset takes the JSON's value, so the run is
+the one the JSON describes; a key both set differently is an error (``setup.build_deepspeed_config``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# DeepSpeed key path -> the training config key it sets.
+SCALAR_KEYS: dict[tuple[str, ...], str] = {
+    ("train_micro_batch_size_per_gpu",): "batch_size",
+    ("gradient_accumulation_steps",): "gradient_accumulation_steps",
+    ("gradient_clipping",): "gradient_clipping",
+    ("zero_optimization", "stage"): "zero_stage",
+    ("zero_optimization", "offload_optimizer", "device"): "offload_optimizer",
+    ("zero_optimization", "offload_param", "device"): "offload_param",
+    ("optimizer", "params", "lr"): "learning_rate",
+    ("optimizer", "params", "eps"): "adam_eps",
+    ("optimizer", "params", "weight_decay"): "weight_decay",
+}
+_MISSING = object()
+
+
+def read_deepspeed_json(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        user = json.loads(path.read_text())
+    except OSError as error:
+        raise ValueError(f"deepspeed_config: cannot read {str(path)!r} ({error.strerror or error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"deepspeed_config: {str(path)!r} is not valid JSON ({error})") from None
+    if not isinstance(user, dict):
+        raise ValueError(f"deepspeed_config: {str(path)!r} must hold a JSON object")
+    return user
+
+
+def without_auto(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` without Hugging Face's ``"auto"`` placeholders ("whatever the trainer says": the config decides)."""
+    return {key: without_auto(value) if isinstance(value, dict) else value for key, value in tree.items() if value != "auto"}
+
+
+def _lookup(tree: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if not isinstance(tree, dict) or key not in tree:
+            return _MISSING
+        tree = tree[key]
+    return _MISSING if tree == "auto" else tree
+
+
+def _precision(user: dict[str, Any]) -> Any:
+    enabled = {name: _lookup(user, (key, "enabled")) for name, key in (("bf16", "bf16"), ("bfloat16", "bfloat16"), ("fp16", "fp16"))}
+    if True in (enabled["bf16"], enabled["bfloat16"]):
+        return "bf16"
+    if enabled["fp16"] is True:
+        return "fp16"
+    return "fp32" if any(value is False for value in enabled.values()) else _MISSING
+
+
+def world_size() -> int:
+    """The number of processes the launcher started (1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def adopt_deepspeed_values(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (training config keys as written by the user) completed from their ``deepspeed_config`` JSON:
+    a key the user did not write takes the JSON's value (batch size, accumulation, clipping, ZeRO stage and
+    offload, precision, AdamW settings). Keys the user wrote are kept; a difference is reported when the
+    DeepSpeed config is built."""
+    if not values.get("deepspeed_config"):
+        return values
+    user = read_deepspeed_json(values["deepspeed_config"])
+    adopted = dict(values)
+
+    def take(name: str, value: Any) -> None:
+        if value is not _MISSING and name not in values:
+            adopted[name] = value
+
+    for keys, name in SCALAR_KEYS.items():
+        take(name, _lookup(user, keys))
+    betas = _lookup(user, ("optimizer", "params", "betas"))
+    if isinstance(betas, list) and len(betas) == 2:
+        take("adam_beta1", betas[0])
+        take("adam_beta2", betas[1])
+    take("precision", _precision(user))
+    if "optimizer" in user:
+        take("optimizer", "adamw_deepspeed")  # the JSON's optimizer runs: DeepSpeed builds it
+    total = _lookup(user, ("train_batch_size",))
+    micro = adopted.get("batch_size", 1)
+    if isinstance(total, int) and isinstance(micro, int) and micro > 0 and total % (micro * world_size()) == 0:
+        take("gradient_accumulation_steps", total // (micro * world_size()))
+    return adopted
