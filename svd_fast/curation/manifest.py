@@ -94,7 +94,8 @@ def part_is_complete(manifest_path: str | Path, key: str) -> bool:
     return False
 
 
-def _atomic_write(target: Path, write) -> Path:
+def atomic_write(target: Path, write) -> Path:
+    """Call ``write(temporary)`` on a temporary file beside ``target``, then rename it to ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TEMPORARY_MARK}")
     os.close(handle)
@@ -148,7 +149,7 @@ def part_path(manifest_path: str | Path, key: str) -> Path:
 def write_part(manifest_path: str | Path, key: str, rows: list[dict]) -> Path:
     """Write one file's rows atomically (temporary file + rename)."""
     table = pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names} for row in rows], schema=SCHEMA)
-    return _atomic_write(part_path(manifest_path, key), lambda temporary: pq.write_table(table, temporary))
+    return atomic_write(part_path(manifest_path, key), lambda temporary: pq.write_table(table, temporary))
 
 
 def read_parts(manifest_path: str | Path, keys: list[str]) -> pd.DataFrame:
@@ -160,4 +161,4 @@ def read_parts(manifest_path: str | Path, keys: list[str]) -> pd.DataFrame:
 
 
 def write_manifest(manifest_path: str | Path, table: pd.DataFrame) -> Path:
-    return _atomic_write(Path(manifest_path), lambda temporary: table.to_parquet(temporary, index=False))
+    return atomic_write(Path(manifest_path), lambda temporary: table.to_parquet(temporary, index=False))
