@@ -8,13 +8,22 @@ import re
 import sys
 from pathlib import Path
 
-from svd_fast.commands.errors import EXIT_PARTIAL, UsageError, require, require_device, require_readable_file, require_writable_dir
+from svd_fast.commands.errors import (
+    EXIT_PARTIAL,
+    UsageError,
+    require,
+    require_device,
+    require_output_folder,
+    require_readable_file,
+    require_writable_dir,
+)
 
 EXAMPLES = """examples:
   svd-fast curate --input videos/ --out manifest.parquet
   svd-fast curate --input list.txt --out m.parquet --filter "flow_mean_norm>=0.002" --filter "ocr_coverage<=0.05"
   svd-fast curate --input videos/ --out m.parquet --clip-model models/clip --aesthetic-head head.pt \\
       --filter "aesthetic_score:bottom=12.5" --filter "clip_text_similarity:bottom=25"
+  svd-fast curate --input videos/ --out m.parquet --report report/     # + report/index.html for curators
   svd-fast curate --input videos/ --out m.parquet --ray local          # Ray Data stages on this machine
   svd-fast curate --input videos/ --out m.parquet --ray auto           # join a running Ray cluster
 A list file has one video path per line, optionally followed by a TAB and a caption; a directory is searched
@@ -47,6 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--static-threshold", type=float, default=1e-3, help="flow_mean_norm below this marks a clip static")
     parser.add_argument("--keep-static", action="store_true", help="keep static clips (default: keep=False for them)")
     parser.add_argument("--no-codec-prefilter", action="store_true", help="always compute dense flow, even where codec motion vectors say static")
+    parser.add_argument("--report", default=None, metavar="DIR", help="also write DIR/index.html (+ PNGs): score histograms, kept/dropped counts, contact sheets")
     parser.add_argument("--device", default=None, help="torch device for transitions, flow and CLIP (default: cuda if present)")
     parser.set_defaults(func=run)
 
@@ -93,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--clip-model {args.clip_model} is not a folder", "give a local CLIPModel folder (transformers format)")
     if args.aesthetic_head is not None:
         require_readable_file("--aesthetic-head", args.aesthetic_head)
+    if args.report is not None:
+        require_output_folder("--report", args.report, "report", [args.input, out])
     # stdout carries only the JSON summary; progress goes to stderr.
     with tqdm(desc="svd-fast curate", unit="file", file=sys.stderr, dynamic_ncols=True) as bar:
         def progress(message: str) -> None:
@@ -106,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
         except ManifestBusyError as error:
             raise UsageError(str(error), "wait for it to finish, or choose another --out") from None
     summary.pop("config")
+    if args.report is not None:
+        from svd_fast.curation.report import write_report  # noqa: PLC0415 - matplotlib only for the report
+
+        summary["report"] = str(write_report(out, args.report))
     print(json.dumps(summary, indent=2))
     if summary["files_failed"]:
         print(f"svd-fast curate: {summary['files_failed']} of {summary['files']} files failed (their error is in {out})", file=sys.stderr)

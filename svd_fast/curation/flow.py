@@ -13,10 +13,18 @@
 * ``"dali"``: NVIDIA's optical-flow engine through DALI (4x4 grid, upsampled). Untested: the project's
   machines have no GPU with the engine; :func:`dali_unavailable_reason` says why it cannot run.
 
-Photometric robustness: both the torch and opencv backends see each frame normalised to local zero mean
-and unit contrast (Gaussian window of ``NORMALISE_SIGMA`` px per pyramid level for torch, at full size for
-opencv), so a fade, a flash or a global brightness change is not motion. Frames with too little texture
-to measure anything (black, uniform; see :func:`texture_level`) are reported by the pipeline as static.
+Photometric robustness: both the torch and opencv backends see each pyramid level normalised to local zero
+mean and unit contrast (Gaussian window of ``NORMALISE_SIGMA`` px of that level), so a fade, a flash or a
+global brightness change is not motion. Frames with too little texture to measure anything (black, uniform;
+see :func:`texture_level`) are reported by the pipeline as static.
+
+Noise and texture (issue #33; both backends, same steps): each frame's noise level is estimated
+(:func:`noise_sigmas`: robust Laplacian, capped by the frame-to-frame difference after the global shift) and
+floors the contrast normalisation (grain is not amplified into structure); a level's Farneback update is kept
+in proportion to its confidence (contrast above the noise floor, no clipped pixels), starting per pixel from
+the coarser level's flow or zero, whichever matches better (a coarse level cannot drag still fine texture along
+with a moving object); where the two frames differ by no more than their noise the flow is 0.
+:func:`pair_flow_magnitudes` (the motion score) is the confidence-weighted mean (:func:`confident_mean`).
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from svd_fast.curation.flow_dali import dali_flow, dali_unavailable_reason
+from svd_fast.curation.noise import confident_mean, noise_sigmas, pyramid_noise_gains
 
 FLOW_BACKENDS = ("auto", "opencv", "torch", "dali")
 # OpenCV's defaults for Farneback's solver at one pyramid level (both backends; the pyramid is built here).
@@ -39,6 +50,17 @@ NORMALISE_SIGMA = 6.0
 RELATIVE_CONTRAST_FLOOR = 0.2
 ABSOLUTE_CONTRAST_FLOOR = 1e-3
 NORMALISED_SCALE = 64.0  # normalised images are scaled to the spread of 8-bit images Farneback was tuned for
+# Local contrast within NOISE_FACTOR x the frame's noise level is noise: floored there, and no confidence.
+NOISE_FACTOR = 3.0
+# Clipped pixels (a flash's white, crushed black) hold no structure: no confidence where more than
+# MAX_CLIPPED_SHARE of the normalisation window is clipped.
+CLIPPED_WHITE, CLIPPED_BLACK = 254.5 / 255, 0.5 / 255
+MAX_CLIPPED_SHARE = 0.1
+# Where the two frames' mean squared difference over a STILL_WINDOW square is within STILL_TOLERANCE x the
+# variance that the difference of two noisy frames has (the mean of 31 x 31 squares of pure noise stays within
+# 1.15x at 3 sigma), nothing measurably moved: flow 0 there.
+STILL_WINDOW = 31
+STILL_TOLERANCE = 1.15
 
 
 def optical_flow(first: torch.Tensor, second: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -50,7 +72,7 @@ def optical_flow(first: torch.Tensor, second: torch.Tensor, backend: str = "auto
         reason = dali_unavailable_reason()
         if reason:
             raise RuntimeError(f"optical_flow: backend='dali' cannot run: {reason}; use 'torch' or 'opencv'")
-        return _dali_flow(first, second)
+        return dali_flow(first, second)
     return torch_farneback_flow(first.float(), second.float())
 
 
@@ -67,12 +89,20 @@ def _resolve_backend(first: torch.Tensor, second: torch.Tensor, backend: str) ->
     return backend
 
 
-def normalise_contrast(images: torch.Tensor, sigma: float = NORMALISE_SIGMA) -> torch.Tensor:
-    """(N, 1, H, W) -> local zero mean, unit local contrast (floored, see RELATIVE_CONTRAST_FLOOR), x NORMALISED_SCALE."""
+def normalise_contrast(images: torch.Tensor, sigma: float = NORMALISE_SIGMA, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 1, H, W) -> local zero mean, unit local contrast x NORMALISED_SCALE, floored at RELATIVE_CONTRAST_FLOOR
+    of the frame's mean contrast and at NOISE_FACTOR x its ``noise`` (N,) level; and the (N, 1, H, W) confidence:
+    0 where the local contrast is within that noise floor, 1 from twice it (all 1 without ``noise``)."""
     centred = images - _gaussian_blur(images, sigma)
     spread = _gaussian_blur(centred * centred, sigma).clamp_min(0).sqrt()
     floor = (RELATIVE_CONTRAST_FLOOR * spread.mean(dim=(1, 2, 3), keepdim=True)).clamp_min(ABSOLUTE_CONTRAST_FLOOR)
-    return centred / torch.maximum(spread, floor) * NORMALISED_SCALE
+    if noise is None:
+        return centred / torch.maximum(spread, floor) * NORMALISED_SCALE, torch.ones_like(spread)
+    noise_floor = NOISE_FACTOR * noise.view(-1, 1, 1, 1)
+    confidence = (spread / noise_floor - 1.0).clamp(0.0, 1.0)
+    clipped_share = _gaussian_blur(((images >= CLIPPED_WHITE) | (images <= CLIPPED_BLACK)).float(), sigma)
+    confidence = confidence * (1.0 - clipped_share / MAX_CLIPPED_SHARE).clamp(0.0, 1.0)
+    return centred / torch.maximum(spread, torch.maximum(floor, noise_floor)) * NORMALISED_SCALE, confidence
 
 
 def texture_level(images: torch.Tensor) -> torch.Tensor:
@@ -119,53 +149,95 @@ def _upsample_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _opencv_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """OpenCV's Farneback solve at each level of a contrast-normalised pyramid (as the torch backend's, built
-    with OpenCV's filters: several times faster than torch convolutions on a CPU), passing the flow down as
-    the initial flow. OpenCV's own pyramid would blur away the normalised detail."""
+    """The "opencv" backend of :func:`optical_flow` (see :func:`_opencv_flow_arrays`)."""
     flows = _opencv_flow_arrays(first.detach().float().cpu().numpy(), second.detach().float().cpu().numpy())
-    return torch.from_numpy(np.stack(flows)).permute(0, 3, 1, 2).contiguous().to(first.device)
+    return torch.from_numpy(np.stack([flow for flow, _ in flows])).permute(0, 3, 1, 2).contiguous().to(first.device)
 
 
-def _opencv_flow_arrays(first: np.ndarray, second: np.ndarray) -> list[np.ndarray]:
-    """:func:`_opencv_flow` on (N, H, W) float32 arrays: N (H, W, 2) flows. A frame that is the second of one
-    pair and the first of the next (consecutive samples) has its pyramid built once."""
+# ---------------------------------------------------------------- noise level and confidence (both backends)
+
+
+def _normalised_with_confidence(image: np.ndarray, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`normalise_contrast` for one (h, w) float32 level with the noise floor, and the level's confidence:
+    0 where the local contrast is within NOISE_FACTOR x ``noise`` (nothing but noise), 1 from twice that."""
+    import cv2  # noqa: PLC0415
+
+    centred = image - cv2.GaussianBlur(image, (0, 0), NORMALISE_SIGMA)
+    spread = np.sqrt(np.maximum(cv2.GaussianBlur(centred * centred, (0, 0), NORMALISE_SIGMA), 0))
+    noise_floor = NOISE_FACTOR * noise
+    floor = max(RELATIVE_CONTRAST_FLOOR * float(spread.mean()), noise_floor, ABSOLUTE_CONTRAST_FLOOR)
+    confidence = np.clip(spread / noise_floor - 1.0, 0.0, 1.0)
+    clipped_share = cv2.GaussianBlur(((image >= CLIPPED_WHITE) | (image <= CLIPPED_BLACK)).astype(np.float32), (0, 0), NORMALISE_SIGMA)
+    confidence *= np.clip(1.0 - clipped_share / MAX_CLIPPED_SHARE, 0.0, 1.0)
+    return centred / np.maximum(spread, floor) * NORMALISED_SCALE, confidence
+
+
+def _opencv_flow_arrays(first: np.ndarray, second: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The "opencv" backend on (N, H, W) float32 arrays: per pair its (H, W, 2) flow and (H, W) confidence.
+
+    Coarse to fine over a halving pyramid (OpenCV's filters: several times faster than torch convolutions on a
+    CPU; OpenCV's own pyramid would blur away the normalised detail), at each level:
+    * the initial flow is, per pixel, the coarser level's or zero, whichever matches the two frames better
+      (window-mean absolute difference): a coarse level too small to resolve fine texture cannot then drag a
+      still background along with a moving object;
+    * OpenCV's Farneback refines it on the noise-floored, contrast-normalised images;
+    * the refinement is kept in proportion to the level's confidence (both frames' contrast above their noise:
+      :func:`noise_sigmas`, scaled to the level), so grain on a smooth scene never becomes motion.
+    The confidence of a pair is, per pixel, the highest of its levels' (upsampled).
+    """
     import cv2  # noqa: PLC0415 - only the CPU backend needs OpenCV
 
     solver = FARNEBACK_SOLVER
     levels = pyramid_levels(first.shape[-2:])
-
-    def normalised(image: np.ndarray) -> np.ndarray:
-        centred = image - cv2.GaussianBlur(image, (0, 0), NORMALISE_SIGMA)
-        spread = np.sqrt(np.maximum(cv2.GaussianBlur(centred * centred, (0, 0), NORMALISE_SIGMA), 0))
-        floor = max(RELATIVE_CONTRAST_FLOOR * float(spread.mean()), ABSOLUTE_CONTRAST_FLOOR)
-        return centred / np.maximum(spread, floor) * NORMALISED_SCALE
+    gains = pyramid_noise_gains(levels)
 
     def pyramid(image: np.ndarray) -> list[np.ndarray]:
         images = [image]
         for _ in range(levels - 1):
             smaller = (images[-1].shape[1] // 2, images[-1].shape[0] // 2)
             images.append(cv2.resize(cv2.GaussianBlur(images[-1], (0, 0), 0.75), smaller, interpolation=cv2.INTER_AREA))
-        return [normalised(level) for level in images]
+        return images
 
-    flows = []
+    results = []
     previous: tuple[np.ndarray, list[np.ndarray]] | None = None  # the last pair's second frame and its pyramid
     for one, two in zip(first, second):
         one_pyramid = previous[1] if previous is not None and np.array_equal(previous[0], one) else pyramid(one)
         two_pyramid = pyramid(two)
         previous = (two, two_pyramid)
-        flow = None
-        for level_one, level_two in reversed(list(zip(one_pyramid, two_pyramid))):
+        noise_one, noise_two = noise_sigmas(one, two)
+        flow = confidence = None
+        for level in reversed(range(levels)):
+            level_one, confidence_one = _normalised_with_confidence(one_pyramid[level], noise_one * gains[level])
+            level_two, confidence_two = _normalised_with_confidence(two_pyramid[level], noise_two * gains[level])
             height, width = level_one.shape
             if flow is None:
-                flow = np.zeros((height, width, 2), np.float32)
+                flow, confidence = np.zeros((height, width, 2), np.float32), np.zeros((height, width), np.float32)
             else:
                 flow = cv2.resize(flow, (width, height), interpolation=cv2.INTER_LINEAR) * np.array([width / flow.shape[1], height / flow.shape[0]], np.float32)
-            flow = cv2.calcOpticalFlowFarneback(
-                level_one, level_two, flow, 0.5, 1, solver["winsize"], solver["iterations"], solver["poly_n"], solver["poly_sigma"],
+                confidence = cv2.resize(confidence, (width, height), interpolation=cv2.INTER_LINEAR)
+                flow = _better_of_flow_or_zero(level_one, level_two, flow)
+            refined = cv2.calcOpticalFlowFarneback(
+                level_one, level_two, flow.copy(), 0.5, 1, solver["winsize"], solver["iterations"], solver["poly_n"], solver["poly_sigma"],
                 cv2.OPTFLOW_USE_INITIAL_FLOW,
             )
-        flows.append(flow)
-    return flows
+            level_confidence = np.minimum(confidence_one, confidence_two).astype(np.float32)
+            flow = flow + level_confidence[..., None] * (refined - flow)
+            confidence = np.maximum(confidence, level_confidence)
+        still = cv2.blur(np.square(one - two), (STILL_WINDOW,) * 2) <= STILL_TOLERANCE * (noise_one**2 + noise_two**2)
+        results.append((np.where(still[..., None], np.float32(0), flow), confidence))
+    return results
+
+
+def _better_of_flow_or_zero(first: np.ndarray, second: np.ndarray, flow: np.ndarray) -> np.ndarray:
+    """Per pixel, ``flow`` or zero, whichever leaves the smaller window-mean |first - second warped|."""
+    import cv2  # noqa: PLC0415
+
+    height, width = first.shape
+    xs, ys = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+    warped = cv2.remap(second, xs + flow[..., 0], ys + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    window = (FARNEBACK_SOLVER["winsize"],) * 2
+    zero_is_better = cv2.blur(np.abs(first - second), window) <= cv2.blur(np.abs(first - warped), window)
+    return np.where(zero_is_better[..., None], np.float32(0), flow).astype(np.float32)
 
 
 # ---------------------------------------------------------------- Farneback in PyTorch
@@ -246,56 +318,53 @@ def _farneback_step(first: torch.Tensor, second: torch.Tensor, flow: torch.Tenso
 
 def torch_farneback_flow(first: torch.Tensor, second: torch.Tensor, min_side: int = 16) -> torch.Tensor:
     """The "torch" backend of :func:`optical_flow` (see the module docstring)."""
+    return torch_farneback_flow_with_confidence(first, second, min_side)[0]
+
+
+def torch_farneback_flow_with_confidence(first: torch.Tensor, second: torch.Tensor, min_side: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 2, H, W) flow and (N, H, W) confidence; per level as the opencv backend (:func:`_opencv_flow_arrays`):
+    the initial flow is the coarser level's or zero, whichever matches better, and the level's update is kept in
+    proportion to its noise-aware confidence."""
     iterations, winsize, poly_n, poly_sigma = (FARNEBACK_SOLVER[key] for key in ("iterations", "winsize", "poly_n", "poly_sigma"))
+    count = first.shape[0]
+    levels = pyramid_levels(first.shape[-2:], min_side)
+    first_cpu, second_cpu = first.detach().float().cpu().numpy(), second.detach().float().cpu().numpy()
+    noise = torch.tensor([noise_sigmas(one, two) for one, two in zip(first_cpu, second_cpu)], dtype=torch.float32, device=first.device).reshape(-1)
     images = torch.stack([first, second], dim=1).reshape(-1, 1, *first.shape[-2:])
-    pyramid = _pyramid(images, pyramid_levels(first.shape[-2:], min_side))
+    pyramid = _pyramid(images, levels)
+    gains = pyramid_noise_gains(levels)
     window = torch.ones(winsize, device=first.device) / winsize
-    flow = None
-    for level in reversed(pyramid):
+    flow = confidence = None
+    for index in reversed(range(levels)):
+        level = pyramid[index]
         height, width = level.shape[-2:]
-        coefficients = _expand(normalise_contrast(level), poly_n, poly_sigma).reshape(first.shape[0], 2, 5, height, width)
+        normalised, level_confidence = normalise_contrast(level, noise=noise * gains[index])
+        normalised = normalised.reshape(count, 2, height, width)
+        level_confidence = level_confidence.reshape(count, 2, height, width).amin(dim=1)
+        coefficients = _expand(normalised.reshape(-1, 1, height, width), poly_n, poly_sigma).reshape(count, 2, 5, height, width)
         if flow is None:
-            flow = level.new_zeros(first.shape[0], 2, height, width)
+            flow, confidence = level.new_zeros(count, 2, height, width), level.new_zeros(count, height, width)
         else:
             flow = _upsample_flow(flow, (height, width))
+            confidence = F.interpolate(confidence[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+            flow = _better_of_flow_or_zero_torch(normalised, flow, winsize)
+        refined = flow
         for _ in range(iterations):
-            flow = _farneback_step(coefficients[:, 0], coefficients[:, 1], flow, window)
-    return flow
+            refined = _farneback_step(coefficients[:, 0], coefficients[:, 1], refined, window)
+        flow = flow + level_confidence[:, None] * (refined - flow)
+        confidence = torch.maximum(confidence, level_confidence)
+    pair_variance = noise.view(count, 2).square().sum(dim=1).view(-1, 1, 1, 1)
+    still = _separable((first - second).square()[:, None], torch.ones(STILL_WINDOW, device=first.device) / STILL_WINDOW) <= STILL_TOLERANCE * pair_variance
+    return torch.where(still, torch.zeros_like(flow), flow), confidence
 
 
-# ---------------------------------------------------------------- DALI (untested)
-
-
-def dali_unavailable_reason() -> str | None:
-    """None when DALI's optical flow can run here, else why not."""
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if torch.cuda.get_device_capability() < (7, 5):
-        return "the GPU has no optical-flow engine (needs Turing or newer)"
-    try:
-        import nvidia.dali  # noqa: F401, PLC0415 - DALI is optional (GPU decoding)
-    except ImportError:
-        return "nvidia-dali is not installed"
-    return None
-
-
-def _dali_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """DALI's fn.optical_flow per pair (output grid 4x4 in input pixels), upsampled to (N, 2, H, W)."""
-    from nvidia.dali import fn, pipeline_def, types  # noqa: PLC0415 - DALI is optional (GPU decoding)
-
-    height, width = first.shape[-2:]
-    pairs = (torch.stack([first, second], dim=1) * 255).round().to(torch.uint8).unsqueeze(-1).expand(-1, -1, -1, -1, 3).cpu().numpy()
-
-    @pipeline_def(batch_size=len(pairs), num_threads=2, device_id=torch.cuda.current_device())
-    def flow_pipeline():
-        video = fn.external_source(source=lambda: [np.ascontiguousarray(pair) for pair in pairs], layout="FHWC", dtype=types.UINT8, batch=True)
-        return fn.optical_flow(video.gpu(), output_grid=4, preset=0.0)
-
-    pipe = flow_pipeline()
-    pipe.build()
-    (output,) = pipe.run()
-    grid = torch.from_numpy(np.stack([np.asarray(sample)[0] for sample in output.as_cpu()])).permute(0, 3, 1, 2).float()
-    return F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False).to(first.device)
+def _better_of_flow_or_zero_torch(normalised: torch.Tensor, flow: torch.Tensor, winsize: int) -> torch.Tensor:
+    """:func:`_better_of_flow_or_zero` for (N, 2, h, w) normalised pairs and (N, 2, h, w) flows."""
+    box = torch.ones(winsize, device=flow.device) / winsize
+    warped = _warp(normalised[:, 1:], flow)[:, 0]
+    residual_flow = _separable((normalised[:, 0] - warped).abs()[:, None], box)[:, 0]
+    residual_zero = _separable((normalised[:, 0] - normalised[:, 1]).abs()[:, None], box)[:, 0]
+    return torch.where((residual_zero <= residual_flow)[:, None], torch.zeros_like(flow), flow)
 
 
 # ---------------------------------------------------------------- motion statistics
@@ -324,17 +393,36 @@ def mean_flow_magnitude(frames: np.ndarray | torch.Tensor, backend: str = "auto"
     return float(pair_flow_magnitudes(gray[:-1], gray[1:], backend, border_fraction).mean())
 
 
+def optical_flow_with_confidence(first: torch.Tensor, second: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`optical_flow` and its (N, H, W) confidence in [0, 1] (0: nothing but noise or no structure there,
+    in either frame, at any pyramid level), for the "opencv" and "torch" backends."""
+    backend = _resolve_backend(first, second, backend)
+    if backend == "opencv":
+        results = _opencv_flow_arrays(first.detach().float().cpu().numpy(), second.detach().float().cpu().numpy())
+        flow = torch.from_numpy(np.stack([flow for flow, _ in results])).permute(0, 3, 1, 2).contiguous().to(first.device)
+        return flow, torch.from_numpy(np.stack([confidence for _, confidence in results])).to(first.device)
+    if backend == "dali":
+        raise ValueError("optical_flow_with_confidence: backend 'dali' gives no confidence; use 'opencv' or 'torch'")
+    return torch_farneback_flow_with_confidence(first.float(), second.float())
+
+
 def pair_flow_magnitudes(first: torch.Tensor, second: torch.Tensor, backend: str = "auto", border_fraction: float = 0.05) -> torch.Tensor:
-    """Mean flow magnitude per pair (N,) of (N, H, W) grayscale frames, border margin excluded."""
+    """The motion score of each pair (N,) of (N, H, W) grayscale frames: the confidence-weighted mean flow
+    magnitude (:func:`confident_mean`), border margin excluded. "dali" (no confidence): the plain mean."""
     height, width = first.shape[-2:]
     margin_y, margin_x = int(height * border_fraction), int(width * border_fraction)
     inner = (slice(margin_y, height - margin_y), slice(margin_x, width - margin_x))
-    if _resolve_backend(first, second, backend) == "opencv":
+    backend = _resolve_backend(first, second, backend)
+    if backend == "opencv":
         # OpenCV's flow as arrays, its magnitude in NumPy: torch's CPU ops would cost more than the flow itself.
-        flows = _opencv_flow_arrays(first.detach().float().cpu().numpy(), second.detach().float().cpu().numpy())
-        return torch.tensor([float(np.hypot(flow[..., 0], flow[..., 1])[inner].mean()) for flow in flows], dtype=torch.float32)
-    magnitude = optical_flow(first, second, backend).norm(dim=1)[(slice(None), *inner)]
-    return magnitude.mean(dim=(1, 2))
+        results = _opencv_flow_arrays(first.detach().float().cpu().numpy(), second.detach().float().cpu().numpy())
+        return torch.tensor([confident_mean(np.hypot(flow[..., 0], flow[..., 1])[inner], confidence[inner]) for flow, confidence in results], dtype=torch.float32)
+    if backend == "dali":
+        return optical_flow(first, second, backend).norm(dim=1)[(slice(None), *inner)].mean(dim=(1, 2))
+    flow, confidence = optical_flow_with_confidence(first, second, backend)
+    magnitudes = flow.norm(dim=1)[(slice(None), *inner)].cpu().numpy()
+    confidences = confidence[(slice(None), *inner)].cpu().numpy()
+    return torch.tensor([confident_mean(magnitude, weights) for magnitude, weights in zip(magnitudes, confidences)], dtype=torch.float32)
 
 
 def motion_bucket_id(flow_mean_norm: float, sample_fps: float = 2.0, saturation_per_second: float = MOTION_SATURATION_PER_SECOND) -> int:

@@ -32,7 +32,8 @@ MIN_EDGE_CONTRAST = 64  # edge threshold floor (grey levels of the 3x3 gradient)
 TARGET_LINE_HEIGHT = 48  # crops whose line is taller are scaled down to about this height for Tesseract
 MARGIN_FRACTION = 0.25  # crop margin around a candidate box, as a fraction of its height (at least 4 px)
 TILE_GAP = 12  # rows of padding between crops packed into one image
-GATE_LEVELS = 3  # pyramid levels the gate looks at: full, 1/2 and 1/4 resolution
+GATE_LEVELS = 3
+STRETCH_PERCENTILE = 1.0  # contrast stretch of a crop before reading: these percentiles go to black and white  # pyramid levels the gate looks at: full, 1/2 and 1/4 resolution
 
 
 def tesseract_unavailable_reason() -> str | None:
@@ -195,12 +196,25 @@ def crop_coverages(crops_per_frame: list[list[TextCrop]], frame_shape: tuple[int
     return [_coverage(frame_shape, words) for words in _pack_and_read(crops_per_frame, min_confidence)]
 
 
+def reading_variants(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An (h, w, 3) uint8 crop as Tesseract reads it: grey, stretched so its 1st..99th percentiles span 0..255,
+    and the same inverted (RGB, as the crops)."""
+    import cv2  # noqa: PLC0415
+
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    low, high = np.percentile(gray, (STRETCH_PERCENTILE, 100 - STRETCH_PERCENTILE))
+    stretched = np.clip((gray - low) * (255.0 / max(float(high - low), 1.0)), 0, 255).astype(np.uint8)
+    return cv2.cvtColor(stretched, cv2.COLOR_GRAY2RGB), cv2.cvtColor(255 - stretched, cv2.COLOR_GRAY2RGB)
+
+
 def _pack_and_read(crops_per_frame: list[list[TextCrop]], min_confidence: float) -> list[list[tuple[int, int, int, int]]]:
     """Word boxes per frame, in frame coordinates, from one Tesseract call on all crops packed into one image."""
     import cv2  # noqa: PLC0415 - OpenCV is optional (the data extra)
 
-    tiles = [crop for crops in crops_per_frame for crop in crops]
-    owners = [frame_index for frame_index, crops in enumerate(crops_per_frame) for _ in crops]
+    # Each crop twice, contrast-stretched grey in both polarities: Tesseract reads dark text on a light ground,
+    # and misses a light caption over coloured texture as given (a word read in both is masked once).
+    tiles = [TextCrop(crop.x0, crop.y0, crop.scale, variant) for crops in crops_per_frame for crop in crops for variant in reading_variants(crop.image)]
+    owners = [frame_index for frame_index, crops in enumerate(crops_per_frame) for _ in crops for _ in range(2)]
     words: list[list[tuple[int, int, int, int]]] = [[] for _ in crops_per_frame]
     if not tiles:
         return words

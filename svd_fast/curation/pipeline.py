@@ -39,8 +39,8 @@ from svd_fast.curation.filters import apply_filters, parse_filter
 from svd_fast.data.decode import VIDEO_SUFFIXES, VideoDecodeError, decode_frames_at_times
 
 # Part keys include this: bump it when a measurement changes (2: OCR on gated text-candidate crops; 3: OCR key
-# frames on the 2-FPS grid), so reruns recompute parts written by older code instead of mixing old and new values in one manifest.
-MEASUREMENT_VERSION = 3
+# frames on the 2-FPS grid; 4: the noise-aware, confidence-weighted motion score and OCR of both polarities), so reruns recompute parts written by older code instead of mixing old and new values in one manifest.
+MEASUREMENT_VERSION = 4
 
 
 class CurationRequestError(ValueError):

@@ -14,10 +14,11 @@ import numpy as np
 CODECS = {"vp9": ("libvpx-vp9", ".webm"), "vp8": ("libvpx", ".webm"), "h264": ("libx264", ".mp4"), "mjpeg": ("mjpeg", ".avi")}
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float = 24, codec: str = "h264", lossless: bool = False) -> Path:
+def write_video(path: str | Path, frames: np.ndarray, fps: float = 24, codec: str = "h264", lossless: bool = False, crf: int | None = None) -> Path:
     """Encode ``frames`` (F, H, W, 3) uint8 RGB to ``path`` with ``codec`` (a key of CODECS); returns the path.
 
-    ``lossless`` asks the encoder for (near-)lossless output so decoded pixels can be compared tightly.
+    ``lossless`` asks the encoder for (near-)lossless output so decoded pixels can be compared tightly; ``crf``
+    (H.264 only) sets x264's constant rate factor (23 is its default; 35 and up: heavy compression noise).
     """
     import av  # noqa: PLC0415 - optional dependency
 
@@ -40,6 +41,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 24, codec: st
             stream.options = {"lossless": "1"}
         elif codec == "mjpeg":
             stream.options = {"q:v": "2"}
+        elif crf is not None and codec == "h264":
+            stream.options = {"crf": str(crf)}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -129,3 +132,64 @@ def write_video_with_times(path: str | Path, frames: np.ndarray, times: np.ndarr
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+# ---------------------------------------------------------------- footage for the motion score (known motion)
+
+
+def random_texture(height: int, width: int, scale: int = 1, seed: int = 0, colour: bool = False) -> np.ndarray:
+    """Uniform random grey (or RGB) levels in blocks of ``scale`` x ``scale`` px, (H, W, 3) uint8: high-frequency
+    texture like gravel, foliage or fabric, the worst case for a flow solver that mistakes texture for structure."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(-(-height // scale), -(-width // scale), 3 if colour else 1), dtype=np.uint8)
+    texture = np.repeat(np.repeat(blocks, scale, axis=0), scale, axis=1)[:height, :width]
+    return np.ascontiguousarray(np.broadcast_to(texture, (height, width, 3)))
+
+
+def smooth_scene(height: int, width: int, seed: int = 0, feature: int = 8) -> np.ndarray:
+    """A very smooth RGB scene (sky, walls, skin: blobs ~4 x ``feature`` px wide), (H, W, 3) uint8: where grain,
+    not the scene, holds the fine detail a flow solver sees."""
+    import cv2  # noqa: PLC0415 - in the data extra, as PyAV is
+
+    small = smooth_texture(-(-height // feature), -(-width // feature), seed).astype(np.float32)
+    return (np.clip(cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC), 0, 1) * 255).round().astype(np.uint8)
+
+
+def panning(image: np.ndarray, num_frames: int, step: int = 1) -> np.ndarray:
+    """``image`` (H, W, 3) moving right ``step`` whole px per frame (wrapping around), (F, H, W, 3)."""
+    return np.stack([np.roll(image, step * index, axis=1) for index in range(num_frames)])
+
+
+def still_shot(background: np.ndarray, num_frames: int) -> np.ndarray:
+    """``num_frames`` copies of one (H, W, 3) uint8 frame."""
+    return np.repeat(background[None], num_frames, axis=0)
+
+
+def moving_square(background: np.ndarray, num_frames: int, size: int = 30, step: tuple[int, int] = (0, 36), start: tuple[int, int] | None = None,
+                  colour: tuple[int, int, int] = (230, 60, 40)) -> tuple[np.ndarray, np.ndarray]:
+    """A flat ``size`` px square moving ``step`` = (dy, dx) px per frame over a still ``background``: the frames
+    (F, H, W, 3) uint8 and the mask (F, H, W) of the pixels the square covers in each frame."""
+    height, width = background.shape[:2]
+    top, left = start if start is not None else (height // 2 - size // 2, width // 8)
+    frames = still_shot(background, num_frames).copy()
+    covered = np.zeros(frames.shape[:3], bool)
+    for index in range(num_frames):
+        y, x = top + step[0] * index, left + step[1] * index
+        covered[index, max(0, y) : max(0, y + size), max(0, x) : max(0, x + size)] = True
+        frames[index][covered[index]] = colour
+    return frames, covered
+
+
+def add_grain(frames: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+    """Independent Gaussian grain of ``sigma`` (in [0, 1] grey levels, e.g. 4/255) in every frame and channel,
+    rounded to uint8: sensor noise or film grain."""
+    noise = np.random.default_rng(seed).normal(0.0, sigma * 255.0, size=frames.shape)
+    return np.clip(frames.astype(np.float64) + noise, 0, 255).round().astype(np.uint8)
+
+
+def flash(frames: np.ndarray, index: int, gain: float = 4.0) -> np.ndarray:
+    """A copy of ``frames`` whose frame ``index`` is brightened ``gain`` times and clipped at 255: a photo flash
+    or lightning that saturates most of the frame."""
+    flashed = frames.copy()
+    flashed[index] = np.clip(frames[index].astype(np.float64) * gain + 40, 0, 255).round().astype(np.uint8)
+    return flashed

@@ -1,0 +1,66 @@
+"""Noise level of video frames and the confidence-weighted motion score, for :mod:`svd_fast.curation.flow`."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+QUANTISATION_NOISE = 1.0 / (255.0 * math.sqrt(12.0))  # 8-bit rounding, the least noise a decoded frame has
+MAD_TO_SIGMA = 1.4826  # median absolute deviation -> standard deviation of a Gaussian
+
+
+def noise_sigmas(first: np.ndarray, second: np.ndarray) -> tuple[float, float]:
+    """The noise level (standard deviation, [0, 1] grey) of each of two (H, W) float32 frames of one shot.
+
+    Spatially: the robust (median absolute) Laplacian of each frame (Immerkaer's estimator, made robust to
+    edges), which is right for grain on smooth content but also calls fine texture noise. Temporally: the
+    median absolute difference of the two frames / sqrt(2), unshifted and after the global shift found by
+    phase correlation (so a still shot or a pan of fine texture says "little noise"). The smaller of the two
+    (texture that repeats in the next frame is not noise), never below 8-bit quantisation noise.
+    """
+    import cv2  # noqa: PLC0415
+
+    (dx, dy), _ = cv2.phaseCorrelate(first.astype(np.float64), second.astype(np.float64))
+    height, width = first.shape
+    shifted = cv2.warpAffine(second, np.float32([[1, 0, dx], [0, 1, dy]]), (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+    margin_y, margin_x = min(height // 4, int(abs(dy)) + 2), min(width // 4, int(abs(dx)) + 2)
+    residual = min(float(np.median(np.abs(first - shifted)[margin_y:-margin_y, margin_x:-margin_x])), float(np.median(np.abs(first - second))))
+    temporal = MAD_TO_SIGMA * residual / math.sqrt(2)
+    return tuple(max(min(_spatial_noise(frame), temporal), QUANTISATION_NOISE) for frame in (first, second))
+
+
+def _spatial_noise(image: np.ndarray) -> float:
+    import cv2  # noqa: PLC0415
+
+    laplacian = cv2.filter2D(image, -1, _NOISE_LAPLACIAN)[1:-1, 1:-1]
+    return MAD_TO_SIGMA * float(np.median(np.abs(laplacian))) / 6.0  # the kernel's L2 norm is 6
+
+
+_NOISE_LAPLACIAN = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+
+
+@functools.cache
+def pyramid_noise_gains(levels: int) -> tuple[float, ...]:
+    """How much each pyramid level (blur 0.75 + 2x2 area halving, per level) scales white noise's deviation."""
+    import cv2  # noqa: PLC0415
+
+    noise = np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32)
+    gains = [1.0]
+    for _ in range(levels - 1):
+        noise = cv2.resize(cv2.GaussianBlur(noise, (0, 0), 0.75), (noise.shape[1] // 2, noise.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        gains.append(float(noise.std()))
+    return tuple(gains)
+
+
+def confident_mean(magnitude: np.ndarray, confidence: np.ndarray) -> float:
+    """The confidence-weighted mean of a flow magnitude map; 0 where (almost) nothing is measurable: below
+    MIN_CONFIDENT_SHARE of the pixels' worth of confidence, the frame holds no evidence of motion."""
+    total = float(confidence.sum())
+    if total < MIN_CONFIDENT_SHARE * confidence.size:
+        return 0.0
+    return float((magnitude * confidence).sum()) / total
+
+
+MIN_CONFIDENT_SHARE = 0.01
