@@ -47,6 +47,7 @@ def _base(command: str, files: dict[str, Path]) -> list[str]:
         "demo": ["demo", "--out", str(root / "demo_out"), "--quick"],
         "curate": ["curate", "--input", str(root / "videos"), "--out", str(root / "m.parquet")],
         "train": ["train", "--config", str(files["config"])],
+        "env": ["env"],
         "distill": ["distill", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "distill_tiny_cpu.yaml")],
         "generate": ["generate", "--model", str(files["model"]), "--image", str(files["image"]), "--out", str(root / "x.mp4"), "--steps", "1"],
     }[command]  # fmt: skip
@@ -84,6 +85,7 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
         "--ray": (["--ray", "local"], "apply to batch generation"),
         "--actors": (["--actors", "many"], "invalid int value"),
         "--unet-weights": (["--unet-weights", "{root}/missing.safetensors"], "--unet-weights"),
+        "--variant": (["--variant", "fp8"], "holds no *.fp8.safetensors"),
         "--lora": (["--lora", "{root}/missing_adapter:1"], "--lora"),
         "--window": (["--window", "1"], "--window must be an integer >= 2"),
         "--overlap": (["--overlap", "-1"], "--overlap must be in"),
@@ -93,6 +95,9 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
         "--set": (["--set", "noequals"], "--set expects KEY=VALUE"),
         "--plan-memory": (["--plan-memory=1"], "ignored explicit argument"),
         "--gpus": (["--plan-memory", "--set", "precision=bf16", "--gpus", "0"], "--gpus must be"),
+        "--json": (["--json=1"], "ignored explicit argument"),
+    },
+    "env": {
         "--json": (["--json=1"], "ignored explicit argument"),
     },
     "encode": {
@@ -107,6 +112,7 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
         "--device": (["--device", "potato"], "invalid choice"),
         "--ray": (["--ray", "cluster"], "invalid choice"),
         "--actors": (["--actors", "0"], "--actors must be"),
+        "--variant": (["--variant", "fp8"], "holds no *.fp8.safetensors"),
     },
     "make-tiny": {
         "dir": (["make-tiny", "."], "not a new folder name"),
@@ -136,6 +142,7 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
         "--keep-static": (["--keep-static=1"], "ignored explicit argument"),
         "--no-codec-prefilter": (["--no-codec-prefilter=1"], "ignored explicit argument"),
         "--device": (["--device", "potato"], "--device 'potato' is not a device"),
+        "--report": (["--report", "{root}/img.png"], "--report"),
     },
     "train": {
         "--config": (["--config", "{root}/missing.yaml"], "config"),
@@ -143,6 +150,8 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
         "--plan-memory": (["--plan-memory=1"], "ignored explicit argument"),
         "--gpus": (["--plan-memory", "--set", "precision=bf16", "--gpus", "0"], "--gpus must be"),
         "--json": (["--json=1"], "ignored explicit argument"),
+        "--deepspeed_config": (["--deepspeed_config", "{root}/missing.json"], "deepspeed_config"),
+        "--deepspeed": (["--deepspeed=1"], "ignored explicit argument"),
     },
 }
 

@@ -105,18 +105,25 @@ def run(args: argparse.Namespace) -> int:
         require_readable_file("--aesthetic-head", args.aesthetic_head)
     if args.report is not None:
         require_output_folder("--report", args.report, "report", [args.input, out])
-    # stdout carries only the JSON summary; progress goes to stderr.
-    with tqdm(desc="svd-fast curate", unit="file", file=sys.stderr, dynamic_ncols=True) as bar:
-        def progress(message: str) -> None:
-            bar.set_postfix_str(message.removeprefix("done "), refresh=False)
-            bar.update(1)
+    # stdout carries only the JSON summary; progress goes to stderr, in a bar opened at the first finished file so
+    # that a request curate() refuses is still one line.
+    bars: list = []
 
-        try:
-            summary = curate(args.input, out, config, filters=args.filters, ray_address=args.ray, progress=progress)
-        except CurationRequestError as error:
-            raise UsageError(str(error), "see `svd-fast curate --help`") from None
-        except ManifestBusyError as error:
-            raise UsageError(str(error), "wait for it to finish, or choose another --out") from None
+    def progress(message: str) -> None:
+        if not bars:
+            bars.append(tqdm(desc="svd-fast curate", unit="file", file=sys.stderr, dynamic_ncols=True))
+        bars[0].set_postfix_str(message.removeprefix("done "), refresh=False)
+        bars[0].update(1)
+
+    try:
+        summary = curate(args.input, out, config, filters=args.filters, ray_address=args.ray, progress=progress)
+    except CurationRequestError as error:
+        raise UsageError(str(error), "see `svd-fast curate --help`") from None
+    except ManifestBusyError as error:
+        raise UsageError(str(error), "wait for it to finish, or choose another --out") from None
+    finally:
+        for bar in bars:
+            bar.close()
     summary.pop("config")
     if args.report is not None:
         from svd_fast.curation.report import write_report  # noqa: PLC0415 - matplotlib only for the report

@@ -56,6 +56,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data} does not exist", "check the path")
     if not Path(args.model).is_dir():
         raise UsageError(f"--model {args.model} is not a diffusers pipeline folder", "check the path")
+    if args.variant is not None:
+        from svd_fast.diffusers.loading import ModelFolderError, check_variant  # noqa: PLC0415 - svd_fast.diffusers imports diffusers, loaded only when the command runs
+
+        try:
+            check_variant(Path(args.model), args.variant)
+        except ModelFolderError as error:
+            raise UsageError(str(error)) from None
     device = require_device(args.device)
     out = require_output_folder("--out", args.out, "latents", [args.data, args.model])
 

@@ -25,7 +25,7 @@ from diffusers import StableVideoDiffusionPipeline
 
 from svd_fast import checks, media
 from svd_fast.backends import backends_used, use_backend
-from svd_fast.diffusers.loading import ModelFolderError, check_model_folder
+from svd_fast.diffusers.loading import ModelFolderError, check_model_folder, check_variant
 from svd_fast.diffusers.patching import describe, optimize
 from svd_fast.diffusers.settings import OptionError, check_settings
 from svd_fast.heartbeat import heartbeat
@@ -96,6 +96,8 @@ def check_options(options: GenerateOptions) -> GenerateOptions:
     every default that needs no model load."""
     if _looks_like_path(options.model):
         check_model_folder(Path(options.model).expanduser())
+        if options.variant is not None:
+            check_variant(Path(options.model).expanduser(), options.variant)
     for name in ("seed", "frames", "steps", "fps", "decode_chunk_size", "cache_interval", "motion_bucket_id", "noise_aug_strength",
                  "height", "width"):  # fmt: skip
         _check(name, getattr(options, name))

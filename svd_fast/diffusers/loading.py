@@ -41,3 +41,13 @@ def check_model_folder(path: Path) -> None:
     missing = [name for name in PIPELINE_COMPONENTS if not (path / name).is_dir()]
     if missing:
         raise ModelFolderError(f"--model: {path} lacks the component folder(s) {missing}")
+
+
+def check_variant(path: Path, variant: str) -> None:
+    """Raise ModelFolderError when the folder holds no ``*.{variant}.safetensors`` / ``.bin`` weights, so a mistyped
+    or absent variant is named before diffusers' loader fails on it."""
+    if not variant or not all(part.isalnum() or part in "-_" for part in variant):
+        raise ModelFolderError(f"--variant: {variant!r} is not a weights variant name (e.g. fp16)")
+    if not any(path.glob(f"*/*.{variant}.safetensors")) and not any(path.glob(f"*/*.{variant}.bin")):
+        raise ModelFolderError(f"--variant {variant}: {path} holds no *.{variant}.safetensors weights "
+                               "(omit --variant, or download that variant)")
