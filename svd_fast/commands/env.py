@@ -42,8 +42,8 @@ def versions() -> dict[str, str | None]:
 def report() -> dict[str, object]:
     import torch  # noqa: PLC0415 - the report needs torch; the command line's parsing does not
 
-    from svd_fast import __version__, _extension, _triton  # noqa: PLC0415
-    from svd_fast.backends import BACKENDS  # noqa: PLC0415
+    from svd_fast import __version__, _extension, _triton  # noqa: PLC0415 - _extension and _triton import torch, loaded only when this runs
+    from svd_fast.backends import BACKENDS  # noqa: PLC0415 - svd_fast.backends imports torch, loaded only when this runs
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -160,7 +160,7 @@ def _opencv_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 def _normalised_with_confidence(image: np.ndarray, noise: float) -> tuple[np.ndarray, np.ndarray]:
     """:func:`normalise_contrast` for one (h, w) float32 level with the noise floor, and the level's confidence:
     0 where the local contrast is within NOISE_FACTOR x ``noise`` (nothing but noise), 1 from twice that."""
-    import cv2  # noqa: PLC0415
+    import cv2  # noqa: PLC0415 - OpenCV loads only when this runs
 
     centred = image - cv2.GaussianBlur(image, (0, 0), NORMALISE_SIGMA)
     spread = np.sqrt(np.maximum(cv2.GaussianBlur(centred * centred, (0, 0), NORMALISE_SIGMA), 0))
@@ -230,7 +230,7 @@ def _opencv_flow_arrays(first: np.ndarray, second: np.ndarray) -> list[tuple[np.
 
 def _better_of_flow_or_zero(first: np.ndarray, second: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """Per pixel, ``flow`` or zero, whichever leaves the smaller window-mean |first - second warped|."""
-    import cv2  # noqa: PLC0415
+    import cv2  # noqa: PLC0415 - OpenCV loads only when this runs
 
     height, width = first.shape
     xs, ys = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))

@@ -14,7 +14,7 @@ def dali_unavailable_reason() -> str | None:
     if torch.cuda.get_device_capability() < (7, 5):
         return "the GPU has no optical-flow engine (needs Turing or newer)"
     try:
-        import nvidia.dali  # noqa: F401, PLC0415
+        import nvidia.dali  # noqa: F401, PLC0415 - DALI loads only when this runs
     except ImportError:
         return "nvidia-dali is not installed"
     return None
@@ -22,7 +22,7 @@ def dali_unavailable_reason() -> str | None:
 
 def dali_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """DALI's fn.optical_flow per pair (output grid 4x4 in input pixels), upsampled to (N, 2, H, W)."""
-    from nvidia.dali import fn, pipeline_def, types  # noqa: PLC0415
+    from nvidia.dali import fn, pipeline_def, types  # noqa: PLC0415 - DALI loads only when this runs
 
     height, width = first.shape[-2:]
     pairs = (torch.stack([first, second], dim=1) * 255).round().to(torch.uint8).unsqueeze(-1).expand(-1, -1, -1, -1, 3).cpu().numpy()

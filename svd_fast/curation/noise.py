@@ -20,7 +20,7 @@ def noise_sigmas(first: np.ndarray, second: np.ndarray) -> tuple[float, float]:
     phase correlation (so a still shot or a pan of fine texture says "little noise"). The smaller of the two
     (texture that repeats in the next frame is not noise), never below 8-bit quantisation noise.
     """
-    import cv2  # noqa: PLC0415
+    import cv2  # noqa: PLC0415 - OpenCV loads only when this runs
 
     (dx, dy), _ = cv2.phaseCorrelate(first.astype(np.float64), second.astype(np.float64))
     height, width = first.shape
@@ -32,7 +32,7 @@ def noise_sigmas(first: np.ndarray, second: np.ndarray) -> tuple[float, float]:
 
 
 def _spatial_noise(image: np.ndarray) -> float:
-    import cv2  # noqa: PLC0415
+    import cv2  # noqa: PLC0415 - OpenCV loads only when this runs
 
     laplacian = cv2.filter2D(image, -1, _NOISE_LAPLACIAN)[1:-1, 1:-1]
     return MAD_TO_SIGMA * float(np.median(np.abs(laplacian))) / 6.0  # the kernel's L2 norm is 6
@@ -44,7 +44,7 @@ _NOISE_LAPLACIAN = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 @functools.cache
 def pyramid_noise_gains(levels: int) -> tuple[float, ...]:
     """How much each pyramid level (blur 0.75 + 2x2 area halving, per level) scales white noise's deviation."""
-    import cv2  # noqa: PLC0415
+    import cv2  # noqa: PLC0415 - OpenCV loads only when this runs
 
     noise = np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32)
     gains = [1.0]

@@ -199,7 +199,7 @@ def crop_coverages(crops_per_frame: list[list[TextCrop]], frame_shape: tuple[int
 def reading_variants(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """An (h, w, 3) uint8 crop as Tesseract reads it: grey, stretched so its 1st..99th percentiles span 0..255,
     and the same inverted (RGB, as the crops)."""
-    import cv2  # noqa: PLC0415
+    import cv2  # noqa: PLC0415 - OpenCV loads only when this runs
 
     gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
     low, high = np.percentile(gray, (STRETCH_PERCENTILE, 100 - STRETCH_PERCENTILE))

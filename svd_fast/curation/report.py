@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from svd_fast import _io
+from svd_fast.data.decode import decode_frames_at_times
 
 HISTOGRAMS = {
     "flow_mean_norm": "motion score (flow_mean_norm: mean flow per 0.5 s / frame diagonal)",
@@ -65,7 +66,7 @@ def _histogram(values_kept: np.ndarray, values_dropped: np.ndarray, title: str) 
 
 
 def _counts_chart(counts: pd.Series) -> bytes:
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415 - matplotlib loads only when this runs
 
     figure = Figure(figsize=(5, 0.6 + 0.4 * len(counts)))
     axes = figure.add_subplot()
@@ -78,9 +79,8 @@ def _counts_chart(counts: pd.Series) -> bytes:
 
 def _contact_sheet(rows: pd.DataFrame) -> bytes:
     """One row per clip: its first, middle and last frames, titled with the file, clip and scores."""
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415 - matplotlib loads only when this runs
 
-    from svd_fast.data.decode import decode_frames_at_times  # noqa: PLC0415
 
     figure = Figure(figsize=(7.5, 0.4 + 1.9 * len(rows)))
     for position, row in enumerate(rows.itertuples()):

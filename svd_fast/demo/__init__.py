@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from svd_fast import _io
+from svd_fast.demo import distill
 from svd_fast.diffusers.tiny import TINY_UNET_CONFIG
 
 # Smaller than the tiny model: 8x8x4 latents of 32x32 frames, narrow blocks, one head per attention.
@@ -198,8 +199,6 @@ def run_demo(out: Path, settings: DemoSettings, seed: int, progress: Callable[[s
             (f"generated\nbucket {buckets['high']}", videos["fast"]["generated"]),
         ]
     if settings.distill:
-        from svd_fast.demo import distill  # noqa: PLC0415
-
         with timer.stage("distill a 4-step student (DeepSpeed ZeRO-2)"):
             student = distill.distill_student(pipeline, manifest, work / "distill", settings.distillation(), seed)
         with timer.stage("evaluate the student"):

@@ -19,9 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from svd_fast.demo import evaluate
 from svd_fast.demo.world import ClipSpec, render
+from svd_fast.diffusers.consistency_scheduler import SVDConsistencyScheduler
+from svd_fast.diffusers.generation import load_optimized_pipeline
+from svd_fast.diffusers.sampling_settings import read_sampling_settings
+from svd_fast.training.distill import DistillConfig, distill
 
 SVD_DEFAULT_STEPS = 25  # diffusers' StableVideoDiffusionPipeline: 25 steps with guidance 1 -> 3 (a CFG batch of 2)
 ODE_REFERENCE_STEPS = 25
@@ -29,8 +34,6 @@ ODE_REFERENCE_STEPS = 25
 
 def distill_student(teacher: Path, manifest: Path, output_dir: Path, settings: dict[str, Any], seed: int):
     """Distill ``teacher``'s UNet on the manifest's kept clips; returns the TrainResult (export: the student)."""
-    from svd_fast.training.distill import DistillConfig, distill  # noqa: PLC0415
-
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -44,10 +47,6 @@ def distill_student(teacher: Path, manifest: Path, output_dir: Path, settings: d
 
 def load_student(folder: Path):
     """The student pipeline with the scheduler its svd_fast.json names, optimized (sampler "auto": consistency)."""
-    from svd_fast.diffusers.consistency_scheduler import SVDConsistencyScheduler  # noqa: PLC0415
-    from svd_fast.diffusers.generation import load_optimized_pipeline  # noqa: PLC0415
-    from svd_fast.diffusers.sampling_settings import read_sampling_settings  # noqa: PLC0415
-
     scheduler = SVDConsistencyScheduler.from_config(read_sampling_settings(folder)["scheduler_config"])
     return load_optimized_pipeline(folder, progress=False, components={"scheduler": scheduler})
 
@@ -81,8 +80,6 @@ def timed_evaluation(pipe, held_out, buckets, speeds, sampling: dict[str, Any], 
 
 def svd_default_unet_seconds(teacher, first_frame: np.ndarray, bucket: int, sampling: dict[str, Any], seed: int) -> dict[str, float]:
     """UNet seconds and calls of one video with SVD's default sampling (25 Euler steps, guidance 1 -> 3: CFG)."""
-    from PIL import Image  # noqa: PLC0415
-
     with unet_timer(teacher) as unet:
         teacher(
             Image.fromarray(first_frame), height=first_frame.shape[0], width=first_frame.shape[1],
@@ -97,8 +94,6 @@ def svd_default_unet_seconds(teacher, first_frame: np.ndarray, bucket: int, samp
 def one_step_consistency(teacher, student, frames: list[np.ndarray], bucket: int, sampling: dict[str, Any], seed: int) -> dict[str, Any]:
     """Relative L2 to the teacher's 25-step ODE solution: the student's 1-step sample and the teacher's 1-step Euler
     sample, from the same initial noise (median over ``frames``)."""
-    from PIL import Image  # noqa: PLC0415
-
     def latents(pipe, image, steps: int) -> torch.Tensor:
         return pipe(
             Image.fromarray(image), height=image.shape[0], width=image.shape[1], num_frames=sampling["num_frames"],
@@ -128,8 +123,6 @@ def evaluate_student(
     sampling: dict[str, Any], student_steps: int, seed: int, progress: Callable[[str], None],
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:  # fmt: skip
     """The ``distilled`` summary entry and the student's videos of the first held-out frame (by speed)."""
-    from svd_fast.diffusers.generation import load_optimized_pipeline  # noqa: PLC0415
-
     teacher = load_optimized_pipeline(teacher_folder, progress=False)
     student = load_student(student_folder)
     progress("evaluate the teacher at its demo setting and at 4 Euler steps, the student at its steps")

@@ -25,10 +25,15 @@ from diffusers import StableVideoDiffusionPipeline
 
 from svd_fast import checks, media
 from svd_fast.backends import backends_used, use_backend
+from svd_fast.diffusers.consistency_scheduler import SVDConsistencyScheduler
 from svd_fast.diffusers.loading import ModelFolderError, check_model_folder, check_variant
+from svd_fast.diffusers.long_video import generate_long_video
 from svd_fast.diffusers.patching import describe, optimize
+from svd_fast.diffusers.sampling_settings import read_sampling_settings
 from svd_fast.diffusers.settings import OptionError, check_settings
+from svd_fast.diffusers.unet_weights import UNetWeightsError, check_unet_weights, check_weights_file, load_unet_weights
 from svd_fast.heartbeat import heartbeat
+from svd_fast.sampling.consistency import ANIMATELCM_SVD_CONFIG, DEFAULT_CONSISTENCY_STEPS
 from svd_fast.sampling.guidance import GUIDANCE_PRESETS
 
 
@@ -173,8 +178,6 @@ def check_options(options: GenerateOptions) -> GenerateOptions:
 
 def _few_step_settings(model: str) -> dict[str, Any] | None:
     """The model folder's checked svd_fast.json (svd-fast distill's students), None without one."""
-    from svd_fast.diffusers.sampling_settings import read_sampling_settings  # noqa: PLC0415
-
     path = Path(model).expanduser()
     if not path.is_dir():
         return None
@@ -185,8 +188,6 @@ def _few_step_settings(model: str) -> dict[str, Any] | None:
 
 
 def _consistency_steps(steps: int | None, few_step: dict[str, Any] | None) -> int:
-    from svd_fast.sampling.consistency import ANIMATELCM_SVD_CONFIG, DEFAULT_CONSISTENCY_STEPS  # noqa: PLC0415
-
     limit = (few_step["scheduler_config"] if few_step else ANIMATELCM_SVD_CONFIG)["num_train_timesteps"]
     if steps is None:
         return few_step["num_inference_steps"] if few_step else DEFAULT_CONSISTENCY_STEPS
@@ -198,8 +199,6 @@ def _consistency_steps(steps: int | None, few_step: dict[str, Any] | None) -> in
 
 def _check_unet_weights(path: str, config: dict[str, Any] | None) -> None:
     """The file is the state dict of the model's UNet (from its header; a hub model's is compared on loading)."""
-    from svd_fast.diffusers.unet_weights import UNetWeightsError, check_unet_weights, check_weights_file  # noqa: PLC0415
-
     try:
         if config is not None:
             check_unet_weights(path, config["unet"])
@@ -211,8 +210,6 @@ def _check_unet_weights(path: str, config: dict[str, Any] | None) -> None:
 
 def consistency_scheduler_for(model: str | Path):
     """The SVDConsistencyScheduler of ``model``'s svd_fast.json, else with AnimateLCM-SVD-xt's config."""
-    from svd_fast.diffusers.consistency_scheduler import SVDConsistencyScheduler  # noqa: PLC0415
-
     few_step = _few_step_settings(str(model))
     return SVDConsistencyScheduler.from_config(few_step["scheduler_config"] if few_step else {})
 
@@ -269,8 +266,6 @@ def load_optimized_pipeline(
     except OSError as error:
         raise ModelFolderError(f"--model: could not load {model!r}: {error}") from error
     if unet_weights is not None:
-        from svd_fast.diffusers.unet_weights import load_unet_weights  # noqa: PLC0415
-
         load_unet_weights(pipe.unet, unet_weights)
     if device is not None and not settings.get("low_memory", False):
         pipe = pipe.to(device)
@@ -304,8 +299,6 @@ def pipeline_for(options: GenerateOptions) -> StableVideoDiffusionPipeline:
 def sample_video(pipe, condition, options: GenerateOptions, seed: int) -> list:
     """The frames (PIL images) of one video."""
     if options.window is not None and options.frames > options.window:
-        from svd_fast.diffusers.long_video import generate_long_video  # noqa: PLC0415
-
         with use_backend(options.backend):
             return generate_long_video(
                 pipe, condition, options.frames, window=options.window, overlap=options.overlap, seed=seed,

@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from svd_fast.diffusers.cuda_graph import CUDAGraphedForward
+
 WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 PEFT_CONFIG_FILE = "adapter_config.json"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -92,7 +94,7 @@ def _read_config(weights: Path, metadata: dict[str, str]) -> dict[str, Any]:
 
 def read_lora(path: str | Path) -> LoraAdapter:
     """Read an adapter (folder or ``.safetensors`` file, see the module docstring) without touching any model."""
-    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415 - safetensors loads only when this runs
 
     weights = _weights_file(Path(path).expanduser())
     try:
@@ -133,7 +135,7 @@ def _scaling(config: dict[str, Any], module: str, rank: int, weights: Path) -> f
     """lora_alpha / r of ``module`` as peft computes it (1 without a config)."""
     if not config:
         return 1.0
-    from peft.utils.other import get_pattern_key  # noqa: PLC0415
+    from peft.utils.other import get_pattern_key  # noqa: PLC0415 - peft loads only when this runs
 
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     expected_rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", rank))
@@ -211,8 +213,6 @@ def _unet_of(target: Any) -> nn.Module:
 
 
 def _drop_cuda_graphs(unet: nn.Module) -> None:
-    from svd_fast.diffusers.cuda_graph import CUDAGraphedForward  # noqa: PLC0415
-
     forward = vars(unet).get("forward")
     if isinstance(forward, CUDAGraphedForward):
         forward.clear()

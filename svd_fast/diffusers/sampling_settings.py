@@ -19,7 +19,7 @@ SETTINGS_KEYS = ("sampler", "scheduler", "scheduler_config", "num_inference_step
 def read_sampling_settings(folder: str | Path) -> dict[str, Any] | None:
     """The checked settings of ``folder``/svd_fast.json, or None when the folder has none. ValueError names the
     file and the key at fault."""
-    from svd_fast.sampling.consistency import check_consistency_config  # noqa: PLC0415
+    from svd_fast.sampling.consistency import check_consistency_config  # noqa: PLC0415 - svd_fast.sampling.consistency imports torch, loaded only when this runs
 
     path = Path(folder) / SAMPLING_SETTINGS_FILE
     if not path.is_file():

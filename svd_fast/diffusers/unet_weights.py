@@ -25,7 +25,7 @@ def check_weights_file(path: str | Path) -> None:
 
 
 def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415 - safetensors loads only when this runs
 
     if path.suffix != ".safetensors":
         raise UNetWeightsError(f"{path}: expected a .safetensors file")
@@ -53,8 +53,8 @@ def _mismatch(path: Path, expected: dict[str, tuple[int, ...]], found: dict[str,
 def check_unet_weights(path: str | Path, unet_config: dict[str, Any] | str | Path) -> None:
     """Raise UNetWeightsError unless ``path`` holds exactly the state dict of the UNet of ``unet_config`` (its
     config dict, or a model folder holding unet/config.json)."""
-    import torch  # noqa: PLC0415
-    from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - torch loads only when this runs
+    from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415 - diffusers loads only when this runs
 
     if not isinstance(unet_config, dict):
         unet_config = json.loads((Path(unet_config) / "unet" / "config.json").read_text())
@@ -69,7 +69,7 @@ def check_unet_weights(path: str | Path, unet_config: dict[str, Any] | str | Pat
 
 def load_unet_weights(unet: Any, path: str | Path) -> Any:
     """Load the state dict in ``path`` over ``unet`` (strict; keeps the UNet's dtype and device)."""
-    from safetensors.torch import load_file  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415 - safetensors loads only when this runs
 
     path = Path(path)
     state = load_file(str(path))

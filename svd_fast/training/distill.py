@@ -19,15 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import UNetSpatioTemporalConditionModel
 from tqdm.auto import tqdm
 
 from svd_fast import _io
 from svd_fast.diffusers.consistency_scheduler import SVDConsistencyScheduler
+from svd_fast.sampling.consistency import check_consistency_config
 from svd_fast.training.checkpoint import EMA_FILE, STATE_FILE, load_checkpoint, resolve_resume, safe_load, save_checkpoint
 from svd_fast.training.config import TrainConfig
 from svd_fast.training.distill_objective import DISTANCES, TEACHER_SOLVERS, consistency_distillation_loss
 from svd_fast.training.ema import ShardedEMA
 from svd_fast.training.log import TrainLog
+from svd_fast.training.lora import add_lora
+from svd_fast.training.memory_plan import parameter_counts, plan_memory
 from svd_fast.training.run import apply_learning_rate, write_identity
 from svd_fast.training.setup import (
     CheckedInputs,
@@ -82,7 +86,6 @@ class DistillConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from svd_fast.sampling.consistency import check_consistency_config  # noqa: PLC0415
 
         try:
             check_consistency_config(self.scheduler_config(), where="distill config")
@@ -143,13 +146,9 @@ def as_distill_config(config: DistillConfig | dict[str, Any] | str | Path) -> Di
 
 def frozen_unet(config: DistillConfig, device: torch.device, dtype: torch.dtype, lora: bool) -> torch.nn.Module:
     """The teacher's UNet, frozen, with svd_fast's kernels as the student has them (and LoRA adapters for the target)."""
-    from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415
-
     unet = UNetSpatioTemporalConditionModel.from_pretrained(config.model, subfolder="unet")
     apply_svd_fast_kernels(unet, config.use_svd_fast_kernels)
     if lora:
-        from svd_fast.training.lora import add_lora  # noqa: PLC0415
-
         add_lora(unet, config.lora())
     return unet.to(device, dtype).eval().requires_grad_(False)
 
@@ -171,7 +170,7 @@ class TargetNetwork:
         weight = 1.0 - (self.decay if decay is None else decay)
         params = [source for _, source in self.pairs]
         if self.zero_stage == 3:
-            import deepspeed  # noqa: PLC0415
+            import deepspeed  # noqa: PLC0415 - DeepSpeed loads only when this runs
 
             with deepspeed.zero.GatheredParameters(params):
                 for mine, source in self.pairs:
@@ -345,8 +344,6 @@ def _distill(config: DistillConfig, config_dict: dict[str, Any], checked: Checke
 
 def plan_distill_memory(config: DistillConfig, gpus: int = 1, unet_kwargs: dict | None = None) -> dict[str, Any]:
     """train's memory plan plus the frozen teacher and target UNets (16-bit, full on every GPU)."""
-    from svd_fast.training.memory_plan import parameter_counts, plan_memory  # noqa: PLC0415
-
     plan = plan_memory(config, gpus=gpus, unet_kwargs=unet_kwargs).to_dict()
     lora = config.lora() if config.trained_parameters == "lora" else None
     trained, frozen, _ = parameter_counts(unet_kwargs or {"num_frames": config.num_frames}, config.trained_parameters, lora)
