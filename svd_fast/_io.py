@@ -31,6 +31,7 @@ from typing import Any
 
 PARTIAL_PREFIX = ".svd-fast-partial-"
 MARKER = ".svd-fast-output.json"
+LOCK_PREFIX = ".svd-fast-lock"  # lock files: the ranks of one run take theirs while rank 0 claims the folder
 LEGACY_FRAME = re.compile(r"^frame_\d{4}\.png$")
 # Outputs of versions before the marker, recognised by what only svd-fast writes there.
 LEGACY_OUTPUTS: dict[str, Callable[[list[Path]], bool]] = {
@@ -130,7 +131,7 @@ def check_output_folder(path: str | os.PathLike, kind: str, inputs: Iterable[str
     if target.exists() and not target.is_dir():
         raise OutputPathError(f"{name} {raw} is a file, not a folder (pass a folder name)")
     if target.is_dir():
-        entries = list(target.iterdir())
+        entries = [entry for entry in target.iterdir() if not entry.name.startswith(LOCK_PREFIX)]
         if entries and _marked_kind(target) != kind and not LEGACY_OUTPUTS.get(kind, lambda _: False)(entries):
             raise OutputPathError(
                 f"{name} {raw} exists and was not written by svd-fast as {kind} output "

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from svd_fast import _io
 from svd_fast.cli import main
 from svd_fast.demo import OUTPUT_FILES
 from svd_fast.demo.evaluate import centroid_track, motion_of, pooled_psnr
@@ -57,7 +58,7 @@ def test_held_out_frames_alternate_colours_and_are_new() -> None:
 def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick"]) == 0
-    assert sorted(path.name for path in out.iterdir() if path.name != "work") == sorted(OUTPUT_FILES)
+    assert sorted(path.name for path in out.iterdir() if path.name != "work") == sorted([*OUTPUT_FILES, _io.MARKER])
     for name in ("generated_slow.mp4", "generated_fast.mp4", "reference_slow.mp4", "reference_fast.mp4"):
         with av.open(str(out / name)) as container:
             assert sum(1 for _ in container.decode(video=0)) == 8

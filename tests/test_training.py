@@ -241,11 +241,11 @@ def test_shipped_configs_parse() -> None:
 
 def test_data_without_usable_clips(workdir: Path, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("no videos here")
-    with pytest.raises(ValueError, match="sources"):
+    with pytest.raises(ValueError, match="no video files"):
         train(tiny_config(workdir, "bad", data=str(tmp_path)))
     (tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 10)
     write_video(tmp_path / "short.mp4", translating_texture(3, TINY_HEIGHT, TINY_WIDTH), fps=8)  # < num_frames
-    with pytest.raises(ValueError, match="no usable clips"):
+    with pytest.raises(ValueError, match="none of the first 2 videos holds a clip of 8 frames"):
         train(tiny_config(workdir, "bad", data=str(tmp_path)))
 
 
