@@ -77,6 +77,7 @@ def main() -> None:
     from PIL import Image
 
     from svd_fast.demo import evaluate, outputs, world
+    from svd_fast.diffusers.generation import load_optimized_pipeline
     from svd_fast.diffusers.long_video import generate_long_video
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -85,7 +86,7 @@ def main() -> None:
     bucket = summary["motion_buckets"]["low"]
     size, window = settings["size"], settings["num_frames"]
     held_out = world.held_out_specs(args.clips, window, size, settings["speeds"], seed)
-    pipe = evaluate.load_pipeline(args.demo / "pipeline")
+    pipe = load_optimized_pipeline(args.demo / "pipeline", progress=False)
     started = time.perf_counter()
     rows = []
     for name, overlap, hold in CONFIGS:
