@@ -7,7 +7,7 @@ import argparse
 import json
 
 from svd_fast.commands.errors import UsageError
-from svd_fast.commands.train import parse_overrides
+from svd_fast.commands.train import parse_overrides, run_and_report
 
 EXAMPLES = """examples:
   svd-fast make-tiny models/tiny-svd && svd-fast distill --config configs/distill_tiny_cpu.yaml
@@ -66,20 +66,5 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan) if args.json else "\n".join(f"{key}: {value}" for key, value in plan.items()))
         return 0
     from svd_fast.training.distill import distill  # noqa: PLC0415 - torch and deepspeed load only when the command runs
-    from svd_fast.training.setup import TrainInputError  # noqa: PLC0415 - torch and deepspeed load only when the command runs
 
-    config = load_config(args)
-    try:
-        result = distill(config)
-    except TrainInputError as error:  # found by distill()'s checks, before any model loaded
-        raise UsageError(str(error), f"fix {args.config} or the --set values") from None
-    print(json.dumps({
-        "steps": result.steps,
-        "losses": result.losses,
-        "samples_per_second": result.samples_per_second,
-        "checkpoint": str(result.checkpoint_dir),
-        "export": str(result.export_path) if result.export_path else None,
-        "log": str(result.log_path),
-        "svd_fast_kernels": result.kernel_status,
-    }))
-    return 0
+    return run_and_report(distill, load_config(args), args.config)

@@ -104,15 +104,21 @@ def plan(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from svd_fast.training import train  # noqa: PLC0415 - torch and deepspeed load only when training runs
-    from svd_fast.training.setup import TrainInputError  # noqa: PLC0415 - torch and deepspeed load only when training runs
 
     if getattr(args, "plan_memory", False):
         return plan(args)
-    config = load_config(args)
+    return run_and_report(train, load_config(args), args.config)
+
+
+def run_and_report(run_training, config, config_path: str) -> int:
+    """Run ``run_training(config)`` (train or distill), report its input errors as one line and print its result as
+    JSON on stdout."""
+    from svd_fast.training.setup import TrainInputError  # noqa: PLC0415 - torch and deepspeed load only when training runs
+
     try:
-        result = train(config)
-    except TrainInputError as error:  # found by train()'s checks, before any model loaded
-        raise UsageError(str(error), f"fix {args.config} or the --set values") from None
+        result = run_training(config)
+    except TrainInputError as error:  # found by the run's checks, before any model loaded
+        raise UsageError(str(error), f"fix {config_path} or the --set values") from None
     print(json.dumps({
         "steps": result.steps,
         "losses": result.losses,
