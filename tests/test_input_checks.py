@@ -32,8 +32,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "videos_user" / "precious.txt").write_text("the user's")
     (root / "images").mkdir()
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(root / "images" / "a.png")
-    config = {"model": str(model), "data": str(root / "not_a_video.mp4"), "output_dir": str(root / "run"), "device": "cpu",
-              "num_frames": 8, "height": 64, "width": 64, "precision": "fp32"}  # fmt: skip
+    config = {"model": str(model), "output_dir": str(root / "run"), "device": "cpu", "precision": "fp32",
+              "data": {"path": str(root / "not_a_video.mp4"), "num_frames": 8, "height": 64, "width": 64}}  # fmt: skip
     (root / "train.json").write_text(json.dumps(config))
     return {"root": root, "model": model, "image": root / "img.png", "config": root / "train.json"}
 
@@ -150,7 +150,7 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
         "--plan-memory": (["--plan-memory=1"], "ignored explicit argument"),
         "--gpus": (["--plan-memory", "--set", "precision=bf16", "--gpus", "0"], "--gpus must be"),
         "--json": (["--json=1"], "ignored explicit argument"),
-        "--deepspeed_config": (["--deepspeed_config", "{root}/missing.json"], "deepspeed_config"),
+        "--deepspeed_config": (["--deepspeed_config", "{root}/missing.json"], "deepspeed.config: cannot read"),
         "--deepspeed": (["--deepspeed=1"], "ignored explicit argument"),
     },
 }
@@ -163,14 +163,16 @@ EXTRA_CASES: list[tuple[str, list[str], str]] = [
     ("generate", ["--out", "{root}/videos_user"], "not written by svd-fast"),
     ("generate", ["--input", "{root}/images", "--out", "{root}/videos_user"], "not written by svd-fast"),
     ("generate", ["--frames", "1000", "--height", "8192", "--width", "8192"], "GiB on cpu (estimate)"),
-    ("train", ["--set", "adam_eps=-1"], "adam_eps must be"),
-    ("train", ["--set", "learning_rate=1e30"], "learning_rate must be"),
-    ("train", ["--set", "validate_every=1", "--set", "validation_num_frames=1", "--set", 'validation_images=["{root}/img.png"]'],
-     "validation_num_frames must be"),
-    ("train", ["--set", "default_fps=0.4"], "default_fps must be"),
-    ("train", ["--set", "num_frames=500"], "data: the first 1 video(s) cannot be read"),
-    ("train", ["--set", "data={root}/not_parquet.parquet"], "is not a readable video folder, list or manifest"),
-    ("train", ["--set", "data={root}/videos"], "no video files"),
+    ("train", ["--set", "optimizer.adam_eps=-1"], "optimizer.adam_eps must be"),
+    ("train", ["--set", "optimizer.learning_rate=1e30"], "optimizer.learning_rate must be"),
+    ("train", ["--set", "validation.every=1", "--set", "validation.num_frames=1", "--set", 'validation.images=["{root}/img.png"]'],
+     "validation.num_frames must be"),
+    ("train", ["--set", "data.default_fps=0.4"], "data.default_fps must be"),
+    ("train", ["--set", "data.num_frames=500"], "data.path: the first 1 video(s) cannot be read"),
+    ("train", ["--set", "data.path={root}/not_parquet.parquet"], "is not a readable video folder, list or manifest"),
+    ("train", ["--set", "data.path={root}/videos"], "no video files"),
+    ("train", ["--set", "data.num_framez=8"], "unknown config key(s) ['data.num_framez']"),
+    ("distill", ["--set", "distill.skip_steps=0"], "distill.skip_steps must be"),
     ("train", ["--set", "max_nonfinite_steps=0"], "max_nonfinite_steps"),
     ("encode", ["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--num-frames", "0"], "--"),
 ]

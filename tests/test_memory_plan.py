@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from svd_fast.diffusers.tiny import TINY_UNET_CONFIG
-from svd_fast.training import TrainConfig, memory_plan
+from svd_fast.training import memory_plan
+from svd_fast.training.config import DeepSpeedSection
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES, LATENT_HW = 8, (24, 24)
@@ -66,9 +67,9 @@ def test_model_states_are_deepspeeds_estimates() -> None:
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     total, largest = 1_524_623_082, 6_553_600
-    zero2 = TrainConfig(zero_stage=2)
+    zero2 = DeepSpeedSection(zero_stage=2)
     assert memory_plan.model_states_bytes(zero2, total, largest, 8) == estimate_zero2_model_states_mem_needs(total, 8, cpu_offload=False)[1]
-    zero3 = TrainConfig(zero_stage=3, offload_optimizer="cpu", optimizer="adamw_deepspeed")
+    zero3 = DeepSpeedSection(zero_stage=3, offload_optimizer="cpu")
     expected = estimate_zero3_model_states_mem_needs(total, largest, 8, cpu_offload=True, cpu_offload_params=False)[1]
     assert memory_plan.model_states_bytes(zero3, total, largest, 8) == expected
 
@@ -79,7 +80,8 @@ def test_plan_memory_cli_json(tmp_path: Path, monkeypatch, capsys) -> None:
     # The full-size trace is exercised by the shipped-config plans (notes); here the CLI, keys and sums.
     monkeypatch.setattr(memory_plan, "traced_activation_bytes", lambda *args: 10 * memory_plan.GIB)
     config = tmp_path / "plan.yaml"
-    config.write_text("model: not/needed\ndata: not/needed\nnum_frames: 25\nheight: 576\nwidth: 1024\nzero_stage: 3\nema_decay: 0.9999\n")
+    config.write_text("model: not/needed\nema_decay: 0.9999\ndata:\n  path: not/needed\n  num_frames: 25\n  height: 576\n  width: 1024\n"
+                      "deepspeed:\n  zero_stage: 3\n")
     assert cli.main(["train", "--plan-memory", "--config", str(config), "--gpus", "8", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     for key in ("per_gpu_peak_gib", "model_states_gib", "ema_gib", "activations_gib", "overhead_gib", "zero_stage", "gpus"):

@@ -6,6 +6,7 @@ model."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ RANK = 2
 
 
 def _lora(rank: int = RANK, **overrides):
-    return TrainConfig.from_dict({"trained_parameters": "lora", "lora_rank": rank, **overrides}).lora()
+    return TrainConfig.from_dict({"trained_parameters": "lora", "lora": {"rank": rank, **overrides}}).peft_lora()
 
 
 def _expected_lora_parameters(unet: torch.nn.Module, rank: int, targets=LORA_TARGETS) -> int:
@@ -83,13 +84,13 @@ def test_lora_adapts_every_attention_projection_and_only_its_parameters_learn() 
     # Only the query projections: fewer parameters, counted the same way.
     only_q = tiny_pipeline(seed=0).unet
     expected_q = _expected_lora_parameters(only_q, 3, ("to_q",))
-    assert 0 < expected_q < expected and add_lora(only_q, _lora(rank=3, lora_target_modules=["to_q"])) == expected_q
+    assert 0 < expected_q < expected and add_lora(only_q, _lora(rank=3, target_modules=["to_q"])) == expected_q
 
 
 def test_lora_trains_with_zero2_resumes_exactly_and_exports_a_loadable_adapter(workdir: Path) -> None:
-    common = dict(trained_parameters="lora", lora_rank=RANK, lora_alpha=4.0, lora_dropout=0.1, learning_rate=1e-2,
-                  max_steps=4, ema_decay=0.7, export=True, export_ema=False, use_svd_fast_kernels=False)
-    full = train(tiny_config(workdir, "lora_full", checkpoint_every=2, **common))
+    common = {"trained_parameters": "lora", "lora": {"rank": RANK, "alpha": 4.0, "dropout": 0.1}, "optimizer.learning_rate": 1e-2,
+              "max_steps": 4, "ema_decay": 0.7, "logging.export": True, "logging.export_ema": False, "use_svd_fast_kernels": False}
+    full = train(tiny_config(workdir, "lora_full", **{"logging.checkpoint_every": 2, **common}))
     resumed = train(tiny_config(workdir, "lora_resumed", resume_from=str(workdir / "lora_full" / "checkpoints" / "step_2"), **common))
     assert resumed.losses == full.losses  # dropout masks too: the RNG state is restored
     ema_full = torch.load(workdir / "lora_full" / "checkpoints" / "step_4" / "ema_rank0.pt", weights_only=True)
@@ -112,7 +113,7 @@ def test_lora_trains_with_zero2_resumes_exactly_and_exports_a_loadable_adapter(w
 
     module_state = safe_load(workdir / "lora_full" / "checkpoints" / "step_4" / "mp_rank_00_model_states.pt")["module"]
     trained = UNetSpatioTemporalConditionModel.from_pretrained(workdir / "tiny", subfolder="unet")
-    add_lora(trained, _lora(lora_alpha=4.0, lora_dropout=0.1))
+    add_lora(trained, _lora(alpha=4.0, dropout=0.1))
     trained.load_state_dict(module_state)
     loaded = UNetSpatioTemporalConditionModel.from_pretrained(workdir / "tiny", subfolder="unet")
     load_lora(loaded, adapter)
@@ -132,14 +133,14 @@ def test_lora_trains_with_zero2_resumes_exactly_and_exports_a_loadable_adapter(w
 
 @pytest.mark.parametrize(
     ("overrides", "key"),
-    [({"lora_rank": 0}, "lora_rank"), ({"lora_rank": -2}, "lora_rank"), ({"lora_target_modules": ["to_qq"]}, "lora_target_modules"),
-     ({"lora_target_modules": []}, "lora_target_modules"), ({"lora_alpha": 0}, "lora_alpha"), ({"lora_dropout": 1.0}, "lora_dropout"),
-     ({"trained_parameters": "adapters"}, "trained_parameters")],
+    [({"lora.rank": 0}, "lora.rank"), ({"lora.rank": -2}, "lora.rank"), ({"lora.target_modules": ["to_qq"]}, "lora.target_modules"),
+     ({"lora.target_modules": []}, "lora.target_modules"), ({"lora.alpha": 0}, "lora.alpha"), ({"lora.dropout": 1.0}, "lora.dropout"),
+     ({"trained_parameters": "adapters"}, "trained_parameters"), ({"lora_rank": 0}, "lora_rank (now lora.rank)")],
 )
 def test_bad_lora_config_is_one_line_naming_the_key(workdir: Path, overrides: dict, key: str, capsys) -> None:
     from svd_fast import cli
 
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(ValueError, match=re.escape(key)):
         TrainConfig.from_dict(tiny_config(workdir, "bad", **{"trained_parameters": "lora", **overrides}))
     config = workdir / "lora_bad.json"
     config.write_text(json.dumps(tiny_config(workdir, "bad", trained_parameters="lora")))
@@ -161,7 +162,8 @@ def test_memory_plan_counts_lora_states_and_traces_lora_activations() -> None:
     full = memory_plan.traced_activation_bytes(unet_kwargs, TINY_NUM_FRAMES, (8, 8), 1, torch.bfloat16, "none")
     adapted = memory_plan.traced_activation_bytes(unet_kwargs, TINY_NUM_FRAMES, (8, 8), 1, torch.bfloat16, "none", lora)
     assert 0 < adapted < full
-    plan = memory_plan.plan_memory(TrainConfig(trained_parameters="lora", lora_rank=RANK, num_frames=TINY_NUM_FRAMES, height=64,
-                                               width=64, ema_decay=0.9), unet_kwargs=unet_kwargs)
+    config = TrainConfig.from_dict({"trained_parameters": "lora", "ema_decay": 0.9, "lora": {"rank": RANK},
+                                    "data": {"num_frames": TINY_NUM_FRAMES, "height": 64, "width": 64}})
+    plan = memory_plan.plan_memory(config, unet_kwargs=unet_kwargs)
     assert plan.trained_params == trained and plan.trained_parameters == "lora"
     assert plan.ema_gib == pytest.approx(4 * trained / 2**30, abs=0.01)

@@ -61,36 +61,37 @@ class DemoSettings:
     distill_skip_steps: int = 10  # the student's own step gap on the 40-level grid: i -> i + 10 in one teacher step
 
     def distillation(self) -> dict[str, Any]:
-        """svd_fast.training.distill.DistillConfig fields for the student (the teacher: the trained pipeline)."""
+        """svd_fast.training.distill.DistillConfig sections for the student (the teacher: the trained pipeline)."""
         return {
-            "num_frames": self.num_frames, "height": self.size, "width": self.size, "batch_size": self.distill_batch_size,
-            "max_steps": self.distill_steps, "learning_rate": self.distill_learning_rate,
-            "warmup_steps": min(20, self.distill_steps // 10), "num_train_timesteps": 40, "skip_steps": self.distill_skip_steps,
-            "teacher_solver": "ipndm-2", "teacher_min_guidance": self.guidance, "teacher_max_guidance": self.guidance,
-            "loss": "pseudo-huber", "target_ema_decay": 0.95, "student_steps": self.student_steps,
+            "max_steps": self.distill_steps,
+            "data": {"num_frames": self.num_frames, "height": self.size, "width": self.size, "batch_size": self.distill_batch_size},
+            "optimizer": {"learning_rate": self.distill_learning_rate, "warmup_steps": min(20, self.distill_steps // 10)},
+            "distill": {
+                "num_train_timesteps": 40, "skip_steps": self.distill_skip_steps, "teacher_solver": "ipndm-2",
+                "teacher_min_guidance": self.guidance, "teacher_max_guidance": self.guidance, "loss": "pseudo-huber",
+                "target_ema_decay": 0.95, "student_steps": self.student_steps,
+            },
         }  # fmt: skip
 
     def unet_training(self) -> dict[str, Any]:
-        """svd_fast.training.TrainConfig fields for the UNet."""
+        """svd_fast.training.TrainConfig sections for the UNet."""
         return {
-            "num_frames": self.num_frames,
-            "height": self.size,
-            "width": self.size,
-            "batch_size": self.unet_batch_size,
             "max_steps": self.unet_steps,
-            "learning_rate": self.unet_learning_rate,
-            "warmup_steps": min(20, self.unet_steps // 10),
             "ema_decay": 0.99 if self.unet_steps >= 200 else 0.0,
-            # Less noise than SVD's ln(sigma) ~ N(0.7, 1.6^2), which is tuned for 576x1024 frames: the optimal
-            # noise level falls with resolution, and 8x8 latents need the low levels learnt too. Centred at
-            # sigma 1 (not lower): the speed is decided at the high levels, where only motion_bucket_id tells it.
-            "p_mean": 0.0,
-            "p_std": 1.4,
-            # Only the pipeline's unconditional case (image embedding and first-frame latent both zero) is
-            # dropped, so classifier-free guidance works and the conditional model gets every other sample.
-            "drop_image_embedding": 0.0,
-            "drop_both": 0.1,
-            "drop_cond_latent": 0.0,
+            "data": {"num_frames": self.num_frames, "height": self.size, "width": self.size, "batch_size": self.unet_batch_size},
+            "optimizer": {"learning_rate": self.unet_learning_rate, "warmup_steps": min(20, self.unet_steps // 10)},
+            "objective": {
+                # Less noise than SVD's ln(sigma) ~ N(0.7, 1.6^2), which is tuned for 576x1024 frames: the optimal
+                # noise level falls with resolution, and 8x8 latents need the low levels learnt too. Centred at
+                # sigma 1 (not lower): the speed is decided at the high levels, where only motion_bucket_id tells it.
+                "p_mean": 0.0,
+                "p_std": 1.4,
+                # Only the pipeline's unconditional case (image embedding and first-frame latent both zero) is
+                # dropped, so classifier-free guidance works and the conditional model gets every other sample.
+                "drop_image_embedding": 0.0,
+                "drop_both": 0.1,
+                "drop_cond_latent": 0.0,
+            },
         }
 
     def sampling(self) -> dict[str, Any]:

@@ -38,9 +38,10 @@ def distill_student(teacher: Path, manifest: Path, output_dir: Path, settings: d
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
-    config = DistillConfig(
-        model=str(teacher), data=str(manifest), output_dir=str(output_dir), zero_stage=2, precision="fp32", seed=seed,
-        shuffle=True, log_every=10, device="cpu" if not torch.cuda.is_available() else "auto", **settings,
+    config = DistillConfig.from_dict(
+        {**settings, "model": str(teacher), "output_dir": str(output_dir), "precision": "fp32", "seed": seed,
+         "device": "cpu" if not torch.cuda.is_available() else "auto"},
+        {"data.path": str(manifest), "data.shuffle": True, "deepspeed.zero_stage": 2, "logging.log_every": 10},
     )  # fmt: skip
     return distill(config)
 

@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from svd_fast.training.activation_checkpointing import enable_activation_checkpointing
-from svd_fast.training.config import TrainConfig
+from svd_fast.training.config import DeepSpeedSection, TrainConfig
 from svd_fast.training.deepspeed_import import import_deepspeed
 from svd_fast.training.lora import add_lora
 from svd_fast.training.setup import select_trained_parameters
@@ -85,18 +85,18 @@ def parameter_counts(unet_kwargs: dict, trained_parameters: str, lora: Any = Non
     return trained, frozen, largest
 
 
-def model_states_bytes(config: TrainConfig, total: int, largest: int, gpus: int, frozen: int = 0) -> int:
+def model_states_bytes(deepspeed: DeepSpeedSection, total: int, largest: int, gpus: int, frozen: int = 0) -> int:
     """DeepSpeed's estimate for the trained parameters, plus the frozen ones' 16-bit copies (ZeRO-3 shards them)."""
     import_deepspeed()  # its import logs to stdout otherwise, before --json output
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
 
-    offload = config.offload_optimizer != "none"
-    if config.zero_stage == 3:
+    offload = deepspeed.offload_optimizer != "none"
+    if deepspeed.zero_stage == 3:
         _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=gpus, cpu_offload=offload,
-                                                          cpu_offload_params=config.offload_param != "none")
-        return int(gpu) + (0 if config.offload_param != "none" else 2 * frozen // gpus)
-    _, gpu = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=gpus if config.zero_stage else 1, cpu_offload=offload)
+                                                          cpu_offload_params=deepspeed.offload_param != "none")
+        return int(gpu) + (0 if deepspeed.offload_param != "none" else 2 * frozen // gpus)
+    _, gpu = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=gpus if deepspeed.zero_stage else 1, cpu_offload=offload)
     return int(gpu) + 2 * frozen
 
 
@@ -174,20 +174,21 @@ def plan_memory(config: TrainConfig, gpus: int = 1, unet_kwargs: dict | None = N
         raise ValueError(f"gpus must be >= 1, got {gpus}")
     if config.precision == "fp32":
         raise ValueError("precision: the memory plan models mixed precision (DeepSpeed's estimators assume 16-bit parameters); use bf16 or fp16")
-    unet_kwargs = {"num_frames": config.num_frames} if unet_kwargs is None else unet_kwargs
-    lora = config.lora() if config.trained_parameters == "lora" else None
+    data, deepspeed = config.data, config.deepspeed
+    unet_kwargs = {"num_frames": data.num_frames} if unet_kwargs is None else unet_kwargs
+    lora = config.peft_lora()
     total, frozen, largest = parameter_counts(unet_kwargs, config.trained_parameters, lora)
-    model_states = model_states_bytes(config, total, largest, gpus, frozen)
-    sharded = config.zero_stage >= 1 and gpus > 1
-    on_gpu = config.ema_decay > 0 and config.offload_optimizer == "none"  # with the optimizer offloaded the EMA is on the CPU
+    model_states = model_states_bytes(deepspeed, total, largest, gpus, frozen)
+    sharded = deepspeed.zero_stage >= 1 and gpus > 1
+    on_gpu = config.ema_decay > 0 and deepspeed.offload_optimizer == "none"  # with the optimizer offloaded the EMA is on the CPU
     ema = 4 * total / (gpus if sharded else 1) if on_gpu else 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
-    activations = traced_activation_bytes(unet_kwargs, config.num_frames, (config.height // 8, config.width // 8),
-                                          config.batch_size, dtype, config.activation_checkpointing, lora)
-    encoders = 4 * (VAE_PARAMS + (IMAGE_ENCODER_PARAMS if config.latents_dir is None else 0))
-    if config.zero_stage == 3:
+    activations = traced_activation_bytes(unet_kwargs, data.num_frames, (data.height // 8, data.width // 8),
+                                          data.batch_size, dtype, config.activation_checkpointing, lora)
+    encoders = 4 * (VAE_PARAMS + (IMAGE_ENCODER_PARAMS if data.latents_dir is None else 0))
+    if deepspeed.zero_stage == 3:
         buffers = 2 * (REDUCE_BUCKET_ELEMENTS + PREFETCH_BUCKET_ELEMENTS)
-    elif config.zero_stage >= 1:
+    elif deepspeed.zero_stage >= 1:
         buffers = 2 * (REDUCE_BUCKET_ELEMENTS + ALLGATHER_BUCKET_ELEMENTS)
     else:
         buffers = 0
@@ -196,9 +197,9 @@ def plan_memory(config: TrainConfig, gpus: int = 1, unet_kwargs: dict | None = N
     return MemoryPlan(
         per_gpu_peak_gib=round(sum(parts) / GIB, 2), model_states_gib=round(model_states / GIB, 2), ema_gib=round(ema / GIB, 2),
         activations_gib=round(activations / GIB, 2), frozen_encoders_gib=round(encoders / GIB, 2),
-        overhead_gib=round(overhead / GIB, 2), zero_stage=config.zero_stage, gpus=gpus, trained_params=total,
+        overhead_gib=round(overhead / GIB, 2), zero_stage=deepspeed.zero_stage, gpus=gpus, trained_params=total,
         trained_parameters=config.trained_parameters,
-        frames=config.num_frames, size=[config.height, config.width], activation_checkpointing=config.activation_checkpointing,
+        frames=data.num_frames, size=[data.height, data.width], activation_checkpointing=config.activation_checkpointing,
     )
 
 
