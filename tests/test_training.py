@@ -171,7 +171,9 @@ def test_two_process_zero2_and_zero3_agree(workdir: Path) -> None:
 
 
 def test_resume_is_bit_exact_and_export_loads(workdir: Path) -> None:
-    common = {"max_steps": 4, "ema_decay": 0.7, "logging.export": True, "logging.export_ema": False, "use_svd_fast_kernels": False}
+    # Clips decoded by DataLoader workers (a new epoch every step: one clip), as the default num_workers does.
+    common = {"max_steps": 4, "ema_decay": 0.7, "logging.export": True, "logging.export_ema": False, "use_svd_fast_kernels": False,
+              "data.num_workers": 2}
     full = train(tiny_config(workdir, "full", **{"logging.checkpoint_every": 2, **common}))
     resumed = train(tiny_config(workdir, "resumed", resume_from=str(workdir / "full" / "checkpoints" / "step_2"), **common))
     assert resumed.losses == full.losses  # exact: same noise, data position, optimizer and scheduler state
@@ -215,6 +217,7 @@ def test_resume_is_bit_exact_and_export_loads(workdir: Path) -> None:
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"data": 3}, r"data \(now data\.path\) must be of type"),
         ({"lora": 3}, "lora must be a mapping"),
+        ({"data.num_workers": -1}, r"data\.num_workers"),
     ],
 )
 def test_config_errors_name_the_key(workdir: Path, overrides: dict, message: str) -> None:

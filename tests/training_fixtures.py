@@ -39,7 +39,7 @@ def tiny_config(workdir: Path, out: str, **overrides) -> dict:
     values = {
         "model": str(workdir / "tiny"), "output_dir": str(workdir / out), "precision": "fp32", "max_steps": 2,
         "data": {"path": str(workdir / "data"), "num_frames": TINY_NUM_FRAMES, "height": TINY_HEIGHT, "width": TINY_WIDTH,
-                 "shuffle": False},
+                 "shuffle": False, "num_workers": 0},  # clips decoded in the loop: no worker processes per run
         "optimizer": {"learning_rate": 1e-3}, "deepspeed": {"zero_stage": 2}, "logging": {"export": False},
     }  # fmt: skip
     return with_keys(values, overrides)

@@ -75,6 +75,10 @@ class DataSection(Section):
     shuffle: bool = True
     on_short: str = "skip"
     video_decoder: str = "auto"  # "auto" | "pyav" | "dali" (the video decoding library; kernel backends are svd_fast.backends)
+    # DataLoader worker processes decoding clips on the CPU (0: decoded in the training loop); the same clips in the
+    # same order for any value (svd_fast.data.loader). Unused with latents_dir and with video_decoder: dali on CUDA
+    # (NVDEC decodes in the training process).
+    num_workers: int = 2
     default_fps: float = 7.0  # used when the data has no fps (the clip's fps after target_fps resampling wins)
     default_motion_bucket_id: float = 127.0  # used when the manifest has no motion_bucket_id column
 
@@ -87,6 +91,7 @@ class DataSection(Section):
         for name in ("target_fps", "default_fps"):
             self.require(getattr(self, name) is None or getattr(self, name) > 0, name, "> 0")
         self.require(self.video_decoder in ("auto", "pyav", "dali"), "video_decoder", "auto, pyav or dali")
+        self.require(self.num_workers >= 0, "num_workers", "an integer >= 0")
         if self.height % 8 or self.width % 8:
             raise ValueError(f"data.height and data.width must be multiples of 8 (VAE downsampling), got {self.height}x{self.width}")
         self.rule("num_frames", "height", "width", "batch_size", "default_fps", "default_motion_bucket_id", "target_fps", "stride")

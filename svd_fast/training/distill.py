@@ -261,7 +261,7 @@ def _distill(config: DistillConfig, config_dict: dict[str, Any], checked: Checke
     output_dir = Path(config.output_dir)
     if rank == 0:
         write_identity(output_dir, identity)
-    dataset = open_dataset(config.data, config.seed, rank, world_size)
+    dataset = open_dataset(config.data, config.seed, rank, world_size, device)
     models = build_models(config, device, checked.deepspeed_config)
     engine = models.engine
     lora = config.trained_parameters == "lora"

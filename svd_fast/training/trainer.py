@@ -62,17 +62,25 @@ def as_config(config: TrainConfig | dict[str, Any] | str | Path) -> TrainConfig:
     return TrainConfig.from_file(config)
 
 
-def open_dataset(data: DataSection, seed: int, rank: int, world_size: int):
-    """This rank's clips: precomputed features (``data.latents_dir``) or decoded videos (``data.path``)."""
+def open_dataset(data: DataSection, seed: int, rank: int, world_size: int, device: torch.device | None = None):
+    """This rank's clips: precomputed features (``data.latents_dir``) or decoded videos (``data.path``): NVDEC
+    decodes them on the GPU (``video_decoder: dali`` on a CUDA ``device``), DataLoader workers on the CPU
+    (``num_workers`` > 0), or the training loop itself (``num_workers: 0``)."""
     if data.latents_dir is not None:
         return PrecomputedClips(data.latents_dir, data.shuffle, seed, rank, world_size)
-    from svd_fast.data import VideoClipDataset  # noqa: PLC0415 - decoders load on demand
+    from svd_fast.data import VideoClipDataset, WorkerClips  # noqa: PLC0415 - defers av/cv2 (video decoding)
 
-    return VideoClipDataset(
+    cuda = device is not None and device.type == "cuda"
+    nvdec = data.video_decoder == "dali" and cuda
+    dataset = VideoClipDataset(
         data.path, num_frames=data.num_frames, size=(data.height, data.width), stride=data.stride,
         target_fps=data.target_fps, random_crop=data.random_crop, shuffle=data.shuffle, seed=seed,
-        rank=rank, world_size=world_size, on_short=data.on_short, backend=data.video_decoder,
+        rank=rank, world_size=world_size, on_short=data.on_short, backend="auto" if nvdec else data.video_decoder,
+        decode_device="cuda" if nvdec else "cpu",
     )
+    if nvdec or data.num_workers == 0:
+        return dataset
+    return WorkerClips(dataset, data.num_workers, pin_memory=cuda, seed=seed * 1_000_003 + rank)
 
 
 def sampling_model(config: TrainConfig) -> SamplingModel:
@@ -141,7 +149,7 @@ def _train(config: TrainConfig, config_dict: dict[str, Any], checked: CheckedInp
     output_dir = Path(config.output_dir)
     if rank == 0:
         write_identity(output_dir, identity)
-    dataset = open_dataset(config.data, config.seed, rank, world_size)
+    dataset = open_dataset(config.data, config.seed, rank, world_size, device)
     models = build_models(config, device, checked.deepspeed_config)
     engine = models.engine
     ema_device = torch.device("cpu") if config.deepspeed.offload_optimizer != "none" else None
