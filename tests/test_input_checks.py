@@ -125,6 +125,7 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
         "--unet-steps": (["--unet-steps", "0"], "--unet-steps must be"),
         "--sample-steps": (["--sample-steps", "5000"], "--sample-steps must be"),
         "--seed": (["--seed", "-1"], "--seed must be"),
+        "--seeds": (["--seeds", "4-0"], "--seeds '4-0': the range 4-0 runs backwards"),
     },
     "curate": {
         "--input": (["--input", "{root}/missing"], "does not exist"),
@@ -157,6 +158,9 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
 
 # Classes of bad values beyond one per option (the sweep): each is one line and exit 2.
 EXTRA_CASES: list[tuple[str, list[str], str]] = [
+    ("demo", ["--seeds", "0,x"], "--seeds '0,x' is not a seed list"),
+    ("demo", ["--seeds", "0-100000"], "names more than 100 seeds"),
+    ("demo", ["--seeds", "0-2,1"], "names seed 1 twice"),
     ("generate", ["--out", ""], "not a new folder name"),
     ("generate", ["--out", ".."], "not a new folder name"),
     ("generate", ["--out", "{root}/folder.mp4"], "is an existing folder"),

@@ -123,7 +123,7 @@ def evaluate_student(
     student_folder: Path, teacher_folder: Path, held_out: list[ClipSpec], buckets: dict[str, int], speeds: dict[str, float],
     sampling: dict[str, Any], student_steps: int, seed: int, progress: Callable[[str], None],
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:  # fmt: skip
-    """The ``distilled`` summary entry and the student's videos of the first held-out frame (by speed)."""
+    """The ``distilled`` summary entry and the student's videos (per held-out frame, by speed)."""
     teacher = load_optimized_pipeline(teacher_folder, progress=False)
     student = load_student(student_folder)
     progress("evaluate the teacher at its demo setting and at 4 Euler steps, the student at its steps")
