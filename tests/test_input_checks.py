@@ -161,6 +161,7 @@ EXTRA_CASES: list[tuple[str, list[str], str]] = [
     ("demo", ["--seeds", "0,x"], "--seeds '0,x' is not a seed list"),
     ("demo", ["--seeds", "0-100000"], "names more than 100 seeds"),
     ("demo", ["--seeds", "0-2,1"], "names seed 1 twice"),
+    ("demo", ["--seeds", "0-1", "--seed", "3"], "--seed and --seeds together"),
     ("generate", ["--out", ""], "not a new folder name"),
     ("generate", ["--out", ".."], "not a new folder name"),
     ("generate", ["--out", "{root}/folder.mp4"], "is an existing folder"),

@@ -42,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="every stage with a few steps each: checks the system, does not learn")
     parser.add_argument("--unet-steps", type=int, help="UNet training steps (default: 1100; --quick: 3)")
     parser.add_argument("--sample-steps", type=int, help="sampling steps per video (default: 12; --quick: 2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data, weights and sampling (default: 0)")
+    parser.add_argument("--seed", type=int, help="seed for data, weights and sampling (default: 0)")
     parser.add_argument("--seeds", help="full runs at several seeds one after another, e.g. 0-4 or 0,2,5: the first seed's outputs in OUT, "
                         "each other seed's in OUT/seed_N; OUT/summary.json adds seed_table (every seed's targets)")
     parser.add_argument("--distill", action="store_true",
@@ -62,8 +62,10 @@ def check_out(out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     for name in ("unet_steps", "sample_steps", "seed"):
         require(name, getattr(args, name))
-    seeds = [args.seed]
+    seeds = [0 if args.seed is None else args.seed]
     if args.seeds is not None:
+        if args.seed is not None:
+            raise UsageError("--seed and --seeds together", "pass one of them")
         try:
             seeds = checks.parse_seed_list(args.seeds, spelled="--seeds")
         except checks.CheckError as error:
