@@ -50,3 +50,20 @@ def test_bad_retention_is_one_line_naming_the_key(workdir: Path, overrides: dict
     assert cli.main(["train", "--config", str(config), *arguments]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("svd-fast train: error: ") and key in lines[0], lines
+
+
+def test_resume_from_a_checkpoint_of_another_model_is_one_line_before_the_model_loads(workdir: Path, capsys) -> None:
+    import shutil
+
+    from svd_fast import cli
+
+    train(tiny_config(workdir, "first", max_steps=1))
+    other = workdir / "other_model"
+    shutil.copytree(workdir / "tiny", other)
+    config = workdir / "other_model.json"
+    config.write_text(json.dumps(tiny_config(workdir, "second", model=str(other), resume_from=str(workdir / "first" / "checkpoints" / "step_1"))))
+    capsys.readouterr()  # the first run's progress bars
+    assert cli.main(["train", "--config", str(config)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("svd-fast train: error: resume_from: ") and "model" in lines[0], lines
+    assert not (workdir / "second" / "checkpoints").exists() and not (workdir / "second" / "run.json").exists()  # nothing started
