@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,15 +20,22 @@ from svd_fast import checks
 from svd_fast.training.config_layout import Layout, as_given, build_sections, sectioned
 from svd_fast.training.deepspeed_json import adopt_deepspeed_values
 from svd_fast.training.objective import ObjectiveConfig
+from svd_fast.training.tracking import REPORT_TO
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("adamw_torch", "adamw_deepspeed")
+OPTIMIZERS = ("adamw_torch", "adamw_deepspeed", "adamw8bit")
 OFFLOAD_DEVICES = ("none", "cpu")
 ACTIVATION_CHECKPOINTING = ("none", "temporal", "resnets", "all")
 TRAINED_PARAMETERS = ("full", "temporal", "lora")
 # The attention projections LoRA may adapt: those of every diffusers Attention in the UNet (spatial and temporal
 # transformer blocks, self- and cross-attention).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Cross-attention (attn2) attends to one key, the image embedding: its softmax is 1 whatever the query and key, so
+# the gradients of attn2's to_q and to_k are exactly zero. Adapters there could never learn: to_q/to_k adapt attn1 only.
+SELF_ATTENTION_ONLY = ("to_q", "to_k")
+# The layers SVD added to the image model (what `trained_parameters: temporal` trains, and `lora.layers: temporal` adapts).
+TEMPORAL_PARAMETER = re.compile(r"temporal_transformer_blocks|temporal_res_block|time_mixer|time_pos_embed")
+LORA_LAYERS = ("all", "temporal", "spatial")
 
 
 @dataclass
@@ -105,7 +113,7 @@ class OptimizerSection(Section):
     """AdamW, its warmup, gradient accumulation and clipping."""
 
     NAME: ClassVar[str] = "optimizer"
-    name: str = "adamw_torch"  # adamw_deepspeed: DeepSpeed's fused/CPU Adam (JIT-built; needed for offload)
+    name: str = "adamw_torch"  # adamw_deepspeed: DeepSpeed's fused/CPU Adam (JIT-built; needed for offload); adamw8bit: bitsandbytes' 8-bit AdamW
     learning_rate: float = 3e-5
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -155,12 +163,18 @@ class LoraSection(Section):
     rank: int = 16
     alpha: float | None = None  # scale alpha / rank; default: the rank (scale 1)
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # to_q/to_k: self-attention (attn1) only
+    layers: str = "all"  # all | temporal (the layers SVD added: motion LoRAs) | spatial (the image model's layers)
 
     def check(self) -> None:
         self.require(self.rank >= 1, "rank", "a positive integer")
         self.require(self.alpha is None or self.alpha > 0, "alpha", "> 0")
         self.require(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
+        cross = [name for name in self.target_modules if name in {f"attn2.{target}" for target in SELF_ATTENTION_ONLY}]
+        if cross:
+            raise ValueError(f"lora.target_modules: {cross} are refused: cross-attention attends to one image token, so their "
+                             "gradient is exactly zero (to_q/to_k adapt self-attention, attn1, only; to_v and to_out.0 adapt both)")
+        self.require(self.layers in LORA_LAYERS, "layers", f"one of {LORA_LAYERS}")
         known = all(name in LORA_TARGETS for name in self.target_modules)
         self.require(known and bool(self.target_modules), "target_modules", f"a non-empty list of {list(LORA_TARGETS)}")
 
@@ -169,8 +183,8 @@ class LoraSection(Section):
         from peft import LoraConfig  # noqa: PLC0415 - peft loads only for LoRA training
 
         alpha = float(self.rank if self.alpha is None else self.alpha)
-        return LoraConfig(r=self.rank, lora_alpha=alpha, lora_dropout=self.dropout, target_modules=list(self.target_modules),
-                          init_lora_weights=True)  # fmt: skip
+        return LoraConfig(r=self.rank, lora_alpha=alpha, lora_dropout=self.dropout,
+                          target_modules=lora_target_pattern(self.target_modules, self.layers), init_lora_weights=True)  # fmt: skip
 
 
 @dataclass
@@ -203,10 +217,16 @@ class LoggingSection(Section):
     checkpoint_every: int = 0  # 0: only at the end
     export: bool = True
     export_ema: bool = True  # export the EMA weights when EMA is on
+    keep_checkpoints: int | None = None  # keep the N newest checkpoints (None: all); the one `latest` names is never deleted
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of K (0: none beyond keep_checkpoints)
+    report_to: str = "none"  # none | tensorboard | wandb (svd_fast.training.tracking; train_log.jsonl is always written)
 
     def check(self) -> None:
         self.require(self.log_every >= 1, "log_every", "a positive integer")
         self.require(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
+        self.require(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints", "a positive integer (or null: keep all)")
+        self.require(self.keep_every >= 0, "keep_every", "an integer >= 0")
+        self.require(self.report_to in REPORT_TO, "report_to", f"one of {REPORT_TO}")
         edges = list(self.sigma_bins)
         self.require(edges == sorted(edges) and all(edge > 0 for edge in edges), "sigma_bins", "increasing positive edges")
 
@@ -220,7 +240,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_steps: int = 100  # optimiser steps
     precision: str = "bf16"  # the UNet's compute dtype; DeepSpeed keeps fp32 master weights for bf16/fp16
-    trained_parameters: str = "full"  # full | temporal (the layers SVD added to the image model, see setup.TEMPORAL_PARAMETER) | lora
+    trained_parameters: str = "full"  # full | temporal (the layers SVD added to the image model, see TEMPORAL_PARAMETER) | lora
     activation_checkpointing: str = "none"  # none | temporal | resnets | all (svd_fast.training.activation_checkpointing)
     use_svd_fast_kernels: bool = True
     ema_decay: float = 0.0  # 0 disables EMA
@@ -304,6 +324,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def lora_target_pattern(targets: list[str], layers: str = "all") -> str:
+    """peft's ``target_modules`` as a regular expression (peft full-matches it against each module name): ``targets``
+    on every attention, except to_q/to_k of cross-attention (:data:`SELF_ATTENTION_ONLY`), in ``layers``."""
+    projections = [rf"attn1\.{re.escape(name)}" if name in SELF_ATTENTION_ONLY else rf"attn[12]\.{re.escape(name)}" for name in targets]
+    temporal = TEMPORAL_PARAMETER.pattern
+    where = {"all": "", "temporal": rf"(?=.*(?:{temporal}))", "spatial": rf"(?!.*(?:{temporal}))"}[layers]
+    return rf"{where}.*\.(?:{'|'.join(projections)})"
 
 
 def _matches(value: Any, declared: Any) -> bool:

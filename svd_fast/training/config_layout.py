@@ -21,7 +21,7 @@ LOGGER = logging.getLogger("svd_fast.training.config")
 # Flat keys whose name changed on the move, besides the section prefix.
 RENAMED = {
     "data": "data.path", "optimizer": "optimizer.name", "deepspeed_config": "deepspeed.config", "lora_rank": "lora.rank",
-    "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target_modules": "lora.target_modules",
+    "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target_modules": "lora.target_modules", "lora_layers": "lora.layers",
     "validate_every": "validation.every", "validation_images": "validation.images",
     "validation_num_frames": "validation.num_frames", "validation_inference_steps": "validation.inference_steps",
 }  # fmt: skip

@@ -33,7 +33,7 @@ FIXED_ON_RESUME = (
     "data.random_crop", "data.shuffle", "data.on_short", "data.batch_size", "optimizer.name", "optimizer.gradient_accumulation_steps",
     "optimizer.weight_decay", "optimizer.adam_beta1", "optimizer.adam_beta2", "optimizer.adam_eps", "deepspeed.zero_stage",
     "deepspeed.offload_optimizer", "deepspeed.offload_param", "deepspeed.config", "precision", "trained_parameters", "lora.rank",
-    "lora.alpha", "lora.dropout", "lora.target_modules", "ema_decay", "seed",
+    "lora.alpha", "lora.dropout", "lora.target_modules", "lora.layers", "ema_decay", "seed",
 )  # fmt: skip
 
 

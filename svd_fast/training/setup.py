@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +17,15 @@ from svd_fast import _io
 from svd_fast.data.clips import clip_frame_indices, sources_from
 from svd_fast.data.decode import probe_video
 from svd_fast.training.activation_checkpointing import enable_activation_checkpointing
-from svd_fast.training.config import DataSection, DeepSpeedSection, OptimizerSection, TrainConfig
+from svd_fast.training.config import TEMPORAL_PARAMETER, DataSection, DeepSpeedSection, OptimizerSection, TrainConfig
 from svd_fast.training.deepspeed_import import import_deepspeed
 from svd_fast.training.deepspeed_json import read_deepspeed_json, without_auto, world_size
 from svd_fast.training.latents import check_latents_dir, model_identity
+from svd_fast.training.tracking import check_packages
 from svd_fast.training.validation import load_validation_images
 
 # The layers SVD added to the image model: temporal attention and resnets, their blends with the spatial path,
 # and the frame-position embedding (temporal-only fine-tunes train these and freeze the rest).
-TEMPORAL_PARAMETER = re.compile(r"temporal_transformer_blocks|temporal_res_block|time_mixer|time_pos_embed")
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 PROBED_SOURCES = 8  # videos whose frame count is read before the model loads
 
@@ -48,6 +47,7 @@ def check_inputs(config: TrainConfig) -> CheckedInputs:
     """Every check that needs no model: paths exist, the output folder is writable, the device and precision
     go together, the validation images read, a user DeepSpeed JSON merges cleanly. Raises ValueError naming
     the key; returns the DeepSpeed config and the validation images."""
+    check_packages(config)
     if not config.model or not Path(config.model).is_dir():
         raise ValueError(f"model: {config.model!r} is not a diffusers pipeline folder")
     data = config.data
@@ -279,7 +279,13 @@ def select_trained_parameters(unet: torch.nn.Module, trained: str, lora: Any = N
 
 def build_optimizer(optimizer: OptimizerSection, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
     """torch's AdamW for ``optimizer.name: adamw_torch`` (no DeepSpeed op to JIT-build: FusedAdam/CPUAdam compile on
-    first use); None for ``adamw_deepspeed``, which DeepSpeed builds from the derived config."""
+    first use), bitsandbytes' block-wise 8-bit AdamW for ``adamw8bit`` (2 bytes of optimizer state per trained
+    parameter instead of 8); None for ``adamw_deepspeed``, which DeepSpeed builds from the derived config."""
+    if optimizer.name == "adamw8bit":
+        from bitsandbytes.optim import AdamW8bit  # noqa: PLC0415 - defers bitsandbytes (optional extra)
+
+        return AdamW8bit(parameters, lr=optimizer.learning_rate, betas=(optimizer.adam_beta1, optimizer.adam_beta2),
+                         eps=optimizer.adam_eps, weight_decay=optimizer.weight_decay)  # fmt: skip
     if optimizer.name != "adamw_torch":
         return None
     return torch.optim.AdamW(parameters, lr=optimizer.learning_rate, betas=(optimizer.adam_beta1, optimizer.adam_beta2),

@@ -36,9 +36,11 @@ from svd_fast.training.ema import ShardedEMA, full_shapes, gather_full, local_ma
 from svd_fast.training.latents import PrecomputedClips
 from svd_fast.training.log import TrainLog
 from svd_fast.training.lora import add_lora, merge_lora, save_lora
+from svd_fast.training.model_card import card_files
 from svd_fast.training.run import apply_learning_rate, changed_settings, check_same_run, current_identity, new_identity, write_identity
 from svd_fast.training.setup import CheckedInputs, Models, TrainInputError, build_models, check_inputs, resolve_device, setup_distributed
 from svd_fast.training.step import ClipStream, StepRunner, restore_rng_state, rng_state
+from svd_fast.training.tracking import Tracker
 from svd_fast.training.validation import SamplingModel, Validator
 
 
@@ -177,7 +179,8 @@ def _train(config: TrainConfig, config_dict: dict[str, Any], checked: CheckedInp
     stream = ClipStream(dataset, config.data.batch_size, state.data_epoch, state.data_position)
     runner = StepRunner(config, models, stream, device, rank, state.micro_step)
     logging = config.logging
-    log = TrainLog(output_dir / "train_log.jsonl", state.step, list(logging.sigma_bins), world_size, device, rank, identity["run_id"])
+    tracker = Tracker(logging.report_to, output_dir, identity["run_id"], config_dict) if rank == 0 and logging.report_to != "none" else None
+    log = TrainLog(output_dir / "train_log.jsonl", state.step, list(logging.sigma_bins), world_size, device, rank, identity["run_id"], tracker)
     validation = config.validation
     validator = None
     if validation.every and rank == 0:
@@ -191,7 +194,8 @@ def _train(config: TrainConfig, config_dict: dict[str, Any], checked: CheckedInp
         }}
         if ema is not None:
             files[EMA_FILE.format(rank=rank)] = ema.state_dict()
-        return save_checkpoint(engine, checkpoint_root, state.step, files, rank, {"run": identity, "config": config_dict})
+        return save_checkpoint(engine, checkpoint_root, state.step, files, rank, {"run": identity, "config": config_dict},
+                               keep=logging.keep_checkpoints, keep_every=logging.keep_every)
 
     samples_seen, start, nonfinite_in_a_row = 0, time.perf_counter(), 0
     progress = tqdm(total=config.max_steps, initial=state.step, desc="train", unit="step", disable=rank != 0)
@@ -223,11 +227,17 @@ def _train(config: TrainConfig, config_dict: dict[str, Any], checked: CheckedInp
         if logging.checkpoint_every and state.step % logging.checkpoint_every == 0 and finite:
             last_checkpoint = checkpoint()
     progress.close()
+    if tracker is not None:
+        tracker.close()
     elapsed = time.perf_counter() - start
     if (last_checkpoint is None or last_checkpoint.name != f"step_{state.step}") and nonfinite_in_a_row == 0:  # never lose the finished steps
         last_checkpoint = checkpoint()
 
-    export_path = export_pipeline(models, ema, sampling_model(config), logging, output_dir / "pipeline", rank) if logging.export else None
+    export_path = None
+    if logging.export:
+        cards = {kind: card_files(config, config_dict, kind) for kind in ("pipeline", "lora")} if rank == 0 else {}
+        export_path = export_pipeline(models, ema, sampling_model(config), logging, output_dir / "pipeline", rank,
+                                      extra_files=cards.get("pipeline"), lora_files=cards.get("lora"))
     torch.distributed.barrier()
     extra = {"lora": str(output_dir / "lora")} if export_path is not None and config.trained_parameters == "lora" else {}
     return TrainResult(
@@ -237,10 +247,10 @@ def _train(config: TrainConfig, config_dict: dict[str, Any], checked: CheckedInp
 
 
 def export_pipeline(models: Models, ema: ShardedEMA | None, base: SamplingModel, logging: LoggingSection, target: Path, rank: int,
-                    extra_files: dict[str, bytes] | None = None) -> Path:
+                    extra_files: dict[str, bytes] | None = None, lora_files: dict[str, bytes] | None = None) -> Path:
     """Write a diffusers pipeline folder: the base pipeline's other components and the trained UNet, from the
-    fp32 master weights (or their EMA, ``logging.export_ema``), and ``extra_files`` (name -> content) at its top,
-    in the same atomic replace. Frozen parameters keep the base pipeline's fp32 values. With LoRA adapters
+    fp32 master weights (or their EMA, ``logging.export_ema``), and ``extra_files`` (name -> content: the model
+    card) at its top, in the same atomic replace (``lora_files`` likewise beside the adapter). Frozen parameters keep the base pipeline's fp32 values. With LoRA adapters
     (``base.lora``) the adapter is also written on its own (``lora`` beside ``target``, see
     svd_fast.training.lora) and the pipeline's UNet has it merged. A collective."""
     state = trained_full_state(models.engine.module, ema if logging.export_ema else None)
@@ -254,7 +264,12 @@ def export_pipeline(models: Models, ema: ShardedEMA | None, base: SamplingModel,
         if unexpected:
             raise RuntimeError(f"export: parameter names do not match the base UNet (unexpected {unexpected[:3]})")
         if base.lora is not None:
-            _io.replace_folder(target.with_name("lora"), "lora", lambda staging: save_lora(unet, base.lora, staging), [base.model], name="lora export")
+            def write_lora(staging: Path) -> None:
+                save_lora(unet, base.lora, staging, base_model=base.model)
+                for name, content in (lora_files or {}).items():
+                    (staging / name).write_bytes(content)
+
+            _io.replace_folder(target.with_name("lora"), "lora", write_lora, [base.model], name="lora export")
             merge_lora(unet)
 
         def write_pipeline(staging: Path) -> None:

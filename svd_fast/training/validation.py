@@ -117,6 +117,7 @@ class Validator:
                         generator=torch.Generator().manual_seed(self.seed + index), **self.call_options,
                     ).frames[0]
                     media.write_frames(frames, staging / name, fps=fps)
+                    frames[0].save(staging / Path(name).with_suffix(".png"))  # the model card's sample frame
 
             self.folder.mkdir(parents=True, exist_ok=True)
             with torch.random.fork_rng(devices=devices):  # the training's RNG stream stays as without validation
