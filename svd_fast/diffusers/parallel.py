@@ -300,15 +300,33 @@ def _patch_frame_layers(unet: nn.Module, plan: ParallelPlan, undo: list) -> None
             _patch(module.time_proj, _frame_index_forward, plan, undo)
 
 
+def parallelize_unet(unet: nn.Module, mode: str = "frames", group: Any = None) -> tuple[ParallelPlan, list[tuple]]:
+    """This rank's plan for ``unet`` (its temporal layers patched for the frame modes) and the undo steps. Call
+    ``plan.wrap(call)`` on a function ``call(sample, timestep, encoder_hidden_states, added_time_ids, step)`` that runs
+    ``unet`` to split it over ``group`` (e.g. a UNet step outside a pipeline); :func:`parallelize` does this for a pipeline."""
+    if mode not in MODES:
+        raise ValueError(f"parallelize: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("parallelize: torch.distributed is not initialized; call torch.distributed.init_process_group first")
+    plan = ParallelPlan(mode, group)
+    if plan.frames is not None and isinstance(getattr(unet, "forward", None), CUDAGraphedForward):
+        raise ValueError(f"parallelize: mode {mode!r} exchanges inside the UNet forward, which cuda_graphs cannot capture; "
+                         "optimize without cuda_graphs or use mode 'guidance'")
+    undo: list[tuple] = []
+    try:
+        if plan.frames is not None:
+            _patch_frame_layers(unet, plan, undo)
+    except BaseException:
+        run_undo(undo)
+        raise
+    return plan, undo
+
+
 def parallelize(pipe: Any, mode: str = "frames", group: Any = None) -> Any:
     """Make ``pipe`` (optimized by :func:`svd_fast.optimize` with fused sampling) one rank of a parallel pipeline
     over ``group`` (default: the whole initialized process group); every rank must call it, then call ``pipe``
     with the same arguments and seed. ``mode``: "guidance" (2 ranks), "frames" (N ranks) or "guidance+frames"
     (2 x N). Every rank holds the weights and returns the whole video. Undo with :func:`unparallelize`."""
-    if mode not in MODES:
-        raise ValueError(f"parallelize: mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("parallelize: torch.distributed is not initialized; call torch.distributed.init_process_group first")
     settings = getattr(pipe, "_svd_fast_sampling", None)
     if settings is None:
         raise ValueError("parallelize: pipe must be optimized with fused sampling first: svd_fast.optimize(pipe) (scheduler=True)")
@@ -317,24 +335,15 @@ def parallelize(pipe: Any, mode: str = "frames", group: Any = None) -> Any:
         raise ValueError(f"parallelize: the pipeline's scheduler does not run the fused loop: {reason}")
     if getattr(pipe, _UNDO_ATTRIBUTE, None):
         raise ValueError("parallelize: pipe is already parallelized; call unparallelize(pipe) first")
-    plan = ParallelPlan(mode, group)
-    if plan.frames is not None and isinstance(getattr(pipe.unet, "forward", None), CUDAGraphedForward):
-        raise ValueError(f"parallelize: mode {mode!r} exchanges inside the UNet forward, which cuda_graphs cannot capture; "
-                         "optimize without cuda_graphs or use mode 'guidance'")
-    undo: list[tuple] = []
-    try:
-        if plan.frames is not None:
-            _patch_frame_layers(pipe.unet, plan, undo)
-    except BaseException:
-        _run_undo(undo)
-        raise
+    plan, undo = parallelize_unet(pipe.unet, mode, group)
     setattr(pipe, PARALLEL_ATTRIBUTE, plan)
     undo.append((pop_attribute, pipe, PARALLEL_ATTRIBUTE))
     setattr(pipe, _UNDO_ATTRIBUTE, undo)
     return pipe
 
 
-def _run_undo(undo: list[tuple]) -> None:
+def run_undo(undo: list[tuple]) -> None:
+    """Undo :func:`parallelize_unet`'s patches (its second result)."""
     for function, *objects in reversed(undo):
         function(*objects)
 
@@ -344,7 +353,7 @@ def unparallelize(pipe: Any) -> Any:
     undo = getattr(pipe, _UNDO_ATTRIBUTE, None)
     if not undo:
         raise ValueError("unparallelize: pipe was not parallelized")
-    _run_undo(undo)
+    run_undo(undo)
     delattr(pipe, _UNDO_ATTRIBUTE)
     return pipe
 
