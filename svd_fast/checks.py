@@ -61,6 +61,7 @@ RULES: dict[str, Rule] = {
     "stride": Rule(1, 10**4, integer=True),
     "actors": Rule(1, 4096, integer=True),
     "gpus": Rule(1, 4096, integer=True),
+    "nproc": Rule(2, 4096, integer=True),
     "learning_rate": Rule(0, 1, low_open=True),
     "adam_eps": Rule(0, 1, low_open=True),
     "batch_size": Rule(1, 4096, integer=True),

@@ -85,6 +85,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="LoRA adapter (svd-fast train's output, diffusers or peft layout) fused at SCALE (default 1); repeatable")
     parser.add_argument("--window", type=int, help="long videos: frames per window when --frames exceeds it (default: the UNet's num_frames)")
     parser.add_argument("--overlap", type=int, default=2, help="long videos: frames two windows share, 0 <= K < window (default: 2)")
+    parser.add_argument("--parallel", choices=("guidance", "frames", "guidance+frames"),
+                        help="one video on several processes: guidance (2 ranks, the CFG halves), frames (N ranks, frames split), "
+                             "guidance+frames (2 x N); under torchrun/deepspeed the launcher's ranks, else --nproc started here")
+    parser.add_argument("--nproc", type=int, help="with --parallel: processes to start (default 2, 4 for guidance+frames; one GPU each on CUDA)")
     parser.add_argument("--ray", choices=("auto", "local"), help="batch: spread over Ray actors (auto: the running cluster; local: start one)")
     parser.add_argument("--actors", type=int, help="batch with --ray: pipeline actors (default: one per GPU, else 2)")
     parser.set_defaults(func=run)
@@ -128,6 +132,8 @@ def _run(args: argparse.Namespace) -> int:
     from svd_fast.diffusers.generation_batch import generate_batch, list_images  # noqa: PLC0415 - torch and diffusers load only when the command runs
 
     options = options_from_args(args)
+    if args.parallel is not None or args.nproc is not None:
+        return _run_parallel(args, options)
     if args.input is not None:
         generation.check_options(options)  # the arguments' errors before the folder check's
         list_images(args.input)  # before the output folder is created
@@ -156,3 +162,22 @@ def _run(args: argparse.Namespace) -> int:
     )
     print(json.dumps({"backends_used": summary["backends_used"], "optimized": summary["optimized"]}))
     return 0
+
+
+def _run_parallel(args: argparse.Namespace, options) -> int:
+    from svd_fast.diffusers.parallel_launch import generate_parallel  # noqa: PLC0415 - torch.distributed loads only when the command runs
+
+    if args.parallel is None:
+        raise UsageError("--nproc applies to --parallel", "add --parallel guidance|frames|guidance+frames")
+    if args.input is not None:
+        raise UsageError("--parallel generates one video (--image)", "spread a batch over processes with --ray instead")
+    require_writable_dir("--out folder", args.out.parent)
+    generate_parallel(args.image, args.out, options, args.parallel, args.nproc, on_written=print_parallel_summary)
+    return 0
+
+
+def print_parallel_summary(summary: dict) -> None:
+    """Rank 0's report of a parallel generation (stdout: one line for people, one JSON line)."""
+    print(f"wrote {summary['out']}: {summary['frames']} frames {summary['size'][0]}x{summary['size'][1]}, {summary['steps']} steps "
+          f"on {summary['ranks']} ranks ({summary['parallel']}, {summary['device']}, {summary['dtype']})", flush=True)
+    print(json.dumps({"parallel": {"mode": summary["parallel"], "ranks": summary["ranks"]}}), flush=True)

@@ -42,6 +42,8 @@ from svd_fast.sampling.consistency import consistency_sample
 from svd_fast.sampling.samplers import sample
 
 _SETTINGS_ATTRIBUTE = "_svd_fast_sampling"
+# A svd_fast.diffusers.parallel.ParallelPlan: its ``wrap`` splits each UNet call over a process group.
+PARALLEL_ATTRIBUTE = "_svd_fast_parallel"
 
 # Scheduler classes whose deterministic v-prediction step the fused loop reproduces (exact classes: a subclass may
 # change the step). A sampler that replaces the scheduler's step with a fused one registers its class here.
@@ -96,6 +98,8 @@ class FusedDenoisingLoop:
         settings = getattr(self, _SETTINGS_ATTRIBUTE)
         reason = fused_loop_unsupported_reason(self.scheduler, settings["sampler"])
         if reason is not None:
+            if getattr(self, PARALLEL_ATTRIBUTE, None) is not None:
+                raise ValueError(f"scheduler: {reason}; a parallelized pipeline needs the fused loop (use an EulerDiscreteScheduler)")
             if settings["sampler"] != "euler" or settings["cache_interval"] > 1:
                 raise ValueError(f"scheduler: {reason}, and optimize(sampler={settings['sampler']!r}, cache_interval="
                                  f"{settings['cache_interval']}) needs the fused loop; use an EulerDiscreteScheduler or "
@@ -158,13 +162,17 @@ class FusedDenoisingLoop:
 
         cached_unet = CachedUNetStep(self.unet, settings["cache_interval"]) if settings["cache_interval"] > 1 else None
 
-        def unet_step(model_input: torch.Tensor, step: int) -> torch.Tensor:
+        def unet_call(sample: torch.Tensor, timestep, context: torch.Tensor, time_ids: torch.Tensor, step: int) -> torch.Tensor:
             if cached_unet is not None:
-                return cached_unet(model_input, timesteps[step], image_embeddings, added_time_ids, step)
-            return self.unet(
-                model_input, timesteps[step], encoder_hidden_states=image_embeddings, added_time_ids=added_time_ids,
-                return_dict=False,
-            )[0]  # fmt: skip
+                return cached_unet(sample, timestep, context, time_ids, step)
+            return self.unet(sample, timestep, encoder_hidden_states=context, added_time_ids=time_ids, return_dict=False)[0]
+
+        plan = getattr(self, PARALLEL_ATTRIBUTE, None)
+        if plan is not None:
+            unet_call = plan.wrap(unet_call)
+
+        def unet_step(model_input: torch.Tensor, step: int) -> torch.Tensor:
+            return unet_call(model_input, timesteps[step], image_embeddings, added_time_ids, step)
 
         with self.progress_bar(total=num_inference_steps) as progress_bar:
 
