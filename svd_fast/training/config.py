@@ -24,6 +24,23 @@ TRAINED_PARAMETERS = ("full", "temporal", "lora")
 # The attention projections LoRA may adapt: those of every diffusers Attention in the UNet (spatial and temporal
 # transformer blocks, self- and cross-attention).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# DeepSpeed's defaults for the zero_optimization keys the config may set (deepspeed.runtime.zero.config).
+DEEPSPEED_DEFAULTS = {
+    "reduce_bucket_size": 500_000_000,
+    "allgather_bucket_size": 500_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+}
+
+
+def default_vae_chunk(frames: int) -> int:
+    """A quarter of the clip's frames (at least 1). The VAE's peak grows with the frames it holds at once
+    (bf16 at 576x1024, traced: 0.70 GiB per frame to encode, 1.13 to decode) and so do the UNet's activations
+    (0.63-0.74 GiB per frame with activation_checkpointing: all, its leanest mode, 9.3 GiB for a 25-frame
+    guided sampling step): a quarter of the frames keeps encoding under the training step's activations and
+    decoding under the sampling step's, at any size (svd-fast train --plan-memory shows the rows)."""
+    return max(1, (frames + 3) // 4)
 
 
 @dataclass
@@ -64,6 +81,13 @@ class TrainConfig:
     offload_optimizer: str = "none"
     offload_param: str = "none"  # ZeRO-3 only
     precision: str = "bf16"  # the UNet's compute dtype; DeepSpeed keeps fp32 master weights for bf16/fp16
+    # ZeRO communication buckets and ZeRO-3's gathered parameters, in elements (None: DeepSpeed's default, DEEPSPEED_DEFAULTS):
+    # each is GPU memory the plan counts (svd_fast.training.memory_plan).
+    reduce_bucket_size: int | None = None
+    allgather_bucket_size: int | None = None  # ZeRO 1-2
+    stage3_prefetch_bucket_size: int | None = None
+    stage3_max_live_parameters: int | None = None
+    stage3_max_reuse_distance: int | None = None
     deepspeed_config: str | None = None  # a DeepSpeed JSON merged with the keys this config derives (conflicts are errors)
     trained_parameters: str = "full"  # full | temporal (only the layers SVD added to the image model, see TEMPORAL_PARAMETER) | lora
     # LoRA (trained_parameters: lora): adapters on the attention projections of every spatial and temporal transformer block
@@ -73,6 +97,11 @@ class TrainConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     activation_checkpointing: str = "none"  # none | temporal | resnets | all (svd_fast.training.activation_checkpointing)
     use_svd_fast_kernels: bool = True
+    # Frames the frozen VAE encodes at once in the training loop (data encoded on the fly), and decodes at once when
+    # sampling validation clips; default: default_vae_chunk(num_frames).
+    vae_encode_chunk: int | None = None
+    validation_decode_chunk: int | None = None
+    target_gpu_gib: float | None = None  # the GPU memory the config is made for: --plan-memory reports its margin (None: CPU configs)
     device: str = "auto"  # auto | cpu | cuda
     # EMA, logging, checkpoints, export
     ema_decay: float = 0.0  # 0 disables EMA
@@ -106,6 +135,11 @@ class TrainConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("vae_encode_chunk", "validation_decode_chunk", *DEEPSPEED_DEFAULTS):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.target_gpu_gib is not None and not self.target_gpu_gib > 0:
+            raise ValueError(f"target_gpu_gib must be > 0, got {self.target_gpu_gib!r}")
         for name in ("warmup_steps", "checkpoint_every", "seed", "validate_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
@@ -169,6 +203,19 @@ class TrainConfig:
         for name in ("seed", "num_frames", "height", "width", "batch_size", "learning_rate", "adam_eps", "default_fps",
                      "default_motion_bucket_id", "target_fps", "stride", "validation_num_frames", "validation_inference_steps"):  # fmt: skip
             checks.check(name, getattr(self, name))
+
+    def encode_chunk(self) -> int:
+        """Frames the VAE encodes at once in the training loop."""
+        return self.vae_encode_chunk or default_vae_chunk(self.num_frames)
+
+    def decode_chunk(self) -> int:
+        """Frames the VAE decodes at once when sampling a validation clip."""
+        return self.validation_decode_chunk or default_vae_chunk(self.validation_num_frames or self.num_frames)
+
+    def zero_setting(self, name: str) -> int:
+        """A ZeRO bucket or live-parameter setting: the config's, else DeepSpeed's default."""
+        value = getattr(self, name)
+        return DEEPSPEED_DEFAULTS[name] if value is None else value
 
     def objective(self) -> ObjectiveConfig:
         return ObjectiveConfig(

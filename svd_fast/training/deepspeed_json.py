@@ -17,6 +17,9 @@ SCALAR_KEYS: dict[tuple[str, ...], str] = {
     ("zero_optimization", "stage"): "zero_stage",
     ("zero_optimization", "offload_optimizer", "device"): "offload_optimizer",
     ("zero_optimization", "offload_param", "device"): "offload_param",
+    **{("zero_optimization", name): name for name in (
+        "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+    )},  # fmt: skip
     ("optimizer", "params", "lr"): "learning_rate",
     ("optimizer", "params", "eps"): "adam_eps",
     ("optimizer", "params", "weight_decay"): "weight_decay",
@@ -75,6 +78,8 @@ def adopt_deepspeed_values(values: dict[str, Any]) -> dict[str, Any]:
     adopted = dict(values)
 
     def take(name: str, value: Any) -> None:
+        if isinstance(value, float) and value.is_integer() and name.endswith(("_size", "_parameters", "_distance")):
+            value = int(value)  # DeepSpeed JSONs write bucket sizes as 5e8
         if value is not _MISSING and name not in values:
             adopted[name] = value
 

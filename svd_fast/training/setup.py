@@ -18,7 +18,7 @@ from svd_fast import _io
 from svd_fast.data.clips import clip_frame_indices, sources_from
 from svd_fast.data.decode import probe_video
 from svd_fast.training.activation_checkpointing import enable_activation_checkpointing
-from svd_fast.training.config import TrainConfig
+from svd_fast.training.config import DEEPSPEED_DEFAULTS, TrainConfig
 from svd_fast.training.deepspeed_import import import_deepspeed
 from svd_fast.training.deepspeed_json import read_deepspeed_json, without_auto, world_size
 from svd_fast.training.latents import check_latents_dir, model_identity
@@ -171,6 +171,9 @@ def derived_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": config.offload_optimizer}
     if config.offload_param != "none":
         zero["offload_param"] = {"device": config.offload_param}
+    for name in DEEPSPEED_DEFAULTS:
+        if getattr(config, name) is not None:
+            zero[name] = getattr(config, name)
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": config.batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
@@ -273,6 +276,15 @@ def select_trained_parameters(unet: torch.nn.Module, trained: str, lora: Any = N
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def vae_dtype(precision: str, force_upcast: bool) -> torch.dtype:
+    """The frozen VAE's dtype: the training precision, except fp16 for a VAE whose config says it overflows in
+    fp16 (``force_upcast``, as SVD's does: diffusers' pipeline upcasts it to fp32 too)."""
+    return torch.float32 if precision == "fp16" and force_upcast else COMPUTE_DTYPES[precision]
+
+
 @dataclass
 class Models:
     pipeline: Any  # the base StableVideoDiffusionPipeline (frozen VAE, image encoder, feature extractor)
@@ -289,8 +301,11 @@ def build_models(config: TrainConfig, device: torch.device, deepspeed_config: di
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
     pipe = StableVideoDiffusionPipeline.from_pretrained(config.model, dtype=torch.float32, variant=config.model_variant)
-    pipe.vae.to(device).eval().requires_grad_(False)
-    pipe.image_encoder.eval().requires_grad_(False)
+    compute_dtype = COMPUTE_DTYPES[config.precision]
+    # The frozen encoders run in the training precision (the UNet's compute dtype): half the memory of fp32 for
+    # their weights and the VAE's activations (the memory plan's frozen_encoders and vae_encode rows).
+    pipe.vae.to(device, vae_dtype(config.precision, pipe.vae.config.force_upcast)).eval().requires_grad_(False)
+    pipe.image_encoder.to(dtype=compute_dtype).eval().requires_grad_(False)
     if config.latents_dir is None:  # with precomputed latents the image encoder is not used in the loop
         pipe.image_encoder.to(device)
     unet = pipe.unet
@@ -315,5 +330,4 @@ def build_models(config: TrainConfig, device: torch.device, deepspeed_config: di
         model=unet, model_parameters=[p for p in unet.parameters() if p.requires_grad] if optimizer is None else None,
         optimizer=optimizer, lr_scheduler=make_scheduler, config=deepspeed_config,
     )
-    compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
     return Models(pipeline=pipe, engine=engine, kernel_status=kernel_status, compute_dtype=compute_dtype)

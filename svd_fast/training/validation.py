@@ -4,11 +4,11 @@ pipeline ``svd-fast generate`` runs (diffusers' StableVideoDiffusionPipeline, op
 ``use_svd_fast_kernels``), written as ``OUTPUT_DIR/validation/step_NNNNNN/image_I.mp4`` (the step's folder
 appears whole, by rename) and named in that step's train_log.jsonl record.
 
-The sampling UNet is a separate fp32 copy of the base UNet (with the LoRA adapters in ``lora`` mode), and the
-VAE a copy of the training one (svd_fast's ``optimize`` patches the VAE too, and the training VAE must keep
-encoding exactly as it did, for bit-exact resumes): both are kept on the CPU between validations and on the
-training device only while they sample, so validation adds one fp32 UNet and VAE of device memory (not counted
-by the memory plan).
+The sampling UNet is a separate copy of the base UNet in the training precision (with the LoRA adapters in
+``lora`` mode), and the VAE a copy of the training one (svd_fast's ``optimize`` patches the VAE too, and the
+training VAE must keep encoding exactly as it did, for bit-exact resumes): both are kept on the CPU between
+validations and on the training device only while they sample, which decodes ``TrainConfig.decode_chunk()``
+frames at a time. The memory plan's ``validation`` row counts them (svd_fast.training.memory_plan).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Validator:
                 "vae": copy.deepcopy(self.base.vae).to("cpu"), "image_encoder": self.base.image_encoder,
                 "scheduler": copy.deepcopy(self.scheduler or self.base.scheduler), "feature_extractor": self.base.feature_extractor,
             }  # fmt: skip
-            pipe = load_optimized_pipeline(self.config.model, optimized=self.config.use_svd_fast_kernels, progress=False,
+            pipe = load_optimized_pipeline(self.config.model, dtype=self.config.precision, optimized=self.config.use_svd_fast_kernels, progress=False,
                                            variant=self.config.model_variant, components=components)
             unet = pipe.unet
             if self.config.trained_parameters == "lora":
@@ -95,7 +95,7 @@ class Validator:
                     frames = pipe(
                         image, height=config.height, width=config.width, num_frames=frames_per_clip,
                         num_inference_steps=config.validation_inference_steps, fps=fps,
-                        motion_bucket_id=round(config.default_motion_bucket_id), decode_chunk_size=frames_per_clip,
+                        motion_bucket_id=round(config.default_motion_bucket_id), decode_chunk_size=config.decode_chunk(),
                         generator=torch.Generator().manual_seed(config.seed + index), **self.call_options,
                     ).frames[0]
                     media.write_frames(frames, staging / name, fps=fps)
