@@ -297,7 +297,8 @@ def plan_memory(config: TrainConfig, gpus: int = 1, unet_kwargs: dict | None = N
                           config.activation_checkpointing, lora)
     # On the fly every frame is encoded, chunk by chunk; with precomputed latents only the conditioning frames.
     images = config.batch_size * (config.num_frames if config.latents_dir is None else 1)
-    vae_encode = _traced("traced_vae_bytes", images, size, vae_type, config.encode_chunk() if config.latents_dir is None else images)
+    encode_chunk = config.encode_chunk() if config.latents_dir is None else images
+    vae_encode = _traced("traced_vae_bytes", images, size, vae_type, encode_chunk)
     vae_params, clip_bytes = vae_parameter_count(), IMAGE_ENCODER_PARAMS * dtype.itemsize
     encoders = vae_params * vae_type.itemsize + (clip_bytes if config.latents_dir is None else 0)
     frames = config.validation_num_frames or config.num_frames
@@ -320,7 +321,7 @@ def plan_memory(config: TrainConfig, gpus: int = 1, unet_kwargs: dict | None = N
         fragmentation_gib=gib(fragmentation), overhead_gib=gib(sum(fixed)), target_gpu_gib=target,
         margin=None if target is None else round(1 - peak / target, 3), zero_stage=config.zero_stage, gpus=gpus, trained_params=total,
         vae_params=vae_params, trained_parameters=config.trained_parameters, frames=config.num_frames, size=[config.height, config.width],
-        activation_checkpointing=config.activation_checkpointing, vae_encode_chunk=config.encode_chunk(),
+        activation_checkpointing=config.activation_checkpointing, vae_encode_chunk=encode_chunk,
         validation=bool(config.validate_every), validation_decode_chunk=config.decode_chunk(),
     )
 
