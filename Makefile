@@ -37,8 +37,12 @@ system-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq tesseract-ocr; }
 
+# Two pytest-xdist workers, one module each at a time (module fixtures are built once), one thread each: the
+# suite's compilers, subprocesses and small-tensor cases leave a core idle when run one after another. Modules go
+# out in collection order (tests/conftest.py puts those with `slow` cases first), not reordered by size.
+TEST_WORKERS ?= 2
 test: setup $(VENV)/.test-deps-installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 $(VENV)/.test-deps-installed: requirements-test.txt $(VENV)/.deps-installed
 	$(BIN)/python -m pip install -q -r requirements-test.txt

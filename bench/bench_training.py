@@ -66,7 +66,8 @@ def run_variant(name: str, tiny: bool, steps: int, warmup: int, batch_size: int)
         setup_distributed(device)
         import deepspeed  # noqa: PLC0415
 
-        config = TrainConfig(zero_stage=stage, precision="bf16", batch_size=batch_size, learning_rate=1e-5)
+        config = TrainConfig.from_dict({"precision": "bf16", "data": {"batch_size": batch_size}, "optimizer": {"learning_rate": 1e-5},
+                                        "deepspeed": {"zero_stage": stage}})
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
         model, _, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, config=build_deepspeed_config(config))
 

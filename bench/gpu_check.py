@@ -620,20 +620,20 @@ def stage_train_memory(work: Path, dry_run: bool) -> dict:
     from svd_fast.training.setup import select_trained_parameters
 
     config = TrainConfig.from_file(TRAIN_MEMORY_CONFIG)
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    lora = config.lora() if config.trained_parameters == "lora" else None
+    data, device, dtype = config.data, torch.device("cuda"), torch.bfloat16
+    lora = config.peft_lora()
     with torch.device(device):
-        unet = UNetSpatioTemporalConditionModel(num_frames=config.num_frames)
+        unet = UNetSpatioTemporalConditionModel(num_frames=data.num_frames)
     select_trained_parameters(unet, config.trained_parameters, lora)
     unet.to(device, dtype).train()
     enable_activation_checkpointing(unet, config.activation_checkpointing)
     for param in (p for p in unet.parameters() if p.requires_grad):
         param.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-    batch, latent_hw = config.batch_size, (config.height // 8, config.width // 8)
+    batch, latent_hw = data.batch_size, (data.height // 8, data.width // 8)
     torch.cuda.synchronize(device)
     weights_reserved, weights_allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    sample = torch.randn(batch, config.num_frames, unet.config.in_channels, *latent_hw, device=device, dtype=dtype)
+    sample = torch.randn(batch, data.num_frames, unet.config.in_channels, *latent_hw, device=device, dtype=dtype)
     embeds = torch.randn(batch, 1, unet.config.cross_attention_dim, device=device, dtype=dtype)
     time_ids = torch.tensor([[6.0, 127.0, 0.02]] * batch, device=device, dtype=dtype)
     begin = time.perf_counter()
@@ -642,7 +642,7 @@ def stage_train_memory(work: Path, dry_run: bool) -> dict:
     torch.cuda.synchronize(device)
     gib = 2**30
     result: dict[str, object] = {
-        "config": TRAIN_MEMORY_CONFIG.name, "shape": [batch, config.num_frames, config.height, config.width],
+        "config": TRAIN_MEMORY_CONFIG.name, "shape": [batch, data.num_frames, data.height, data.width],
         "activation_checkpointing": config.activation_checkpointing, "step_s": round(time.perf_counter() - begin, 2),
         "weights_gib": round(weights_allocated / gib, 2),
         "peak_reserved_gib": round((torch.cuda.max_memory_reserved(device) - weights_reserved) / gib, 2),
@@ -651,7 +651,7 @@ def stage_train_memory(work: Path, dry_run: bool) -> dict:
     }  # fmt: skip
     _write_partial(work, {"train_memory": result})
     del unet, out
-    planned = memory_plan.traced_activation_bytes({"num_frames": config.num_frames}, config.num_frames, latent_hw, batch, dtype,
+    planned = memory_plan.traced_activation_bytes({"num_frames": data.num_frames}, data.num_frames, latent_hw, batch, dtype,
                                                   config.activation_checkpointing, lora)  # fmt: skip
     result["planned_activations_gib"] = round(planned / gib, 2)
     result["reserved_over_planned"] = round(result["peak_reserved_gib"] * gib / planned, 3)

@@ -32,7 +32,7 @@ def shipped_gpu_configs() -> list[Path]:
 
 
 def with_validation(config: TrainConfig) -> TrainConfig:
-    return dataclasses.replace(config, validate_every=500, validation_images=["first_frame.png"])
+    return dataclasses.replace(config, validation=dataclasses.replace(config.validation, every=500, images=["first_frame.png"]))
 
 
 def main() -> None:

@@ -82,6 +82,33 @@ def check(name: str, value: Any, *, spelled: str | None = None, allow_none: bool
     return value
 
 
+MAX_SEEDS = 100
+
+
+def _decimal(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def parse_seed_list(value: str, *, spelled: str = "seeds") -> list[int]:
+    """``"0-4"``, ``"0,2,5"`` or a mix (``"0-2,7"``) -> distinct seeds in the order given, each under the seed rule."""
+    seeds: list[int] = []
+    for part in str(value).split(","):
+        low, dash, high = part.strip().partition("-")
+        if not _decimal(low) or (dash and not _decimal(high)):
+            raise CheckError(f"{spelled} {value!r} is not a seed list (use N, N-M or N,M,...)")
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first:
+            raise CheckError(f"{spelled} {value!r}: the range {part.strip()} runs backwards (use N-M with N <= M)")
+        if last - first >= MAX_SEEDS or len(seeds) + last - first + 1 > MAX_SEEDS:
+            raise CheckError(f"{spelled} {value!r} names more than {MAX_SEEDS} seeds")
+        for seed in range(first, last + 1):
+            check("seed", seed, spelled=spelled)
+            if seed in seeds:
+                raise CheckError(f"{spelled} {value!r} names seed {seed} twice")
+            seeds.append(seed)
+    return seeds
+
+
 def parse_device(value: str | None, *, spelled: str = "device") -> str:
     """``cpu``, ``cuda`` or ``cuda:N``, available on this machine (None: cuda when available, else cpu)."""
     import torch  # noqa: PLC0415 - torch loads only when a device is checked, so argument parsing stays light

@@ -30,6 +30,10 @@ def _gpu_tests_must_run() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # pytest-xdist (make test) hands modules to its workers in collection order: the modules holding `slow` cases
+    # go first, so that no worker is left running a long compile alone at the end while the other idles.
+    slow_modules = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow_modules)
     if CUDA_AVAILABLE:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none present)")

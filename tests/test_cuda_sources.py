@@ -135,6 +135,7 @@ def test_parse_ptxas_reads_registers_spills_and_shared_memory() -> None:
     )
 
 
+@pytest.mark.slow  # nvcc on torch's headers: about a minute per source
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=[p.name for p in CUDA_SOURCES])
 def test_cuda_source_compiles_without_spills(source: Path, compile_source, record_property) -> None:
     compilation = compile_source(source)
@@ -145,6 +146,7 @@ def test_cuda_source_compiles_without_spills(source: Path, compile_source, recor
     assert not spilling, "register spills:\n" + "\n".join(spilling)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=[p.name for p in CUDA_SOURCES])
 def test_cuda_kernels_fit_shared_memory_and_register_budgets(source: Path, compile_source) -> None:
     compilation = compile_source(source)

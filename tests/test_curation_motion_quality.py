@@ -106,7 +106,6 @@ def test_curate_marks_grainy_and_compressed_stills_static(tmp_path: Path, prefil
     assert not by_name.loc["pan", "static"] and by_name.loc["pan", "flow_mean_px"] == pytest.approx(12 * 256 / 256, rel=0.10)
 
 
-@pytest.mark.xfail(strict=False, reason="open: the <= 0.2 px flash target is met on some scenes only (0.2-0.4 px on textures, 10-19 px on very smooth scenes)")
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("gain", [2.0, 4.0])
 @pytest.mark.parametrize("kind", ["random2", "smooth", "very smooth"])
@@ -115,3 +114,17 @@ def test_flash_on_a_still_scene_is_not_motion(kind: str, gain: float, seed: int)
     frames = synthetic.flash(synthetic.add_grain(synthetic.still_shot(_scene(kind, seed), 3), 2 / 255, seed=seed), 1, gain)
     for backend in BACKENDS:
         assert _score(frames, backend) <= 0.2 and _score(frames[1:], backend) <= 0.2, backend
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("gain", [0.6, 1.3])
+@pytest.mark.parametrize(("kind", "step"), [("random1", 3), ("smooth", 2)])
+def test_pan_through_a_brightness_change_keeps_its_speed(kind: str, step: int, gain: float, seed: int) -> None:
+    """A global brightness change that does not saturate (a fade, an exposure step) is undone, not excluded:
+    the pan under it is still measured within 10%."""
+    frames = synthetic.add_grain(synthetic.panning(_scene(kind, seed), 2, step), 2 / 255, seed=seed)
+    frames[1] = np.clip(frames[1].astype(np.float64) * gain, 0, 254).round().astype(np.uint8)
+    inner = np.zeros(SIZE, bool)
+    inner[8:-8, 8:-8] = True
+    for backend in BACKENDS:
+        assert _score(frames, backend, inner) == pytest.approx(step, rel=0.10), backend

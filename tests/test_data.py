@@ -12,6 +12,7 @@ import torch
 from svd_fast.data import (
     VideoClipDataset,
     VideoDecodeError,
+    WorkerClips,
     clip_frame_indices,
     dali_clip_loader,
     decode_all_frames,
@@ -295,6 +296,40 @@ def test_dataloader_workers_shard_files(videos: dict[str, Path]) -> None:
     assert starts == [(".mp4", 0), (".mp4", 12), (".webm", 0), (".webm", 12)]
 
 
+def _clips(samples) -> list[tuple[str, int, torch.Tensor]]:
+    return [(Path(sample["path"]).name, sample["start_frame"], sample["pixel_values"]) for sample in samples]
+
+
+def _assert_same_clips(got: list, expected: list) -> None:
+    assert [clip[:2] for clip in got] == [clip[:2] for clip in expected]
+    for (_, _, pixels), (_, _, wanted) in zip(got, expected):
+        assert torch.equal(pixels, wanted)
+
+
+def test_worker_clips_equal_in_loop_clips_and_resume_exactly(videos: dict[str, Path], bad_files: dict[str, Path]) -> None:
+    from svd_fast.training.step import ClipStream
+
+    sources = [videos["vp9"], bad_files["garbage"], videos["h264"], videos["short"], videos["vp9"]]
+    settings = dict(num_frames=8, size=(24, 24), random_crop=True, shuffle=True, seed=5, on_short="pad")
+    in_loop = VideoClipDataset(sources, **settings)
+    workers = WorkerClips(VideoClipDataset(sources, **settings), num_workers=2, seed=5)
+    for epoch in (0, 1):  # a new shuffle and new crops each epoch; persistent workers follow set_epoch
+        in_loop.set_epoch(epoch)
+        workers.set_epoch(epoch)
+        expected = _clips(in_loop)
+        _assert_same_clips(_clips(workers), expected)
+    assert len(expected) == 3 + 3 + 1 + 3 and workers.errors == in_loop.errors != []
+    # The trainer's stream over workers: the same batches, and a stream resumed at a saved position continues them.
+    stream = ClipStream(WorkerClips(VideoClipDataset(sources, **settings), num_workers=2, seed=1), batch_size=3)
+    reference = ClipStream(VideoClipDataset(sources, **settings), batch_size=3)
+    batches = [_clips(stream.next_batch()) for _ in range(3)]
+    for batch in batches:
+        _assert_same_clips(batch, _clips(reference.next_batch()))
+    resumed = ClipStream(WorkerClips(VideoClipDataset(sources, **settings), num_workers=2, seed=1), 3, epoch=0, position=6)
+    _assert_same_clips(_clips(resumed.next_batch()), batches[2])
+    assert (resumed.epoch, resumed.position) == (stream.epoch, stream.position) == (0, 9)
+
+
 def test_bad_files_are_reported_not_fatal(videos: dict[str, Path], bad_files: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     sources = [bad_files["empty"], videos["vp9"], bad_files["garbage"], bad_files["text"], bad_files["truncated"], videos["h264"]]
     dataset = VideoClipDataset(sources, num_frames=8, size=(16, 16))
@@ -347,3 +382,26 @@ def test_gpu_loader_matches_cpu_dataset(videos: dict[str, Path]) -> None:
     first = batches[0]["pixel_values"][0].cpu()
     assert first.shape == (4, 3, 48, 64)
     assert (first - cpu[0]["pixel_values"]).abs().mean() < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_optional
+@pytest.mark.parametrize("codec", ["h264", "vp9"])
+def test_nvdec_dataset_matches_pyav(videos: dict[str, Path], codec: str) -> None:
+    """Training's `video_decoder: dali` on CUDA: DALI's mixed (NVDEC) decoder gives the clips PyAV gives."""
+    pytest.importorskip("nvidia.dali", reason="NVDEC decoding needs nvidia-dali (the dali-cu12/dali-cu13 extra)")
+    gpu = list(VideoClipDataset([videos[codec]], num_frames=4, size=(HEIGHT, WIDTH), decode_device="cuda"))
+    cpu = list(VideoClipDataset([videos[codec]], num_frames=4, size=(HEIGHT, WIDTH), backend="pyav"))
+    assert [sample["start_frame"] for sample in gpu] == [sample["start_frame"] for sample in cpu]
+    for on_gpu, on_cpu in zip(gpu, cpu):
+        assert on_gpu["pixel_values"].is_cuda and on_gpu["pixel_values"].shape == (4, 3, HEIGHT, WIDTH)
+        frames = ((on_gpu["pixel_values"].cpu() + 1) * 127.5).permute(0, 2, 3, 1).round().to(torch.uint8).numpy()
+        assert _frame_ids(frames) == list(range(on_cpu["start_frame"], on_cpu["start_frame"] + 4))
+        assert (on_gpu["pixel_values"].cpu() - on_cpu["pixel_values"]).abs().mean() < 0.05
+
+
+def test_nvdec_needs_cuda(videos: dict[str, Path]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: test_nvdec_dataset_matches_pyav covers decode_device='cuda'")
+    with pytest.raises(ValueError, match="decode_device='cpu'"):
+        VideoClipDataset([videos["h264"]], num_frames=4, size=(16, 16), decode_device="cuda")

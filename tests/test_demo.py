@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from svd_fast import _io
+from svd_fast.checks import CheckError, parse_seed_list
 from svd_fast.cli import main
-from svd_fast.demo import OUTPUT_FILES
-from svd_fast.demo.evaluate import centroid_track, motion_of, pooled_psnr
+from svd_fast.demo import OUTPUT_FILES, QUICK
+from svd_fast.demo.evaluate import background_drift, centroid_track, high_over_low, median_example, motion_of, pooled_psnr
 from svd_fast.demo.world import draw_spec, held_out_specs, render
 
 # PyAV is not on every machine that runs the GPU tests (the GPU image lacks it): skip this module there.
@@ -48,6 +50,40 @@ def test_pooled_psnr_ignores_texture_but_not_position() -> None:
     assert pooled_psnr(moved[0], frames[0]) < pooled_psnr(frames[1], frames[0])
 
 
+@pytest.mark.parametrize("colour", ["red", "blue"])
+def test_background_drift_measures_the_background_not_the_moving_disk(colour: str) -> None:
+    spec = draw_spec(np.random.default_rng(4), "clip", colour, "fast", SPEEDS, 8, 32, seed=2)
+    frames = render(spec, 8, 32)
+    assert background_drift(frames, frames[0], colour) == 0.0  # the disk moved; the background did not change
+    tinted = frames.astype(np.int16)
+    tinted[-1, ..., 1] += 12  # the last frame turns towards teal: green up by 12 ...
+    tinted[-1, ..., 0] -= 5  # ... and red down by 5, disk included (it is left out of the measure)
+    assert background_drift(np.clip(tinted, 0, 255).astype(np.uint8), frames[0], colour) == pytest.approx(12.0, abs=0.5)
+
+
+def test_the_example_is_the_median_high_over_low_ratio() -> None:
+    ratios = [3.0, 1.0, None, 2.0, 5.0, 1.5, 4.0, 0.5]  # None: the low bucket did not move the disk
+    entries = [
+        entry
+        for index, ratio in enumerate(ratios)
+        for entry in (
+            {"first_frame": f"f{index}", "bucket": "low", "displacement_px": 0.0 if ratio is None else 2.0},
+            {"first_frame": f"f{index}", "bucket": "high", "displacement_px": 2.0 * (ratio or 1.0)},
+        )
+    ]
+    assert high_over_low(entries, "f0") == 3.0 and high_over_low(entries, "f2") is None
+    # Sorted: None, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0 -> the lower middle of 8 is the 4th: 1.5, frame f5.
+    assert median_example(entries) == 5
+
+
+def test_seed_lists() -> None:
+    assert parse_seed_list("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seed_list("3, 0-1") == [3, 0, 1]
+    for bad in ("", "-1", "1-", "a", "2-1", "1,1", "0-100", "\u00b2"):
+        with pytest.raises(CheckError):
+            parse_seed_list(bad)
+
+
 def test_held_out_frames_alternate_colours_and_are_new() -> None:
     held_out = held_out_specs(8, 8, 32, SPEEDS, seed=0)
     assert [spec.colour for spec in held_out[:2]] == ["red", "blue"]
@@ -57,12 +93,14 @@ def test_held_out_frames_alternate_colours_and_are_new() -> None:
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quick"]) == 0
-    assert sorted(path.name for path in out.iterdir() if path.name != "work") == sorted([*OUTPUT_FILES, _io.MARKER])
+    assert main(["demo", "--out", str(out), "--quick", "--seeds", "0,1"]) == 0
+    # Seed 0's outputs at the top, seed 1's (a whole second run) in seed_1/.
+    assert sorted(path.name for path in out.iterdir() if path.name not in ("work", "seed_1")) == sorted([*OUTPUT_FILES, _io.MARKER])
+    assert sorted(path.name for path in (out / "seed_1").iterdir() if path.name != "work") == sorted([*OUTPUT_FILES, _io.MARKER])
     for name in ("generated_slow.mp4", "generated_fast.mp4", "reference_slow.mp4", "reference_fast.mp4"):
         with av.open(str(out / name)) as container:
             assert sum(1 for _ in container.decode(video=0)) == 8
-    for name in ("first_frame.png", "comparison.png", "loss.png"):
+    for name in ("first_frame.png", "comparison.png", "motion.png", "loss.png"):
         assert (out / name).stat().st_size > 100
     assert (out / "pipeline" / "model_index.json").is_file()
 
@@ -80,8 +118,21 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     for entry in entries:
         assert ENTRY_KEYS <= set(entry) and len(entry["centroid_track"]) == 8
     assert set(summary["evaluation_summary"]["targets"]) == {
-        "median_angle_error_deg<=30", "high_over_low_displacement>=1.5", "psnr_first_frame>=22", "psnr_mean>=16",
+        "median_angle_error_deg<=30", "high_over_low_displacement>=1.5", "psnr_first_frame>=22", "psnr_mean>=16", "background_drift<=8",
     }
+    assert summary["background_drift"] == max(entry["background_drift"] for entry in entries) >= 0.0
+    example = summary["example"]
+    assert example["first_frame"] in {entry["first_frame"] for entry in entries}
+    assert example["high_over_low_displacement"] == high_over_low(entries, example["first_frame"])
+    first_frame = np.asarray(Image.open(out / "first_frame.png"))
+    held_out = held_out_specs(QUICK.held_out, QUICK.num_frames, QUICK.size, QUICK.speeds, seed=0)
+    assert (first_frame == render(next(spec for spec in held_out if spec.name == example["first_frame"]), QUICK.num_frames, QUICK.size)[0]).all()
+    table = summary["seed_table"]
+    assert [row["seed"] for row in table] == [0, 1] and [row["folder"] for row in table] == [".", "seed_1"]
+    second = json.loads((out / "seed_1" / "summary.json").read_text())
+    assert second["seed"] == 1 and "seed_table" not in second
+    assert table[1]["median_psnr_first_frame"] == second["evaluation_summary"]["median_psnr_first_frame"]
+    assert table[1]["all_targets_met"] == all(second["evaluation_summary"]["targets"].values())
     assert "outputs in" in capsys.readouterr().out
 
     # The saved pipeline is an ordinary diffusers folder that `svd-fast generate` runs.

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from training_fixtures import tiny_config, workdir_fixture
+from training_fixtures import tiny_config, with_keys, workdir_fixture
 
 from svd_fast.cli import main
 from svd_fast.diffusers.tiny import TINY_HEIGHT, TINY_NUM_FRAMES, TINY_WIDTH, tiny_pipeline
@@ -142,16 +142,17 @@ def test_student_learns_the_target() -> None:
 
 
 def _config(workdir: Path, out: str, **overrides) -> dict:
-    values = tiny_config(workdir, out, num_train_timesteps=8, skip_steps=2, teacher_solver="ipndm-2", learning_rate=1e-4,
-                         use_svd_fast_kernels=True, student_steps=2)  # fmt: skip
-    values.update(overrides)
-    return values
+    """The tiny distillation config; ``overrides``: ``section.key`` or a top-level key -> value."""
+    values = tiny_config(workdir, out, use_svd_fast_kernels=True, distill={"num_train_timesteps": 8, "skip_steps": 2,
+                         "teacher_solver": "ipndm-2", "student_steps": 2}, **{"optimizer.learning_rate": 1e-4})  # fmt: skip
+    return with_keys(values, overrides)
 
 
 def test_distill_resumes_exactly_and_exports_a_consistency_pipeline(workdir: Path) -> None:
-    full = distill(_config(workdir, "full", max_steps=4, checkpoint_every=2, export=True))
+    full = distill(_config(workdir, "full", max_steps=4, **{"logging.checkpoint_every": 2, "logging.export": True}))
     assert len(full.losses) == 4 and all(np.isfinite(full.losses)) and min(full.losses) > 0
-    resumed = distill(_config(workdir, "resumed", max_steps=4, export=False, resume_from=str(workdir / "full" / "checkpoints" / "step_2")))
+    resumed = distill(_config(workdir, "resumed", max_steps=4, resume_from=str(workdir / "full" / "checkpoints" / "step_2"),
+                              **{"logging.export": False}))
     assert resumed.losses == full.losses  # same data, noise, grid indices, optimiser and target network state
     target_full = torch.load(workdir / "full" / "checkpoints" / "step_4" / "target_rank0.pt", weights_only=True)
     target_resumed = torch.load(workdir / "resumed" / "checkpoints" / "step_4" / "target_rank0.pt", weights_only=True)
@@ -175,15 +176,16 @@ def test_distill_resumes_exactly_and_exports_a_consistency_pipeline(workdir: Pat
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"skip_steps": 8}, "skip_steps"),
-        ({"teacher_solver": "heun"}, "teacher_solver"),
-        ({"loss": "l1"}, "loss"),
-        ({"drop_both": 0.1}, "drop_both"),
-        ({"sigma_min": 0.0}, "sigma_min"),
-        ({"student_steps": 9}, "student_steps"),
-        ({"target_ema_decay": 1.0}, "target_ema_decay"),
-        ({"teacher_min_guidance": 2.0}, "teacher_min_guidance"),
-        ({"skip_stpes": 2}, "skip_stpes"),
+        ({"distill.skip_steps": 8}, r"distill\.skip_steps"),
+        ({"distill.teacher_solver": "heun"}, r"distill\.teacher_solver"),
+        ({"distill.loss": "l1"}, r"distill\.loss"),
+        ({"objective.drop_both": 0.1}, r"objective\.drop_both"),
+        ({"distill.sigma_min": 0.0}, r"distill\.sigma_min"),
+        ({"distill.student_steps": 9}, r"distill\.student_steps"),
+        ({"distill.target_ema_decay": 1.0}, r"distill\.target_ema_decay"),
+        ({"distill.teacher_min_guidance": 2.0}, r"distill\.teacher_min_guidance"),
+        ({"distill.skip_stpes": 2}, r"distill\.skip_stpes"),
+        ({"validation.inference_steps": 9}, r"validation\.inference_steps must be <= distill\.num_train_timesteps"),
     ],
 )
 def test_config_errors_name_the_key(workdir: Path, overrides: dict, message: str) -> None:
@@ -197,7 +199,7 @@ def test_cli_bad_input_is_one_line_before_models_load(workdir: Path, tmp_path: P
     (not_svd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     cases = [
         ({"model": str(not_svd)}, "must be a StableVideoDiffusionPipeline"),
-        ({"skip_steps": 0}, "skip_steps"),
+        ({"distill.skip_steps": 0}, "distill.skip_steps"),
         ({"unknown_key": 1}, "unknown_key"),
     ]
     for overrides, message in cases:

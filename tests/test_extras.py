@@ -27,7 +27,8 @@ COMMAND_EXTRAS = {
     "svd_fast.commands.env": None,  # the base install
 }
 # Imports of optional components, always lazy and behind an option: top-level name -> the extra that provides it.
-OPTIONAL_IMPORTS = {"ray": "ray", "nvidia": "dali-cu13", "flash_attn": "flash", "triton": "triton"}
+OPTIONAL_IMPORTS = {"ray": "ray", "nvidia": "dali-cu13", "flash_attn": "flash", "triton": "triton", "tensorboard": "tensorboard",
+                    "wandb": "wandb", "bitsandbytes": "bitsandbytes"}
 
 
 def _module_file(name: str) -> Path | None:

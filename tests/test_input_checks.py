@@ -32,8 +32,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "videos_user" / "precious.txt").write_text("the user's")
     (root / "images").mkdir()
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(root / "images" / "a.png")
-    config = {"model": str(model), "data": str(root / "not_a_video.mp4"), "output_dir": str(root / "run"), "device": "cpu",
-              "num_frames": 8, "height": 64, "width": 64, "precision": "fp32"}  # fmt: skip
+    config = {"model": str(model), "output_dir": str(root / "run"), "device": "cpu", "precision": "fp32",
+              "data": {"path": str(root / "not_a_video.mp4"), "num_frames": 8, "height": 64, "width": 64}}  # fmt: skip
     (root / "train.json").write_text(json.dumps(config))
     return {"root": root, "model": model, "image": root / "img.png", "config": root / "train.json"}
 
@@ -125,6 +125,7 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
         "--unet-steps": (["--unet-steps", "0"], "--unet-steps must be"),
         "--sample-steps": (["--sample-steps", "5000"], "--sample-steps must be"),
         "--seed": (["--seed", "-1"], "--seed must be"),
+        "--seeds": (["--seeds", "4-0"], "--seeds '4-0': the range 4-0 runs backwards"),
     },
     "curate": {
         "--input": (["--input", "{root}/missing"], "does not exist"),
@@ -150,27 +151,33 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
         "--plan-memory": (["--plan-memory=1"], "ignored explicit argument"),
         "--gpus": (["--plan-memory", "--set", "precision=bf16", "--gpus", "0"], "--gpus must be"),
         "--json": (["--json=1"], "ignored explicit argument"),
-        "--deepspeed_config": (["--deepspeed_config", "{root}/missing.json"], "deepspeed_config"),
+        "--deepspeed_config": (["--deepspeed_config", "{root}/missing.json"], "deepspeed.config: cannot read"),
         "--deepspeed": (["--deepspeed=1"], "ignored explicit argument"),
     },
 }
 
 # Classes of bad values beyond one per option (the sweep): each is one line and exit 2.
 EXTRA_CASES: list[tuple[str, list[str], str]] = [
+    ("demo", ["--seeds", "0,x"], "--seeds '0,x' is not a seed list"),
+    ("demo", ["--seeds", "0-100000"], "names more than 100 seeds"),
+    ("demo", ["--seeds", "0-2,1"], "names seed 1 twice"),
+    ("demo", ["--seeds", "0-1", "--seed", "3"], "--seed and --seeds together"),
     ("generate", ["--out", ""], "not a new folder name"),
     ("generate", ["--out", ".."], "not a new folder name"),
     ("generate", ["--out", "{root}/folder.mp4"], "is an existing folder"),
     ("generate", ["--out", "{root}/videos_user"], "not written by svd-fast"),
     ("generate", ["--input", "{root}/images", "--out", "{root}/videos_user"], "not written by svd-fast"),
     ("generate", ["--frames", "1000", "--height", "8192", "--width", "8192"], "GiB on cpu (estimate)"),
-    ("train", ["--set", "adam_eps=-1"], "adam_eps must be"),
-    ("train", ["--set", "learning_rate=1e30"], "learning_rate must be"),
-    ("train", ["--set", "validate_every=1", "--set", "validation_num_frames=1", "--set", 'validation_images=["{root}/img.png"]'],
-     "validation_num_frames must be"),
-    ("train", ["--set", "default_fps=0.4"], "default_fps must be"),
-    ("train", ["--set", "num_frames=500"], "data: the first 1 video(s) cannot be read"),
-    ("train", ["--set", "data={root}/not_parquet.parquet"], "is not a readable video folder, list or manifest"),
-    ("train", ["--set", "data={root}/videos"], "no video files"),
+    ("train", ["--set", "optimizer.adam_eps=-1"], "optimizer.adam_eps must be"),
+    ("train", ["--set", "optimizer.learning_rate=1e30"], "optimizer.learning_rate must be"),
+    ("train", ["--set", "validation.every=1", "--set", "validation.num_frames=1", "--set", 'validation.images=["{root}/img.png"]'],
+     "validation.num_frames must be"),
+    ("train", ["--set", "data.default_fps=0.4"], "data.default_fps must be"),
+    ("train", ["--set", "data.num_frames=500"], "data.path: the first 1 video(s) cannot be read"),
+    ("train", ["--set", "data.path={root}/not_parquet.parquet"], "is not a readable video folder, list or manifest"),
+    ("train", ["--set", "data.path={root}/videos"], "no video files"),
+    ("train", ["--set", "data.num_framez=8"], "unknown config key(s) ['data.num_framez']"),
+    ("distill", ["--set", "distill.skip_steps=0"], "distill.skip_steps must be"),
     ("train", ["--set", "max_nonfinite_steps=0"], "max_nonfinite_steps"),
     ("encode", ["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--num-frames", "0"], "--"),
 ]

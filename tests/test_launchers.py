@@ -102,8 +102,8 @@ def test_deepspeed_launcher_one_process_with_deepspeed_config(workdir: Path) -> 
                          "--config", str(config), "--deepspeed", "--deepspeed_config", "ds.json"], workdir)
     assert result["steps"] == 2
     written = json.loads((workdir / "ds1" / "train_config.json").read_text())
-    assert written["gradient_accumulation_steps"] == 2 and written["gradient_clipping"] == 0.5
-    assert written["deepspeed_config"] == "ds.json"
+    assert written["optimizer"]["gradient_accumulation_steps"] == 2 and written["optimizer"]["gradient_clipping"] == 0.5
+    assert written["deepspeed"]["config"] == "ds.json"
     assert len((workdir / "ds1" / "train_log.jsonl").read_text().splitlines()) == 2
 
 
@@ -134,33 +134,34 @@ def test_deepspeed_json_fills_what_the_config_leaves_out(workdir: Path, tmp_path
         "optimizer": {"type": "AdamW", "params": {"lr": 2e-4, "betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.01}},
         "wall_clock_breakdown": True,
     }))
-    config = TrainConfig.from_dict({"deepspeed_config": str(ds), "max_steps": 3})
-    assert (config.batch_size, config.gradient_accumulation_steps, config.gradient_clipping) == (2, 4, 0.25)
-    assert (config.zero_stage, config.offload_optimizer, config.precision, config.optimizer) == (3, "cpu", "fp32", "adamw_deepspeed")
-    assert (config.learning_rate, config.adam_beta1, config.adam_beta2, config.adam_eps, config.weight_decay) == (2e-4, 0.8, 0.95, 1e-6, 0.01)
+    config = TrainConfig.from_dict({"deepspeed": {"config": str(ds)}, "max_steps": 3})
+    optimizer = config.optimizer
+    assert (config.data.batch_size, optimizer.gradient_accumulation_steps, optimizer.gradient_clipping) == (2, 4, 0.25)
+    assert (config.deepspeed.zero_stage, config.deepspeed.offload_optimizer, config.precision, optimizer.name) == (3, "cpu", "fp32", "adamw_deepspeed")
+    assert (optimizer.learning_rate, optimizer.adam_beta1, optimizer.adam_beta2, optimizer.adam_eps, optimizer.weight_decay) == (2e-4, 0.8, 0.95, 1e-6, 0.01)
     merged = build_deepspeed_config(config)
     assert merged["wall_clock_breakdown"] is True and merged["zero_optimization"]["offload_optimizer"]["pin_memory"] is True
     assert merged["train_batch_size"] == 8
     # What the config writes wins over nothing, and differs from the JSON: one error naming both.
     with pytest.raises(ValueError, match=r"gradient_clipping=0.25 \(the config gives 1.0\)"):
-        build_deepspeed_config(TrainConfig.from_dict({"deepspeed_config": str(ds), "gradient_clipping": 1.0}))
+        build_deepspeed_config(TrainConfig.from_dict({"deepspeed": {"config": str(ds)}, "optimizer": {"gradient_clipping": 1.0}}))
     with pytest.raises(ValueError, match=r"train_batch_size=8"):
-        build_deepspeed_config(TrainConfig.from_dict({"deepspeed_config": str(ds), "gradient_accumulation_steps": 1}))
+        build_deepspeed_config(TrainConfig.from_dict({"deepspeed": {"config": str(ds)}, "optimizer": {"gradient_accumulation_steps": 1}}))
     ds.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
     with pytest.raises(ValueError, match="scheduler"):
-        build_deepspeed_config(TrainConfig.from_dict({"deepspeed_config": str(ds)}))
+        build_deepspeed_config(TrainConfig.from_dict({"deepspeed": {"config": str(ds)}}))
 
 
 def test_launcher_arguments_conflict_is_one_line(workdir: Path, tmp_path: Path, capsys) -> None:
     from svd_fast.train import main
 
     (tmp_path / "clip.json").write_text(json.dumps({"gradient_clipping": 0.5}))
-    config = _write_config(workdir, "conflict", gradient_clipping=1.0)
+    config = _write_config(workdir, "conflict", **{"optimizer.gradient_clipping": 1.0})
     values = json.loads(config.read_text())
     assert main(["--local_rank=0", "--config", str(config), "--deepspeed", "--deepspeed_config", str(tmp_path / "clip.json")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("svd-fast train: error: deepspeed_config:") and "gradient_clipping=0.5" in err
-    values["deepspeed_config"] = str(tmp_path / "other.json")
+    assert err.count("\n") == 1 and err.startswith("svd-fast train: error: deepspeed.config:") and "gradient_clipping=0.5" in err
+    values["deepspeed"]["config"] = str(tmp_path / "other.json")
     config.write_text(json.dumps(values))
     assert main(["--config", str(config), "--deepspeed_config", str(tmp_path / "clip.json")]) == 2
     err = capsys.readouterr().err

@@ -21,6 +21,7 @@ from utils import assert_within_torch_error
 
 from svd_fast.diffusers.tiny import TINY_UNET_CONFIG, TINY_VAE_CONFIG
 from svd_fast.training import TrainConfig, memory_plan
+from svd_fast.training.config import DataSection, DeepSpeedSection, ValidationSection
 from svd_fast.training.objective import encode_posterior
 from svd_fast.training.setup import derived_deepspeed_config
 
@@ -75,9 +76,9 @@ def test_model_states_are_deepspeeds_estimates() -> None:
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     total, largest = 1_524_623_082, 6_553_600
-    zero2 = TrainConfig(zero_stage=2)
+    zero2 = DeepSpeedSection(zero_stage=2)
     assert memory_plan.model_states_bytes(zero2, total, largest, 8) == estimate_zero2_model_states_mem_needs(total, 8, cpu_offload=False)[1]
-    zero3 = TrainConfig(zero_stage=3, offload_optimizer="cpu", optimizer="adamw_deepspeed")
+    zero3 = DeepSpeedSection(zero_stage=3, offload_optimizer="cpu")
     expected = estimate_zero3_model_states_mem_needs(total, largest, 8, cpu_offload=True, cpu_offload_params=False)[1]
     assert memory_plan.model_states_bytes(zero3, total, largest, 8) == expected
 
@@ -94,8 +95,8 @@ def test_plan_memory_cli_json(tmp_path: Path, monkeypatch, capsys) -> None:
 
     _fake_traces(monkeypatch)
     config = tmp_path / "plan.yaml"
-    config.write_text("model: not/needed\ndata: not/needed\nnum_frames: 25\nheight: 576\nwidth: 1024\nzero_stage: 3\nema_decay: 0.9999\n"
-                      "target_gpu_gib: 40\n")
+    config.write_text("model: not/needed\nema_decay: 0.9999\ndata:\n  path: not/needed\n  num_frames: 25\n  height: 576\n  width: 1024\n"
+                      "deepspeed:\n  zero_stage: 3\ntarget_gpu_gib: 40\n")
     assert cli.main(["train", "--plan-memory", "--config", str(config), "--gpus", "8", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     static = ("model_states_gib", "ema_gib", "frozen_encoders_gib", "zero_buffers_gib", "cuda_context_gib", "nccl_gib", "workspaces_gib",
@@ -117,13 +118,13 @@ def test_plan_memory_cli_json(tmp_path: Path, monkeypatch, capsys) -> None:
 
 def test_validation_and_encoding_rows_enter_the_peak_at_their_chunk_sizes(monkeypatch) -> None:
     _fake_traces(monkeypatch, activations=10, encode=12, sampling=3, decode=14)
-    plan = memory_plan.plan_memory(TrainConfig(num_frames=25, ema_decay=0.0))
+    plan = memory_plan.plan_memory(TrainConfig(data=DataSection(num_frames=25), ema_decay=0.0))
     assert plan.vae_encode_gib == 12.0 and plan.per_gpu_peak_gib > 12.0 + plan.model_states_gib  # encoding is the largest here
     # The sampling copy: the UNet and the VAE in the training precision, plus the larger of a sampling step and a decode.
     copies = (plan.trained_params * 2 + plan.vae_params * 2) / 2**30
     assert plan.validation_gib == pytest.approx(copies + 14.0, abs=0.01)
-    validated = memory_plan.plan_memory(TrainConfig(num_frames=25, ema_decay=0.0, validate_every=10, validation_images=["x.png"],
-                                                    validation_decode_chunk=5))  # fmt: skip
+    validated = memory_plan.plan_memory(TrainConfig(data=DataSection(num_frames=25), ema_decay=0.0, validation=ValidationSection(
+        every=10, images=["x.png"], decode_chunk=5)))  # fmt: skip
     assert validated.validation and validated.validation_decode_chunk == 5
     assert validated.per_gpu_peak_gib > plan.per_gpu_peak_gib  # 17 GiB of validation over 12 of encoding
 
@@ -135,10 +136,10 @@ def test_vae_rows_are_traced_at_their_chunk() -> None:
     assert steps[0] > 0 and steps == pytest.approx([steps[0]] * 3, rel=0.05), peaks
     decode = [memory_plan.traced_vae_bytes(8, (64, 64), torch.bfloat16, chunk, True) for chunk in (2, 4, 8)]
     assert decode[0] < decode[1] < decode[2]
-    plans = [memory_plan.plan_memory(TrainConfig(num_frames=8, height=64, width=64, vae_encode_chunk=chunk), unet_kwargs=TINY_CONFIG)
+    plans = [memory_plan.plan_memory(TrainConfig(data=DataSection(num_frames=8, height=64, width=64, vae_encode_chunk=chunk)), unet_kwargs=TINY_CONFIG)
              for chunk in (2, 4)]  # fmt: skip
     assert plans[0].vae_encode_gib < plans[1].vae_encode_gib
-    precomputed = memory_plan.plan_memory(TrainConfig(num_frames=8, height=64, width=64, latents_dir="latents"), unet_kwargs=TINY_CONFIG)
+    precomputed = memory_plan.plan_memory(TrainConfig(data=DataSection(num_frames=8, height=64, width=64, latents_dir="latents")), unet_kwargs=TINY_CONFIG)
     assert precomputed.vae_encode_gib < plans[0].vae_encode_gib  # only the conditioning frame
 
 
@@ -161,16 +162,20 @@ def test_chunked_encoding_equals_encoding_at_once() -> None:
 def test_zero_settings_come_from_the_config_or_its_deepspeed_json(tmp_path: Path) -> None:
     ds_json = tmp_path / "ds.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1e8, "reduce_bucket_size": "auto"}}))
-    config = TrainConfig.from_dict({"deepspeed_config": str(ds_json), "stage3_prefetch_bucket_size": 20_000_000})
-    assert config.zero_stage == 3 and config.stage3_max_live_parameters == 100_000_000 and config.reduce_bucket_size is None
-    zero = derived_deepspeed_config(config)["zero_optimization"]
+    config = TrainConfig.from_dict({"deepspeed": {"config": str(ds_json), "stage3_prefetch_bucket_size": 20_000_000}})
+    deepspeed = config.deepspeed
+    assert deepspeed.zero_stage == 3 and deepspeed.stage3_max_live_parameters == 100_000_000 and deepspeed.reduce_bucket_size is None
+    zero = derived_deepspeed_config(deepspeed, config.optimizer, config.data.batch_size, config.precision)["zero_optimization"]
     assert zero["stage3_prefetch_bucket_size"] == 20_000_000 and "reduce_bucket_size" not in zero  # DeepSpeed's default
     total = 1_524_623_082
     assert memory_plan.zero_buffer_bytes(config, total, total) == 2 * (500_000_000 + 20_000_000 + 100_000_000)
     # Buckets hold the trained parameters' gradients: LoRA's few adapters never fill DeepSpeed's default buckets.
-    assert memory_plan.zero_buffer_bytes(TrainConfig(zero_stage=2), 6_000_000, total) == 2 * 2 * 6_000_000
-    with pytest.raises(ValueError, match="stage3_max_live_parameters"):
-        TrainConfig(stage3_max_live_parameters=0)
+    assert memory_plan.zero_buffer_bytes(TrainConfig(deepspeed=DeepSpeedSection(zero_stage=2)), 6_000_000, total) == 2 * 2 * 6_000_000
+    with pytest.raises(ValueError, match="deepspeed.stage3_max_live_parameters"):
+        DeepSpeedSection(stage3_max_live_parameters=0)
+    # The flat keys of earlier configs still load, into their sections.
+    flat = TrainConfig.from_dict({"stage3_max_live_parameters": 7, "vae_encode_chunk": 3, "validation_decode_chunk": 2})
+    assert (flat.deepspeed.stage3_max_live_parameters, flat.encode_chunk(), flat.decode_chunk()) == (7, 3, 2)
 
 
 def _trace_cache(monkeypatch) -> None:

@@ -70,7 +70,7 @@ INDUCTOR_MISMATCH = (
 )
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.xfail(reason=INDUCTOR_MISMATCH, strict=False))])
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=[pytest.mark.slow, pytest.mark.xfail(reason=INDUCTOR_MISMATCH, strict=False)])])
 def test_compiled_optimized_unet_at_two_shapes_matches_eager_with_one_recompilation(compiler: str) -> None:
     """One graph per shape (dynamic=False: the frame count stays a constant of the fused temporal ops): the second
     shape is one recompilation, the first shape again none."""

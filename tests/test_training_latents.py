@@ -38,22 +38,23 @@ def test_precomputed_latents_train_like_on_the_fly_encoding(workdir: Path, capsy
     assert clips[-1].is_file() and clips[0].stat().st_mtime_ns == kept and (out / COMPLETE).is_file()
     capsys.readouterr()
 
-    common = dict(model=str(workdir / "tiny"), num_frames=TINY_NUM_FRAMES, height=TINY_HEIGHT, width=TINY_WIDTH, precision="fp32",
-                  learning_rate=1e-3, shuffle=False, max_steps=3, export=False, use_svd_fast_kernels=False, device="cpu")
-    on_the_fly = train(dict(common, data=str(workdir / "data"), output_dir=str(workdir / "fly")))
-    precomputed = train(dict(common, latents_dir=str(out), output_dir=str(workdir / "pre")))
+    common = {"model": str(workdir / "tiny"), "precision": "fp32", "max_steps": 3, "use_svd_fast_kernels": False, "device": "cpu",
+              "optimizer": {"learning_rate": 1e-3}, "logging": {"export": False}}
+    geometry = {"num_frames": TINY_NUM_FRAMES, "height": TINY_HEIGHT, "width": TINY_WIDTH, "shuffle": False}
+    on_the_fly = train(dict(common, data={"path": str(workdir / "data"), **geometry}, output_dir=str(workdir / "fly")))
+    precomputed = train(dict(common, data={"latents_dir": str(out), **geometry}, output_dir=str(workdir / "pre")))
     assert precomputed.losses == pytest.approx(on_the_fly.losses, rel=1e-6, abs=0)
 
 
 def test_unfinished_or_mismatched_latents_are_refused(workdir: Path, tmp_path: Path, capsys) -> None:
     config = tmp_path / "c.json"
-    values = dict(model=str(workdir / "tiny"), latents_dir=str(tmp_path / "none"), num_frames=TINY_NUM_FRAMES, height=TINY_HEIGHT,
-                  width=TINY_WIDTH, output_dir=str(tmp_path / "out"), device="cpu")
+    data = {"latents_dir": str(tmp_path / "none"), "num_frames": TINY_NUM_FRAMES, "height": TINY_HEIGHT, "width": TINY_WIDTH}
+    values = {"model": str(workdir / "tiny"), "output_dir": str(tmp_path / "out"), "device": "cpu", "data": data}
     config.write_text(json.dumps(values))
     assert cli.main(["train", "--config", str(config)]) == 2
     assert "latents_dir" in capsys.readouterr().err
     assert _encode(workdir, tmp_path / "lat") == 0
-    config.write_text(json.dumps(dict(values, latents_dir=str(tmp_path / "lat"), num_frames=TINY_NUM_FRAMES - 2)))
+    config.write_text(json.dumps(dict(values, data=dict(data, latents_dir=str(tmp_path / "lat"), num_frames=TINY_NUM_FRAMES - 2))))
     assert cli.main(["train", "--config", str(config)]) == 2
     assert "num_frames" in capsys.readouterr().err
     assert cli.main(["encode", "--data", str(tmp_path / "missing"), "--model", str(workdir / "tiny"), "--out", str(tmp_path / "x")]) == 2

@@ -6,6 +6,7 @@ model."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -22,15 +23,19 @@ RANK = 2
 
 
 def _lora(rank: int = RANK, **overrides):
-    return TrainConfig.from_dict({"trained_parameters": "lora", "lora_rank": rank, **overrides}).lora()
+    return TrainConfig.from_dict({"trained_parameters": "lora", "lora": {"rank": rank, **overrides}}).peft_lora()
 
 
-def _expected_lora_parameters(unet: torch.nn.Module, rank: int, targets=LORA_TARGETS) -> int:
-    """rank x (in + out) for every attention projection, counted from the base UNet's own modules."""
+def _expected_lora_parameters(unet: torch.nn.Module, rank: int, targets=LORA_TARGETS, layers: str = "all") -> int:
+    """rank x (in + out) for every attention projection (to_q/to_k of self-attention only), counted from the base
+    UNet's own modules."""
     total = 0
     for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name.endswith(f".{target}") for target in targets):
-            if ".attn1." in name or ".attn2." in name:
+        if not (isinstance(module, torch.nn.Linear) and any(name.endswith(f".{target}") for target in targets)):
+            continue
+        temporal = "temporal_transformer_blocks" in name
+        if layers == "all" or (layers == "temporal") == temporal:
+            if ".attn1." in name or (".attn2." in name and not name.endswith((".to_q", ".to_k"))):
                 total += rank * (module.in_features + module.out_features)
     return total
 
@@ -83,13 +88,58 @@ def test_lora_adapts_every_attention_projection_and_only_its_parameters_learn() 
     # Only the query projections: fewer parameters, counted the same way.
     only_q = tiny_pipeline(seed=0).unet
     expected_q = _expected_lora_parameters(only_q, 3, ("to_q",))
-    assert 0 < expected_q < expected and add_lora(only_q, _lora(rank=3, lora_target_modules=["to_q"])) == expected_q
+    assert 0 < expected_q < expected and add_lora(only_q, _lora(rank=3, target_modules=["to_q"])) == expected_q
+
+
+@pytest.mark.parametrize("layers", ["all", "temporal", "spatial"])
+def test_every_default_adapter_learns_and_lora_layers_selects_temporal_or_spatial(layers: str) -> None:
+    """Cross-attention attends to one image token, so adapters on its to_q/to_k would get an identically zero
+    gradient forever: the defaults leave them out, and after one step every adapter (A and B) has a gradient."""
+    pipe = tiny_pipeline(seed=0)
+    unet = pipe.unet
+    count = add_lora(unet, _lora(layers=layers))
+    assert count == _expected_lora_parameters(tiny_pipeline(seed=0).unet, RANK, layers=layers) > 0
+    names = [name for name, p in unet.named_parameters() if p.requires_grad]
+    assert not any(".attn2.to_q." in name or ".attn2.to_k." in name for name in names)
+    temporal = [("temporal_transformer_blocks" in name) for name in names]
+    assert {"all": any(temporal) and not all(temporal), "temporal": all(temporal), "spatial": not any(temporal)}[layers]
+    pixels = torch.rand(1, TINY_NUM_FRAMES, 3, 64, 64) * 2 - 1
+    objective = ObjectiveConfig(drop_image_embedding=0.0, drop_both=0.0, drop_cond_latent=0.0)
+    batch = encode_batch(pixels, torch.tensor([7.0]), torch.tensor([127.0]), pipe.vae, pipe.image_encoder, pipe.feature_extractor,
+                         objective, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Adam([p for p in unet.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # B starts at zero (A gets no gradient then); after one step both do
+        optimizer.zero_grad()
+        edm_loss(unet, batch)[0].backward()
+        optimizer.step()
+    zero = [name for name, p in unet.named_parameters() if p.requires_grad and not p.grad.abs().sum() > 0]
+    assert not zero, zero
+
+
+
+def test_cross_attention_query_adapters_get_no_gradient_so_naming_them_is_refused() -> None:
+    """The counterfactual of the defaults: adapters on cross-attention's to_q get zero gradient (exactly, up to the
+    float rounding of attention's backward: about 1e-10 against 1e-2 on its to_v)."""
+    pipe = tiny_pipeline(seed=0)
+    from peft import LoraConfig
+
+    add_lora(pipe.unet, LoraConfig(r=RANK, lora_alpha=RANK, target_modules=r".*\.attn2\.to_[qv]", init_lora_weights=False))
+    pixels = torch.rand(1, TINY_NUM_FRAMES, 3, 64, 64) * 2 - 1
+    objective = ObjectiveConfig(drop_image_embedding=0.0, drop_both=0.0, drop_cond_latent=0.0)
+    batch = encode_batch(pixels, torch.tensor([7.0]), torch.tensor([127.0]), pipe.vae, pipe.image_encoder, pipe.feature_extractor,
+                         objective, torch.Generator().manual_seed(0))
+    edm_loss(pipe.unet, batch)[0].backward()
+    largest = {name: p.grad.abs().max().item() for name, p in pipe.unet.named_parameters() if p.requires_grad}
+    query = max(value for name, value in largest.items() if ".to_q." in name)
+    assert query < 1e-6 * max(value for name, value in largest.items() if ".to_v." in name), largest
+    with pytest.raises(ValueError, match="cross-attention"):
+        _lora(target_modules=["to_v", "attn2.to_q"])
 
 
 def test_lora_trains_with_zero2_resumes_exactly_and_exports_a_loadable_adapter(workdir: Path) -> None:
-    common = dict(trained_parameters="lora", lora_rank=RANK, lora_alpha=4.0, lora_dropout=0.1, learning_rate=1e-2,
-                  max_steps=4, ema_decay=0.7, export=True, export_ema=False, use_svd_fast_kernels=False)
-    full = train(tiny_config(workdir, "lora_full", checkpoint_every=2, **common))
+    common = {"trained_parameters": "lora", "lora": {"rank": RANK, "alpha": 4.0, "dropout": 0.1}, "optimizer.learning_rate": 1e-2,
+              "max_steps": 4, "ema_decay": 0.7, "logging.export": True, "logging.export_ema": False, "use_svd_fast_kernels": False}
+    full = train(tiny_config(workdir, "lora_full", **{"logging.checkpoint_every": 2, **common}))
     resumed = train(tiny_config(workdir, "lora_resumed", resume_from=str(workdir / "lora_full" / "checkpoints" / "step_2"), **common))
     assert resumed.losses == full.losses  # dropout masks too: the RNG state is restored
     ema_full = torch.load(workdir / "lora_full" / "checkpoints" / "step_4" / "ema_rank0.pt", weights_only=True)
@@ -112,7 +162,7 @@ def test_lora_trains_with_zero2_resumes_exactly_and_exports_a_loadable_adapter(w
 
     module_state = safe_load(workdir / "lora_full" / "checkpoints" / "step_4" / "mp_rank_00_model_states.pt")["module"]
     trained = UNetSpatioTemporalConditionModel.from_pretrained(workdir / "tiny", subfolder="unet")
-    add_lora(trained, _lora(lora_alpha=4.0, lora_dropout=0.1))
+    add_lora(trained, _lora(alpha=4.0, dropout=0.1))
     trained.load_state_dict(module_state)
     loaded = UNetSpatioTemporalConditionModel.from_pretrained(workdir / "tiny", subfolder="unet")
     load_lora(loaded, adapter)
@@ -126,20 +176,37 @@ def test_lora_trains_with_zero2_resumes_exactly_and_exports_a_loadable_adapter(w
     torch.testing.assert_close(outputs["merged"], outputs["trained"], rtol=1e-5, atol=1e-5)  # W + s B A folded: fp32 rounding
     assert (outputs["trained"] - outputs["base"]).abs().max() > 1e-4  # the adapters were trained
     assert not any(".lora_" in name for name, _ in merged.named_parameters())
+    # peft's own loader reads the same adapter (peft's layout beside diffusers'): the trained UNet's outputs.
+    from peft import PeftModel
+
+    peft_unet = PeftModel.from_pretrained(UNetSpatioTemporalConditionModel.from_pretrained(workdir / "tiny", subfolder="unet"), adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_unet.eval()(**inputs).sample, outputs["trained"], rtol=1e-5, atol=1e-5)
+    import svd_fast
+
+    generation_unet = UNetSpatioTemporalConditionModel.from_pretrained(workdir / "tiny", subfolder="unet")
+    svd_fast.load_lora(generation_unet, adapter / "adapter_model.safetensors")  # the peft-layout file, read by generation
+    with torch.no_grad():
+        torch.testing.assert_close(generation_unet.eval()(**inputs).sample, outputs["trained"], rtol=1e-5, atol=1e-5)
+    card = (adapter / "README.md").read_text()
+    assert "base_model:" in card and str(workdir / "tiny") in card and "licence" in card.lower() and '"rank": 2' in card
+    assert "SHA-256 of the training data" in card and (workdir / "lora_full" / "pipeline" / "README.md").is_file()
     with torch.no_grad():  # merge_lora of the loaded adapter gives the exported UNet
         torch.testing.assert_close(merge_lora(loaded).eval()(**inputs).sample, outputs["merged"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
     ("overrides", "key"),
-    [({"lora_rank": 0}, "lora_rank"), ({"lora_rank": -2}, "lora_rank"), ({"lora_target_modules": ["to_qq"]}, "lora_target_modules"),
-     ({"lora_target_modules": []}, "lora_target_modules"), ({"lora_alpha": 0}, "lora_alpha"), ({"lora_dropout": 1.0}, "lora_dropout"),
-     ({"trained_parameters": "adapters"}, "trained_parameters")],
+    [({"lora.rank": 0}, "lora.rank"), ({"lora.rank": -2}, "lora.rank"), ({"lora.target_modules": ["to_qq"]}, "lora.target_modules"),
+     ({"lora.target_modules": []}, "lora.target_modules"), ({"lora.alpha": 0}, "lora.alpha"), ({"lora.dropout": 1.0}, "lora.dropout"),
+     ({"trained_parameters": "adapters"}, "trained_parameters"), ({"lora_rank": 0}, "lora_rank (now lora.rank)"),
+     ({"lora.layers": "motion"}, "lora.layers"), ({"lora.target_modules": ["attn2.to_k"]}, "lora.target_modules"),
+     ({"lora_layers": "motion"}, "lora_layers (now lora.layers)")],
 )
 def test_bad_lora_config_is_one_line_naming_the_key(workdir: Path, overrides: dict, key: str, capsys) -> None:
     from svd_fast import cli
 
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(ValueError, match=re.escape(key)):
         TrainConfig.from_dict(tiny_config(workdir, "bad", **{"trained_parameters": "lora", **overrides}))
     config = workdir / "lora_bad.json"
     config.write_text(json.dumps(tiny_config(workdir, "bad", trained_parameters="lora")))
@@ -161,7 +228,8 @@ def test_memory_plan_counts_lora_states_and_traces_lora_activations() -> None:
     full = memory_plan.traced_activation_bytes(unet_kwargs, TINY_NUM_FRAMES, (8, 8), 1, torch.bfloat16, "none")
     adapted = memory_plan.traced_activation_bytes(unet_kwargs, TINY_NUM_FRAMES, (8, 8), 1, torch.bfloat16, "none", lora)
     assert 0 < adapted < full
-    plan = memory_plan.plan_memory(TrainConfig(trained_parameters="lora", lora_rank=RANK, num_frames=TINY_NUM_FRAMES, height=64,
-                                               width=64, ema_decay=0.9), unet_kwargs=unet_kwargs)
+    config = TrainConfig.from_dict({"trained_parameters": "lora", "ema_decay": 0.9, "lora": {"rank": RANK},
+                                    "data": {"num_frames": TINY_NUM_FRAMES, "height": 64, "width": 64}})
+    plan = memory_plan.plan_memory(config, unet_kwargs=unet_kwargs)
     assert plan.trained_params == trained and plan.trained_parameters == "lora"
     assert plan.ema_gib == pytest.approx(4 * trained / 2**30, abs=0.01)

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from training_fixtures import tiny_config as shared_tiny_config
-from training_fixtures import workdir_fixture
+from training_fixtures import with_keys, workdir_fixture
 
 from svd_fast import _io
 from svd_fast.training import TrainConfig, train
 from svd_fast.training.checkpoint import COMPLETE, incomplete_reason, resolve_resume, safe_load
+from svd_fast.training.config import DeepSpeedSection
 from svd_fast.training.setup import build_deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,17 +37,18 @@ def tiny_config(workdir: Path, out: str, **overrides) -> dict:
 # ------------------------------------------------------------------------------------------ config types
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("max_steps", True), ("learning_rate", "1e-4"), ("export", 1), ("seed", 1.5), ("data", 3), ("sigma_bins", [1.0, "x"]),
-     ("resume_from", 7), ("learning_rate", float("nan")), ("stride", 0), ("activation_checkpointing", "some")],
+    [("max_steps", True), ("optimizer.learning_rate", "1e-4"), ("logging.export", 1), ("seed", 1.5), ("data.path", 3),
+     ("logging.sigma_bins", [1.0, "x"]), ("resume_from", 7), ("optimizer.learning_rate", float("nan")), ("data.stride", 0),
+     ("activation_checkpointing", "some")],
 )
 def test_config_values_checked_against_declared_types(key: str, value: object) -> None:
-    with pytest.raises(ValueError, match=key):
-        TrainConfig.from_dict({key: value})
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        TrainConfig.from_dict(with_keys({}, {key: value}))
 
 
 def test_config_accepts_ints_for_floats_and_lists_of_files() -> None:
-    config = TrainConfig.from_dict({"learning_rate": 1, "data": ["a.mp4", "b.mp4"], "stride": 2, "default_fps": 7})
-    assert config.learning_rate == 1 and config.data == ["a.mp4", "b.mp4"]
+    config = TrainConfig.from_dict({"optimizer": {"learning_rate": 1}, "data": {"path": ["a.mp4", "b.mp4"], "stride": 2, "default_fps": 7}})
+    assert config.optimizer.learning_rate == 1 and config.data.path == ["a.mp4", "b.mp4"]
 
 
 # --------------------------------------------------------------------------------------- CLI user errors
@@ -60,16 +62,20 @@ def _cli_cases(workdir: Path) -> list[tuple[list[str], str]]:
     return [
         (["--config", str(workdir / "missing.yaml")], "does not exist"),
         (["--config", str(workdir / "list.yaml")], "mapping"),
+        (["--config", str(good), "--set", "optimizer.learning_rte=1"], "optimizer.learning_rte"),
         (["--config", str(good), "--set", "learning_rte=1"], "learning_rte"),
         (["--config", str(good), "--set", "max_steps=true"], "max_steps"),
         (["--config", str(good), "--set", "max_steps"], "KEY=VALUE"),
-        (["--config", str(good), "--set", "stride=0"], "stride"),
-        (["--config", str(good), "--set", "zero_stage=5"], "zero_stage"),
-        (["--config", str(good), "--set", f"data={workdir / 'no_such_videos'}"], "data"),
+        (["--config", str(good), "--set", "data.stride=0"], "data.stride"),
+        (["--config", str(good), "--set", "stride=0"], "stride (now data.stride)"),
+        (["--config", str(good), "--set", "deepspeed.zero_stage=5"], "deepspeed.zero_stage"),
+        (["--config", str(good), "--set", f"data.path={workdir / 'no_such_videos'}"], "data.path"),
+        (["--config", str(good), "--set", f"data={workdir / 'no_such_videos'}"], "data (now data.path)"),
         (["--config", str(good), "--set", f"model={workdir / 'no_model'}"], "model"),
         (["--config", str(good), "--set", f"output_dir={workdir / 'not_a_dir' / 'out'}"], "output_dir"),
-        (["--config", str(good), "--set", f"deepspeed_config={workdir / 'broken.json'}"], "deepspeed_config"),
-        (["--config", str(good), "--set", f"deepspeed_config={workdir / 'ds_conflict.json'}"], "zero_optimization.stage"),
+        (["--config", str(good), "--set", f"deepspeed.config={workdir / 'broken.json'}"], "deepspeed.config"),
+        (["--config", str(good), "--set", f"deepspeed_config={workdir / 'broken.json'}"], "deepspeed_config (now deepspeed.config)"),
+        (["--config", str(good), "--set", f"deepspeed.config={workdir / 'ds_conflict.json'}"], "zero_optimization.stage"),
         (["--config", str(good), "--set", f"resume_from={workdir / 'no_checkpoint'}"], "resume_from"),
         (["--config", str(good), "--set", "resume_from=latest", "--set", f"output_dir={workdir / 'never_ran'}"], "resume_from"),
         (["--config", str(good), "--set", "precision=fp16"], "fp16"),
@@ -99,12 +105,12 @@ def test_train_cli_user_errors_are_one_line_before_any_model(workdir: Path, monk
 def test_user_deepspeed_json_is_merged_and_conflicts_named(tmp_path: Path) -> None:
     extra = tmp_path / "ds.json"
     extra.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 12345}, "communication_data_type": "fp32"}))
-    merged = build_deepspeed_config(TrainConfig(deepspeed_config=str(extra), zero_stage=2))
+    merged = build_deepspeed_config(TrainConfig(deepspeed=DeepSpeedSection(config=str(extra), zero_stage=2)))
     assert merged["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 12345}
     assert merged["communication_data_type"] == "fp32" and merged["train_micro_batch_size_per_gpu"] == 1
     extra.write_text(json.dumps({"gradient_clipping": 0.5, "bf16": {"enabled": False}}))
     with pytest.raises(ValueError, match=r"gradient_clipping=0.5.*bf16.enabled=false"):
-        build_deepspeed_config(TrainConfig(deepspeed_config=str(extra)))
+        build_deepspeed_config(TrainConfig(deepspeed=DeepSpeedSection(config=str(extra))))
 
 
 # ------------------------------------------------------------------------------------------ safe loading
@@ -115,13 +121,13 @@ class _Exploit:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_real_zero_checkpoints_load_safely_and_a_crafted_pickle_is_refused(workdir: Path, stage: int) -> None:
-    result = train(tiny_config(workdir, f"safe_zero{stage}", zero_stage=stage, max_steps=1, ema_decay=0.9))
+    result = train(tiny_config(workdir, f"safe_zero{stage}", max_steps=1, ema_decay=0.9, **{"deepspeed.zero_stage": stage}))
     files = sorted(result.checkpoint_dir.glob("*.pt"))
     assert any("optim_states" in f.name for f in files) and any("model_states" in f.name for f in files)
     for path in files:
         safe_load(path, map_location="cpu")  # every file of a real checkpoint, weights_only with the allowlist
     # Resuming loads DeepSpeed's files through the same safe loader and continues.
-    resumed = train(tiny_config(workdir, f"safe_zero{stage}", zero_stage=stage, max_steps=2, ema_decay=0.9, resume_from="latest"))
+    resumed = train(tiny_config(workdir, f"safe_zero{stage}", max_steps=2, ema_decay=0.9, resume_from="latest", **{"deepspeed.zero_stage": stage}))
     assert resumed.steps == 2 and resumed.losses[0] == result.losses[0]
     crafted = files[0]
     crafted.write_bytes(pickle.dumps({"module": _Exploit()}))
@@ -171,7 +177,7 @@ FAULT_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("phase", ["deepspeed", "trainer_state", "ema", "complete", "latest", "disk_full"])
 def test_fault_during_checkpoint_save_then_plain_resume_completes(workdir: Path, phase: str) -> None:
-    values = tiny_config(workdir, f"fault_{phase}", max_steps=2, checkpoint_every=1, ema_decay=0.9)
+    values = tiny_config(workdir, f"fault_{phase}", max_steps=2, ema_decay=0.9, **{"logging.checkpoint_every": 1})
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
     proc = subprocess.run([sys.executable, "-c", FAULT_SCRIPT, phase, json.dumps(values)], env=env, capture_output=True, text=True, timeout=300)
@@ -190,7 +196,7 @@ def test_fault_during_checkpoint_save_then_plain_resume_completes(workdir: Path,
 
 
 def test_truncated_and_empty_files_make_a_checkpoint_incomplete_and_latest_falls_back(workdir: Path, caplog) -> None:
-    values = tiny_config(workdir, "damaged", max_steps=3, checkpoint_every=1, ema_decay=0.9)
+    values = tiny_config(workdir, "damaged", max_steps=3, ema_decay=0.9, **{"logging.checkpoint_every": 1})
     full = train(values)
     root = Path(values["output_dir"]) / "checkpoints"
     model_file = next((root / "step_3").glob("*model_states.pt"))

@@ -61,7 +61,7 @@ def test_a_crafted_universal_checkpoint_is_refused_and_runs_no_pickle(workdir: P
     files = {str(p.relative_to(crafted)): p.stat().st_size for p in crafted.rglob("*") if p.is_file()}
     (crafted / COMPLETE).write_text(json.dumps({"step": 1, "files": files}))
     (tmp_path / "ds.json").write_text(json.dumps({"checkpoint": {"load_universal": True}}))
-    config = tiny_config(workdir, "universal", deepspeed_config=str(tmp_path / "ds.json"), resume_from=str(crafted))
+    config = tiny_config(workdir, "universal", resume_from=str(crafted), **{"deepspeed.config": str(tmp_path / "ds.json")})
     with pytest.raises(ValueError, match="load_universal"):
         train(config)
     assert not sentinel.exists()
@@ -86,7 +86,7 @@ def test_every_torch_load_deepspeed_makes_while_loading_is_weights_only(tmp_path
 @pytest.fixture(scope="module")
 def two_checkpoints(workdir: Path) -> Path:
     """Run A: steps 1 and 2, a checkpoint after each."""
-    train(tiny_config(workdir, "run_a", max_steps=2, checkpoint_every=1))
+    train(tiny_config(workdir, "run_a", max_steps=2, **{"logging.checkpoint_every": 1}))
     return workdir / "run_a"
 
 
@@ -121,19 +121,19 @@ def test_latest_never_resumes_another_run(two_checkpoints: Path, workdir: Path) 
     # before its first checkpoint: `latest` still names run A's step_2.
     other = two_checkpoints.parent / "run_b"
     shutil.copytree(two_checkpoints, other)
-    write_identity(other, new_identity(TrainConfig.from_dict(tiny_config(workdir, "run_b", learning_rate=5e-4)).to_dict()))
+    write_identity(other, new_identity(TrainConfig.from_dict(tiny_config(workdir, "run_b", **{"optimizer.learning_rate": 5e-4})).to_dict()))
     with pytest.raises(ValueError, match="allow_other_run"):
-        train(tiny_config(workdir, "run_b", learning_rate=5e-4, max_steps=3, resume_from="latest"))
+        train(tiny_config(workdir, "run_b", max_steps=3, resume_from="latest", **{"optimizer.learning_rate": 5e-4}))
     check_same_run(other / "checkpoints" / "step_2", other, allow_other_run=True)  # asked for: accepted
 
 
 def test_settings_changed_on_resume_are_applied_or_refused(two_checkpoints: Path, workdir: Path, caplog) -> None:
     shutil.copytree(two_checkpoints, workdir / "run_c")
-    with pytest.raises(ValueError, match=r"batch_size 1 -> 2"):
-        train(tiny_config(workdir, "run_c", batch_size=2, max_steps=3, resume_from="latest"))
+    with pytest.raises(ValueError, match=r"data\.batch_size 1 -> 2"):
+        train(tiny_config(workdir, "run_c", max_steps=3, resume_from="latest", **{"data.batch_size": 2}))
     with caplog.at_level(logging.WARNING):
-        result = train(tiny_config(workdir, "run_c", learning_rate=2e-4, max_steps=3, resume_from="latest"))
-    assert "learning_rate 0.001 -> 0.0002" in caplog.text and "max_steps 2 -> 3" in caplog.text
+        result = train(tiny_config(workdir, "run_c", max_steps=3, resume_from="latest", **{"optimizer.learning_rate": 2e-4}))
+    assert "optimizer.learning_rate 0.001 -> 0.0002" in caplog.text and "max_steps 2 -> 3" in caplog.text
     last = json.loads((workdir / "run_c" / "train_log.jsonl").read_text().splitlines()[-1])
     assert result.steps == 3 and last["step"] == 3 and last["lr"] == pytest.approx(2e-4)
 
@@ -151,7 +151,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(work
 
     monkeypatch.setattr(StepRunner, "run", diverging)
     with pytest.raises(NonFiniteLossError, match="step 3: the loss is nan .*2 step.* in a row.*the last good checkpoint is .*step_1"):
-        train(tiny_config(workdir, "nan", max_steps=6, checkpoint_every=1, export=True, max_nonfinite_steps=2))
+        train(tiny_config(workdir, "nan", max_steps=6, max_nonfinite_steps=2, **{"logging.checkpoint_every": 1, "logging.export": True}))
     root = workdir / "nan" / "checkpoints"
     assert (root / LATEST).read_text() == "step_1" and sorted(p.name for p in root.glob("step_*")) == ["step_1"]
     assert not (workdir / "nan" / "pipeline").exists()
@@ -194,7 +194,7 @@ def test_encode_resumes_by_file_identity_detects_truncation_and_ties_latents_to_
     # A truncated clip file: training refuses it, encode redoes its source.
     clip = out / "clips" / next(iter(complete["files"]))
     clip.write_bytes(clip.read_bytes()[:100])
-    config = TrainConfig.from_dict(tiny_config(workdir, "lat_run", latents_dir=str(out), data=""))
+    config = TrainConfig.from_dict(tiny_config(workdir, "lat_run", **{"data.latents_dir": str(out), "data.path": ""}))
     with pytest.raises(ValueError, match="missing or truncated"):
         check_inputs(config)
     _encode(workdir, data, out)
@@ -202,8 +202,9 @@ def test_encode_resumes_by_file_identity_detects_truncation_and_ties_latents_to_
     check_inputs(config)
     # Latents made with another model's VAE and image encoder are refused.
     save_tiny_pipeline(tmp_path / "other_model", seed=1)
-    other = TrainConfig.from_dict(tiny_config(workdir, "lat_run", latents_dir=str(out), data="", model=str(tmp_path / "other_model")))
-    assert latents_settings(other)["model_identity"] != latents_settings(config)["model_identity"]
+    other = TrainConfig.from_dict(tiny_config(workdir, "lat_run", model=str(tmp_path / "other_model"),
+                                              **{"data.latents_dir": str(out), "data.path": ""}))
+    assert latents_settings(other.data, other.model)["model_identity"] != latents_settings(config.data, config.model)["model_identity"]
     with pytest.raises(ValueError, match="other weights"):
         check_inputs(other)
 

@@ -22,7 +22,7 @@ from svd_fast.training.config import default_vae_chunk
 
 workdir = workdir_fixture("training_validation")
 
-VALIDATION = dict(validate_every=1, validation_inference_steps=2, ema_decay=0.5, use_svd_fast_kernels=False)
+VALIDATION = {"validation.every": 1, "validation.inference_steps": 2, "ema_decay": 0.5, "use_svd_fast_kernels": False}
 
 
 def _first_frame(workdir: Path) -> Path:
@@ -40,7 +40,7 @@ def _decoded(path: Path) -> np.ndarray:
 
 def test_validation_clips_are_the_ema_pipelines_samples(workdir: Path) -> None:
     image = _first_frame(workdir)
-    values = tiny_config(workdir, "validated", max_steps=2, export=True, validation_images=[str(image)], **VALIDATION)
+    values = tiny_config(workdir, "validated", max_steps=2, **{"logging.export": True, "validation.images": [str(image)], **VALIDATION})
     result = train(values)
     plain = train(tiny_config(workdir, "not_validated", max_steps=2, ema_decay=0.5, use_svd_fast_kernels=False))
     assert result.losses == plain.losses  # sampling leaves the training's RNG stream and VAE as they were
@@ -68,9 +68,10 @@ def test_validation_clips_are_the_ema_pipelines_samples(workdir: Path) -> None:
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"validate_every": 2}, "validation_images: validate_every"),
-     ({"validate_every": 2, "validation_images": ["missing.png"]}, "validation_images: missing.png does not exist"),
-     ({"validate_every": -1}, "validate_every"), ({"validation_inference_steps": 0}, "validation_inference_steps")],
+    [({"validation.every": 2}, "validation.images: validation.every"),
+     ({"validation.every": 2, "validation.images": ["missing.png"]}, "validation.images: missing.png does not exist"),
+     ({"validation.every": -1}, "validation.every"), ({"validation.inference_steps": 0}, "validation.inference_steps"),
+     ({"validate_every": 2, "validation_images": ["missing.png"]}, "validation_images (now validation.images): missing.png does not exist")],
 )
 def test_bad_validation_settings_are_one_line_before_any_model(workdir: Path, overrides: dict, message: str, monkeypatch, capsys) -> None:
     from svd_fast import cli

@@ -35,10 +35,23 @@ def workdir_fixture(name: str):
 
 
 def tiny_config(workdir: Path, out: str, **overrides) -> dict:
-    values = dict(
-        model=str(workdir / "tiny"), data=str(workdir / "data"), output_dir=str(workdir / out),
-        num_frames=TINY_NUM_FRAMES, height=TINY_HEIGHT, width=TINY_WIDTH, precision="fp32", zero_stage=2,
-        learning_rate=1e-3, shuffle=False, max_steps=2, export=False,
-    )
-    values.update(overrides)
-    return values
+    """The tiny config in the sectioned layout, with ``overrides``: ``section.key`` or a top-level key -> value."""
+    values = {
+        "model": str(workdir / "tiny"), "output_dir": str(workdir / out), "precision": "fp32", "max_steps": 2,
+        "data": {"path": str(workdir / "data"), "num_frames": TINY_NUM_FRAMES, "height": TINY_HEIGHT, "width": TINY_WIDTH,
+                 "shuffle": False, "num_workers": 0},  # clips decoded in the loop: no worker processes per run
+        "optimizer": {"learning_rate": 1e-3}, "deepspeed": {"zero_stage": 2}, "logging": {"export": False},
+    }  # fmt: skip
+    return with_keys(values, overrides)
+
+
+def with_keys(values: dict, overrides: dict) -> dict:
+    """A copy of the sectioned ``values`` with ``overrides`` (``section.key`` or a top-level key -> value) set."""
+    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
+    for key, value in overrides.items():
+        section, dot, name = key.partition(".")
+        if dot:
+            merged.setdefault(section, {})[name] = value
+        else:
+            merged[key] = value
+    return merged

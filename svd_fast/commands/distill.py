@@ -7,17 +7,17 @@ import argparse
 import json
 
 from svd_fast.commands.errors import UsageError
-from svd_fast.commands.train import parse_overrides, run_and_report
+from svd_fast.commands.train import read_config, run_and_report
 
 EXAMPLES = """examples:
   svd-fast make-tiny models/tiny-svd && svd-fast distill --config configs/distill_tiny_cpu.yaml
-  svd-fast distill --config configs/distill_tiny_cpu.yaml --set max_steps=5 --set teacher_solver=euler
+  svd-fast distill --config configs/distill_tiny_cpu.yaml --set max_steps=5 --set distill.teacher_solver=euler
   svd-fast distill --config configs/distill_tiny_cpu.yaml --set resume_from=latest
   svd-fast distill --plan-memory --config configs/distill_tiny_cpu.yaml --set precision=bf16 --json
   svd-fast generate --model runs/distill_tiny_cpu/pipeline --image cat.png --out cat.mp4   # 4 consistency steps
-The config holds `svd-fast train`'s keys (model: the teacher pipeline folder; data or latents_dir; DeepSpeed,
-trained_parameters full | temporal | lora, checkpoints, resume_from, validation) and the distillation's:
-num_train_timesteps, sigma_min, sigma_max, rho (the consistency grid), skip_steps, teacher_solver euler | ipndm-2,
+The config holds `svd-fast train`'s keys and sections (model: the teacher pipeline folder; data.path or
+data.latents_dir; deepspeed, trained_parameters full | temporal | lora, logging, resume_from, validation) and the
+section distill: num_train_timesteps, sigma_min, sigma_max, rho (the consistency grid), skip_steps, teacher_solver euler | ipndm-2,
 teacher_min_guidance / teacher_max_guidance, loss pseudo-huber | l2, huber_c, target_ema_decay, student_steps.
 Writes OUTPUT_DIR/train_log.jsonl, OUTPUT_DIR/checkpoints/step_N and OUTPUT_DIR/pipeline: a diffusers folder with
 the student's UNet and svd_fast.json (sampler consistency, its scheduler config and step count)."""
@@ -44,13 +44,7 @@ def load_config(args: argparse.Namespace):
     teacher and resumability are checked once, by distill() (TrainInputError), before any model loads."""
     from svd_fast.training.distill import DistillConfig  # noqa: PLC0415 - torch and deepspeed load only when the command runs
 
-    overrides = parse_overrides(args.overrides)
-    try:
-        values = DistillConfig.from_file(args.config).to_dict()
-        values.update(overrides)
-        return DistillConfig.from_dict(values)
-    except ValueError as error:
-        raise UsageError(str(error), f"fix {args.config} or the --set values") from None
+    return read_config(DistillConfig, args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,21 +10,22 @@ from svd_fast.commands.errors import UsageError, require
 
 EXAMPLES = """examples:
   svd-fast make-tiny models/tiny-svd && svd-fast train --config configs/train_tiny_cpu.yaml
-  svd-fast train --config configs/train_tiny_cpu.yaml --set max_steps=5 --set precision='"bf16"'
+  svd-fast train --config configs/train_tiny_cpu.yaml --set max_steps=5 --set precision='"bf16"' --set optimizer.learning_rate=1e-4
   svd-fast train --config configs/train_tiny_cpu.yaml --set resume_from='"latest"'
   deepspeed --num_gpus 8 --module svd_fast.train --config configs/train_svd_xt_25x576x1024_8gpu_zero2.yaml   # multi-GPU
   deepspeed --num_gpus 8 --module svd_fast.train --config configs/train_svd_xt_25x576x1024_8gpu_zero2.yaml --deepspeed_config ds.json
   torchrun --nproc_per_node 8 -m svd_fast.train --config configs/train_svd_xt_25x576x1024_8gpu_zero3.yaml
   DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module svd_fast.train --config configs/train_tiny_cpu.yaml   # 2 CPU processes
   svd-fast train --plan-memory --config configs/train_svd_xt_25x576x1024_8gpu_zero3.yaml --gpus 8 --json
-This command runs one process (several GPUs: use a launcher as above). --set values are JSON (strings quoted);
-unknown keys, wrongly typed or impossible values, missing paths and an unwritable output_dir are rejected before
+This command runs one process (several GPUs: use a launcher as above). The config has sections (data, optimizer,
+deepspeed, lora, validation, objective, logging; see configs/); --set takes section.key=VALUE or a top-level key,
+values are JSON (strings quoted); flat keys of the old layout still load, with a deprecation note. Unknown keys, wrongly typed or impossible values, missing paths and an unwritable output_dir are rejected before
 any model loads. Writes OUTPUT_DIR/train_log.jsonl, OUTPUT_DIR/checkpoints/step_N (DeepSpeed + trainer state,
 complete when complete.json is there; checkpoints/latest names the newest complete one) and OUTPUT_DIR/pipeline
 (a diffusers folder; with trained_parameters: lora its UNet has the adapter merged, and OUTPUT_DIR/lora holds the
 adapter alone, pytorch_lora_weights.safetensors in diffusers' LoRA format, read by svd_fast.training.lora.load_lora).
 resume_from: "latest" resumes from the newest complete checkpoint. --deepspeed_config ds.json (DeepSpeed's own
-argument; or the config key deepspeed_config): the JSON's values apply where the config is silent (batch size,
+argument; or the config key deepspeed.config): the JSON's values apply where the config is silent (batch size,
 accumulation, clipping, ZeRO stage and offload, precision, AdamW); a key both set differently is an error."""
 
 
@@ -73,18 +74,25 @@ def load_config(args: argparse.Namespace):
     naming the key. Paths, writability and resumability are checked once, by train() (TrainInputError)."""
     from svd_fast.training import TrainConfig  # noqa: PLC0415 - keep `svd-fast --help` fast
 
+    return read_config(TrainConfig, args)
+
+
+def read_config(config_class, args: argparse.Namespace):
+    """``config_class`` (TrainConfig or DistillConfig) from ``--config`` with the ``--set`` overrides (``section.key``,
+    or a flat key of the old layout) and DeepSpeed's ``--deepspeed_config``; a problem is a UsageError naming the key."""
+    from svd_fast.training.config_layout import sectioned  # noqa: PLC0415 - keep `svd-fast --help` fast (imports torch)
+
     overrides = parse_overrides(args.overrides)
     try:
-        values = TrainConfig.read_file(args.config)
-        values.update(overrides)
+        layout = sectioned(config_class.read_file(args.config), config_class, overrides)
         launcher_json = getattr(args, "deepspeed_config", None)
         if launcher_json is not None:
-            written = values.get("deepspeed_config")
+            written = layout.values["deepspeed"].get("config")
             if written is not None and Path(written).resolve() != Path(launcher_json).resolve():
-                raise UsageError(f"--deepspeed_config {launcher_json} and the config's deepspeed_config {written} differ",
+                raise UsageError(f"--deepspeed_config {launcher_json} and the config's deepspeed.config {written} differ",
                                  "give one of them")
-            values["deepspeed_config"] = launcher_json
-        return TrainConfig.from_dict(values)
+            layout.values["deepspeed"]["config"] = launcher_json
+        return config_class.from_layout(layout)
     except ValueError as error:
         raise UsageError(str(error), f"fix {args.config} or the --set values") from None
 

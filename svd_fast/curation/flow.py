@@ -13,9 +13,11 @@
 * ``"dali"``: NVIDIA's optical-flow engine through DALI (4x4 grid, upsampled). Untested: the project's
   machines have no GPU with the engine; :func:`dali_unavailable_reason` says why it cannot run.
 
-Photometric robustness: both the torch and opencv backends see each pyramid level normalised to local zero
+Photometric robustness: every backend first undoes a global brightness change between the two frames
+(:func:`~svd_fast.curation.noise.match_tone`: one frame's histogram mapped onto the other's, which reproduces a
+flash's saturation in both); the torch and opencv backends then see each pyramid level normalised to local zero
 mean and unit contrast (Gaussian window of ``NORMALISE_SIGMA`` px of that level), so a fade, a flash or a
-global brightness change is not motion. Frames with too little texture to measure anything (black, uniform;
+local brightness change is not motion. Frames with too little texture to measure anything (black, uniform;
 see :func:`texture_level`) are reported by the pipeline as static.
 
 Noise and texture (issue #33; both backends, same steps): each frame's noise level is estimated
@@ -37,7 +39,16 @@ import torch
 import torch.nn.functional as F
 
 from svd_fast.curation.flow_dali import dali_flow, dali_unavailable_reason
-from svd_fast.curation.noise import confident_mean, noise_sigmas, pyramid_noise_gains
+from svd_fast.curation.noise import (
+    CLIPPED_BLACK,
+    CLIPPED_WHITE,
+    NOISE_FACTOR,
+    confident_mean,
+    match_tone,
+    match_tone_pairs,
+    noise_sigmas,
+    pyramid_noise_gains,
+)
 
 FLOW_BACKENDS = ("auto", "opencv", "torch", "dali")
 # OpenCV's defaults for Farneback's solver at one pyramid level (both backends; the pyramid is built here).
@@ -51,10 +62,8 @@ RELATIVE_CONTRAST_FLOOR = 0.2
 ABSOLUTE_CONTRAST_FLOOR = 1e-3
 NORMALISED_SCALE = 64.0  # normalised images are scaled to the spread of 8-bit images Farneback was tuned for
 # Local contrast within NOISE_FACTOR x the frame's noise level is noise: floored there, and no confidence.
-NOISE_FACTOR = 3.0
 # Clipped pixels (a flash's white, crushed black) hold no structure: no confidence where more than
 # MAX_CLIPPED_SHARE of the normalisation window is clipped.
-CLIPPED_WHITE, CLIPPED_BLACK = 254.5 / 255, 0.5 / 255
 MAX_CLIPPED_SHARE = 0.1
 # Where the two frames' mean squared difference over a STILL_WINDOW square is within STILL_TOLERANCE x the
 # variance that the difference of two noisy frames has (the mean of 31 x 31 squares of pure noise stays within
@@ -72,7 +81,8 @@ def optical_flow(first: torch.Tensor, second: torch.Tensor, backend: str = "auto
         reason = dali_unavailable_reason()
         if reason:
             raise RuntimeError(f"optical_flow: backend='dali' cannot run: {reason}; use 'torch' or 'opencv'")
-        return dali_flow(first, second)
+        *matched, _ = match_tone_pairs(first.detach().float().cpu().numpy(), second.detach().float().cpu().numpy())
+        return dali_flow(*(torch.from_numpy(frames).to(first.device) for frames in matched))
     return torch_farneback_flow(first.float(), second.float())
 
 
@@ -201,6 +211,7 @@ def _opencv_flow_arrays(first: np.ndarray, second: np.ndarray) -> list[tuple[np.
     results = []
     previous: tuple[np.ndarray, list[np.ndarray]] | None = None  # the last pair's second frame and its pyramid
     for one, two in zip(first, second):
+        one, two, trusted = match_tone(one, two)
         one_pyramid = previous[1] if previous is not None and np.array_equal(previous[0], one) else pyramid(one)
         two_pyramid = pyramid(two)
         previous = (two, two_pyramid)
@@ -224,7 +235,7 @@ def _opencv_flow_arrays(first: np.ndarray, second: np.ndarray) -> list[tuple[np.
             flow = flow + level_confidence[..., None] * (refined - flow)
             confidence = np.maximum(confidence, level_confidence)
         still = cv2.blur(np.square(one - two), (STILL_WINDOW,) * 2) <= STILL_TOLERANCE * (noise_one**2 + noise_two**2)
-        results.append((np.where(still[..., None], np.float32(0), flow), confidence))
+        results.append((np.where(still[..., None], np.float32(0), flow), confidence if trusted else np.zeros_like(confidence)))
     return results
 
 
@@ -328,7 +339,8 @@ def torch_farneback_flow_with_confidence(first: torch.Tensor, second: torch.Tens
     iterations, winsize, poly_n, poly_sigma = (FARNEBACK_SOLVER[key] for key in ("iterations", "winsize", "poly_n", "poly_sigma"))
     count = first.shape[0]
     levels = pyramid_levels(first.shape[-2:], min_side)
-    first_cpu, second_cpu = first.detach().float().cpu().numpy(), second.detach().float().cpu().numpy()
+    first_cpu, second_cpu, trusted = match_tone_pairs(first.detach().float().cpu().numpy(), second.detach().float().cpu().numpy())
+    first, second = torch.from_numpy(first_cpu).to(first.device), torch.from_numpy(second_cpu).to(second.device)
     noise = torch.tensor([noise_sigmas(one, two) for one, two in zip(first_cpu, second_cpu)], dtype=torch.float32, device=first.device).reshape(-1)
     images = torch.stack([first, second], dim=1).reshape(-1, 1, *first.shape[-2:])
     pyramid = _pyramid(images, levels)
@@ -355,6 +367,7 @@ def torch_farneback_flow_with_confidence(first: torch.Tensor, second: torch.Tens
         confidence = torch.maximum(confidence, level_confidence)
     pair_variance = noise.view(count, 2).square().sum(dim=1).view(-1, 1, 1, 1)
     still = _separable((first - second).square()[:, None], torch.ones(STILL_WINDOW, device=first.device) / STILL_WINDOW) <= STILL_TOLERANCE * pair_variance
+    confidence = confidence * torch.from_numpy(trusted).to(confidence).view(-1, 1, 1)
     return torch.where(still, torch.zeros_like(flow), flow), confidence
 
 

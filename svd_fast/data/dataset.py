@@ -1,5 +1,6 @@
 """The clip dataset for training: fixed-length clips as normalised tensors, each file decoded once per epoch
-(CPU: PyAV or DALI's CPU decoder), and the GPU loader (DALI with NVDEC)."""
+(CPU: PyAV or DALI's CPU decoder; CUDA: DALI with NVDEC, ``decode_device="cuda"``), and DALI's own GPU reader
+(:func:`dali_clip_loader`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from svd_fast.data.clips import ClipSource, clip_frame_indices, frame_step, sources_from, window
-from svd_fast.data.decode import DECODE_BACKENDS, VIDEO_SUFFIXES, VideoDecodeError, VideoInfo, iter_windows, probe_video
+from svd_fast.data.decode import (
+    DECODE_BACKENDS,
+    VIDEO_SUFFIXES,
+    VideoDecodeError,
+    VideoInfo,
+    iter_windows,
+    iter_windows_gpu,
+    probe_video,
+)
 
 LOGGER = logging.getLogger(__name__)
 _UNIT_RANGE = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)  # uint8 -> [-1, 1]
@@ -27,11 +36,14 @@ def covering_size(source: tuple[int, int], size: tuple[int, int]) -> tuple[int, 
     return max(size[0], math.ceil(source[0] * scale - 1e-6)), max(size[1], math.ceil(source[1] * scale - 1e-6))
 
 
-def frames_to_tensor(frames: np.ndarray, size: tuple[int, int], random_crop: bool = False, rng: random.Random | None = None) -> torch.Tensor:
+def frames_to_tensor(frames: np.ndarray | torch.Tensor, size: tuple[int, int], random_crop: bool = False,
+                     rng: random.Random | None = None) -> torch.Tensor:
     """uint8 (F, H, W, 3) -> float32 (F, 3, h, w) in [-1, 1]: resize the shorter side to cover ``size``, then crop.
-    Frames already at the covering size (decoded so, see :meth:`VideoClipDataset.__iter__`) are only cropped."""
+    Frames already at the covering size (decoded so, see :meth:`VideoClipDataset.__iter__`) are only cropped.
+    A tensor (frames decoded on the GPU) is converted on its device."""
     height, width = size
-    frames = np.asarray(frames)
+    on_device = isinstance(frames, torch.Tensor)
+    frames = frames if on_device else np.asarray(frames)
     resized = covering_size(frames.shape[1:3], size)
     spare_y, spare_x = resized[0] - height, resized[1] - width
     if random_crop:
@@ -39,15 +51,16 @@ def frames_to_tensor(frames: np.ndarray, size: tuple[int, int], random_crop: boo
         top, left = rng.randint(0, spare_y), rng.randint(0, spare_x)
     else:
         top, left = spare_y // 2, spare_x // 2
-    if resized == frames.shape[1:3]:
+    if resized == tuple(frames.shape[1:3]) and not on_device:
         import cv2  # noqa: PLC0415 - optional dependency (the data extra), like PyAV
 
         # Crop the uint8 frames first, then one table lookup per kept pixel (same values as x / 127.5 - 1);
         # OpenCV's LUT is several times faster than numpy's or torch's conversion on a CPU.
         cropped = np.ascontiguousarray(frames[:, top : top + height, left : left + width].transpose(0, 3, 1, 2))
         return torch.from_numpy(cv2.LUT(cropped.reshape(-1, width), _UNIT_RANGE).reshape(cropped.shape))
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    video = F.interpolate(video, size=resized, mode="bilinear", antialias=True, align_corners=False)
+    video = (frames if on_device else torch.from_numpy(np.ascontiguousarray(frames))).permute(0, 3, 1, 2).float()
+    if resized != tuple(frames.shape[1:3]):
+        video = F.interpolate(video, size=resized, mode="bilinear", antialias=True, align_corners=False)
     video = video[:, :, top : top + height, left : left + width]
     return (video / 127.5 - 1.0).clamp(-1.0, 1.0).contiguous()
 
@@ -61,8 +74,12 @@ class VideoClipDataset(torch.utils.data.IterableDataset):
     such as the one ``svd-fast curate`` writes (its rows with keep=False or an error are left out).
     Sharding: files are split across ``world_size`` ranks and across DataLoader workers, so every clip
     is read exactly once per epoch, and each file is decoded in one pass for all its clips.
+    Sources are dealt round-robin to DataLoader workers, each with its own crop generator, so
+    :class:`svd_fast.data.WorkerClips` gives the same clips in the same order as iterating in-process.
     Call :meth:`set_epoch` to reshuffle. Skipped files and clips are in
     :attr:`errors` (for in-process iteration; DataLoader workers log them).
+    ``decode_device="cuda"``: DALI decodes with NVDEC into GPU memory and the clips are CUDA tensors (in the
+    training process: CUDA and DataLoader worker processes do not mix).
     """
 
     def __init__(
@@ -79,6 +96,7 @@ class VideoClipDataset(torch.utils.data.IterableDataset):
         world_size: int = 1,
         on_short: str = "skip",
         backend: str = "auto",
+        decode_device: str = "cpu",
     ) -> None:
         super().__init__()
         if num_frames < 1:
@@ -91,6 +109,10 @@ class VideoClipDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"on_short must be 'skip' or 'pad', got {on_short!r}")
         if backend not in DECODE_BACKENDS:
             raise ValueError(f"backend must be one of {DECODE_BACKENDS}, got {backend!r}")
+        if decode_device not in ("cpu", "cuda"):
+            raise ValueError(f"decode_device must be 'cpu' or 'cuda', got {decode_device!r}")
+        if decode_device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("decode_device='cuda' decodes with NVDEC and no CUDA device is available; use decode_device='cpu'")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.sources = sources_from(sources)
@@ -107,20 +129,24 @@ class VideoClipDataset(torch.utils.data.IterableDataset):
         self.world_size = world_size
         self.on_short = on_short
         self.backend = backend
+        self.decode_device = decode_device
         self.epoch = 0
         self.errors: list[tuple[str, str]] = []
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _my_sources(self) -> list[ClipSource]:
+    def rank_sources(self) -> list[ClipSource]:
+        """This rank's sources for the current epoch, in the order their clips come."""
         order = list(self.sources)
         if self.shuffle:
             random.Random(self.seed + self.epoch).shuffle(order)
-        worker = torch.utils.data.get_worker_info()
-        workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
-        shard, shards = self.rank * workers + worker_id, self.world_size * workers
-        return order[shard::shards]
+        return order[self.rank :: self.world_size]
+
+    def source_rng(self, position: int) -> random.Random:
+        """The random crops of the source at ``position`` in :meth:`rank_sources`: a generator of its own, so a
+        clip's crop does not depend on which process decodes it or on the sources before it."""
+        return random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + position)
 
     def _skip(self, path: str, reason: str) -> None:
         LOGGER.warning("skipping %s: %s", path, reason)
@@ -140,9 +166,11 @@ class VideoClipDataset(torch.utils.data.IterableDataset):
         return [[min(index, last) for index in padded]]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        for source in self._my_sources():
-            yield from self.source_clips(source, rng)
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
+        for position, source in enumerate(self.rank_sources()):
+            if position % workers == worker_id:
+                yield from self.source_clips(source, self.source_rng(position))
 
     def source_clips(self, source: ClipSource, rng: random.Random | None = None) -> Iterator[dict[str, Any]]:
         """Every clip of one source, in order (a file that cannot be used is recorded in :attr:`errors`)."""
@@ -158,7 +186,11 @@ class VideoClipDataset(torch.utils.data.IterableDataset):
         try:
             # Decoded straight to the size that covers self.size: swscale resizes far cheaper than torch.
             decode_height, decode_width = covering_size((info.height, info.width), self.size)
-            for number, frames in iter_windows(source.path, windows, self.backend, info.codec, (decode_width, decode_height)):
+            if self.decode_device == "cuda":  # DALI (NVDEC): full-size frames in GPU memory, resized there
+                decoded = iter_windows_gpu(source.path, windows, torch.cuda.current_device())
+            else:
+                decoded = iter_windows(source.path, windows, self.backend, info.codec, (decode_width, decode_height))
+            for number, frames in decoded:
                 sample = dict(source.extra)
                 sample.update(
                     pixel_values=frames_to_tensor(frames, self.size, self.random_crop, rng),

@@ -1,8 +1,10 @@
 """Probing and decoding video files (PyAV / FFmpeg, DALI's CPU decoder).
 
 Decoders:
-* DALI on the GPU (NVDEC) decodes H.264/HEVC/VP9/AV1: :func:`dali_clip_loader` yields (B, F, C, H, W) CUDA
-  batches with resize, crop and normalisation done by DALI.
+* DALI on the GPU (NVDEC, ``device="mixed"``) decodes H.264/HEVC/VP8/VP9/AV1/MPEG-4/MJPEG:
+  :func:`iter_windows_gpu` returns a window's frames as a uint8 CUDA tensor (the clip dataset with
+  ``decode_device="cuda"``, training's ``video_decoder: dali`` on CUDA), and :func:`dali_clip_loader` yields
+  (B, F, C, H, W) CUDA batches with resize, crop and normalisation done by DALI.
 * DALI on the CPU decodes VP8, VP9 and MJPEG only; PyAV (FFmpeg) decodes everything else on the CPU.
   ``backend="auto"`` picks DALI's CPU decoder for those codecs and PyAV for the rest.
   The two agree on luma; on colour edges they differ by a few levels because DALI interpolates the
@@ -339,20 +341,22 @@ def _dali_cpu_pipeline():
     pipeline whose threads did not survive the fork, and using it would hang.
     """
     if os.getpid() not in _dali_pipelines:
-        _dali_pipelines[os.getpid()] = _build_dali_cpu_pipeline()
+        _dali_pipelines[os.getpid()] = _build_dali_pipeline("cpu", None)
     return _dali_pipelines[os.getpid()]
 
 
-def _build_dali_cpu_pipeline():
+def _build_dali_pipeline(device: str, device_id: int | None):
+    """A DALI pipeline fed an encoded file and the frame indices to decode, decoding on ``device`` ("cpu", or
+    "mixed": NVDEC into GPU memory)."""
     import nvidia.dali.fn as fn  # noqa: PLC0415 - DALI is optional (GPU decoding)
     import nvidia.dali.types as types  # noqa: PLC0415 - DALI is optional (GPU decoding)
     from nvidia.dali import pipeline_def  # noqa: PLC0415 - DALI is optional (GPU decoding)
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1)
     def pipeline():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         frame_indices = fn.external_source(name="frame_indices", dtype=types.INT32, ndim=1)
-        return fn.decoders.video(encoded, device="cpu", frames=frame_indices)
+        return fn.decoders.video(encoded, device=device, frames=frame_indices)
 
     built = pipeline()
     built.build()
@@ -370,3 +374,33 @@ def _decode_dali_cpu(path: Path, indices: list[int]) -> np.ndarray:
     return np.array(output[0])
 
 
+
+
+_dali_gpu_pipelines: dict[tuple[int, int], Any] = {}
+
+
+def iter_windows_gpu(path: str | Path, windows: Sequence[Sequence[int]], device_id: int) -> Iterator[tuple[int, Any]]:
+    """(window number, uint8 (F, H, W, 3) torch tensor on CUDA device ``device_id``) for each window, in order:
+    DALI's video decoder with ``device="mixed"`` (demuxing on the CPU, NVDEC decoding into GPU memory), one call per
+    window. Raises :class:`VideoDecodeError` when DALI cannot decode a window."""
+    import torch  # noqa: PLC0415 - defers torch: probing and CPU decoding stay numpy-only
+    from nvidia.dali.plugin.pytorch import feed_ndarray  # noqa: PLC0415 - DALI is optional (GPU decoding)
+
+    path = Path(path)
+    check_file(path)
+    key = (os.getpid(), device_id)  # per process, as _dali_cpu_pipeline
+    if key not in _dali_gpu_pipelines:
+        _dali_gpu_pipelines[key] = _build_dali_pipeline("mixed", device_id)
+    pipeline = _dali_gpu_pipelines[key]
+    encoded = np.fromfile(path, dtype=np.uint8)
+    for number, window in enumerate(windows):
+        pipeline.feed_input("encoded", [encoded])
+        pipeline.feed_input("frame_indices", [np.asarray(window, dtype=np.int32)])
+        try:
+            (output,) = pipeline.run()
+        except RuntimeError as error:
+            raise VideoDecodeError(path, f"DALI (NVDEC) decoding failed ({error})") from error
+        decoded = output[0]
+        frames = torch.empty(tuple(decoded.shape()), dtype=torch.uint8, device=torch.device("cuda", device_id))
+        feed_ndarray(decoded, frames, cuda_stream=torch.cuda.current_stream(device_id))
+        yield number, frames

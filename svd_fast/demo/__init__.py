@@ -61,36 +61,37 @@ class DemoSettings:
     distill_skip_steps: int = 10  # the student's own step gap on the 40-level grid: i -> i + 10 in one teacher step
 
     def distillation(self) -> dict[str, Any]:
-        """svd_fast.training.distill.DistillConfig fields for the student (the teacher: the trained pipeline)."""
+        """svd_fast.training.distill.DistillConfig sections for the student (the teacher: the trained pipeline)."""
         return {
-            "num_frames": self.num_frames, "height": self.size, "width": self.size, "batch_size": self.distill_batch_size,
-            "max_steps": self.distill_steps, "learning_rate": self.distill_learning_rate,
-            "warmup_steps": min(20, self.distill_steps // 10), "num_train_timesteps": 40, "skip_steps": self.distill_skip_steps,
-            "teacher_solver": "ipndm-2", "teacher_min_guidance": self.guidance, "teacher_max_guidance": self.guidance,
-            "loss": "pseudo-huber", "target_ema_decay": 0.95, "student_steps": self.student_steps,
+            "max_steps": self.distill_steps,
+            "data": {"num_frames": self.num_frames, "height": self.size, "width": self.size, "batch_size": self.distill_batch_size},
+            "optimizer": {"learning_rate": self.distill_learning_rate, "warmup_steps": min(20, self.distill_steps // 10)},
+            "distill": {
+                "num_train_timesteps": 40, "skip_steps": self.distill_skip_steps, "teacher_solver": "ipndm-2",
+                "teacher_min_guidance": self.guidance, "teacher_max_guidance": self.guidance, "loss": "pseudo-huber",
+                "target_ema_decay": 0.95, "student_steps": self.student_steps,
+            },
         }  # fmt: skip
 
     def unet_training(self) -> dict[str, Any]:
-        """svd_fast.training.TrainConfig fields for the UNet."""
+        """svd_fast.training.TrainConfig sections for the UNet."""
         return {
-            "num_frames": self.num_frames,
-            "height": self.size,
-            "width": self.size,
-            "batch_size": self.unet_batch_size,
             "max_steps": self.unet_steps,
-            "learning_rate": self.unet_learning_rate,
-            "warmup_steps": min(20, self.unet_steps // 10),
             "ema_decay": 0.99 if self.unet_steps >= 200 else 0.0,
-            # Less noise than SVD's ln(sigma) ~ N(0.7, 1.6^2), which is tuned for 576x1024 frames: the optimal
-            # noise level falls with resolution, and 8x8 latents need the low levels learnt too. Centred at
-            # sigma 1 (not lower): the speed is decided at the high levels, where only motion_bucket_id tells it.
-            "p_mean": 0.0,
-            "p_std": 1.4,
-            # Only the pipeline's unconditional case (image embedding and first-frame latent both zero) is
-            # dropped, so classifier-free guidance works and the conditional model gets every other sample.
-            "drop_image_embedding": 0.0,
-            "drop_both": 0.1,
-            "drop_cond_latent": 0.0,
+            "data": {"num_frames": self.num_frames, "height": self.size, "width": self.size, "batch_size": self.unet_batch_size},
+            "optimizer": {"learning_rate": self.unet_learning_rate, "warmup_steps": min(20, self.unet_steps // 10)},
+            "objective": {
+                # Less noise than SVD's ln(sigma) ~ N(0.7, 1.6^2), which is tuned for 576x1024 frames: the optimal
+                # noise level falls with resolution, and 8x8 latents need the low levels learnt too. Centred at
+                # sigma 1 (not lower): the speed is decided at the high levels, where only motion_bucket_id tells it.
+                "p_mean": 0.0,
+                "p_std": 1.4,
+                # Only the pipeline's unconditional case (image embedding and first-frame latent both zero) is
+                # dropped, so classifier-free guidance works and the conditional model gets every other sample.
+                "drop_image_embedding": 0.0,
+                "drop_both": 0.1,
+                "drop_cond_latent": 0.0,
+            },
         }
 
     def sampling(self) -> dict[str, Any]:
@@ -106,7 +107,7 @@ QUICK = DemoSettings(reels=1, scenes_per_reel=8, vae_steps=3, unet_steps=3, unet
 
 OUTPUT_FILES = (
     "generated_slow.mp4", "generated_fast.mp4", "reference_slow.mp4", "reference_fast.mp4", "first_frame.png",
-    "comparison.png", "loss.png", "manifest.parquet", "summary.json", "pipeline",
+    "comparison.png", "motion.png", "loss.png", "manifest.parquet", "summary.json", "pipeline",
 )
 
 
@@ -185,13 +186,18 @@ def run_demo(out: Path, settings: DemoSettings, seed: int, progress: Callable[[s
         outputs.plot_losses(out / "loss.png", {"autoencoder: reconstruction MSE (disk pixels x10)": vae_losses, "UNet: EDM loss (SVD objective)": result.losses})
     with timer.stage("generate and evaluate"):
         pipe = load_optimized_pipeline(pipeline, progress=False)
-        entries, videos = evaluate.evaluate(pipe, held_out, buckets, settings.speeds, settings.sampling(), seed)
+        entries, all_videos = evaluate.evaluate(pipe, held_out, buckets, settings.speeds, settings.sampling(), seed)
         summary["evaluation"] = entries
         summary["evaluation_summary"] = evaluate.aggregate(entries)
+        summary["background_drift"] = summary["evaluation_summary"]["background_drift"]
+        # The pictures show the typical held-out frame (median high/low ratio), not the first or the best one.
+        example = evaluate.median_example(entries)
+        videos = all_videos[example]
         for speed, pair in videos.items():
             outputs.write_video(out / f"generated_{speed}.mp4", pair["generated"], settings.fps)
             outputs.write_video(out / f"reference_{speed}.mp4", pair["reference"], settings.fps)
         outputs.write_png(out / "first_frame.png", videos["slow"]["reference"][0])
+        outputs.plot_motion(out / "motion.png", entries, buckets)
         rows = [
             ("reference\nslow", videos["slow"]["reference"]),
             (f"generated\nbucket {buckets['low']}", videos["slow"]["generated"]),
@@ -209,15 +215,54 @@ def run_demo(out: Path, settings: DemoSettings, seed: int, progress: Callable[[s
         distilled["distill_seconds"] = timer.seconds["distill a 4-step student (DeepSpeed ZeRO-2)"]
         distilled["distill_last_50_mean_loss"] = round(float(np.mean(student.losses[-50:])), 6)
         summary["distilled"] = distilled
-        rows += [(f"student {settings.student_steps} steps\nbucket {buckets['low']}", student_videos["slow"]["generated"]),
-                 (f"student {settings.student_steps} steps\nbucket {buckets['high']}", student_videos["fast"]["generated"])]
+        rows += [(f"student {settings.student_steps} steps\nbucket {buckets['low']}", student_videos[example]["slow"]["generated"]),
+                 (f"student {settings.student_steps} steps\nbucket {buckets['high']}", student_videos[example]["fast"]["generated"])]
     outputs.plot_comparison(out / "comparison.png", rows)
     summary["stage_seconds"] = timer.seconds
     summary["stage_cpu_seconds"] = timer.cpu_seconds
     summary["total_seconds"] = round(sum(timer.seconds.values()), 2)
     summary["load_average"] = list(os.getloadavg())
     summary["backends_used"] = svd_fast.backends_used()
-    summary["example"] = {"colour": held_out[0].colour, "first_frame": held_out[0].name}
+    summary["example"] = {
+        "colour": held_out[example].colour, "first_frame": held_out[example].name,
+        "high_over_low_displacement": evaluate.high_over_low(entries, held_out[example].name),
+        "chosen_as": f"the median high/low displacement ratio of the {len(held_out)} held-out first frames (the lower middle one)",
+    }
     summary["outputs"] = list(OUTPUT_FILES)
     outputs.write_json(out / "summary.json", summary)
     return summary
+
+
+def seed_row(summary: dict[str, Any], folder: str) -> dict[str, Any]:
+    """One seed's line of the seed table: the targets' measurements, whether each is met, and what it cost."""
+    measured = summary["evaluation_summary"]
+    return {
+        "seed": summary["seed"],
+        "folder": folder,
+        **{key: measured[key] for key in ("median_angle_error_deg", "high_over_low_displacement", "median_psnr_first_frame", "median_psnr_mean")},
+        "background_drift": summary["background_drift"],
+        "targets": measured["targets"],
+        "all_targets_met": all(measured["targets"].values()),
+        "motion_buckets": {key: summary["motion_buckets"][key] for key in ("low", "high", "fast_above_slow_fraction")},
+        "autoencoder_held_out_psnr": summary["autoencoder"]["held_out_reconstruction_psnr"],
+        "unet_last_50_mean_loss": summary["training"]["last_50_mean_loss"],
+        "total_seconds": summary["total_seconds"],
+        "total_cpu_seconds": round(sum(summary["stage_cpu_seconds"].values()), 2),
+        "load_average": summary["load_average"],
+    }
+
+
+def run_seeds(out: Path, settings: DemoSettings, seeds: list[int], progress: Callable[[str], None]) -> dict[str, Any]:
+    """Full demo runs at ``seeds``, one after another: the first into ``out``, each other into ``out/seed_N``.
+    With more than one seed, ``out``'s summary.json adds ``seed_table`` (rewritten after every run, so an
+    interrupted sweep keeps the seeds it finished). Returns the first seed's summary."""
+    first, table = None, []
+    for seed in seeds:
+        folder = out if not table else out / f"seed_{seed}"
+        summary = run_demo(folder, settings, seed, lambda line, seed=seed: progress(f"seed {seed}: {line}" if len(seeds) > 1 else line))
+        first = first or summary
+        table.append(seed_row(summary, str(folder.relative_to(out)) if folder != out else "."))
+        if len(seeds) > 1:
+            first["seed_table"] = table
+            _io.write_json(out / "summary.json", first)
+    return first

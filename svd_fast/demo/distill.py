@@ -38,9 +38,10 @@ def distill_student(teacher: Path, manifest: Path, output_dir: Path, settings: d
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
-    config = DistillConfig(
-        model=str(teacher), data=str(manifest), output_dir=str(output_dir), zero_stage=2, precision="fp32", seed=seed,
-        shuffle=True, log_every=10, device="cpu" if not torch.cuda.is_available() else "auto", **settings,
+    config = DistillConfig.from_dict(
+        {**settings, "model": str(teacher), "output_dir": str(output_dir), "precision": "fp32", "seed": seed,
+         "device": "cpu" if not torch.cuda.is_available() else "auto"},
+        {"data.path": str(manifest), "data.shuffle": True, "deepspeed.zero_stage": 2, "logging.log_every": 10},
     )  # fmt: skip
     return distill(config)
 
@@ -122,7 +123,7 @@ def evaluate_student(
     student_folder: Path, teacher_folder: Path, held_out: list[ClipSpec], buckets: dict[str, int], speeds: dict[str, float],
     sampling: dict[str, Any], student_steps: int, seed: int, progress: Callable[[str], None],
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:  # fmt: skip
-    """The ``distilled`` summary entry and the student's videos of the first held-out frame (by speed)."""
+    """The ``distilled`` summary entry and the student's videos (per held-out frame, by speed)."""
     teacher = load_optimized_pipeline(teacher_folder, progress=False)
     student = load_student(student_folder)
     progress("evaluate the teacher at its demo setting and at 4 Euler steps, the student at its steps")

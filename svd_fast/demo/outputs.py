@@ -11,6 +11,7 @@ from PIL import Image
 
 from svd_fast import _io
 from svd_fast.data.synthetic import write_video as encode
+from svd_fast.demo.world import DIRECTIONS
 
 VIEW_SCALE = 4  # videos and figures show the 32x32 frames enlarged, pixels kept sharp
 
@@ -54,6 +55,47 @@ def plot_comparison(path: Path, rows: list[tuple[str, np.ndarray]]) -> Path:
             if row == 0:
                 axis.set_title(f"frame {column}", fontsize=8)
         axes[row][0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+    figure.tight_layout()
+    _io.write_file(path, lambda temporary: figure.savefig(temporary))
+    plt.close(figure)
+    return path
+
+
+def _along(track: list[list[float] | None], axis_index: int, start: float) -> np.ndarray:
+    return np.array([np.nan if point is None else point[axis_index] - start for point in track])
+
+
+def plot_motion(path: Path, entries: list[dict[str, Any]], buckets: dict[str, int]) -> Path:
+    """One panel per held-out first frame: the disk's centroid along its colour's direction of motion (pixels from
+    where it starts in the conditioning frame) per frame, generated at the low and the high bucket (solid) against
+    the ground-truth slow and fast continuations (dashed). Frames where the disk vanished are gaps."""
+    plt = _pyplot()
+    by_frame: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        by_frame.setdefault(entry["first_frame"], []).append(entry)
+    columns = min(4, len(by_frame))
+    rows = -(-len(by_frame) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 2.6 * rows), dpi=100, squeeze=False, sharex=True, sharey=True)
+    styles = {"low": ("tab:blue", "slow"), "high": ("tab:orange", "fast")}
+    for axis, (name, pair) in zip(axes.flat, by_frame.items()):
+        for entry in pair:
+            axis_index = 0 if DIRECTIONS[entry["colour"]][0] else 1
+            start = entry["reference_centroid_track"][0][axis_index]
+            colour, speed = styles[entry["bucket"]]
+            frames = np.arange(len(entry["centroid_track"]))
+            axis.plot(frames, _along(entry["reference_centroid_track"], axis_index, start), "--", color=colour, linewidth=1.2,
+                      label=f"ground truth {speed}")
+            axis.plot(frames, _along(entry["centroid_track"], axis_index, start), "o-", color=colour, linewidth=1.8, markersize=3,
+                      label=f"generated, bucket {buckets[entry['bucket']]}")
+        axis.set_title(f"{name} ({pair[0]['colour']})", fontsize=8)
+        axis.grid(True, alpha=0.3)
+    for axis in axes.flat[len(by_frame) :]:
+        axis.set_visible(False)
+    for axis in axes[-1]:
+        axis.set_xlabel("frame", fontsize=8)
+    for axis in axes[:, 0]:
+        axis.set_ylabel("px along the motion\n(red: right, blue: down)", fontsize=8)
+    axes.flat[0].legend(fontsize=6, loc="upper left")
     figure.tight_layout()
     _io.write_file(path, lambda temporary: figure.savefig(temporary))
     plt.close(figure)

@@ -72,16 +72,10 @@ def train_unet(base_model: Path, manifest: Path, output_dir: Path, settings: dic
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
-    config = TrainConfig(
-        model=str(base_model),
-        data=str(manifest),
-        output_dir=str(output_dir),
-        zero_stage=2,
-        precision="fp32",
-        device="cpu" if settings.get("cpu") else "auto",
-        seed=seed,
-        shuffle=True,
-        log_every=10,
-        **{key: value for key, value in settings.items() if key != "cpu"},
-    )
+    values = {key: value for key, value in settings.items() if key != "cpu"}
+    config = TrainConfig.from_dict(
+        {**values, "model": str(base_model), "output_dir": str(output_dir), "precision": "fp32", "seed": seed,
+         "device": "cpu" if settings.get("cpu") else "auto"},
+        {"data.path": str(manifest), "data.shuffle": True, "deepspeed.zero_stage": 2, "logging.log_every": 10},
+    )  # fmt: skip
     return train(config)

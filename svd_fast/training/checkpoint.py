@@ -136,10 +136,37 @@ def incomplete_reason(folder: Path) -> str | None:
     return None
 
 
-def save_checkpoint(engine, root: Path, step: int, rank_files: dict[str, Any], rank: int, record: dict[str, Any] | None = None) -> Path:
+def prune_checkpoints(root: Path, keep: int | None, keep_every: int = 0) -> list[str]:
+    """Delete the checkpoints that retention does not keep: the ``keep`` newest (None: all), those whose step is a
+    multiple of ``keep_every`` (0: none), and always the one ``latest`` names and any newer one (a save in
+    progress). Each is first renamed to a partial (so a kill mid-delete leaves nothing that looks like a
+    checkpoint) and then removed. Returns the deleted tags."""
+    if keep is None:
+        return []
+    marker = root / LATEST
+    latest = marker.read_text().strip() if marker.is_file() else None
+    tagged = sorted((int(match.group(1)), path) for path in root.iterdir() if path.is_dir() and (match := TAG.match(path.name)))
+    latest_step = next((step for step, path in tagged if path.name == latest), None)
+    if latest_step is None:
+        return []
+    kept = {path.name for _, path in tagged[-keep:]} | {latest}
+    deleted = []
+    for step, path in tagged:
+        if path.name in kept or step > latest_step or (keep_every and step % keep_every == 0):
+            continue
+        doomed = path.rename(root / f"{_io.PARTIAL_PREFIX}{path.name}-deleted")
+        shutil.rmtree(doomed)
+        deleted.append(path.name)
+    if deleted:
+        LOGGER.info("checkpoints: deleted %s (keep_checkpoints: %s, keep_every: %s)", ", ".join(deleted), keep, keep_every)
+    return deleted
+
+
+def save_checkpoint(engine, root: Path, step: int, rank_files: dict[str, Any], rank: int, record: dict[str, Any] | None = None,
+                    keep: int | None = None, keep_every: int = 0) -> Path:
     """Write ``root/step_{step}`` (DeepSpeed + ``rank_files``: file name -> object for torch.save, per rank),
-    mark it complete (with ``record``'s keys: the run and its config) and move ``latest`` to it. A collective:
-    every rank calls it."""
+    mark it complete (with ``record``'s keys: the run and its config), move ``latest`` to it and then apply the
+    retention of :func:`prune_checkpoints`. A collective: every rank calls it."""
     tag = f"step_{step}"
     folder = root / tag
     if rank == 0:
@@ -159,6 +186,7 @@ def save_checkpoint(engine, root: Path, step: int, rank_files: dict[str, Any], r
         digests = {str(path.relative_to(folder)): _sha256(path) for path in paths}
         _io.write_json(folder / COMPLETE, {**(record or {}), "step": step, "files": files, "sha256": digests}, fsync=True)
         _io.write_bytes(root / LATEST, tag.encode(), fsync=True)
+        prune_checkpoints(root, keep, keep_every)
     torch.distributed.barrier()
     return folder
 

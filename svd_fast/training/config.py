@@ -1,29 +1,41 @@
-"""Training configuration: a flat dataclass read from YAML or JSON; every key and value is checked before any
-model is loaded, and an error names the offending key."""
+"""Training configuration in sections, one per component, as sgm's configs are laid out: ``data``, ``optimizer``,
+``deepspeed``, ``lora``, ``validation``, ``objective`` and ``logging`` (checkpoints and export), beside the run's
+own keys (model, output_dir, seed, precision, trained_parameters, ...). Each phase receives its section. Read
+from YAML or JSON; every key and value is checked before any model is loaded, and an error names the key as
+``section.key``. The flat layout of earlier releases still loads (:mod:`svd_fast.training.config_layout`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from svd_fast import checks
+from svd_fast.training.config_layout import Layout, as_given, build_sections, sectioned
 from svd_fast.training.deepspeed_json import adopt_deepspeed_values
 from svd_fast.training.objective import ObjectiveConfig
+from svd_fast.training.tracking import REPORT_TO
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("adamw_torch", "adamw_deepspeed")
+OPTIMIZERS = ("adamw_torch", "adamw_deepspeed", "adamw8bit")
 OFFLOAD_DEVICES = ("none", "cpu")
 ACTIVATION_CHECKPOINTING = ("none", "temporal", "resnets", "all")
 TRAINED_PARAMETERS = ("full", "temporal", "lora")
 # The attention projections LoRA may adapt: those of every diffusers Attention in the UNet (spatial and temporal
 # transformer blocks, self- and cross-attention).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Cross-attention (attn2) attends to one key, the image embedding: its softmax is 1 whatever the query and key, so
+# the gradients of attn2's to_q and to_k are exactly zero. Adapters there could never learn: to_q/to_k adapt attn1 only.
+SELF_ATTENTION_ONLY = ("to_q", "to_k")
+# The layers SVD added to the image model (what `trained_parameters: temporal` trains, and `lora.layers: temporal` adapts).
+TEMPORAL_PARAMETER = re.compile(r"temporal_transformer_blocks|temporal_res_block|time_mixer|time_pos_embed")
+LORA_LAYERS = ("all", "temporal", "spatial")
 # DeepSpeed's defaults for the zero_optimization keys the config may set (deepspeed.runtime.zero.config).
 DEEPSPEED_DEFAULTS = {
     "reduce_bucket_size": 500_000_000,
@@ -44,43 +56,119 @@ def default_vae_chunk(frames: int) -> int:
 
 
 @dataclass
-class TrainConfig:
-    # Inputs and outputs
-    model: str = ""  # base diffusers pipeline folder (UNet initialisation + frozen VAE/CLIP + exported components)
-    model_variant: str | None = None  # e.g. "fp16": read the *.fp16.safetensors weights (fp16-only downloads), trained in fp32
-    data: str | list[str] = ""  # folder, list of files, or a .parquet/.jsonl manifest (svd_fast.data)
-    output_dir: str = "train_out"
-    latents_dir: str | None = None  # an `svd-fast encode` output: train from precomputed features instead of `data`
-    # Clips
+class Section:
+    """A config section: its values are type-checked and range-checked on construction, errors name
+    ``NAME.key``."""
+
+    NAME: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_types(self, f"{self.NAME}.")
+        self.check()
+
+    def check(self) -> None:
+        """Range checks of this section's values (ValueError naming ``NAME.key``)."""
+
+    def key(self, name: str) -> str:
+        return f"{self.NAME}.{name}"
+
+    def require(self, condition: bool, name: str, rule: str) -> None:
+        if not condition:
+            raise ValueError(f"{self.key(name)} must be {rule}, got {getattr(self, name)!r}")
+
+    def rule(self, *names: str, rule: str | None = None) -> None:
+        """``names`` under their svd_fast.checks rule (``rule``: the rule of another name)."""
+        for name in names:
+            checks.check(rule or name, getattr(self, name), spelled=self.key(name))
+
+
+@dataclass
+class DataSection(Section):
+    """The clips (svd_fast.data) or precomputed features, their geometry and the per-process batch."""
+
+    NAME: ClassVar[str] = "data"
+    path: str | list[str] = ""  # folder, list of files, or a .parquet/.jsonl manifest (svd_fast.data)
+    latents_dir: str | None = None  # an `svd-fast encode` output: train from precomputed features instead of `path`
     num_frames: int = 14
     # SVD's native size, the size `svd-fast generate` samples at by default.
     height: int = 576
     width: int = 1024
+    batch_size: int = 1  # per process, per micro-step (DeepSpeed's train_micro_batch_size_per_gpu)
     stride: int | None = None
     target_fps: float | None = None
     random_crop: bool = False
     shuffle: bool = True
     on_short: str = "skip"
     video_decoder: str = "auto"  # "auto" | "pyav" | "dali" (the video decoding library; kernel backends are svd_fast.backends)
+    # DataLoader worker processes decoding clips on the CPU (0: decoded in the training loop); the same clips in the
+    # same order for any value (svd_fast.data.loader). Unused with latents_dir and with video_decoder: dali on CUDA
+    # (NVDEC decodes in the training process).
+    num_workers: int = 2
     default_fps: float = 7.0  # used when the data has no fps (the clip's fps after target_fps resampling wins)
     default_motion_bucket_id: float = 127.0  # used when the manifest has no motion_bucket_id column
-    # Optimisation
-    batch_size: int = 1  # per process, per micro-step
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 100  # optimiser steps
+    # Frames the frozen VAE encodes at once in the training loop (data encoded on the fly); default:
+    # default_vae_chunk(num_frames).
+    vae_encode_chunk: int | None = None
+
+    def check(self) -> None:
+        for name in ("num_frames", "height", "width", "batch_size"):
+            self.require(getattr(self, name) >= 1, name, "a positive integer")
+        self.require(self.stride is None or self.stride >= 1, "stride", "a positive integer")
+        if self.stride is not None and self.target_fps is not None:
+            raise ValueError("data.stride and data.target_fps: give one of them, not both")
+        for name in ("target_fps", "default_fps"):
+            self.require(getattr(self, name) is None or getattr(self, name) > 0, name, "> 0")
+        self.require(self.video_decoder in ("auto", "pyav", "dali"), "video_decoder", "auto, pyav or dali")
+        self.require(self.num_workers >= 0, "num_workers", "an integer >= 0")
+        self.require(self.vae_encode_chunk is None or self.vae_encode_chunk >= 1, "vae_encode_chunk", "a positive integer")
+        if self.height % 8 or self.width % 8:
+            raise ValueError(f"data.height and data.width must be multiples of 8 (VAE downsampling), got {self.height}x{self.width}")
+        self.rule("num_frames", "height", "width", "batch_size", "default_fps", "default_motion_bucket_id", "target_fps", "stride")
+
+    def sources(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+    def encode_chunk(self) -> int:
+        """Frames the VAE encodes at once in the training loop."""
+        return self.vae_encode_chunk or default_vae_chunk(self.num_frames)
+
+
+@dataclass
+class OptimizerSection(Section):
+    """AdamW, its warmup, gradient accumulation and clipping."""
+
+    NAME: ClassVar[str] = "optimizer"
+    name: str = "adamw_torch"  # adamw_deepspeed: DeepSpeed's fused/CPU Adam (JIT-built; needed for offload); adamw8bit: bitsandbytes' 8-bit AdamW
     learning_rate: float = 3e-5
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
     gradient_clipping: float = 1.0
-    optimizer: str = "adamw_torch"  # adamw_deepspeed: DeepSpeed's fused/CPU Adam (JIT-built; needed for offload)
-    # DeepSpeed
+
+    def check(self) -> None:
+        self.require(self.name in OPTIMIZERS, "name", f"one of {OPTIMIZERS}")
+        self.require(self.learning_rate > 0, "learning_rate", "> 0")
+        for name in ("weight_decay", "gradient_clipping"):
+            self.require(getattr(self, name) >= 0, name, ">= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            self.require(0.0 <= getattr(self, name) < 1.0, name, "in [0, 1)")
+        self.require(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+        self.require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "a positive integer")
+        self.rule("learning_rate", "adam_eps")
+
+
+@dataclass
+class DeepSpeedSection(Section):
+    """ZeRO stage and offload, and a user's DeepSpeed JSON merged with the keys the config derives."""
+
+    NAME: ClassVar[str] = "deepspeed"
     zero_stage: int = 2
     offload_optimizer: str = "none"
     offload_param: str = "none"  # ZeRO-3 only
-    precision: str = "bf16"  # the UNet's compute dtype; DeepSpeed keeps fp32 master weights for bf16/fp16
+    config: str | None = None  # a DeepSpeed JSON merged with the keys this config derives (conflicts are errors)
     # ZeRO communication buckets and ZeRO-3's gathered parameters, in elements (None: DeepSpeed's default, DEEPSPEED_DEFAULTS):
     # each is GPU memory the plan counts (svd_fast.training.memory_plan).
     reduce_bucket_size: int | None = None
@@ -88,167 +176,186 @@ class TrainConfig:
     stage3_prefetch_bucket_size: int | None = None
     stage3_max_live_parameters: int | None = None
     stage3_max_reuse_distance: int | None = None
-    deepspeed_config: str | None = None  # a DeepSpeed JSON merged with the keys this config derives (conflicts are errors)
-    trained_parameters: str = "full"  # full | temporal (only the layers SVD added to the image model, see TEMPORAL_PARAMETER) | lora
-    # LoRA (trained_parameters: lora): adapters on the attention projections of every spatial and temporal transformer block
-    lora_rank: int = 16
-    lora_alpha: float | None = None  # scale alpha / rank; default: the rank (scale 1)
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def check(self) -> None:
+        self.require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3")
+        for name in DEEPSPEED_DEFAULTS:
+            self.require(getattr(self, name) is None or getattr(self, name) >= 1, name, "a positive integer")
+        for name in ("offload_optimizer", "offload_param"):
+            self.require(getattr(self, name) in OFFLOAD_DEVICES, name, f"one of {OFFLOAD_DEVICES}")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage: 3")
+        if self.offload_optimizer != "none" and self.zero_stage < 1:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+
+
+@dataclass
+class LoraSection(Section):
+    """Adapters on the attention projections of every spatial and temporal transformer block (``trained_parameters: lora``)."""
+
+    NAME: ClassVar[str] = "lora"
+    rank: int = 16
+    alpha: float | None = None  # scale alpha / rank; default: the rank (scale 1)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # to_q/to_k: self-attention (attn1) only
+    layers: str = "all"  # all | temporal (the layers SVD added: motion LoRAs) | spatial (the image model's layers)
+
+    def check(self) -> None:
+        self.require(self.rank >= 1, "rank", "a positive integer")
+        self.require(self.alpha is None or self.alpha > 0, "alpha", "> 0")
+        self.require(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
+        cross = [name for name in self.target_modules if name in {f"attn2.{target}" for target in SELF_ATTENTION_ONLY}]
+        if cross:
+            raise ValueError(f"lora.target_modules: {cross} are refused: cross-attention attends to one image token, so their "
+                             "gradient is exactly zero (to_q/to_k adapt self-attention, attn1, only; to_v and to_out.0 adapt both)")
+        self.require(self.layers in LORA_LAYERS, "layers", f"one of {LORA_LAYERS}")
+        known = all(name in LORA_TARGETS for name in self.target_modules)
+        self.require(known and bool(self.target_modules), "target_modules", f"a non-empty list of {list(LORA_TARGETS)}")
+
+    def peft_config(self):
+        """This section as a peft LoraConfig."""
+        from peft import LoraConfig  # noqa: PLC0415 - peft loads only for LoRA training
+
+        alpha = float(self.rank if self.alpha is None else self.alpha)
+        return LoraConfig(r=self.rank, lora_alpha=alpha, lora_dropout=self.dropout,
+                          target_modules=lora_target_pattern(self.target_modules, self.layers), init_lora_weights=True)  # fmt: skip
+
+
+@dataclass
+class ValidationSection(Section):
+    """Sample clips every ``every`` steps, one per held-out first frame (svd_fast.training.validation)."""
+
+    NAME: ClassVar[str] = "validation"
+    every: int = 0  # 0: never
+    images: list[str] = field(default_factory=list)  # image files (first frames held out of the training data)
+    num_frames: int | None = None  # default: data.num_frames
+    inference_steps: int = 25
+    decode_chunk: int | None = None  # frames the VAE decodes at once (default: default_vae_chunk(num_frames))
+
+    def check(self) -> None:
+        self.require(self.decode_chunk is None or self.decode_chunk >= 1, "decode_chunk", "a positive integer")
+        self.require(self.every >= 0, "every", "an integer >= 0")
+        self.require(self.inference_steps >= 1, "inference_steps", "a positive integer")
+        self.require(self.num_frames is None or self.num_frames >= 1, "num_frames", "a positive integer")
+        if self.every and not self.images:
+            raise ValueError(f"validation.images: validation.every is {self.every} but no validation images are given")
+        self.rule("num_frames", rule="validation_num_frames")
+        self.rule("inference_steps", rule="validation_inference_steps")
+
+
+@dataclass
+class LoggingSection(Section):
+    """train_log.jsonl, checkpoints and the exported pipeline."""
+
+    NAME: ClassVar[str] = "logging"
+    log_every: int = 1
+    sigma_bins: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])  # edges for the sigma-binned loss
+    checkpoint_every: int = 0  # 0: only at the end
+    export: bool = True
+    export_ema: bool = True  # export the EMA weights when EMA is on
+    keep_checkpoints: int | None = None  # keep the N newest checkpoints (None: all); the one `latest` names is never deleted
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of K (0: none beyond keep_checkpoints)
+    report_to: str = "none"  # none | tensorboard | wandb (svd_fast.training.tracking; train_log.jsonl is always written)
+
+    def check(self) -> None:
+        self.require(self.log_every >= 1, "log_every", "a positive integer")
+        self.require(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
+        self.require(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints", "a positive integer (or null: keep all)")
+        self.require(self.keep_every >= 0, "keep_every", "an integer >= 0")
+        self.require(self.report_to in REPORT_TO, "report_to", f"one of {REPORT_TO}")
+        edges = list(self.sigma_bins)
+        self.require(edges == sorted(edges) and all(edge > 0 for edge in edges), "sigma_bins", "increasing positive edges")
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""  # base diffusers pipeline folder (UNet initialisation + frozen VAE/CLIP + exported components)
+    model_variant: str | None = None  # e.g. "fp16": read the *.fp16.safetensors weights (fp16-only downloads), trained in fp32
+    output_dir: str = "train_out"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    max_steps: int = 100  # optimiser steps
+    precision: str = "bf16"  # the UNet's compute dtype; DeepSpeed keeps fp32 master weights for bf16/fp16
+    trained_parameters: str = "full"  # full | temporal (the layers SVD added to the image model, see TEMPORAL_PARAMETER) | lora
     activation_checkpointing: str = "none"  # none | temporal | resnets | all (svd_fast.training.activation_checkpointing)
     use_svd_fast_kernels: bool = True
-    # Frames the frozen VAE encodes at once in the training loop (data encoded on the fly), and decodes at once when
-    # sampling validation clips; default: default_vae_chunk(num_frames).
-    vae_encode_chunk: int | None = None
-    validation_decode_chunk: int | None = None
     target_gpu_gib: float | None = None  # the GPU memory the config is made for: --plan-memory reports its margin (None: CPU configs)
-    device: str = "auto"  # auto | cpu | cuda
-    # EMA, logging, checkpoints, export
     ema_decay: float = 0.0  # 0 disables EMA
-    log_every: int = 1
-    checkpoint_every: int = 0  # 0: only at the end
     resume_from: str | None = None  # a checkpoint dir written by this trainer, or "latest" (in output_dir)
     allow_other_run: bool = False  # resume_from: latest may continue a checkpoint of another run in output_dir
     max_nonfinite_steps: int = 1  # stop after this many consecutive steps with a non-finite loss (fp16 overflows skip steps)
-    export: bool = True
-    # Validation samples (svd_fast.training.validation): every validate_every steps, one clip per held-out first frame
-    validate_every: int = 0  # 0: never
-    validation_images: list[str] = field(default_factory=list)  # image files (first frames held out of the training data)
-    validation_num_frames: int | None = None  # default: num_frames
-    validation_inference_steps: int = 25
-    export_ema: bool = True  # export the EMA weights when EMA is on
-    seed: int = 0
-    # Objective
-    p_mean: float = 0.7
-    p_std: float = 1.6
-    cond_aug_mean: float = -3.0
-    cond_aug_std: float = 0.5
-    drop_image_embedding: float = 0.1
-    drop_both: float = 0.1
-    drop_cond_latent: float = 0.1
-    sigma_bins: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])  # edges for sigma-binned loss
+    data: DataSection = field(default_factory=DataSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
     def __post_init__(self) -> None:
         check_types(self)
-        positive = ("num_frames", "height", "width", "batch_size", "gradient_accumulation_steps", "max_steps", "log_every",
-                    "max_nonfinite_steps")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("vae_encode_chunk", "validation_decode_chunk", *DEEPSPEED_DEFAULTS):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
+        check_types(self.objective, "objective.")
+        for name in ("max_steps", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.target_gpu_gib is not None and not self.target_gpu_gib > 0:
             raise ValueError(f"target_gpu_gib must be > 0, got {self.target_gpu_gib!r}")
-        for name in ("warmup_steps", "checkpoint_every", "seed", "validate_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.weight_decay < 0 or self.gradient_clipping < 0:
-            raise ValueError("weight_decay and gradient_clipping must be >= 0")
-        if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
-            raise ValueError(f"adam_beta1/adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.video_decoder not in ("auto", "pyav", "dali"):
-            raise ValueError(f"video_decoder must be auto, pyav or dali, got {self.video_decoder!r}")
-        for name in ("offload_optimizer", "offload_param"):
-            if getattr(self, name) not in OFFLOAD_DEVICES:
-                raise ValueError(f"{name} must be one of {OFFLOAD_DEVICES}, got {getattr(self, name)!r}")
-        if self.offload_param != "none" and self.zero_stage != 3:
-            raise ValueError("offload_param needs zero_stage: 3")
-        if self.offload_optimizer != "none" and self.zero_stage < 1:
-            raise ValueError("offload_optimizer needs zero_stage >= 1")
-        if self.offload_optimizer != "none" and self.optimizer != "adamw_deepspeed":
-            raise ValueError("offload_optimizer needs optimizer: adamw_deepspeed (DeepSpeed's CPU Adam)")
-        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-            raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got {self.activation_checkpointing!r}")
-        if self.trained_parameters not in TRAINED_PARAMETERS:
-            raise ValueError(f"trained_parameters must be one of {TRAINED_PARAMETERS}, got {self.trained_parameters!r}")
-        if self.validation_inference_steps < 1 or (self.validation_num_frames is not None and self.validation_num_frames < 1):
-            raise ValueError("validation_inference_steps and validation_num_frames must be positive integers, "
-                             f"got {self.validation_inference_steps!r}, {self.validation_num_frames!r}")
-        if self.validate_every and not self.validation_images:
-            raise ValueError(f"validation_images: validate_every is {self.validate_every} but no validation images are given")
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be a positive integer, got {self.lora_rank!r}")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        unknown_targets = [name for name in self.lora_target_modules if name not in LORA_TARGETS]
-        if unknown_targets or not self.lora_target_modules:
-            raise ValueError(f"lora_target_modules must be a non-empty list of {list(LORA_TARGETS)}, got {self.lora_target_modules!r}")
-        if self.stride is not None and self.stride < 1:
-            raise ValueError(f"stride must be a positive integer, got {self.stride!r}")
-        if self.stride is not None and self.target_fps is not None:
-            raise ValueError("stride and target_fps: give one of them, not both")
-        for name in ("target_fps", "default_fps"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.height % 8 or self.width % 8:
-            raise ValueError(f"height and width must be multiples of 8 (VAE downsampling), got {self.height}x{self.width}")
-        if list(self.sigma_bins) != sorted(self.sigma_bins) or any(edge <= 0 for edge in self.sigma_bins):
-            raise ValueError(f"sigma_bins must be increasing positive edges, got {self.sigma_bins!r}")
-        self.objective()  # checks p_std, dropout probabilities
-        for name in ("seed", "num_frames", "height", "width", "batch_size", "learning_rate", "adam_eps", "default_fps",
-                     "default_motion_bucket_id", "target_fps", "stride", "validation_num_frames", "validation_inference_steps"):  # fmt: skip
-            checks.check(name, getattr(self, name))
+        choices = {"precision": PRECISIONS, "device": ("auto", "cpu", "cuda"), "activation_checkpointing": ACTIVATION_CHECKPOINTING,
+                   "trained_parameters": TRAINED_PARAMETERS}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.deepspeed.offload_optimizer != "none" and self.optimizer.name != "adamw_deepspeed":
+            raise ValueError("deepspeed.offload_optimizer needs optimizer.name: adamw_deepspeed (DeepSpeed's CPU Adam)")
+        checks.check("seed", self.seed)
+
+    @property
+    def validation_num_frames(self) -> int:
+        return self.validation.num_frames or self.data.num_frames
 
     def encode_chunk(self) -> int:
         """Frames the VAE encodes at once in the training loop."""
-        return self.vae_encode_chunk or default_vae_chunk(self.num_frames)
+        return self.data.encode_chunk()
 
     def decode_chunk(self) -> int:
         """Frames the VAE decodes at once when sampling a validation clip."""
-        return self.validation_decode_chunk or default_vae_chunk(self.validation_num_frames or self.num_frames)
+        return self.validation.decode_chunk or default_vae_chunk(self.validation_num_frames)
 
     def zero_setting(self, name: str) -> int:
         """A ZeRO bucket or live-parameter setting: the config's, else DeepSpeed's default."""
-        value = getattr(self, name)
+        value = getattr(self.deepspeed, name)
         return DEEPSPEED_DEFAULTS[name] if value is None else value
 
-    def objective(self) -> ObjectiveConfig:
-        return ObjectiveConfig(
-            p_mean=self.p_mean,
-            p_std=self.p_std,
-            cond_aug_mean=self.cond_aug_mean,
-            cond_aug_std=self.cond_aug_std,
-            drop_image_embedding=self.drop_image_embedding,
-            drop_both=self.drop_both,
-            drop_cond_latent=self.drop_cond_latent,
-        )
+    def peft_lora(self):
+        """The peft LoraConfig of ``trained_parameters: lora``, else None."""
+        return self.lora.peft_config() if self.trained_parameters == "lora" else None
 
-    def lora(self):
-        """The peft LoraConfig of ``trained_parameters: lora``."""
-        from peft import LoraConfig  # noqa: PLC0415 - peft loads only for LoRA training
-
-        alpha = float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
-        return LoraConfig(r=self.lora_rank, lora_alpha=alpha, lora_dropout=self.lora_dropout,
-                          target_modules=list(self.lora_target_modules), init_lora_weights=True)  # fmt: skip
+    def as_given(self, message: str) -> str:
+        """``message`` naming the keys as the user wrote them (flat names of the old layout: config_layout)."""
+        return as_given(message, getattr(self, "given_as", {}))
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """The config of the keys the user wrote; with ``deepspeed_config``, the keys they left out take that
-        DeepSpeed JSON's values (svd_fast.training.deepspeed_json)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**adopt_deepspeed_values(values))
+    def from_dict(cls, values: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """The config of the keys the user wrote (sectioned, or flat as earlier releases wrote them), with
+        ``overrides`` (``section.key`` -> value, as ``--set`` gives them) applied; with ``deepspeed.config``, the
+        keys they left out take that DeepSpeed JSON's values (svd_fast.training.deepspeed_json)."""
+        return cls.from_layout(sectioned(values, cls, overrides))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(cls.read_file(path))
+    def from_layout(cls, layout: Layout) -> TrainConfig:
+        try:
+            values = adopt_deepspeed_values(layout.values)
+            config = cls(**build_sections(cls, values))
+        except ValueError as error:
+            raise ValueError(as_given(str(error), layout.given_as)) from None
+        config.given_as = layout.given_as
+        return config
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        return cls.from_dict(cls.read_file(path), overrides)
 
     @staticmethod
     def read_file(path: str | Path) -> dict[str, Any]:
@@ -271,6 +378,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def lora_target_pattern(targets: list[str], layers: str = "all") -> str:
+    """peft's ``target_modules`` as a regular expression (peft full-matches it against each module name): ``targets``
+    on every attention, except to_q/to_k of cross-attention (:data:`SELF_ATTENTION_ONLY`), in ``layers``."""
+    projections = [rf"attn1\.{re.escape(name)}" if name in SELF_ATTENTION_ONLY else rf"attn[12]\.{re.escape(name)}" for name in targets]
+    temporal = TEMPORAL_PARAMETER.pattern
+    where = {"all": "", "temporal": rf"(?=.*(?:{temporal}))", "spatial": rf"(?!.*(?:{temporal}))"}[layers]
+    return rf"{where}.*\.(?:{'|'.join(projections)})"
+
+
 def _matches(value: Any, declared: Any) -> bool:
     """``value`` is an instance of the declared type; bool is not a number, an int is a float."""
     origin = typing.get_origin(declared)
@@ -290,15 +406,15 @@ def _matches(value: Any, declared: Any) -> bool:
     return isinstance(value, declared)
 
 
-def check_types(config: TrainConfig) -> None:
+def check_types(config: Any, prefix: str = "") -> None:
     """Every value has its field's declared type, so ``max_steps: true`` or ``learning_rate: "1e-4"`` is an
-    error naming the key rather than a silently different run."""
+    error naming the key (``prefix`` + name) rather than a silently different run."""
     hints = typing.get_type_hints(type(config))
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         declared = hints[item.name]
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{item.name} must be a finite number, got {value!r}")
+            raise ValueError(f"{prefix}{item.name} must be a finite number, got {value!r}")
         if not _matches(value, declared):
             expected = declared.__name__ if isinstance(declared, type) else str(declared).replace("NoneType", "None")
-            raise ValueError(f"{item.name} must be of type {expected}, got {value!r} ({type(value).__name__})")
+            raise ValueError(f"{prefix}{item.name} must be of type {expected}, got {value!r} ({type(value).__name__})")

@@ -1,4 +1,4 @@
-"""A user's DeepSpeed JSON (the config key ``deepspeed_config``, or DeepSpeed's own ``--deepspeed_config`` argument)
+"""A user's DeepSpeed JSON (the config key ``deepspeed.config``, or DeepSpeed's own ``--deepspeed_config`` argument)
 read into the training config: every training key the config leaves unset takes the JSON's value, so the run is
 the one the JSON describes; a key both set differently is an error (``setup.build_deepspeed_config``)."""
 
@@ -9,20 +9,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-# DeepSpeed key path -> the training config key it sets.
+# DeepSpeed key path -> the training config key it sets (section.key).
 SCALAR_KEYS: dict[tuple[str, ...], str] = {
-    ("train_micro_batch_size_per_gpu",): "batch_size",
-    ("gradient_accumulation_steps",): "gradient_accumulation_steps",
-    ("gradient_clipping",): "gradient_clipping",
-    ("zero_optimization", "stage"): "zero_stage",
-    ("zero_optimization", "offload_optimizer", "device"): "offload_optimizer",
-    ("zero_optimization", "offload_param", "device"): "offload_param",
-    **{("zero_optimization", name): name for name in (
+    ("train_micro_batch_size_per_gpu",): "data.batch_size",
+    ("gradient_accumulation_steps",): "optimizer.gradient_accumulation_steps",
+    ("gradient_clipping",): "optimizer.gradient_clipping",
+    ("zero_optimization", "stage"): "deepspeed.zero_stage",
+    ("zero_optimization", "offload_optimizer", "device"): "deepspeed.offload_optimizer",
+    ("zero_optimization", "offload_param", "device"): "deepspeed.offload_param",
+    **{("zero_optimization", name): f"deepspeed.{name}" for name in (
         "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance",
     )},  # fmt: skip
-    ("optimizer", "params", "lr"): "learning_rate",
-    ("optimizer", "params", "eps"): "adam_eps",
-    ("optimizer", "params", "weight_decay"): "weight_decay",
+    ("optimizer", "params", "lr"): "optimizer.learning_rate",
+    ("optimizer", "params", "eps"): "optimizer.adam_eps",
+    ("optimizer", "params", "weight_decay"): "optimizer.weight_decay",
 }
 _MISSING = object()
 
@@ -32,11 +32,11 @@ def read_deepspeed_json(path: str | os.PathLike) -> dict[str, Any]:
     try:
         user = json.loads(path.read_text())
     except OSError as error:
-        raise ValueError(f"deepspeed_config: cannot read {str(path)!r} ({error.strerror or error})") from None
+        raise ValueError(f"deepspeed.config: cannot read {str(path)!r} ({error.strerror or error})") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"deepspeed_config: {str(path)!r} is not valid JSON ({error})") from None
+        raise ValueError(f"deepspeed.config: {str(path)!r} is not valid JSON ({error})") from None
     if not isinstance(user, dict):
-        raise ValueError(f"deepspeed_config: {str(path)!r} must hold a JSON object")
+        raise ValueError(f"deepspeed.config: {str(path)!r} must hold a JSON object")
     return user
 
 
@@ -68,32 +68,42 @@ def world_size() -> int:
 
 
 def adopt_deepspeed_values(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` (training config keys as written by the user) completed from their ``deepspeed_config`` JSON:
-    a key the user did not write takes the JSON's value (batch size, accumulation, clipping, ZeRO stage and
-    offload, precision, AdamW settings). Keys the user wrote are kept; a difference is reported when the
-    DeepSpeed config is built."""
-    if not values.get("deepspeed_config"):
+    """``values`` (training config keys as written by the user, sectioned: config_layout) completed from their
+    ``deepspeed.config`` JSON: a key the user did not write takes the JSON's value (batch size, accumulation,
+    clipping, ZeRO stage and offload, precision, AdamW settings). Keys the user wrote are kept; a difference is
+    reported when the DeepSpeed config is built."""
+    path = values.get("deepspeed", {}).get("config")
+    if not path:
         return values
-    user = read_deepspeed_json(values["deepspeed_config"])
-    adopted = dict(values)
+    user = read_deepspeed_json(path)
+    adopted = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
+
+    def written(name: str) -> bool:
+        section, dot, key = name.partition(".")
+        return key in values.get(section, {}) if dot else name in values
 
     def take(name: str, value: Any) -> None:
         if isinstance(value, float) and value.is_integer() and name.endswith(("_size", "_parameters", "_distance")):
             value = int(value)  # DeepSpeed JSONs write bucket sizes as 5e8
-        if value is not _MISSING and name not in values:
+        if value is _MISSING or written(name):
+            return
+        section, dot, key = name.partition(".")
+        if dot:
+            adopted.setdefault(section, {})[key] = value
+        else:
             adopted[name] = value
 
     for keys, name in SCALAR_KEYS.items():
         take(name, _lookup(user, keys))
     betas = _lookup(user, ("optimizer", "params", "betas"))
     if isinstance(betas, list) and len(betas) == 2:
-        take("adam_beta1", betas[0])
-        take("adam_beta2", betas[1])
+        take("optimizer.adam_beta1", betas[0])
+        take("optimizer.adam_beta2", betas[1])
     take("precision", _precision(user))
     if "optimizer" in user:
-        take("optimizer", "adamw_deepspeed")  # the JSON's optimizer runs: DeepSpeed builds it
+        take("optimizer.name", "adamw_deepspeed")  # the JSON's optimizer runs: DeepSpeed builds it
     total = _lookup(user, ("train_batch_size",))
-    micro = adopted.get("batch_size", 1)
+    micro = adopted.get("data", {}).get("batch_size", 1)
     if isinstance(total, int) and isinstance(micro, int) and micro > 0 and total % (micro * world_size()) == 0:
-        take("gradient_accumulation_steps", total // (micro * world_size()))
+        take("optimizer.gradient_accumulation_steps", total // (micro * world_size()))
     return adopted

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import UNetSpatioTemporalConditionModel
@@ -26,12 +26,13 @@ from svd_fast import _io
 from svd_fast.diffusers.consistency_scheduler import SVDConsistencyScheduler
 from svd_fast.sampling.consistency import check_consistency_config
 from svd_fast.training.checkpoint import EMA_FILE, STATE_FILE, load_checkpoint, resolve_resume, safe_load, save_checkpoint
-from svd_fast.training.config import TrainConfig
+from svd_fast.training.config import OptimizerSection, Section, TrainConfig, ValidationSection
 from svd_fast.training.distill_objective import DISTANCES, TEACHER_SOLVERS, consistency_distillation_loss
 from svd_fast.training.ema import ShardedEMA
 from svd_fast.training.log import TrainLog
 from svd_fast.training.lora import add_lora
 from svd_fast.training.memory_plan import parameter_counts, plan_memory
+from svd_fast.training.objective import ObjectiveConfig
 from svd_fast.training.run import apply_learning_rate, write_identity
 from svd_fast.training.setup import (
     CheckedInputs,
@@ -48,10 +49,11 @@ from svd_fast.training.trainer import (
     OutputDirBusyError,
     TrainerState,
     TrainResult,
-    _open_dataset,
     all_finite,
     export_pipeline,
+    open_dataset,
     run_identity,
+    sampling_model,
     trained_full_state,
 )
 from svd_fast.training.validation import Validator
@@ -61,12 +63,11 @@ SAMPLING_SETTINGS_FILE = "svd_fast.json"
 
 
 @dataclass
-class DistillConfig(TrainConfig):
-    """TrainConfig's keys (``model`` is the teacher) plus the distillation's. Conditioning dropout is off: the
-    student learns the guided teacher, whose unconditional branch the teacher itself provides."""
+class DistillSection(Section):
+    """The distillation's own keys: the consistency grid, the teacher's solver and guidance, the loss, the target
+    network's EMA and the student's step count."""
 
-    output_dir: str = "distill_out"
-    learning_rate: float = 1e-5
+    NAME: ClassVar[str] = "distill"
     num_train_timesteps: int = 40  # the consistency grid (and the exported scheduler's num_train_timesteps)
     sigma_min: float = 0.002
     sigma_max: float = 700.0
@@ -79,40 +80,22 @@ class DistillConfig(TrainConfig):
     huber_c: float | None = None  # default 0.00054 * sqrt(latent elements per sample)
     target_ema_decay: float = 0.95
     student_steps: int = 4  # the student's sampling steps: validation and the exported svd_fast.json
-    validation_inference_steps: int = 4
-    drop_image_embedding: float = 0.0
-    drop_both: float = 0.0
-    drop_cond_latent: float = 0.0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-
+    def check(self) -> None:
         try:
             check_consistency_config(self.scheduler_config(), where="distill config")
         except ValueError as error:
-            raise ValueError(str(error).replace("distill config: ", "")) from None
-        if not 1 <= self.skip_steps < self.num_train_timesteps:
-            raise ValueError(f"skip_steps must be in [1, num_train_timesteps - 1 = {self.num_train_timesteps - 1}], got {self.skip_steps!r}")
-        if self.teacher_solver not in TEACHER_SOLVERS:
-            raise ValueError(f"teacher_solver must be one of {TEACHER_SOLVERS}, got {self.teacher_solver!r}")
-        if self.loss not in DISTANCES:
-            raise ValueError(f"loss must be one of {DISTANCES}, got {self.loss!r}")
-        if self.huber_c is not None and not self.huber_c > 0:
-            raise ValueError(f"huber_c must be > 0, got {self.huber_c!r}")
-        if not 0.0 <= self.target_ema_decay < 1.0:
-            raise ValueError(f"target_ema_decay must be in [0, 1), got {self.target_ema_decay!r}")
+            raise ValueError(str(error).replace("distill config: ", "distill.")) from None
+        limit = self.num_train_timesteps
+        self.require(1 <= self.skip_steps < limit, "skip_steps", f"in [1, distill.num_train_timesteps - 1 = {limit - 1}]")
+        self.require(self.teacher_solver in TEACHER_SOLVERS, "teacher_solver", f"one of {TEACHER_SOLVERS}")
+        self.require(self.loss in DISTANCES, "loss", f"one of {DISTANCES}")
+        self.require(self.huber_c is None or self.huber_c > 0, "huber_c", "> 0")
+        self.require(0.0 <= self.target_ema_decay < 1.0, "target_ema_decay", "in [0, 1)")
         if not 0 <= self.teacher_min_guidance <= self.teacher_max_guidance:
-            raise ValueError(f"teacher_min_guidance ({self.teacher_min_guidance}) and teacher_max_guidance ({self.teacher_max_guidance}) "
-                             "must satisfy 0 <= min <= max")
-        if not 1 <= self.student_steps <= self.num_train_timesteps:
-            raise ValueError(f"student_steps must be in [1, num_train_timesteps = {self.num_train_timesteps}], got {self.student_steps!r}")
-        if self.validation_inference_steps > self.num_train_timesteps:
-            raise ValueError(f"validation_inference_steps must be <= num_train_timesteps ({self.num_train_timesteps}), "
-                             f"got {self.validation_inference_steps!r}")
-        dropped = [name for name in ("drop_image_embedding", "drop_both", "drop_cond_latent") if getattr(self, name)]
-        if dropped:
-            raise ValueError(f"{dropped[0]} must be 0 for distillation (the student learns the guided teacher; the teacher's "
-                             "guidance is teacher_min_guidance/teacher_max_guidance)")
+            raise ValueError(f"distill.teacher_min_guidance ({self.teacher_min_guidance}) and distill.teacher_max_guidance "
+                             f"({self.teacher_max_guidance}) must satisfy 0 <= min <= max")
+        self.require(1 <= self.student_steps <= limit, "student_steps", f"in [1, distill.num_train_timesteps = {limit}]")
 
     def scheduler_config(self) -> dict[str, Any]:
         """The student's consistency scheduler config (AnimateLCM-SVD-xt's keys)."""
@@ -123,6 +106,29 @@ class DistillConfig(TrainConfig):
         """What ``svd_fast.json`` records for ``svd-fast generate``."""
         return {"sampler": "consistency", "scheduler": "SVDConsistencyScheduler", "scheduler_config": self.scheduler_config(),
                 "num_inference_steps": self.student_steps, "min_guidance": 1.0, "max_guidance": 1.0}
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """TrainConfig's keys and sections (``model`` is the teacher) plus the ``distill`` section. Conditioning
+    dropout is off: the student learns the guided teacher, whose unconditional branch the teacher itself provides."""
+
+    output_dir: str = "distill_out"
+    optimizer: OptimizerSection = field(default_factory=lambda: OptimizerSection(learning_rate=1e-5))
+    validation: ValidationSection = field(default_factory=lambda: ValidationSection(inference_steps=4))
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(drop_image_embedding=0.0, drop_both=0.0, drop_cond_latent=0.0))
+    distill: DistillSection = field(default_factory=DistillSection)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        limit = self.distill.num_train_timesteps
+        if self.validation.inference_steps > limit:
+            raise ValueError(f"validation.inference_steps must be <= distill.num_train_timesteps ({limit}), "
+                             f"got {self.validation.inference_steps!r}")
+        dropped = [name for name in ("drop_image_embedding", "drop_both", "drop_cond_latent") if getattr(self.objective, name)]
+        if dropped:
+            raise ValueError(f"objective.{dropped[0]} must be 0 for distillation (the student learns the guided teacher; the "
+                             "teacher's guidance is distill.teacher_min_guidance/distill.teacher_max_guidance)")
 
 
 def check_teacher(model: str) -> None:
@@ -149,7 +155,7 @@ def frozen_unet(config: DistillConfig, device: torch.device, dtype: torch.dtype,
     unet = UNetSpatioTemporalConditionModel.from_pretrained(config.model, subfolder="unet")
     apply_svd_fast_kernels(unet, config.use_svd_fast_kernels)
     if lora:
-        add_lora(unet, config.lora())
+        add_lora(unet, config.peft_lora())
     return unet.to(device, dtype).eval().requires_grad_(False)
 
 
@@ -197,12 +203,13 @@ class DistillStepRunner(StepRunner):
         self.teacher, self.target = teacher, target
 
     def run(self) -> StepStats:
-        config, engine, pipe = self.config, self.models.engine, self.models.pipeline
+        config, engine, pipe = self.config.distill, self.models.engine, self.models.pipeline
         bins = len(self.edges) + 1
         stats = StepStats(loss=0.0, lr=engine.get_lr()[0], samples=0, bin_sums=torch.zeros(bins), bin_counts=torch.zeros(bins))
-        for _ in range(config.gradient_accumulation_steps):
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.rank * 7_919 + self.micro_step)
-            batch = make_batch(self._next_samples(), config, self.objective, pipe, self.device, generator)
+        accumulation = self.config.optimizer.gradient_accumulation_steps
+        for _ in range(accumulation):
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.rank * 7_919 + self.micro_step)
+            batch = make_batch(self._next_samples(), self.config.data, self.objective, pipe, self.device, generator)
             batch_size, frames = batch.latents.shape[:2]
             index = torch.randint(0, config.num_train_timesteps - config.skip_steps, (batch_size,), generator=generator)
             guidance = None
@@ -218,7 +225,7 @@ class DistillStepRunner(StepRunner):
             engine.backward(loss)
             engine.step()
             self.micro_step += 1
-            stats.loss += loss.item() / config.gradient_accumulation_steps
+            stats.loss += loss.item() / accumulation
             which = torch.bucketize(sigma.float().cpu(), self.edges)
             stats.bin_sums.index_add_(0, which, per_sample.float().cpu())
             stats.bin_counts.index_add_(0, which, torch.ones(batch_size))
@@ -240,8 +247,8 @@ def distill(config: DistillConfig | dict[str, Any] | str | Path) -> TrainResult:
         resume_path = resolve_resume(config.resume_from, output_dir)
         identity, changes = run_identity(config, config_dict, resume_path, output_dir)
     except ValueError as error:
-        raise TrainInputError(str(error)) from error
-    device = resolve_device(config)
+        raise TrainInputError(config.as_given(str(error))) from error
+    device = resolve_device(config.device)
     rank, world_size = setup_distributed(device)
     if rank == 0:
         _io.claim_folder(output_dir, "train", name="output_dir:")
@@ -254,13 +261,14 @@ def _distill(config: DistillConfig, config_dict: dict[str, Any], checked: Checke
     output_dir = Path(config.output_dir)
     if rank == 0:
         write_identity(output_dir, identity)
-    dataset = _open_dataset(config, rank, world_size)
+    dataset = open_dataset(config.data, config.seed, rank, world_size, device)
     models = build_models(config, device, checked.deepspeed_config)
     engine = models.engine
     lora = config.trained_parameters == "lora"
     teacher = frozen_unet(config, device, models.compute_dtype, lora=False)
-    target = TargetNetwork(frozen_unet(config, device, models.compute_dtype, lora=lora), engine.module, config.target_ema_decay, config.zero_stage)
-    ema_device = torch.device("cpu") if config.offload_optimizer != "none" else None
+    target = TargetNetwork(frozen_unet(config, device, models.compute_dtype, lora=lora), engine.module, config.distill.target_ema_decay,
+                           config.deepspeed.zero_stage)  # fmt: skip
+    ema_device = torch.device("cpu") if config.deepspeed.offload_optimizer != "none" else None
     ema = ShardedEMA(engine.module, config.ema_decay, ema_device) if config.ema_decay > 0 else None
     if rank == 0:
         _io.write_json(output_dir / "distill_config.json", config_dict, fsync=True)
@@ -273,19 +281,19 @@ def _distill(config: DistillConfig, config_dict: dict[str, Any], checked: Checke
             raise ValueError(f"resume_from: {resume_path} was written by {saved['world_size']} processes, this run has {world_size}")
         state = TrainerState(saved["step"], saved["micro_step"], list(saved["losses"]), saved["data_epoch"], saved["data_position"])
         restore_rng_state(saved["rng"])
-        if "learning_rate" in changes:
-            apply_learning_rate(engine, config.learning_rate)
+        if "optimizer.learning_rate" in changes:
+            apply_learning_rate(engine, config.optimizer.learning_rate)
         target.load_state_dict(safe_load(resume_path / TARGET_FILE.format(rank=rank), map_location=device))
         if ema is not None and ema_state is not None:
             ema.load_state_dict(ema_state)
         last_checkpoint = resume_path
-    stream = ClipStream(dataset, config.batch_size, state.data_epoch, state.data_position)
+    stream = ClipStream(dataset, config.data.batch_size, state.data_epoch, state.data_position)
     runner = DistillStepRunner(config, models, stream, device, rank, state.micro_step, teacher, target)
-    log = TrainLog(output_dir / "train_log.jsonl", state.step, list(config.sigma_bins), world_size, device, rank, identity["run_id"])
+    log = TrainLog(output_dir / "train_log.jsonl", state.step, list(config.logging.sigma_bins), world_size, device, rank, identity["run_id"])
     validator = None
-    if config.validate_every and rank == 0:
-        validator = Validator(config, models.pipeline, device, output_dir, checked.validation_images,
-                              scheduler=SVDConsistencyScheduler.from_config(config.scheduler_config()),
+    if config.validation.every and rank == 0:
+        validator = Validator(config.validation, config.data, config.seed, sampling_model(config), models.pipeline, device, output_dir,
+                              checked.validation_images, scheduler=SVDConsistencyScheduler.from_config(config.distill.scheduler_config()),
                               call_options={"min_guidance_scale": 1.0, "max_guidance_scale": 1.0})
 
     def checkpoint() -> Path:
@@ -320,21 +328,23 @@ def _distill(config: DistillConfig, config_dict: dict[str, Any], checked: Checke
         if ema is not None and finite:
             ema.update(engine.module)
         extra = {}
-        if config.validate_every and state.step % config.validate_every == 0:
+        if config.validation.every and state.step % config.validation.every == 0:
             trained_state = trained_full_state(engine.module, ema)  # a collective: every rank takes part
             if validator is not None:
                 extra["validation"] = validator.run(state.step, trained_state)
-        log.record(state.step, stats, write=state.step % config.log_every == 0 or state.step == config.max_steps or bool(extra), extra=extra)
-        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and finite:
+        log.record(state.step, stats, write=state.step % config.logging.log_every == 0 or state.step == config.max_steps or bool(extra),
+                   extra=extra)  # fmt: skip
+        if config.logging.checkpoint_every and state.step % config.logging.checkpoint_every == 0 and finite:
             last_checkpoint = checkpoint()
     progress.close()
     elapsed = time.perf_counter() - start
     if (last_checkpoint is None or last_checkpoint.name != f"step_{state.step}") and nonfinite_in_a_row == 0:
         last_checkpoint = checkpoint()
     export_path = None
-    if config.export:
-        settings = json.dumps(config.sampling_settings(), indent=2).encode()
-        export_path = export_pipeline(models, ema, config, output_dir / "pipeline", rank, extra_files={SAMPLING_SETTINGS_FILE: settings})
+    if config.logging.export:
+        settings = json.dumps(config.distill.sampling_settings(), indent=2).encode()
+        export_path = export_pipeline(models, ema, sampling_model(config), config.logging, output_dir / "pipeline", rank,
+                                      extra_files={SAMPLING_SETTINGS_FILE: settings})
     torch.distributed.barrier()
     return TrainResult(
         losses=state.losses, steps=state.step, checkpoint_dir=last_checkpoint, export_path=export_path, log_path=log.path,
@@ -345,8 +355,7 @@ def _distill(config: DistillConfig, config_dict: dict[str, Any], checked: Checke
 def plan_distill_memory(config: DistillConfig, gpus: int = 1, unet_kwargs: dict | None = None) -> dict[str, Any]:
     """train's memory plan plus the frozen teacher and target UNets (16-bit, full on every GPU)."""
     plan = plan_memory(config, gpus=gpus, unet_kwargs=unet_kwargs).to_dict()
-    lora = config.lora() if config.trained_parameters == "lora" else None
-    trained, frozen, _ = parameter_counts(unet_kwargs or {"num_frames": config.num_frames}, config.trained_parameters, lora)
+    trained, frozen, _ = parameter_counts(unet_kwargs or {"num_frames": config.data.num_frames}, config.trained_parameters, config.peft_lora())
     copies = 2 * 2 * (trained + frozen) / 2**30
     plan["teacher_and_target_gib"] = round(copies, 2)
     plan["per_gpu_peak_gib"] = round(plan["per_gpu_peak_gib"] + copies, 2)

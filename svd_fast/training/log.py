@@ -1,6 +1,6 @@
 """train_log.jsonl: one JSON record per logged step (rank 0 writes). Opening it for a run keeps exactly the records
 of the steps before the run's first step (none for a fresh run), so a resumed run never repeats a step, and a
-line cut short by a kill is dropped."""
+line cut short by a kill is dropped. Each record also goes to the experiment tracker (svd_fast.training.tracking)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from svd_fast import _io
 from svd_fast.training.step import StepStats, sigma_bin_names
+from svd_fast.training.tracking import Tracker
 
 
 def _records_before(path: Path, step: int) -> list[str]:
@@ -44,8 +45,9 @@ def peak_reserved_mb(device: torch.device) -> float | None:
 
 class TrainLog:
     def __init__(self, path: Path, start_step: int, sigma_bins: list[float], world_size: int, device: torch.device, rank: int,
-                 run_id: str = "") -> None:
+                 run_id: str = "", tracker: Tracker | None = None) -> None:
         self.path = path
+        self.tracker = tracker
         self.run_id = run_id
         self.bin_names = sigma_bin_names(sigma_bins)
         self.world_size = world_size
@@ -83,3 +85,5 @@ class TrainLog:
         if self.rank == 0:
             with self.path.open("a") as log:
                 log.write(json.dumps(record) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(record)

@@ -5,7 +5,8 @@ diffusers 0.42.1 gives ``UNetSpatioTemporalConditionModel`` no PEFT integration 
 ``StableVideoDiffusionPipeline`` no ``load_lora_weights``, so the adapter is injected with peft's own
 ``inject_adapter_in_model`` (what diffusers' ``add_adapter`` calls) and written as diffusers'
 ``save_lora_adapter`` writes it: ``pytorch_lora_weights.safetensors`` holding ``get_peft_model_state_dict``
-with the LoraConfig as JSON under the ``lora_adapter_metadata`` key. :func:`load_lora` reads it back (with
+with the LoraConfig as JSON under the ``lora_adapter_metadata`` key, and also as peft's ``save_pretrained`` writes
+it (``adapter_config.json`` + ``adapter_model.safetensors``, for ``PeftModel.from_pretrained``). :func:`load_lora` reads it back (with
 :func:`svd_fast.diffusers.lora.read_lora`, which generation's :func:`svd_fast.load_lora` uses) into a base UNet as
 peft layers; :func:`merge_lora` folds it into the base weights (the exported pipeline's UNet).
 """
@@ -21,6 +22,7 @@ from svd_fast.training.config import LORA_TARGETS
 
 ADAPTER_NAME = "default"
 LORA_PARAMETER_MARK = ".lora_"
+PEFT_PREFIX = "base_model.model."  # the keys of a PeftModel wrapping the UNet
 __all__ = ["LORA_TARGETS", "add_lora", "load_lora", "merge_lora", "save_lora"]
 
 
@@ -35,10 +37,12 @@ def add_lora(unet: torch.nn.Module, config) -> int:
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
-def save_lora(unet: torch.nn.Module, config, folder: Path) -> Path:
-    """Write the adapter in diffusers' ``save_lora_adapter`` format (fp32); returns the weights file."""
+def save_lora(unet: torch.nn.Module, config, folder: Path, base_model: str | None = None) -> Path:
+    """Write the adapter (fp32) in diffusers' ``save_lora_adapter`` format and in peft's ``save_pretrained`` layout
+    (``adapter_config.json`` + ``adapter_model.safetensors`` with ``base_model.model.`` keys, what
+    ``PeftModel.from_pretrained`` reads); returns the diffusers weights file."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE  # noqa: PLC0415 - diffusers loads only when a model is built
-    from peft.utils import get_peft_model_state_dict  # noqa: PLC0415 - peft loads only for LoRA
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict  # noqa: PLC0415 - peft loads only for LoRA
     from safetensors.torch import save_file  # noqa: PLC0415 - safetensors loads only with LoRA weights
 
     state = {key: value.detach().float().contiguous() for key, value in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
@@ -46,6 +50,9 @@ def save_lora(unet: torch.nn.Module, config, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LORA_WEIGHT_NAME_SAFE
     save_file(state, path, metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
+    save_file({f"{PEFT_PREFIX}{key}": value for key, value in state.items()}, folder / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(str(folder))
     return path
 
 

@@ -18,12 +18,12 @@ Accounting rules (all per GPU, GiB = 2**30 bytes):
   scaled_dot_product_attention to the flash kernel, so attention stores q, k, v, output and a logsumexp, as
   flash / memory-efficient attention does on a GPU, never an N x N score matrix.
 - vae_encode: the trainer's own encoding (svd_fast.training.objective.encode_posterior) of a batch, traced the
-  same way with SVD's AutoencoderKLTemporalDecoder in the VAE's training dtype: every frame, ``vae_encode_chunk``
+  same way with SVD's AutoencoderKLTemporalDecoder in the VAE's training dtype: every frame, ``data.vae_encode_chunk``
   at a time, when data is encoded on the fly; the conditioning frames only with precomputed latents.
-- validation (with ``validate_every``): the sampling copies (UNet and VAE in the training precision, the image
+- validation (with ``validation.every``): the sampling copies (UNet and VAE in the training precision, the image
   encoder when it lives on the CPU) plus the larger of one guided sampling step (the UNet's forward at batch 2,
   the validation frames) and diffusers' chunked decode (StableVideoDiffusionPipeline.decode_latents with
-  ``validation_decode_chunk``), both traced.
+  ``validation.decode_chunk``), both traced.
 - frozen_encoders: the VAE (SVD's temporal-decoder VAE, counted on the meta device) and CLIP image encoder the
   trainer keeps on the GPU in the training precision (with precomputed latents only the VAE).
 - zero_buffers: DeepSpeed's reduce and all-gather (ZeRO 1-2) or reduce and prefetch buckets (ZeRO-3), 16-bit, at
@@ -51,7 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from svd_fast.training.activation_checkpointing import enable_activation_checkpointing
-from svd_fast.training.config import TrainConfig
+from svd_fast.training.config import DeepSpeedSection, TrainConfig
 from svd_fast.training.deepspeed_import import import_deepspeed
 from svd_fast.training.lora import add_lora
 from svd_fast.training.objective import encode_posterior
@@ -131,18 +131,18 @@ def parameter_counts(unet_kwargs: dict, trained_parameters: str, lora: Any = Non
     return trained, frozen, largest
 
 
-def model_states_bytes(config: TrainConfig, total: int, largest: int, gpus: int, frozen: int = 0) -> int:
+def model_states_bytes(deepspeed: DeepSpeedSection, total: int, largest: int, gpus: int, frozen: int = 0) -> int:
     """DeepSpeed's estimate for the trained parameters, plus the frozen ones' 16-bit copies (ZeRO-3 shards them)."""
     import_deepspeed()  # its import logs to stdout otherwise, before --json output
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs  # noqa: PLC0415 - deepspeed (slow import) loads only when training runs
 
-    offload = config.offload_optimizer != "none"
-    if config.zero_stage == 3:
+    offload = deepspeed.offload_optimizer != "none"
+    if deepspeed.zero_stage == 3:
         _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=gpus, cpu_offload=offload,
-                                                          cpu_offload_params=config.offload_param != "none")
-        return int(gpu) + (0 if config.offload_param != "none" else 2 * frozen // gpus)
-    _, gpu = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=gpus if config.zero_stage else 1, cpu_offload=offload)
+                                                          cpu_offload_params=deepspeed.offload_param != "none")
+        return int(gpu) + (0 if deepspeed.offload_param != "none" else 2 * frozen // gpus)
+    _, gpu = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=gpus if deepspeed.zero_stage else 1, cpu_offload=offload)
     return int(gpu) + 2 * frozen
 
 
@@ -268,11 +268,11 @@ def _traced(name: str, *args: Any) -> int:
 def zero_buffer_bytes(config: TrainConfig, trained: int, total: int) -> int:
     """DeepSpeed's communication buckets (16-bit, at most the trained parameters each) and, for ZeRO-3, its
     gathered parameters (``stage3_max_live_parameters``, at most the whole model)."""
-    if config.zero_stage == 0:
+    if config.deepspeed.zero_stage == 0:
         return 0
-    second = "stage3_prefetch_bucket_size" if config.zero_stage == 3 else "allgather_bucket_size"
+    second = "stage3_prefetch_bucket_size" if config.deepspeed.zero_stage == 3 else "allgather_bucket_size"
     buckets = sum(min(config.zero_setting(name), trained) for name in ("reduce_bucket_size", second))
-    live = min(config.zero_setting("stage3_max_live_parameters"), total) if config.zero_stage == 3 else 0
+    live = min(config.zero_setting("stage3_max_live_parameters"), total) if config.deepspeed.zero_stage == 3 else 0
     return 2 * (buckets + live)
 
 
@@ -283,30 +283,31 @@ def plan_memory(config: TrainConfig, gpus: int = 1, unet_kwargs: dict | None = N
         raise ValueError(f"gpus must be >= 1, got {gpus}")
     if config.precision == "fp32":
         raise ValueError("precision: the memory plan models mixed precision (DeepSpeed's estimators assume 16-bit parameters); use bf16 or fp16")
-    unet_kwargs = {"num_frames": config.num_frames} if unet_kwargs is None else unet_kwargs
-    lora = config.lora() if config.trained_parameters == "lora" else None
+    data, deepspeed = config.data, config.deepspeed
+    unet_kwargs = {"num_frames": data.num_frames} if unet_kwargs is None else unet_kwargs
+    lora = config.peft_lora()
     total, frozen, largest = parameter_counts(unet_kwargs, config.trained_parameters, lora)
-    model_states = model_states_bytes(config, total, largest, gpus, frozen)
-    sharded = config.zero_stage >= 1 and gpus > 1
-    on_gpu = config.ema_decay > 0 and config.offload_optimizer == "none"  # with the optimizer offloaded the EMA is on the CPU
+    model_states = model_states_bytes(deepspeed, total, largest, gpus, frozen)
+    sharded = deepspeed.zero_stage >= 1 and gpus > 1
+    on_gpu = config.ema_decay > 0 and deepspeed.offload_optimizer == "none"  # with the optimizer offloaded the EMA is on the CPU
     ema = 4 * total / (gpus if sharded else 1) if on_gpu else 0
     dtype = COMPUTE_DTYPES[config.precision]
     vae_type = vae_dtype(config.precision, force_upcast=True)  # SVD's VAE config sets force_upcast
-    size, latent_hw = (config.height, config.width), (config.height // 8, config.width // 8)
-    activations = _traced("traced_activation_bytes", unet_kwargs, config.num_frames, latent_hw, config.batch_size, dtype,
+    size, latent_hw = (data.height, data.width), (data.height // 8, data.width // 8)
+    activations = _traced("traced_activation_bytes", unet_kwargs, data.num_frames, latent_hw, data.batch_size, dtype,
                           config.activation_checkpointing, lora)
     # On the fly every frame is encoded, chunk by chunk; with precomputed latents only the conditioning frames.
-    images = config.batch_size * (config.num_frames if config.latents_dir is None else 1)
-    encode_chunk = config.encode_chunk() if config.latents_dir is None else images
+    images = data.batch_size * (data.num_frames if data.latents_dir is None else 1)
+    encode_chunk = config.encode_chunk() if data.latents_dir is None else images
     vae_encode = _traced("traced_vae_bytes", images, size, vae_type, encode_chunk)
     vae_params, clip_bytes = vae_parameter_count(), IMAGE_ENCODER_PARAMS * dtype.itemsize
-    encoders = vae_params * vae_type.itemsize + (clip_bytes if config.latents_dir is None else 0)
-    frames = config.validation_num_frames or config.num_frames
+    encoders = vae_params * vae_type.itemsize + (clip_bytes if data.latents_dir is None else 0)
+    frames = config.validation_num_frames
     sampling = _traced("traced_sampling_step_bytes", unet_kwargs, frames, latent_hw, GUIDED_BATCH, dtype)
     decoding = _traced("traced_vae_bytes", frames, size, vae_type, config.decode_chunk(), True)
-    copies = (total + frozen) * dtype.itemsize + vae_params * vae_type.itemsize + (clip_bytes if config.latents_dir is not None else 0)
+    copies = (total + frozen) * dtype.itemsize + vae_params * vae_type.itemsize + (clip_bytes if data.latents_dir is not None else 0)
     validation = copies + max(sampling, decoding)
-    transient = max(activations, vae_encode, validation if config.validate_every else 0)
+    transient = max(activations, vae_encode, validation if config.validation.every else 0)
     zero_buffers = zero_buffer_bytes(config, total, total + frozen)
     nccl = NCCL_GIB * GIB if gpus > 1 else 0
     fragmentation = FRAGMENTATION * (model_states + transient)
@@ -319,10 +320,10 @@ def plan_memory(config: TrainConfig, gpus: int = 1, unet_kwargs: dict | None = N
         vae_encode_gib=gib(vae_encode), validation_gib=gib(validation), frozen_encoders_gib=gib(encoders),
         zero_buffers_gib=gib(zero_buffers), cuda_context_gib=CUDA_CONTEXT_GIB, nccl_gib=gib(nccl), workspaces_gib=round(WORKSPACES_GIB, 2),
         fragmentation_gib=gib(fragmentation), overhead_gib=gib(sum(fixed)), target_gpu_gib=target,
-        margin=None if target is None else round(1 - peak / target, 3), zero_stage=config.zero_stage, gpus=gpus, trained_params=total,
-        vae_params=vae_params, trained_parameters=config.trained_parameters, frames=config.num_frames, size=[config.height, config.width],
+        margin=None if target is None else round(1 - peak / target, 3), zero_stage=deepspeed.zero_stage, gpus=gpus, trained_params=total,
+        vae_params=vae_params, trained_parameters=config.trained_parameters, frames=data.num_frames, size=[data.height, data.width],
         activation_checkpointing=config.activation_checkpointing, vae_encode_chunk=encode_chunk,
-        validation=bool(config.validate_every), validation_decode_chunk=config.decode_chunk(),
+        validation=bool(config.validation.every), validation_decode_chunk=config.decode_chunk(),
     )
 
 

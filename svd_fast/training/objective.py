@@ -22,6 +22,9 @@ from svd_fast.sampling.denoiser import edm_scalings
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
+    """The training config's ``objective`` section: the noise-level distribution, the conditioning frame's noise
+    augmentation and the conditioning dropout."""
+
     p_mean: float = 0.7
     p_std: float = 1.6
     cond_aug_mean: float = -3.0  # ln of the conditioning frame's pixel-space noise level
@@ -32,14 +35,14 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         if self.p_std <= 0:
-            raise ValueError(f"p_std must be > 0, got {self.p_std}")
+            raise ValueError(f"objective.p_std must be > 0, got {self.p_std}")
         if self.cond_aug_std < 0:
-            raise ValueError(f"cond_aug_std must be >= 0, got {self.cond_aug_std}")
+            raise ValueError(f"objective.cond_aug_std must be >= 0, got {self.cond_aug_std}")
         for name in ("drop_image_embedding", "drop_both", "drop_cond_latent"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ValueError(f"objective.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.drop_image_embedding + self.drop_both + self.drop_cond_latent > 1.0:
-            raise ValueError("drop_image_embedding + drop_both + drop_cond_latent must be <= 1")
+            raise ValueError("objective.drop_image_embedding + drop_both + drop_cond_latent must be <= 1")
 
 
 @dataclass

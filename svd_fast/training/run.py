@@ -22,16 +22,18 @@ from typing import Any
 
 from svd_fast import _io
 from svd_fast.training.checkpoint import read_complete
+from svd_fast.training.config_layout import dotted, dotted_like
 
 LOGGER = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 # Keys that only say how to start or resume, not what is trained.
 NOT_IDENTITY = ("resume_from", "allow_other_run")
 FIXED_ON_RESUME = (
-    "model", "data", "latents_dir", "num_frames", "height", "width", "stride", "target_fps", "random_crop", "shuffle",
-    "on_short", "batch_size", "gradient_accumulation_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
-    "optimizer", "zero_stage", "offload_optimizer", "offload_param", "precision", "deepspeed_config", "trained_parameters",
-    "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "ema_decay", "seed",
+    "model", "data.path", "data.latents_dir", "data.num_frames", "data.height", "data.width", "data.stride", "data.target_fps",
+    "data.random_crop", "data.shuffle", "data.on_short", "data.batch_size", "optimizer.name", "optimizer.gradient_accumulation_steps",
+    "optimizer.weight_decay", "optimizer.adam_beta1", "optimizer.adam_beta2", "optimizer.adam_eps", "deepspeed.zero_stage",
+    "deepspeed.offload_optimizer", "deepspeed.offload_param", "deepspeed.config", "precision", "trained_parameters", "lora.rank",
+    "lora.alpha", "lora.dropout", "lora.target_modules", "lora.layers", "ema_decay", "seed",
 )  # fmt: skip
 
 
@@ -72,11 +74,14 @@ def check_same_run(checkpoint: Path, output_dir: Path, allow_other_run: bool) ->
 
 
 def changed_settings(checkpoint: Path, config_dict: dict[str, Any], report: bool = True) -> dict[str, tuple[Any, Any]]:
-    """Keys whose value differs from the config ``checkpoint`` was trained with: key -> (saved, now). A
-    change of a :data:`FIXED_ON_RESUME` key is a ValueError listing every such key."""
+    """Keys (``section.key``) whose value differs from the config ``checkpoint`` was trained with: key -> (saved,
+    now); a checkpoint's flat config (earlier releases) compares by the keys' new places. A change of a
+    :data:`FIXED_ON_RESUME` key is a ValueError listing every such key."""
     saved = read_complete(checkpoint).get("config")
     if not isinstance(saved, dict):
         return {}
+    config_dict = dotted(config_dict)
+    saved = dotted_like(saved, config_dict)
     changes = {key: (saved[key], value) for key, value in config_dict.items()
                if key in saved and key not in NOT_IDENTITY and saved[key] != value}  # fmt: skip
     fixed = [f"{key} {saved!r} -> {now!r}" for key, (saved, now) in changes.items() if key in FIXED_ON_RESUME]

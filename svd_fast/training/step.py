@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from svd_fast.training.config import TrainConfig
+from svd_fast.training.config import DataSection, TrainConfig
 from svd_fast.training.latents import stack_features
 from svd_fast.training.objective import ObjectiveConfig, TrainingBatch, edm_loss, encode_batch, sample_batch
 
@@ -70,21 +70,22 @@ class ClipStream:
         return samples
 
 
-def conditioning_values(samples: list[dict[str, Any]], config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    fps = torch.tensor([float(s.get("fps") or config.default_fps) for s in samples])
-    motion = torch.tensor([float(config.default_motion_bucket_id if s.get("motion_bucket_id") is None else s["motion_bucket_id"])
+def conditioning_values(samples: list[dict[str, Any]], data: DataSection) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples' fps and motion bucket ids, the data section's defaults where the data has none."""
+    fps = torch.tensor([float(s.get("fps") or data.default_fps) for s in samples])
+    motion = torch.tensor([float(data.default_motion_bucket_id if s.get("motion_bucket_id") is None else s["motion_bucket_id"])
                            for s in samples])
     return fps, motion
 
 
-def make_batch(samples: list[dict[str, Any]], config: TrainConfig, objective: ObjectiveConfig, pipe, device: torch.device,
+def make_batch(samples: list[dict[str, Any]], data: DataSection, objective: ObjectiveConfig, pipe, device: torch.device,
                generator: torch.Generator) -> TrainingBatch:
     """Decoded clips are encoded here; precomputed features (``svd-fast encode``) only sampled, with the same draws."""
-    fps, motion = conditioning_values(samples, config)
+    fps, motion = conditioning_values(samples, data)
     if "posterior_mean" in samples[0]:
         return sample_batch(stack_features(samples, device), fps, motion, pipe.vae, objective, generator)
     pixels = torch.stack([s["pixel_values"] for s in samples]).to(device)
-    return encode_batch(pixels, fps, motion, pipe.vae, pipe.image_encoder, pipe.feature_extractor, objective, generator, config.encode_chunk())
+    return encode_batch(pixels, fps, motion, pipe.vae, pipe.image_encoder, pipe.feature_extractor, objective, generator, data.encode_chunk())
 
 
 def sigma_bin_names(edges: list[float]) -> list[str]:
@@ -133,8 +134,8 @@ class StepRunner:
         self.device = device
         self.rank = rank
         self.micro_step = micro_step
-        self.objective: ObjectiveConfig = config.objective()
-        self.edges = torch.tensor(list(config.sigma_bins))
+        self.objective: ObjectiveConfig = config.objective
+        self.edges = torch.tensor(list(config.logging.sigma_bins))
         self._first_batch = True
 
     def _next_samples(self) -> list[dict[str, Any]]:
@@ -147,14 +148,15 @@ class StepRunner:
         config, engine, pipe = self.config, self.models.engine, self.models.pipeline
         bins = len(self.edges) + 1
         stats = StepStats(loss=0.0, lr=engine.get_lr()[0], samples=0, bin_sums=torch.zeros(bins), bin_counts=torch.zeros(bins))
-        for _ in range(config.gradient_accumulation_steps):
+        accumulation = config.optimizer.gradient_accumulation_steps
+        for _ in range(accumulation):
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.rank * 7_919 + self.micro_step)
-            batch = make_batch(self._next_samples(), config, self.objective, pipe, self.device, generator)
+            batch = make_batch(self._next_samples(), config.data, self.objective, pipe, self.device, generator)
             loss, per_sample = edm_loss(engine, batch, self.models.compute_dtype)
             engine.backward(loss)
             engine.step()
             self.micro_step += 1
-            stats.loss += loss.item() / config.gradient_accumulation_steps
+            stats.loss += loss.item() / accumulation
             per_sample = per_sample.float().cpu()
             which = torch.bucketize(batch.sigma.float().cpu(), self.edges)
             stats.bin_sums.index_add_(0, which, per_sample)

@@ -5,7 +5,8 @@ port). On a machine without CUDA it runs on the CPU with gloo. Every step is rep
 and dropout come from a generator seeded by (seed, rank, micro-step), so a resumed run continues exactly as an
 uninterrupted one. The phases live in their own modules: setup (checks, process group, engine), checkpoint
 (atomic saves, safe resumes), step (one optimiser step), log (train_log.jsonl), ema (sharded fp32 EMA),
-lora (peft adapters, ``trained_parameters: lora``) and validation (sample clips every ``validate_every`` steps).
+lora (peft adapters, ``trained_parameters: lora``) and validation (sample clips every ``validation.every`` steps);
+each receives its section of the config (svd_fast.training.config).
 """
 
 from __future__ import annotations
@@ -30,15 +31,17 @@ from svd_fast.training.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from svd_fast.training.config import TrainConfig
+from svd_fast.training.config import DataSection, LoggingSection, TrainConfig
 from svd_fast.training.ema import ShardedEMA, full_shapes, gather_full, local_master_fragments
 from svd_fast.training.latents import PrecomputedClips
 from svd_fast.training.log import TrainLog
 from svd_fast.training.lora import add_lora, merge_lora, save_lora
+from svd_fast.training.model_card import card_files
 from svd_fast.training.run import apply_learning_rate, changed_settings, check_same_run, current_identity, new_identity, write_identity
 from svd_fast.training.setup import CheckedInputs, Models, TrainInputError, build_models, check_inputs, resolve_device, setup_distributed
 from svd_fast.training.step import ClipStream, StepRunner, restore_rng_state, rng_state
-from svd_fast.training.validation import Validator
+from svd_fast.training.tracking import Tracker
+from svd_fast.training.validation import SamplingModel, Validator
 
 
 @dataclass
@@ -61,16 +64,30 @@ def as_config(config: TrainConfig | dict[str, Any] | str | Path) -> TrainConfig:
     return TrainConfig.from_file(config)
 
 
-def _open_dataset(config: TrainConfig, rank: int, world_size: int):
-    if config.latents_dir is not None:
-        return PrecomputedClips(config.latents_dir, config.shuffle, config.seed, rank, world_size)
-    from svd_fast.data import VideoClipDataset  # noqa: PLC0415 - decoders load on demand
+def open_dataset(data: DataSection, seed: int, rank: int, world_size: int, device: torch.device | None = None):
+    """This rank's clips: precomputed features (``data.latents_dir``) or decoded videos (``data.path``): NVDEC
+    decodes them on the GPU (``video_decoder: dali`` on a CUDA ``device``), DataLoader workers on the CPU
+    (``num_workers`` > 0), or the training loop itself (``num_workers: 0``)."""
+    if data.latents_dir is not None:
+        return PrecomputedClips(data.latents_dir, data.shuffle, seed, rank, world_size)
+    from svd_fast.data import VideoClipDataset, WorkerClips  # noqa: PLC0415 - defers av/cv2 (video decoding)
 
-    return VideoClipDataset(
-        config.data, num_frames=config.num_frames, size=(config.height, config.width), stride=config.stride,
-        target_fps=config.target_fps, random_crop=config.random_crop, shuffle=config.shuffle, seed=config.seed,
-        rank=rank, world_size=world_size, on_short=config.on_short, backend=config.video_decoder,
+    cuda = device is not None and device.type == "cuda"
+    nvdec = data.video_decoder == "dali" and cuda
+    dataset = VideoClipDataset(
+        data.path, num_frames=data.num_frames, size=(data.height, data.width), stride=data.stride,
+        target_fps=data.target_fps, random_crop=data.random_crop, shuffle=data.shuffle, seed=seed,
+        rank=rank, world_size=world_size, on_short=data.on_short, backend="auto" if nvdec else data.video_decoder,
+        decode_device="cuda" if nvdec else "cpu",
     )
+    if nvdec or data.num_workers == 0:
+        return dataset
+    return WorkerClips(dataset, data.num_workers, pin_memory=cuda, seed=seed * 1_000_003 + rank)
+
+
+def sampling_model(config: TrainConfig) -> SamplingModel:
+    """The pipeline validation samples the trained UNet in."""
+    return SamplingModel(config.model, config.model_variant, config.use_svd_fast_kernels, config.peft_lora(), config.precision)
 
 
 @dataclass
@@ -94,8 +111,8 @@ def train(config: TrainConfig | dict[str, Any] | str | Path) -> TrainResult:
         resume_path = resolve_resume(config.resume_from, output_dir)
         identity, changes = run_identity(config, config_dict, resume_path, output_dir)
     except ValueError as error:
-        raise TrainInputError(str(error)) from error
-    device = resolve_device(config)
+        raise TrainInputError(config.as_given(str(error))) from error
+    device = resolve_device(config.device)
     rank, world_size = setup_distributed(device)
     if rank == 0:
         _io.claim_folder(output_dir, "train", name="output_dir:")
@@ -134,10 +151,10 @@ def _train(config: TrainConfig, config_dict: dict[str, Any], checked: CheckedInp
     output_dir = Path(config.output_dir)
     if rank == 0:
         write_identity(output_dir, identity)
-    dataset = _open_dataset(config, rank, world_size)
+    dataset = open_dataset(config.data, config.seed, rank, world_size, device)
     models = build_models(config, device, checked.deepspeed_config)
     engine = models.engine
-    ema_device = torch.device("cpu") if config.offload_optimizer != "none" else None
+    ema_device = torch.device("cpu") if config.deepspeed.offload_optimizer != "none" else None
     ema = ShardedEMA(engine.module, config.ema_decay, ema_device) if config.ema_decay > 0 else None
 
     checkpoint_root = output_dir / "checkpoints"
@@ -152,17 +169,23 @@ def _train(config: TrainConfig, config_dict: dict[str, Any], checked: CheckedInp
             raise ValueError(f"resume_from: {resume_path} was written by {saved['world_size']} processes, this run has {world_size}")
         state = TrainerState(saved["step"], saved["micro_step"], list(saved["losses"]), saved["data_epoch"], saved["data_position"])
         restore_rng_state(saved["rng"])
-        if "learning_rate" in changes:
-            apply_learning_rate(engine, config.learning_rate)
+        if "optimizer.learning_rate" in changes:
+            apply_learning_rate(engine, config.optimizer.learning_rate)
         if ema is not None:
             if ema_state is None:
                 raise ValueError(f"resume_from: {resume_path} has no EMA ({EMA_FILE.format(rank=rank)}) but ema_decay > 0")
             ema.load_state_dict(ema_state)
         last_checkpoint = resume_path
-    stream = ClipStream(dataset, config.batch_size, state.data_epoch, state.data_position)
+    stream = ClipStream(dataset, config.data.batch_size, state.data_epoch, state.data_position)
     runner = StepRunner(config, models, stream, device, rank, state.micro_step)
-    log = TrainLog(output_dir / "train_log.jsonl", state.step, list(config.sigma_bins), world_size, device, rank, identity["run_id"])
-    validator = Validator(config, models.pipeline, device, output_dir, checked.validation_images) if config.validate_every and rank == 0 else None
+    logging = config.logging
+    tracker = Tracker(logging.report_to, output_dir, identity["run_id"], config_dict) if rank == 0 and logging.report_to != "none" else None
+    log = TrainLog(output_dir / "train_log.jsonl", state.step, list(logging.sigma_bins), world_size, device, rank, identity["run_id"], tracker)
+    validation = config.validation
+    validator = None
+    if validation.every and rank == 0:
+        validator = Validator(validation, config.data, config.seed, sampling_model(config), models.pipeline, device, output_dir,
+                              checked.validation_images)  # fmt: skip
 
     def checkpoint() -> Path:
         files: dict[str, Any] = {STATE_FILE.format(rank=rank): {
@@ -171,7 +194,8 @@ def _train(config: TrainConfig, config_dict: dict[str, Any], checked: CheckedInp
         }}
         if ema is not None:
             files[EMA_FILE.format(rank=rank)] = ema.state_dict()
-        return save_checkpoint(engine, checkpoint_root, state.step, files, rank, {"run": identity, "config": config_dict})
+        return save_checkpoint(engine, checkpoint_root, state.step, files, rank, {"run": identity, "config": config_dict},
+                               keep=logging.keep_checkpoints, keep_every=logging.keep_every)
 
     samples_seen, start, nonfinite_in_a_row = 0, time.perf_counter(), 0
     progress = tqdm(total=config.max_steps, initial=state.step, desc="train", unit="step", disable=rank != 0)
@@ -190,24 +214,30 @@ def _train(config: TrainConfig, config_dict: dict[str, Any], checked: CheckedInp
             kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None else "no checkpoint was saved"
             raise NonFiniteLossError(f"step {state.step}: the loss is {stats.loss} ({nonfinite_in_a_row} step(s) in a row, "
                                      f"max_nonfinite_steps: {config.max_nonfinite_steps}); training stopped, {kept} "
-                                     "(lower learning_rate, or raise max_nonfinite_steps where fp16 overflows skip steps)")
+                                     "(lower optimizer.learning_rate, or raise max_nonfinite_steps where fp16 overflows skip steps)")
         if ema is not None and finite:
             ema.update(engine.module)
         extra = {}
-        if config.validate_every and state.step % config.validate_every == 0:
+        if validation.every and state.step % validation.every == 0:
             trained_state = trained_full_state(engine.module, ema)  # a collective: every rank takes part
             if validator is not None:
                 extra["validation"] = validator.run(state.step, trained_state)
-        write = state.step % config.log_every == 0 or state.step == config.max_steps or bool(extra)
+        write = state.step % logging.log_every == 0 or state.step == config.max_steps or bool(extra)
         log.record(state.step, stats, write=write, extra=extra)
-        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and finite:
+        if logging.checkpoint_every and state.step % logging.checkpoint_every == 0 and finite:
             last_checkpoint = checkpoint()
     progress.close()
+    if tracker is not None:
+        tracker.close()
     elapsed = time.perf_counter() - start
     if (last_checkpoint is None or last_checkpoint.name != f"step_{state.step}") and nonfinite_in_a_row == 0:  # never lose the finished steps
         last_checkpoint = checkpoint()
 
-    export_path = export_pipeline(models, ema, config, output_dir / "pipeline", rank) if config.export else None
+    export_path = None
+    if logging.export:
+        cards = {kind: card_files(config, config_dict, kind) for kind in ("pipeline", "lora")} if rank == 0 else {}
+        export_path = export_pipeline(models, ema, sampling_model(config), logging, output_dir / "pipeline", rank,
+                                      extra_files=cards.get("pipeline"), lora_files=cards.get("lora"))
     torch.distributed.barrier()
     extra = {"lora": str(output_dir / "lora")} if export_path is not None and config.trained_parameters == "lora" else {}
     return TrainResult(
@@ -216,36 +246,39 @@ def _train(config: TrainConfig, config_dict: dict[str, Any], checked: CheckedInp
     )
 
 
-def export_pipeline(
-    models: Models, ema: ShardedEMA | None, config: TrainConfig, target: Path, rank: int, extra_files: dict[str, bytes] | None = None
-) -> Path:
+def export_pipeline(models: Models, ema: ShardedEMA | None, base: SamplingModel, logging: LoggingSection, target: Path, rank: int,
+                    extra_files: dict[str, bytes] | None = None, lora_files: dict[str, bytes] | None = None) -> Path:
     """Write a diffusers pipeline folder: the base pipeline's other components and the trained UNet, from the
-    fp32 master weights (or their EMA), and ``extra_files`` (name -> content) at its top, in the same atomic
-    replace. Frozen parameters keep the base pipeline's fp32 values. With
-    ``trained_parameters: lora`` the adapter is also written on its own (``lora`` beside ``target``, see
+    fp32 master weights (or their EMA, ``logging.export_ema``), and ``extra_files`` (name -> content: the model
+    card) at its top, in the same atomic replace (``lora_files`` likewise beside the adapter). Frozen parameters keep the base pipeline's fp32 values. With LoRA adapters
+    (``base.lora``) the adapter is also written on its own (``lora`` beside ``target``, see
     svd_fast.training.lora) and the pipeline's UNet has it merged. A collective."""
-    state = trained_full_state(models.engine.module, ema if config.export_ema else None)
+    state = trained_full_state(models.engine.module, ema if logging.export_ema else None)
     if rank == 0:
         from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415 - diffusers loads only when a model is built
 
-        unet = UNetSpatioTemporalConditionModel.from_pretrained(config.model, subfolder="unet", variant=config.model_variant,
-                                                                dtype=torch.float32)
-        if config.trained_parameters == "lora":
-            add_lora(unet, config.lora())
+        unet = UNetSpatioTemporalConditionModel.from_pretrained(base.model, subfolder="unet", variant=base.variant, dtype=torch.float32)
+        if base.lora is not None:
+            add_lora(unet, base.lora)
         _, unexpected = unet.load_state_dict(state, strict=False)
         if unexpected:
             raise RuntimeError(f"export: parameter names do not match the base UNet (unexpected {unexpected[:3]})")
-        if config.trained_parameters == "lora":
-            _io.replace_folder(target.with_name("lora"), "lora", lambda staging: save_lora(unet, config.lora(), staging), [config.model], name="lora export")
+        if base.lora is not None:
+            def write_lora(staging: Path) -> None:
+                save_lora(unet, base.lora, staging, base_model=base.model)
+                for name, content in (lora_files or {}).items():
+                    (staging / name).write_bytes(content)
+
+            _io.replace_folder(target.with_name("lora"), "lora", write_lora, [base.model], name="lora export")
             merge_lora(unet)
 
         def write_pipeline(staging: Path) -> None:
-            shutil.copytree(config.model, staging, ignore=shutil.ignore_patterns("unet", _io.MARKER), dirs_exist_ok=True)
+            shutil.copytree(base.model, staging, ignore=shutil.ignore_patterns("unet", _io.MARKER), dirs_exist_ok=True)
             unet.save_pretrained(staging / "unet", safe_serialization=True)
             for name, content in (extra_files or {}).items():
                 (staging / name).write_bytes(content)
 
-        _io.replace_folder(target, "pipeline", write_pipeline, [config.model], name="pipeline export")
+        _io.replace_folder(target, "pipeline", write_pipeline, [base.model], name="pipeline export")
     return target
 
 
