@@ -62,7 +62,7 @@ bench: setup
 # Wheels the GPU machine's image lacks (it has torch, triton, numpy, transformers, pillow, ...), for
 # bench/gpu_check.sh to install offline: diffusers only (a carried pillow would shadow the image's own).
 # Run where PyPI is reachable; .whl/ then travels with the job (the device tool's carry list); at most 40 MiB.
-GPU_WHEELS ?= diffusers==0.42.1
+GPU_WHEELS ?= diffusers==0.42.1 peft==0.21.0 accelerate==1.15.0
 gpu-wheels:
 	rm -rf .whl && mkdir -p .whl
 	for spec in $(GPU_WHEELS); do \

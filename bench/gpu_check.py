@@ -5,7 +5,7 @@
 
 Stages run in order of value, each in its own process group under a time box (a hang or a crash of one
 stage is recorded, its whole process group is killed, and the next stage runs): preflight, build,
-correctness, ops, pytest, unet_step, end_to_end, vae_decode, optical_flow. Stages write their records
+correctness, ops, pytest, unet_step, train_memory, end_to_end, vae_decode, optical_flow. Stages write their records
 and bulky files under the git-ignored WORK folder (build/gpu_check/); a stage that fails, however it
 fails, keeps the partial results it wrote as it went. DIR receives exactly three files: gpu_report.json,
 gpu_report.md (also printed at the end) and gpu_check_files.tar.gz (every stage record and log), so that
@@ -42,19 +42,22 @@ SITE_DIR = Path(os.environ.get("SVD_FAST_GPU_SITE", "/tmp/svd_fast_gpu_site"))
 # job's 8 minutes (bench/gpu_check.sh) to the wheel install and the packing of the results.
 BUDGETS = {
     "preflight": 15,
-    "build": 75,
-    "correctness": 40,
-    "ops": 60,
-    "pytest": 60,
+    "build": 65,
+    "correctness": 35,
+    "ops": 50,
+    "pytest": 50,
     "unet_step": 90,
-    "end_to_end": 60,
+    "train_memory": 45,
+    "end_to_end": 50,
     "vae_decode": 15,
     "optical_flow": 5,
 }
 STAGE_SECONDS = sum(BUDGETS.values())
 # Seconds kept after the stages for merging and packing the report.
 PACKING_SECONDS = 15
-NEEDS_CUDA = {"build", "unet_step", "end_to_end", "vae_decode"}
+NEEDS_CUDA = {"build", "unet_step", "train_memory", "end_to_end", "vae_decode"}
+# The training shape the train_memory stage measures: the one-GPU LoRA config's.
+TRAIN_MEMORY_CONFIG = ROOT / "configs" / "train_svd_xt_lora_1gpu.yaml"
 # A dry run's ops stage runs under the Triton interpreter, so that a CPU exercises the launch-plan variants.
 DRY_RUN_INTERPRETED = {"ops"}
 # End to end at a few steps (25 do not fit the box); the per-step time and its extrapolation are reported.
@@ -63,7 +66,7 @@ FULL_STEPS = 25
 PYTEST_KEYS = ("passed", "failed", "skipped", "errors")
 REPORT_KEYS = (
     "device", "torch", "triton", "copy_gbs", "stages", "pytest", "correctness", "ops", "fastest_plans",
-    "unet_step_ms", "end_to_end_s", "peak_reserved_gib", "vae_decode", "optical_flow_engine",
+    "unet_step_ms", "train_memory", "end_to_end_s", "peak_reserved_gib", "vae_decode", "optical_flow_engine",
 )  # fmt: skip
 
 
@@ -603,6 +606,58 @@ def stage_unet_step(work: Path, dry_run: bool) -> dict:
     return partial
 
 
+def stage_train_memory(work: Path, dry_run: bool) -> dict:
+    """One forward + backward of the full-size SVD-XT UNet at the one-GPU LoRA config's shape (frames, size,
+    batch, adapters, activation checkpointing), bf16, without DeepSpeed (gradients dropped once accumulated, as
+    DeepSpeed takes them into its buckets): the peak reserved memory above the weights, against the memory
+    plan's activation row for that config (traced after the measurement, on this machine's CPU)."""
+    _require_cuda(dry_run)
+    torch = _torch()
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from svd_fast.training import TrainConfig, memory_plan
+    from svd_fast.training.activation_checkpointing import enable_activation_checkpointing
+    from svd_fast.training.setup import select_trained_parameters
+
+    config = TrainConfig.from_file(TRAIN_MEMORY_CONFIG)
+    data, device, dtype = config.data, torch.device("cuda"), torch.bfloat16
+    lora = config.peft_lora()
+    with torch.device(device):
+        unet = UNetSpatioTemporalConditionModel(num_frames=data.num_frames)
+    select_trained_parameters(unet, config.trained_parameters, lora)
+    unet.to(device, dtype).train()
+    enable_activation_checkpointing(unet, config.activation_checkpointing)
+    for param in (p for p in unet.parameters() if p.requires_grad):
+        param.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    batch, latent_hw = data.batch_size, (data.height // 8, data.width // 8)
+    torch.cuda.synchronize(device)
+    weights_reserved, weights_allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    sample = torch.randn(batch, data.num_frames, unet.config.in_channels, *latent_hw, device=device, dtype=dtype)
+    embeds = torch.randn(batch, 1, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    time_ids = torch.tensor([[6.0, 127.0, 0.02]] * batch, device=device, dtype=dtype)
+    begin = time.perf_counter()
+    out = unet(sample, torch.ones(batch, device=device), encoder_hidden_states=embeds, added_time_ids=time_ids, return_dict=False)[0]
+    out.float().square().mean().backward()
+    torch.cuda.synchronize(device)
+    gib = 2**30
+    result: dict[str, object] = {
+        "config": TRAIN_MEMORY_CONFIG.name, "shape": [batch, data.num_frames, data.height, data.width],
+        "activation_checkpointing": config.activation_checkpointing, "step_s": round(time.perf_counter() - begin, 2),
+        "weights_gib": round(weights_allocated / gib, 2),
+        "peak_reserved_gib": round((torch.cuda.max_memory_reserved(device) - weights_reserved) / gib, 2),
+        "peak_allocated_gib": round((torch.cuda.max_memory_allocated(device) - weights_allocated) / gib, 2),
+        "planned_activations_gib": None,
+    }  # fmt: skip
+    _write_partial(work, {"train_memory": result})
+    del unet, out
+    planned = memory_plan.traced_activation_bytes({"num_frames": data.num_frames}, data.num_frames, latent_hw, batch, dtype,
+                                                  config.activation_checkpointing, lora)  # fmt: skip
+    result["planned_activations_gib"] = round(planned / gib, 2)
+    result["reserved_over_planned"] = round(result["peak_reserved_gib"] * gib / planned, 3)
+    return {"train_memory": result}
+
+
 def stage_status(work: Path, name: str) -> str:
     """Status of an earlier stage of this run ("missing" when it has no record)."""
     path = work / "stages" / f"{name}.json"
@@ -714,6 +769,7 @@ STAGES: dict[str, Callable[[Path, bool], dict]] = {
     "ops": stage_ops,
     "pytest": stage_pytest,
     "unet_step": stage_unet_step,
+    "train_memory": stage_train_memory,
     "end_to_end": stage_end_to_end,
     "vae_decode": stage_vae_decode,
     "optical_flow": stage_optical_flow,
@@ -880,7 +936,7 @@ def merge(work: Path) -> dict:
     report: dict[str, object] = {
         "device": None, "torch": None, "triton": None, "copy_gbs": None, "stages": {},
         "pytest": dict.fromkeys(PYTEST_KEYS, 0), "correctness": [], "ops": [], "fastest_plans": [],
-        "unet_step_ms": dict.fromkeys(("eager", "optimized", "optimized_cuda", "optimized_cuda_graphs")),
+        "unet_step_ms": dict.fromkeys(("eager", "optimized", "optimized_cuda", "optimized_cuda_graphs")), "train_memory": None,
         "end_to_end_s": {"eager": None, "optimized": None}, "peak_reserved_gib": {"eager": None, "optimized": None},
         "vae_decode": [], "optical_flow_engine": None, "variant_errors": {},
     }  # fmt: skip
@@ -923,6 +979,7 @@ def markdown(report: dict) -> str:
         if steps else f"SVD-XT end to end s: {report['end_to_end_s']}"
     )  # fmt: skip
     lines += ["", f"UNet step ms (25 frames, 576x1024, fp16, batch 2): {report['unet_step_ms']}",
+              f"training step memory (one-GPU LoRA config, bf16; GiB above the weights, plan's activation row): {report['train_memory']}",
               f"{end_to_end}; peak reserved GiB: {report['peak_reserved_gib']}",
               f"VAE decode: {report['vae_decode']}", f"optical-flow engine: {report['optical_flow_engine']}"]  # fmt: skip
     if report["variant_errors"]:

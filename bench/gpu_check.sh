@@ -3,7 +3,7 @@
 # packing), on a fresh GPU machine with no network. A failed job cannot be repeated in the same GPU slot.
 #
 # What travels with the working tree: the tree itself and the git-ignored folder .whl/, made by
-# `make gpu-wheels` where PyPI is reachable (diffusers only: the image has torch, triton, transformers,
+# `make gpu-wheels` where PyPI is reachable (diffusers, and peft + accelerate for the train_memory stage's LoRA: the image has torch, triton, transformers,
 # pillow, ...). With the device tool: carry [".whl"]. The command, from the repository root:
 #
 #   bash bench/gpu_check.sh --out "$OUT"              # every stage, time-boxed

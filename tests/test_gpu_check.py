@@ -22,9 +22,9 @@ import gpu_check  # noqa: E402
 
 REPORT_KEYS = {
     "device", "torch", "triton", "copy_gbs", "stages", "pytest", "correctness", "ops", "fastest_plans",
-    "unet_step_ms", "end_to_end_s", "peak_reserved_gib", "vae_decode", "optical_flow_engine",
+    "unet_step_ms", "train_memory", "end_to_end_s", "peak_reserved_gib", "vae_decode", "optical_flow_engine",
 }  # fmt: skip
-STAGES = {"preflight", "build", "pytest", "correctness", "ops", "unet_step", "end_to_end", "vae_decode", "optical_flow"}
+STAGES = {"preflight", "build", "pytest", "correctness", "ops", "unet_step", "train_memory", "end_to_end", "vae_decode", "optical_flow"}
 
 
 @pytest.mark.slow
@@ -71,7 +71,7 @@ def test_dry_run_writes_three_files_with_the_full_report(tmp_path: Path) -> None
 
 
 def test_the_stage_boxes_fit_the_jobs_eight_minutes() -> None:
-    assert gpu_check.STAGE_SECONDS <= 420 and gpu_check.BUDGETS["unet_step"] >= 90
+    assert gpu_check.STAGE_SECONDS <= 420 and gpu_check.BUDGETS["unet_step"] >= 90 and gpu_check.BUDGETS["train_memory"] <= 45
     shell = (ROOT / "bench" / "gpu_check.sh").read_text()
     assert "job_seconds=480" in shell and "--no-compile" in shell
 
@@ -185,3 +185,27 @@ def test_pytest_counts_include_collection_errors() -> None:
     # Cut short before the summary: the header still announces the module that failed to collect.
     header_only = "collected 120 items / 1 error / 12 deselected / 108 selected\n\ntests/test_a.py::test_a PASSED\n"
     assert gpu_check.pytest_counts(header_only)["errors"] == 1
+
+
+def test_the_train_memory_stage_reports_its_measurement_against_the_plan(tmp_path: Path, monkeypatch) -> None:
+    """Wiring of the train_memory stage (the measurement itself needs a GPU): skipped with its reason without
+    CUDA; a measurement written before the plan's trace fails keeps its numbers in the report."""
+    (tmp_path / "stages").mkdir()
+    monkeypatch.setenv("SVD_FAST_GPU_CHECK_STAGE", "train_memory")
+    assert "train_memory" in gpu_check.NEEDS_CUDA and gpu_check.TRAIN_MEMORY_CONFIG.is_file()
+    assert gpu_check.run_stage("train_memory", tmp_path, dry_run=True) == 0
+    skipped = json.loads((tmp_path / "stages" / "train_memory.json").read_text())
+    assert skipped["status"] == "skipped" and "needs a CUDA device" in skipped["error"]
+
+    measured = {"config": gpu_check.TRAIN_MEMORY_CONFIG.name, "peak_reserved_gib": 15.9, "planned_activations_gib": None}
+
+    def measure_then_break(work: Path, dry_run: bool) -> dict:
+        gpu_check._write_partial(work, {"train_memory": measured})
+        raise RuntimeError("the plan's trace broke")
+
+    monkeypatch.setitem(gpu_check.STAGES, "train_memory", measure_then_break)
+    assert gpu_check.run_stage("train_memory", tmp_path, dry_run=False) == 1
+    record = gpu_check.run_stage_process(tmp_path, "train_memory", [sys.executable, "-c", "pass"], 60, dict(os.environ))
+    assert record["status"] == "failed" and record["results"]["train_memory"] == measured
+    report = gpu_check.merge(tmp_path)
+    assert report["train_memory"] == measured and "training step memory" in gpu_check.markdown(report)

@@ -122,6 +122,7 @@ def test_loss_decreases_when_overfitting_one_clip(workdir: Path) -> None:
     records = [json.loads(line) for line in result.log_path.read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
     assert all(r["samples_per_s"] > 0 and r["memory_mb"] > 0 and r["sigma_binned_loss"] for r in records)
+    assert all(r["memory_reserved_mb"] is None for r in records)  # no caching allocator on the CPU
 
 
 def _free_port() -> int:

@@ -36,6 +36,23 @@ SELF_ATTENTION_ONLY = ("to_q", "to_k")
 # The layers SVD added to the image model (what `trained_parameters: temporal` trains, and `lora.layers: temporal` adapts).
 TEMPORAL_PARAMETER = re.compile(r"temporal_transformer_blocks|temporal_res_block|time_mixer|time_pos_embed")
 LORA_LAYERS = ("all", "temporal", "spatial")
+# DeepSpeed's defaults for the zero_optimization keys the config may set (deepspeed.runtime.zero.config).
+DEEPSPEED_DEFAULTS = {
+    "reduce_bucket_size": 500_000_000,
+    "allgather_bucket_size": 500_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+}
+
+
+def default_vae_chunk(frames: int) -> int:
+    """A quarter of the clip's frames (at least 1). The VAE's peak grows with the frames it holds at once
+    (bf16 at 576x1024, traced: 0.70 GiB per frame to encode, 1.13 to decode) and so do the UNet's activations
+    (0.63-0.74 GiB per frame with activation_checkpointing: all, its leanest mode, 9.3 GiB for a 25-frame
+    guided sampling step): a quarter of the frames keeps encoding under the training step's activations and
+    decoding under the sampling step's, at any size (svd-fast train --plan-memory shows the rows)."""
+    return max(1, (frames + 3) // 4)
 
 
 @dataclass
@@ -89,6 +106,9 @@ class DataSection(Section):
     num_workers: int = 2
     default_fps: float = 7.0  # used when the data has no fps (the clip's fps after target_fps resampling wins)
     default_motion_bucket_id: float = 127.0  # used when the manifest has no motion_bucket_id column
+    # Frames the frozen VAE encodes at once in the training loop (data encoded on the fly); default:
+    # default_vae_chunk(num_frames).
+    vae_encode_chunk: int | None = None
 
     def check(self) -> None:
         for name in ("num_frames", "height", "width", "batch_size"):
@@ -100,12 +120,17 @@ class DataSection(Section):
             self.require(getattr(self, name) is None or getattr(self, name) > 0, name, "> 0")
         self.require(self.video_decoder in ("auto", "pyav", "dali"), "video_decoder", "auto, pyav or dali")
         self.require(self.num_workers >= 0, "num_workers", "an integer >= 0")
+        self.require(self.vae_encode_chunk is None or self.vae_encode_chunk >= 1, "vae_encode_chunk", "a positive integer")
         if self.height % 8 or self.width % 8:
             raise ValueError(f"data.height and data.width must be multiples of 8 (VAE downsampling), got {self.height}x{self.width}")
         self.rule("num_frames", "height", "width", "batch_size", "default_fps", "default_motion_bucket_id", "target_fps", "stride")
 
     def sources(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else list(self.path)
+
+    def encode_chunk(self) -> int:
+        """Frames the VAE encodes at once in the training loop."""
+        return self.vae_encode_chunk or default_vae_chunk(self.num_frames)
 
 
 @dataclass
@@ -144,9 +169,18 @@ class DeepSpeedSection(Section):
     offload_optimizer: str = "none"
     offload_param: str = "none"  # ZeRO-3 only
     config: str | None = None  # a DeepSpeed JSON merged with the keys this config derives (conflicts are errors)
+    # ZeRO communication buckets and ZeRO-3's gathered parameters, in elements (None: DeepSpeed's default, DEEPSPEED_DEFAULTS):
+    # each is GPU memory the plan counts (svd_fast.training.memory_plan).
+    reduce_bucket_size: int | None = None
+    allgather_bucket_size: int | None = None  # ZeRO 1-2
+    stage3_prefetch_bucket_size: int | None = None
+    stage3_max_live_parameters: int | None = None
+    stage3_max_reuse_distance: int | None = None
 
     def check(self) -> None:
         self.require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3")
+        for name in DEEPSPEED_DEFAULTS:
+            self.require(getattr(self, name) is None or getattr(self, name) >= 1, name, "a positive integer")
         for name in ("offload_optimizer", "offload_param"):
             self.require(getattr(self, name) in OFFLOAD_DEVICES, name, f"one of {OFFLOAD_DEVICES}")
         if self.offload_param != "none" and self.zero_stage != 3:
@@ -196,8 +230,10 @@ class ValidationSection(Section):
     images: list[str] = field(default_factory=list)  # image files (first frames held out of the training data)
     num_frames: int | None = None  # default: data.num_frames
     inference_steps: int = 25
+    decode_chunk: int | None = None  # frames the VAE decodes at once (default: default_vae_chunk(num_frames))
 
     def check(self) -> None:
+        self.require(self.decode_chunk is None or self.decode_chunk >= 1, "decode_chunk", "a positive integer")
         self.require(self.every >= 0, "every", "an integer >= 0")
         self.require(self.inference_steps >= 1, "inference_steps", "a positive integer")
         self.require(self.num_frames is None or self.num_frames >= 1, "num_frames", "a positive integer")
@@ -243,6 +279,7 @@ class TrainConfig:
     trained_parameters: str = "full"  # full | temporal (the layers SVD added to the image model, see TEMPORAL_PARAMETER) | lora
     activation_checkpointing: str = "none"  # none | temporal | resnets | all (svd_fast.training.activation_checkpointing)
     use_svd_fast_kernels: bool = True
+    target_gpu_gib: float | None = None  # the GPU memory the config is made for: --plan-memory reports its margin (None: CPU configs)
     ema_decay: float = 0.0  # 0 disables EMA
     resume_from: str | None = None  # a checkpoint dir written by this trainer, or "latest" (in output_dir)
     allow_other_run: bool = False  # resume_from: latest may continue a checkpoint of another run in output_dir
@@ -261,6 +298,8 @@ class TrainConfig:
         for name in ("max_steps", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.target_gpu_gib is not None and not self.target_gpu_gib > 0:
+            raise ValueError(f"target_gpu_gib must be > 0, got {self.target_gpu_gib!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         choices = {"precision": PRECISIONS, "device": ("auto", "cpu", "cuda"), "activation_checkpointing": ACTIVATION_CHECKPOINTING,
@@ -275,6 +314,19 @@ class TrainConfig:
     @property
     def validation_num_frames(self) -> int:
         return self.validation.num_frames or self.data.num_frames
+
+    def encode_chunk(self) -> int:
+        """Frames the VAE encodes at once in the training loop."""
+        return self.data.encode_chunk()
+
+    def decode_chunk(self) -> int:
+        """Frames the VAE decodes at once when sampling a validation clip."""
+        return self.validation.decode_chunk or default_vae_chunk(self.validation_num_frames)
+
+    def zero_setting(self, name: str) -> int:
+        """A ZeRO bucket or live-parameter setting: the config's, else DeepSpeed's default."""
+        value = getattr(self.deepspeed, name)
+        return DEEPSPEED_DEFAULTS[name] if value is None else value
 
     def peft_lora(self):
         """The peft LoraConfig of ``trained_parameters: lora``, else None."""

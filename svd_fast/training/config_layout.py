@@ -24,6 +24,7 @@ RENAMED = {
     "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target_modules": "lora.target_modules", "lora_layers": "lora.layers",
     "validate_every": "validation.every", "validation_images": "validation.images",
     "validation_num_frames": "validation.num_frames", "validation_inference_steps": "validation.inference_steps",
+    "validation_decode_chunk": "validation.decode_chunk",
 }  # fmt: skip
 FLAT_NAME = {new: old for old, new in RENAMED.items()}
 

@@ -17,6 +17,9 @@ SCALAR_KEYS: dict[tuple[str, ...], str] = {
     ("zero_optimization", "stage"): "deepspeed.zero_stage",
     ("zero_optimization", "offload_optimizer", "device"): "deepspeed.offload_optimizer",
     ("zero_optimization", "offload_param", "device"): "deepspeed.offload_param",
+    **{("zero_optimization", name): f"deepspeed.{name}" for name in (
+        "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+    )},  # fmt: skip
     ("optimizer", "params", "lr"): "optimizer.learning_rate",
     ("optimizer", "params", "eps"): "optimizer.adam_eps",
     ("optimizer", "params", "weight_decay"): "optimizer.weight_decay",
@@ -80,6 +83,8 @@ def adopt_deepspeed_values(values: dict[str, Any]) -> dict[str, Any]:
         return key in values.get(section, {}) if dot else name in values
 
     def take(name: str, value: Any) -> None:
+        if isinstance(value, float) and value.is_integer() and name.endswith(("_size", "_parameters", "_distance")):
+            value = int(value)  # DeepSpeed JSONs write bucket sizes as 5e8
         if value is _MISSING or written(name):
             return
         section, dot, key = name.partition(".")

@@ -359,4 +359,6 @@ def plan_distill_memory(config: DistillConfig, gpus: int = 1, unet_kwargs: dict 
     copies = 2 * 2 * (trained + frozen) / 2**30
     plan["teacher_and_target_gib"] = round(copies, 2)
     plan["per_gpu_peak_gib"] = round(plan["per_gpu_peak_gib"] + copies, 2)
+    if plan["target_gpu_gib"] is not None:
+        plan["margin"] = round(1 - plan["per_gpu_peak_gib"] / plan["target_gpu_gib"], 3)
     return plan

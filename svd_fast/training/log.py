@@ -37,6 +37,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (KiB on Linux)
 
 
+def peak_reserved_mb(device: torch.device) -> float | None:
+    """The caching allocator's peak reserved memory (what the GPU must hold, and what ``svd-fast train
+    --plan-memory`` plans); None on the CPU, which has no such allocator."""
+    return torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
+
+
 class TrainLog:
     def __init__(self, path: Path, start_step: int, sigma_bins: list[float], world_size: int, device: torch.device, rank: int,
                  run_id: str = "", tracker: Tracker | None = None) -> None:
@@ -69,6 +75,7 @@ class TrainLog:
             "lr": stats.lr,
             "samples_per_s": self._interval_samples * self.world_size / max(now - self._interval_start, 1e-9),
             "memory_mb": peak_memory_mb(self.device),
+            "memory_reserved_mb": peak_reserved_mb(self.device),
             "sigma_binned_loss": {
                 name: (s / c).item() for name, s, c in zip(self.bin_names, stats.bin_sums, stats.bin_counts) if c > 0
             },

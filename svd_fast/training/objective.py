@@ -91,19 +91,33 @@ class ClipFeatures:
 
 
 @torch.no_grad()
-def encode_clip_features(pixel_values: torch.Tensor, vae, image_encoder, feature_extractor) -> ClipFeatures:
-    """Encode ``pixel_values`` (B, F, 3, H, W) in [-1, 1] with the frozen VAE and CLIP image encoder."""
+def encode_posterior(images: torch.Tensor, vae, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's fp32 mean and std of ``images`` (N, 3, H, W), encoded ``chunk`` images at a time
+    (all at once when None), in the VAE's dtype. SVD's encoder sees each image alone (its temporal layers are
+    in the decoder), so chunks only bound the memory: the encoder's peak grows with the images it holds."""
+    vae_dtype = next(vae.parameters()).dtype
+    means, stds = [], []
+    for piece in images.split(chunk or images.shape[0]):
+        posterior = vae.encode(piece.to(vae_dtype)).latent_dist
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def encode_clip_features(pixel_values: torch.Tensor, vae, image_encoder, feature_extractor, chunk: int | None = None) -> ClipFeatures:
+    """Encode ``pixel_values`` (B, F, 3, H, W) in [-1, 1] with the frozen VAE (``chunk`` frames at a time) and
+    CLIP image encoder."""
     if pixel_values.dim() != 5 or pixel_values.shape[2] != 3:
         raise ValueError(f"pixel_values must be (B, F, 3, H, W), got {tuple(pixel_values.shape)}")
     batch, frames = pixel_values.shape[:2]
-    vae_dtype = next(vae.parameters()).dtype
-    posterior = vae.encode(pixel_values.flatten(0, 1).to(vae_dtype)).latent_dist
+    mean, std = encode_posterior(pixel_values.flatten(0, 1), vae, chunk)
     first = pixel_values[:, 0].float()
     clip_dtype = next(image_encoder.parameters()).dtype
     image_embeds = image_encoder(clip_pixel_values(first, feature_extractor).to(clip_dtype)).image_embeds
     return ClipFeatures(
-        posterior_mean=posterior.mean.float().unflatten(0, (batch, frames)),
-        posterior_std=posterior.std.float().unflatten(0, (batch, frames)),
+        posterior_mean=mean.unflatten(0, (batch, frames)),
+        posterior_std=std.unflatten(0, (batch, frames)),
         image_embeds=image_embeds.unsqueeze(1).float(),
         first_frame=first,
     )
@@ -119,10 +133,12 @@ def encode_batch(
     feature_extractor,
     config: ObjectiveConfig,
     generator: torch.Generator,
+    chunk: int | None = None,
 ) -> TrainingBatch:
     """Draw noise / noise levels / dropout from ``generator`` (on the CPU, so runs are reproducible on any
-    device) and encode ``pixel_values`` (B, F, 3, H, W) in [-1, 1] with the frozen VAE and CLIP encoder."""
-    features = encode_clip_features(pixel_values, vae, image_encoder, feature_extractor)
+    device) and encode ``pixel_values`` (B, F, 3, H, W) in [-1, 1] with the frozen VAE (``chunk`` frames at a
+    time) and CLIP encoder."""
+    features = encode_clip_features(pixel_values, vae, image_encoder, feature_extractor, chunk)
     return sample_batch(features, fps, motion_bucket_id, vae, config, generator)
 
 

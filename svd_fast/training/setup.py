@@ -17,7 +17,7 @@ from svd_fast import _io
 from svd_fast.data.clips import clip_frame_indices, sources_from
 from svd_fast.data.decode import probe_video
 from svd_fast.training.activation_checkpointing import enable_activation_checkpointing
-from svd_fast.training.config import TEMPORAL_PARAMETER, DataSection, DeepSpeedSection, OptimizerSection, TrainConfig
+from svd_fast.training.config import DEEPSPEED_DEFAULTS, TEMPORAL_PARAMETER, DataSection, DeepSpeedSection, OptimizerSection, TrainConfig
 from svd_fast.training.deepspeed_import import import_deepspeed
 from svd_fast.training.deepspeed_json import read_deepspeed_json, without_auto, world_size
 from svd_fast.training.latents import check_latents_dir, model_identity
@@ -174,6 +174,9 @@ def derived_deepspeed_config(deepspeed: DeepSpeedSection, optimizer: OptimizerSe
         zero["offload_optimizer"] = {"device": deepspeed.offload_optimizer}
     if deepspeed.offload_param != "none":
         zero["offload_param"] = {"device": deepspeed.offload_param}
+    for name in DEEPSPEED_DEFAULTS:
+        if getattr(deepspeed, name) is not None:
+            zero[name] = getattr(deepspeed, name)
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": optimizer.gradient_accumulation_steps,
@@ -277,6 +280,15 @@ def select_trained_parameters(unet: torch.nn.Module, trained: str, lora: Any = N
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def vae_dtype(precision: str, force_upcast: bool) -> torch.dtype:
+    """The frozen VAE's dtype: the training precision, except fp16 for a VAE whose config says it overflows in
+    fp16 (``force_upcast``, as SVD's does: diffusers' pipeline upcasts it to fp32 too)."""
+    return torch.float32 if precision == "fp16" and force_upcast else COMPUTE_DTYPES[precision]
+
+
 def build_optimizer(optimizer: OptimizerSection, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
     """torch's AdamW for ``optimizer.name: adamw_torch`` (no DeepSpeed op to JIT-build: FusedAdam/CPUAdam compile on
     first use), bitsandbytes' block-wise 8-bit AdamW for ``adamw8bit`` (2 bytes of optimizer state per trained
@@ -317,8 +329,11 @@ def build_models(config: TrainConfig, device: torch.device, deepspeed_config: di
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
     pipe = StableVideoDiffusionPipeline.from_pretrained(config.model, dtype=torch.float32, variant=config.model_variant)
-    pipe.vae.to(device).eval().requires_grad_(False)
-    pipe.image_encoder.eval().requires_grad_(False)
+    compute_dtype = COMPUTE_DTYPES[config.precision]
+    # The frozen encoders run in the training precision (the UNet's compute dtype): half the memory of fp32 for
+    # their weights and the VAE's activations (the memory plan's frozen_encoders and vae_encode rows).
+    pipe.vae.to(device, vae_dtype(config.precision, pipe.vae.config.force_upcast)).eval().requires_grad_(False)
+    pipe.image_encoder.to(dtype=compute_dtype).eval().requires_grad_(False)
     if config.data.latents_dir is None:  # with precomputed latents the image encoder is not used in the loop
         pipe.image_encoder.to(device)
     unet = pipe.unet
@@ -332,5 +347,4 @@ def build_models(config: TrainConfig, device: torch.device, deepspeed_config: di
         model=unet, model_parameters=trained if optimizer is None else None, optimizer=optimizer,
         lr_scheduler=warmup_schedule(config.optimizer.warmup_steps), config=deepspeed_config,
     )
-    compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
     return Models(pipeline=pipe, engine=engine, kernel_status=kernel_status, compute_dtype=compute_dtype)

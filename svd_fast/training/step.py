@@ -85,7 +85,7 @@ def make_batch(samples: list[dict[str, Any]], data: DataSection, objective: Obje
     if "posterior_mean" in samples[0]:
         return sample_batch(stack_features(samples, device), fps, motion, pipe.vae, objective, generator)
     pixels = torch.stack([s["pixel_values"] for s in samples]).to(device)
-    return encode_batch(pixels, fps, motion, pipe.vae, pipe.image_encoder, pipe.feature_extractor, objective, generator)
+    return encode_batch(pixels, fps, motion, pipe.vae, pipe.image_encoder, pipe.feature_extractor, objective, generator, data.encode_chunk())
 
 
 def sigma_bin_names(edges: list[float]) -> list[str]:

@@ -87,7 +87,7 @@ def open_dataset(data: DataSection, seed: int, rank: int, world_size: int, devic
 
 def sampling_model(config: TrainConfig) -> SamplingModel:
     """The pipeline validation samples the trained UNet in."""
-    return SamplingModel(config.model, config.model_variant, config.use_svd_fast_kernels, config.peft_lora())
+    return SamplingModel(config.model, config.model_variant, config.use_svd_fast_kernels, config.peft_lora(), config.precision)
 
 
 @dataclass

@@ -4,11 +4,11 @@ pipeline ``svd-fast generate`` runs (diffusers' StableVideoDiffusionPipeline, op
 ``use_svd_fast_kernels``), written as ``OUTPUT_DIR/validation/step_NNNNNN/image_I.mp4`` (the step's folder
 appears whole, by rename) and named in that step's train_log.jsonl record.
 
-The sampling UNet is a separate fp32 copy of the base UNet (with the LoRA adapters in ``lora`` mode), and the
-VAE a copy of the training one (svd_fast's ``optimize`` patches the VAE too, and the training VAE must keep
-encoding exactly as it did, for bit-exact resumes): both are kept on the CPU between validations and on the
-training device only while they sample, so validation adds one fp32 UNet and VAE of device memory (not counted
-by the memory plan).
+The sampling UNet is a separate copy of the base UNet in the training precision (with the LoRA adapters in
+``lora`` mode), and the VAE a copy of the training one (svd_fast's ``optimize`` patches the VAE too, and the
+training VAE must keep encoding exactly as it did, for bit-exact resumes): both are kept on the CPU between
+validations and on the training device only while they sample, which decodes ``validation.decode_chunk``
+frames at a time. The memory plan's ``validation`` row counts them (svd_fast.training.memory_plan).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from svd_fast import _io, media
-from svd_fast.training.config import DataSection, ValidationSection
+from svd_fast.training.config import DataSection, ValidationSection, default_vae_chunk
 from svd_fast.training.lora import add_lora
 
 VALIDATION_DIR = "validation"
@@ -42,12 +42,13 @@ def load_validation_images(validation: ValidationSection, data: DataSection) -> 
 @dataclass(frozen=True)
 class SamplingModel:
     """The pipeline validation samples with: the base pipeline folder, its weights variant, svd_fast's kernels,
-    and the LoRA adapters (a peft LoraConfig) when those are trained."""
+    the LoRA adapters (a peft LoraConfig) when those are trained, and the UNet's dtype."""
 
     model: str
     variant: str | None = None
     optimized: bool = True
     lora: Any = None
+    dtype: str = "fp32"  # the sampling UNet's dtype: the trainer samples in its training precision
 
 
 class Validator:
@@ -72,7 +73,7 @@ class Validator:
         self._pipeline = None
 
     def _sampling_pipeline(self):
-        """Built on first use: the base pipeline's frozen parts around a fresh fp32 UNet."""
+        """Built on first use: the base pipeline's frozen parts around a fresh UNet in ``sampling.dtype``."""
         if self._pipeline is None:
             from svd_fast.diffusers.generation import load_optimized_pipeline  # noqa: PLC0415 - diffusers loads only when a model is built
 
@@ -81,7 +82,7 @@ class Validator:
                 "scheduler": copy.deepcopy(self.scheduler or self.base.scheduler), "feature_extractor": self.base.feature_extractor,
             }  # fmt: skip
             sampling = self.sampling
-            pipe = load_optimized_pipeline(sampling.model, optimized=sampling.optimized, progress=False, variant=sampling.variant,
+            pipe = load_optimized_pipeline(sampling.model, dtype=sampling.dtype, optimized=sampling.optimized, progress=False, variant=sampling.variant,
                                            components=components)  # fmt: skip
             if sampling.lora is not None:
                 add_lora(pipe.unet, sampling.lora)
@@ -113,7 +114,7 @@ class Validator:
                     frames = pipe(
                         image, height=data.height, width=data.width, num_frames=frames_per_clip,
                         num_inference_steps=self.settings.inference_steps, fps=fps,
-                        motion_bucket_id=round(data.default_motion_bucket_id), decode_chunk_size=frames_per_clip,
+                        motion_bucket_id=round(data.default_motion_bucket_id), decode_chunk_size=self.settings.decode_chunk or default_vae_chunk(frames_per_clip),
                         generator=torch.Generator().manual_seed(self.seed + index), **self.call_options,
                     ).frames[0]
                     media.write_frames(frames, staging / name, fps=fps)
