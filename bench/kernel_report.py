@@ -274,8 +274,8 @@ def _elements_per_program(launch: _triton.Launch) -> int | None:
     kwargs = launch.kwargs
     if "BLOCK_S" in kwargs:
         return kwargs["BLOCK_G"] * kwargs["BLOCK_C"] * kwargs["BLOCK_S"]
-    if "POSITIONS" in kwargs:
-        return kwargs["BLOCK"]
+    if "POSITIONS" in kwargs:  # the one-pass group, not its padding
+        return kwargs["D"] * kwargs["FRAMES"] * kwargs["POSITIONS"]
     if "BLOCK" in kwargs and launch.kernel.__name__ != "_combine_stats_kernel":
         return kwargs["BLOCK"]
     if "BLOCK_P" in kwargs:
@@ -289,14 +289,13 @@ def _idle_lane_fraction(launch: _triton.Launch, elements: int | None, threads: i
     kwargs = launch.kwargs
     if elements is None:
         return None
-    valid = elements
+    lanes, valid = elements, elements
     if "EVEN_S" in kwargs and not kwargs["EVEN_S"]:
         positions = launch.args[launch.kernel.arg_names.index("positions")]
         valid = elements * positions // (triton.cdiv(positions, kwargs["BLOCK_S"]) * kwargs["BLOCK_S"])
     elif "POSITIONS" in kwargs:
-        valid = kwargs["D"] * kwargs["FRAMES"] * kwargs["POSITIONS"]
-    # A tile with fewer elements than threads leaves the extra threads without one.
-    return round(1.0 - valid / max(elements, threads), 4)
+        lanes = kwargs["BLOCK"]
+    return round(1.0 - valid / max(lanes, threads), 4)
 
 
 def triton_rows(targets: list[str]) -> list[dict]:
