@@ -305,8 +305,9 @@ def correctness_shapes(dry_run: bool) -> dict:
     if dry_run:
         return {"group_norm": [(4, 64, 8, 16)], "group_norm_5d": (2, 64, 3, 8, 16), "attention": (2, 3, 16, 2, 64), "edm": (1, 3, 4, 8, 16)}
     return {
-        # The UNet's top-level resnets (SVD-XT, CFG batch 2) and the VAE decoder at decode_chunk_size=25 (> 2^31 elements).
-        "group_norm": [(50, 320, 72, 128), (25, 256, 576, 1024)],
+        # The UNet's top-level resnets (SVD-XT, CFG batch 2), a deep level (the one-pass plan's) and the VAE decoder
+        # at decode_chunk_size=25 (> 2^31 elements).
+        "group_norm": [(50, 320, 72, 128), (50, 1280, 18, 32), (25, 256, 576, 1024)],
         "group_norm_5d": (2, 320, 25, 72, 128),  # the temporal resnets' permuted view
         "attention": (2, 25, 9216, 5, 64),  # (B, F, S, heads, D): 18,432 positions x 25 frames
         "edm": (1, 25, 4, 72, 128),
@@ -400,9 +401,12 @@ def _torch_edm_step(x, uncond, cond, sigma: float, sigma_next: float, guidance):
 
 # Launch-plan variants the ops stage times (through each Triton module's launch_plan_override), so that one
 # GPU job can set the defaults: temporal attention (BLOCK_P positions per program, warps) and GroupNorm's
-# tile size in elements.
+# two-pass tile size in elements, or its one-pass plan (timed where the group fits it).
 ATTENTION_PLANS = ((1, 4), (2, 2), (1, 1), (4, 4))
 GROUP_NORM_TILES = (4096, 8192)
+GROUP_NORM_PLANS = tuple((f"tile={tile}", {"tile_elements": tile, "one_pass": False}) for tile in GROUP_NORM_TILES) + (
+    ("one-pass", {"one_pass": True}),
+)
 # Rotating input sets hold together at least this many bytes (3x an H200's 60 MB L2), at least 2 sets, so that
 # repeated calls read memory, not the cache.
 ROTATION_BYTES = 180 * 2**20
@@ -445,7 +449,8 @@ def stage_ops(work: Path, dry_run: bool) -> dict:
     """Each op against diffusers' path (or torch's), every available backend, and the Triton backend at every
     launch-plan variant, in one process on rotating inputs. Bandwidth is reported twice: over the compulsory
     bytes (each input read once, each output written once: % of the copy bandwidth is the headroom left)
-    and over the bytes the kernel's design moves (GroupNorm reads x twice: 3N where 2N are compulsory)."""
+    and over the bytes the kernel's design moves (two-pass GroupNorm reads x twice: 3N where 2N are compulsory;
+    the one-pass plan moves the 2N)."""
     torch = _torch()
     import torch.nn.functional as F
 
@@ -459,7 +464,7 @@ def stage_ops(work: Path, dry_run: bool) -> dict:
     shapes = correctness_shapes(dry_run)
     if dry_run:
         # The interpreter runs each program in Python: the fewest programs that still span several per group.
-        shapes.update(group_norm=[(1, 32, 4, 8)], group_norm_5d=(1, 32, 2, 4, 8))
+        shapes.update(group_norm=[(1, 32, 4, 8), (1, 32, 2, 4)], group_norm_5d=(1, 32, 2, 4, 8))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     repeats = 20 if device.type == "cuda" else 1
     rows: list[dict] = []
@@ -474,7 +479,8 @@ def stage_ops(work: Path, dry_run: bool) -> dict:
                      "baseline": baseline, "baseline_ms": round(baseline_ms, 4)})  # fmt: skip
         _write_partial(work, partial)
 
-    gn_shapes = [(shape, shape) for shape in shapes["group_norm"][:1]]
+    # The top level (two-pass: its groups are too large for one program) and a deep level (one-pass by default).
+    gn_shapes = [(shape, shape) for shape in shapes["group_norm"][:2]]
     batch, channels, frames, height, width = shapes["group_norm_5d"]
     gn_shapes.append(((batch * frames, channels, height, width), list(shapes["group_norm_5d"]) + ["permuted"]))
     for shape, label in gn_shapes:
@@ -499,13 +505,18 @@ def stage_ops(work: Path, dry_run: bool) -> dict:
             record("group_norm_silu", label, backend, ms, 2 * element_bytes, None, "torch group_norm + silu", baseline_ms)
         if _triton_available("group_norm", x):
             interpreted = _triton_interpreting()
+            default = triton_group_norm.launch_plan(tuple(x.shape), 32, interpreted)
             default_tile = triton_group_norm.INTERPRETER_TILE_ELEMENTS if interpreted else triton_group_norm.GPU_TILE_ELEMENTS
-            for tile in GROUP_NORM_TILES:
-                with backends.use_backend("triton"), triton_group_norm.launch_plan_override(tile):
-                    ms = time_rotating(run_group_norm, inputs, device, repeats)
-                # Designed traffic: the statistics pass reads x, the normalize pass reads x and writes y.
-                record("group_norm_silu", label, "triton", ms, 2 * element_bytes, 3 * element_bytes, "torch group_norm + silu",
-                       baseline_ms, plan=f"tile={tile}", default_plan=tile == default_tile)  # fmt: skip
+            default_name = "one-pass" if default.one_pass else f"tile={default_tile}"
+            for name, override in GROUP_NORM_PLANS:
+                with triton_group_norm.launch_plan_override(**override):
+                    if triton_group_norm.launch_plan(tuple(x.shape), 32, interpreted).one_pass != override["one_pass"]:
+                        continue  # the group does not fit one program
+                    with backends.use_backend("triton"):
+                        ms = time_rotating(run_group_norm, inputs, device, repeats)
+                # Designed traffic: one-pass reads x and writes y; two-pass reads x twice (statistics, normalize).
+                record("group_norm_silu", label, "triton", ms, 2 * element_bytes, (2 if override["one_pass"] else 3) * element_bytes,
+                       "torch group_norm + silu", baseline_ms, plan=name, default_plan=name == default_name)  # fmt: skip
         del inputs, x
 
     attention_shapes = [shapes["attention"]] + ([] if dry_run else [(2, 14, 9216, 5, 64)])

@@ -10,7 +10,8 @@ wheel ships it). CUDA: kernels/*.cu compiled with ``nvcc -Xptxas -v`` for the sa
 Per row: the Triton version (``triton``), registers, spill bytes (local memory), shared bytes, theoretical
 occupancy at the launch's block size (registers, shared memory and threads against the target's per-SM
 limits), grid, min_bytes (compulsory bytes the launch reads and writes: every distinct tensor argument once),
-for kernels without loops sass_per_element (static SASS instructions one thread runs / elements one thread
+idle_lanes (the share of a program's lanes holding no element: tile padding, or more threads than elements), for
+kernels without loops sass_per_element (static SASS instructions one thread runs / elements one thread
 handles), and:
 
 * residency: resident_programs per SM (the occupancy limit in programs) and bytes_in_flight_per_sm =
@@ -53,6 +54,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from svd_fast import _triton  # noqa: E402
 from svd_fast.triton import edm_step as triton_edm_step  # noqa: E402
 from svd_fast.triton import group_norm as triton_group_norm  # noqa: E402
+from svd_fast.triton import group_norm_backward as triton_group_norm_backward  # noqa: E402
 from svd_fast.triton import temporal_attention as triton_temporal_attention  # noqa: E402
 
 # Per-SM limits (CUDA C Programming Guide, compute capabilities table).
@@ -104,7 +106,7 @@ def group_norm_cases() -> Iterator[tuple[str, str, Callable[[], object]]]:
     x = _meta(CFG_BATCH * 14, 320, 72, 128)
     y, mean, rstd = _meta(*x.shape), _meta(x.shape[0], GROUPS, dtype=torch.float32), _meta(x.shape[0], GROUPS, dtype=torch.float32)
     yield "group_norm_silu_backward", f"SVD UNet 4d {tuple(x.shape)}", functools.partial(
-        triton_group_norm.backward, y, x, mean, rstd, _meta(320), _meta(320), GROUPS, True
+        triton_group_norm_backward.backward, y, x, mean, rstd, _meta(320), _meta(320), GROUPS, True
     )
 
 
@@ -271,12 +273,29 @@ def mma_needed_per_position(kernel: str, frames_pad: int, head_dim_pad: int, mma
 def _elements_per_program(launch: _triton.Launch) -> int | None:
     kwargs = launch.kwargs
     if "BLOCK_S" in kwargs:
-        return kwargs["BLOCK_S"] * kwargs["BLOCK_D"]
+        return kwargs["BLOCK_G"] * kwargs["BLOCK_C"] * kwargs["BLOCK_S"]
+    if "POSITIONS" in kwargs:  # the one-pass group, not its padding
+        return kwargs["D"] * kwargs["FRAMES"] * kwargs["POSITIONS"]
     if "BLOCK" in kwargs and launch.kernel.__name__ != "_combine_stats_kernel":
         return kwargs["BLOCK"]
     if "BLOCK_P" in kwargs:
         return kwargs["BLOCK_P"] * kwargs["F"] * kwargs["D"]
     return None
+
+
+def _idle_lane_fraction(launch: _triton.Launch, elements: int | None, threads: int) -> float | None:
+    """Share of a program's lanes that compute no element: padding of its power-of-two tile (GroupNorm's masked
+    position tail, or the one-pass group padded to BLOCK), or threads beyond the tile's elements."""
+    kwargs = launch.kwargs
+    if elements is None:
+        return None
+    lanes, valid = elements, elements
+    if "EVEN_S" in kwargs and not kwargs["EVEN_S"]:
+        positions = launch.args[launch.kernel.arg_names.index("positions")]
+        valid = elements * positions // (triton.cdiv(positions, kwargs["BLOCK_S"]) * kwargs["BLOCK_S"])
+    elif "POSITIONS" in kwargs:
+        lanes = kwargs["BLOCK"]
+    return round(1.0 - valid / max(lanes, threads), 4)
 
 
 def triton_rows(targets: list[str]) -> list[dict]:
@@ -310,6 +329,7 @@ def triton_rows(targets: list[str]) -> list[dict]:
                         "grid": list(launch.grid),
                         "num_warps": compiled["num_warps"],
                         "min_bytes": min_bytes,
+                        "idle_lanes": _idle_lane_fraction(launch, elements, threads),
                         "sass_per_element": (
                             # Each thread runs every static instruction once and handles elements / threads elements.
                             round(compiled["sass_instructions"] * threads / elements, 1)
@@ -414,7 +434,7 @@ def compiler_versions() -> dict[str, str]:
 def print_table(rows: list[dict], target: str = "sm_90") -> None:
     columns = ("kernel", "backend", "triton", "shape", "registers", "spill_bytes", "shared_bytes", "occupancy", "num_warps", "block_p",
                "resident_programs", "bytes_in_flight_per_sm", "mma_per_position", "mma_needed_per_position", "grid",
-               "min_bytes", "sass_per_element")  # fmt: skip
+               "min_bytes", "idle_lanes", "sass_per_element")  # fmt: skip
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:

@@ -16,7 +16,7 @@ from PIL import Image
 
 import svd_fast.commands.generate as generate_command
 from svd_fast import _io, media
-from svd_fast.cli import main
+from svd_fast.cli import build_parser, main
 from svd_fast.diffusers import generation
 
 
@@ -233,6 +233,18 @@ def test_low_memory_generates(tiny_model: Path, image: Path, tmp_path: Path, cap
     assert '"UNet feed-forward chunking": 1' in capsys.readouterr().out
     with Image.open(out) as gif:
         assert gif.n_frames >= 1 and gif.size == (64, 64)
+
+
+def test_decode_chunk_size_defaults_to_a_memory_bound() -> None:
+    """8 frames per VAE decode (2 with --low-memory), never more than the video, an explicit size wins; the CLI's
+    help states the default."""
+    options = generation.GenerateOptions(model="m")
+    assert generation.decode_chunk_size(options, 25) == generation.DECODE_CHUNK_SIZE == 8
+    assert generation.decode_chunk_size(options, 4) == 4
+    assert generation.decode_chunk_size(generation.GenerateOptions(model="m", low_memory=True), 25) == 2
+    assert generation.decode_chunk_size(generation.GenerateOptions(model="m", decode_chunk_size=25), 25) == 25
+    generate_parser = build_parser()._subparsers._group_actions[0].choices["generate"]
+    assert f"default: {generation.DECODE_CHUNK_SIZE}," in " ".join(generate_parser.format_help().split())
 
 
 def test_sampler_names_are_the_sampling_modules() -> None:

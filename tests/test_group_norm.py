@@ -18,8 +18,10 @@ from svd_fast.nn import FusedGroupNorm
 from svd_fast.ops import group_norm
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Tiny (the Triton interpreter is slow) but several tiles per group, so the cross-tile combine runs.
-SHAPES = {"4d": (2, 8, 6, 10), "5d": (2, 6, 3, 4, 5)}
+# Tiny (the Triton interpreter is slow) but several tiles per group, so the cross-tile combine runs. Under the
+# interpreter's plan, 4d has exact tiles of 2 groups x 2 channels x 16 positions (H*W = 48: EVEN_S), 5d a masked
+# tail (H*W = 20).
+SHAPES = {"4d": (2, 4, 6, 8), "5d": (2, 6, 3, 4, 5)}
 GROUPS = 2
 EPS = 1e-5
 
@@ -118,17 +120,80 @@ def test_permuted_temporal_view_matches_float64(backend, device, dtype) -> None:
         assert_within_torch_error(actual, truth_grad, torch_grad, torch.float32, lengths[name], what=f"grad_{name}")
 
 
-def test_triton_reads_the_permuted_view_in_place_and_keeps_the_grid_one_dimensional() -> None:
+# SVD's UNet at 576x1024 (latents 72x128), CFG batch 2: (H, W, channels) per level, concatenated skips included,
+# and the VAE decoder's levels at 14 frames per decode chunk.
+UNET_LEVELS = ((72, 128, (320, 640, 960)), (36, 64, (640, 1280, 1920)), (18, 32, (1280, 2560)), (9, 16, (1280, 2560)))
+VAE_LEVELS = ((72, 128, 512), (144, 256, 512), (288, 512, 512), (576, 1024, 256), (576, 1024, 128))
+
+
+def _svd_shapes():
+    for frames in (14, 25):
+        for height, width, channel_list in UNET_LEVELS:
+            for channels in channel_list:
+                yield (2 * frames, channels, height, width)
+                yield (2, channels, frames, height, width)
+    for height, width, channels in VAE_LEVELS:
+        yield (14, channels, height, width)
+
+
+def test_triton_plan_has_no_idle_lanes_at_every_svd_shape_and_a_one_dimensional_grid() -> None:
+    """At every SVD / SVD-XT GroupNorm shape (UNet 4-D and the temporal resnets' 5-D view, VAE decoder) the
+    two-pass tiles divide each axis (no padding lane), cover each group exactly once and move at least a
+    16-byte fp16 vector per thread; the one-pass plan is taken where the group fits, on 4-D groups only."""
     pytest.importorskip("triton", reason="the Triton launch plan needs triton")
     from svd_fast.triton import group_norm as triton_group_norm
 
+    one_pass = []
+    for shape in _svd_shapes():
+        plan = triton_group_norm.launch_plan(shape, 32)
+        group_size = plan.channels_per_group * plan.frames * plan.positions
+        if plan.one_pass:
+            one_pass.append(shape)
+            assert plan.grid == (shape[0] * 32,) and plan.block_s >= group_size and plan.num_warps <= 16
+            assert plan.block_s // (32 * plan.num_warps) <= triton_group_norm.ONE_PASS_ELEMENTS_PER_THREAD
+            continue
+        tile = plan.block_g * plan.block_c * plan.block_s
+        assert plan.even_s and plan.idle_lane_fraction == 0.0, shape
+        assert plan.positions % plan.block_s == 0 and plan.channels_per_group % plan.block_c == 0 and 32 % plan.block_g == 0
+        assert plan.tiles * plan.block_c * plan.block_s == group_size, "tiles cover each group once"
+        assert plan.grid == (shape[0] * 32 // plan.block_g * plan.tiles,) and plan.grid[0] < 2**31
+        assert tile >= 32 * 8 * plan.num_warps, f"{shape}: lanes without a full vector"
+    # The deep UNet levels (9x16 at every width, 18x32 at 1280 channels), 4-D only (a 5-D group spans all frames).
+    assert {(s[1], s[-2]) for s in one_pass} == {(1280, 9), (2560, 9), (1280, 18)} and all(len(s) == 4 for s in one_pass)
     view = _temporal_resnet_view(torch.empty(2 * 25, 320, 72, 128, device="meta"), 2)
     assert triton_group_norm.layout_strides(view) == (25 * 320 * 72 * 128, 72 * 128, 320 * 72 * 128, 1)
     # A crop of W: rows of a frame no longer follow each other at a fixed stride, H and W cannot merge.
     assert triton_group_norm.layout_strides(torch.empty(2, 4, 6, 10)[..., :7]) is None
-    # The VAE's 5-D norms at 200 frames: ~115,000 tiles per group, far over grid dimension 1's 65,535.
+    # The VAE's 5-D norms at 200 frames: far over grid dimension 1's 65,535 programs.
     plan = triton_group_norm.launch_plan((1, 128, 200, 576, 1024), 32)
-    assert len(plan.grid) == 1 and plan.tiles > 65_535 and plan.grid[0] < 2**31
+    assert len(plan.grid) == 1 and 65_535 < plan.grid[0] < 2**31
+
+
+@requires_triton_interpreter
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted"])
+def test_triton_one_pass_plan_matches_float64(layout) -> None:
+    """The one-pass kernel (group in registers; the interpreter's budget is 64 elements) against the float64
+    truth, forward and the gradients through it (the backward runs on two-pass tiles from its statistics)."""
+    from svd_fast.triton import group_norm as triton_group_norm
+
+    shape = (3, 4, 2, 4, 4) if layout == "permuted" else (3, 4, 4, 8)
+    x, weight, bias = _inputs(shape, torch.float32)
+    if layout == "permuted":
+        x = _temporal_resnet_view(_inputs((shape[0] * shape[2], *shape[1:2], *shape[3:]), torch.float32)[0], shape[0])
+    elif layout == "channels_last":
+        x = _channels_last(x)
+    assert triton_group_norm.launch_plan(tuple(x.shape), GROUPS, interpreter=True).one_pass
+    grad_output = torch.randn(x.shape)
+    truth = _gradients("reference", *(_double(t) for t in (x, weight, bias, grad_output)), True)
+    torch_grads = _gradients("reference", x, weight, bias, grad_output, True)
+    with backends.use_backend("triton"):
+        y = group_norm(x, GROUPS, weight, bias, EPS, "silu")
+    assert y.is_contiguous() or y.is_contiguous(memory_format=_expected_format(x))
+    assert_within_torch_error(y, _torch_group_norm(x.double(), _double(weight), _double(bias), True), _torch_group_norm(x, weight, bias, True),
+                              torch.float32, _group_size(x), what="forward")  # fmt: skip
+    lengths = _gradient_reduction_lengths(x)
+    for name, actual, expected, torch_grad in zip(("x", "weight", "bias"), _gradients("triton", x, weight, bias, grad_output, True), truth, torch_grads):
+        assert_within_torch_error(actual, expected, torch_grad, torch.float32, lengths[name], what=f"grad_{name}")
 
 
 @pytest.mark.parametrize(("backend", "device"), COMPILED_BACKEND_PARAMS)

@@ -41,12 +41,20 @@ def original(pipe, image) -> torch.Tensor:
     return _latents(pipe, image)
 
 
+@pytest.fixture(scope="module")
+def original_video(pipe, original) -> torch.Tensor:
+    """The stock VAE's decode of ``original``, in chunks smaller than the video (the decoder's temporal layers
+    see one chunk at a time)."""
+    with torch.no_grad():
+        return pipe.decode_latents(original, TINY_NUM_FRAMES, TINY_NUM_FRAMES // 2)
+
+
 def _weights(pipe) -> dict[str, torch.Tensor]:
     return {f"{name}.{key}": value for name in ("unet", "vae") for key, value in getattr(pipe, name).state_dict().items()}
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
-def test_optimized_output_matches_original(pipe, image, original, backend: str) -> None:
+def test_optimized_output_matches_original(pipe, image, original, original_video, backend: str) -> None:
     weights_before = _weights(pipe)
     svd_fast.optimize(pipe, backend=backend)
     try:
@@ -56,6 +64,7 @@ def test_optimized_output_matches_original(pipe, image, original, backend: str) 
         assert patched["ResnetBlock2D (GroupNorm+SiLU fused)"] > 0
         assert patched["TemporalResnetBlock (GroupNorm+SiLU fused)"] > 0
         assert patched["conv_norm_out+conv_act (GroupNorm+SiLU fused)"] == 3  # UNet, VAE encoder, VAE decoder
+        assert patched["attention group_norm (svd_fast GroupNorm)"] == 2  # VAE encoder and decoder mid-blocks
         transformers = sum(type(module).__name__ == "TransformerSpatioTemporalModel" for module in pipe.unet.modules())
         # each spatio-temporal transformer has a spatial and a temporal cross-attention (attn2)
         assert patched["cross-attention -> single-token shortcut to_out(to_v(ctx))"] == 2 * transformers > 0
@@ -67,6 +76,9 @@ def test_optimized_output_matches_original(pipe, image, original, backend: str) 
         # 1e-2 differences a wrong norm, activation or step would make.
         relative = ((optimized - original).norm() / original.norm()).item()
         assert relative < 1e-4, relative
+        with torch.no_grad():
+            video = pipe.decode_latents(original, TINY_NUM_FRAMES, TINY_NUM_FRAMES // 2)
+        assert ((video - original_video).norm() / original_video.norm()).item() < 1e-4
         if backend != "auto":
             assert backends.last_backend("group_norm") == backend
             assert backends.last_backend("temporal_attention") == backend

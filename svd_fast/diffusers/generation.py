@@ -36,6 +36,13 @@ from svd_fast.heartbeat import heartbeat
 from svd_fast.sampling.consistency import ANIMATELCM_SVD_CONFIG, DEFAULT_CONSISTENCY_STEPS
 from svd_fast.sampling.guidance import GUIDANCE_PRESETS
 
+# Frames the VAE decodes at once unless told otherwise (bench/RESULTS.md, "VAE decode once steps are few"): the
+# temporal decoder holds 1.125 GiB per 576x1024 frame in fp16, so 8 frames (9.0 GiB) stay under the peak of an
+# SVD-XT UNet step with CFG (9.27 GiB) and decoding never raises generation's peak, which decoding all 25 frames
+# at once would (28.1 GiB). Measured on CPU, chunks of 8 cost no more decode time than all frames at once.
+DECODE_CHUNK_SIZE = 8
+LOW_MEMORY_DECODE_CHUNK_SIZE = 2
+
 
 @dataclasses.dataclass
 class GenerateOptions:
@@ -165,7 +172,7 @@ def check_options(options: GenerateOptions) -> GenerateOptions:
     if reason is not None:
         raise OptionError("{backend} {name} cannot run on {where}: {reason}", "use {backend} auto", name=options.backend, where=device, reason=reason)
     active = window if options.window is not None and frames > window else frames  # a long video holds one window at a time
-    decode_chunk = options.decode_chunk_size or (2 if options.low_memory else active)
+    decode_chunk = decode_chunk_size(options, active)
     try:
         checks.check_generation_memory(active, height, width, decode_chunk, torch_dtype.itemsize, device, spelled="{frames} x {height} x {width}")
     except checks.CheckError as error:
@@ -296,13 +303,21 @@ def pipeline_for(options: GenerateOptions) -> StableVideoDiffusionPipeline:
     return pipe
 
 
+def decode_chunk_size(options: GenerateOptions, frames: int) -> int:
+    """Frames per VAE decode: the option, else DECODE_CHUNK_SIZE (LOW_MEMORY_DECODE_CHUNK_SIZE with
+    low_memory), at most ``frames``."""
+    if options.decode_chunk_size:
+        return options.decode_chunk_size
+    return min(frames, LOW_MEMORY_DECODE_CHUNK_SIZE if options.low_memory else DECODE_CHUNK_SIZE)
+
+
 def sample_video(pipe, condition, options: GenerateOptions, seed: int) -> list:
     """The frames (PIL images) of one video."""
     if options.window is not None and options.frames > options.window:
         with use_backend(options.backend):
             return generate_long_video(
                 pipe, condition, options.frames, window=options.window, overlap=options.overlap, seed=seed,
-                decode_chunk_size=options.decode_chunk_size or (2 if options.low_memory else options.window),
+                decode_chunk_size=decode_chunk_size(options, options.window),
                 height=options.height, width=options.width, num_inference_steps=options.steps,
                 min_guidance_scale=options.min_guidance, max_guidance_scale=options.max_guidance, fps=options.fps,
                 motion_bucket_id=options.motion_bucket_id, noise_aug_strength=options.noise_aug_strength,
@@ -315,7 +330,7 @@ def sample_video(pipe, condition, options: GenerateOptions, seed: int) -> list:
             num_inference_steps=options.steps, min_guidance_scale=options.min_guidance,
             max_guidance_scale=options.max_guidance, fps=options.fps, motion_bucket_id=options.motion_bucket_id,
             noise_aug_strength=options.noise_aug_strength,
-            decode_chunk_size=options.decode_chunk_size or (2 if options.low_memory else options.frames),
+            decode_chunk_size=decode_chunk_size(options, options.frames),
             generator=generator,
         )  # fmt: skip
     return result.frames[0]

@@ -8,6 +8,9 @@ What is patched (weights and state_dict keys stay the diffusers ones):
 * ``conv_norm_out`` + ``conv_act`` pairs (UNet output head, VAE encoder and temporal decoder heads):
   the norm becomes :class:`svd_fast.nn.FusedGroupNorm` with fused SiLU sharing the parameters, the SiLU an
   identity;
+* the GroupNorm of every attention that has one (the VAE encoder's and temporal decoder's mid-block attention):
+  :class:`svd_fast.nn.FusedGroupNorm` without activation, sharing the parameters, so that every GroupNorm of the
+  VAE decode runs svd_fast's kernels;
 * every cross-attention (spatial and temporal transformer blocks): SVD's context is one token, so
   attention is exactly ``to_out(to_v(ctx))`` (:class:`svd_fast.diffusers.attention_processors.SingleTokenCrossAttnProcessor`);
 * every TemporalBasicTransformerBlock: :class:`svd_fast.diffusers.FusedTemporalBasicTransformerBlock`, which
@@ -148,6 +151,13 @@ def _patch_modules(root: nn.Module, backend: str, undo: list[tuple], report: Cou
             module.conv_norm_out, module.conv_act = fused, nn.Identity()
             undo.append((_set, module, {"conv_norm_out": norm, "conv_act": act}))
             report["conv_norm_out+conv_act (GroupNorm+SiLU fused)"] += 1
+        if isinstance(module, Attention) and type(module.group_norm) is nn.GroupNorm:
+            fused = FusedGroupNorm.from_torch(module.group_norm)
+            if backend != "auto":
+                fused.forward = types.MethodType(_with_backend(type(fused).forward, backend), fused)
+            undo.append((_set, module, {"group_norm": module.group_norm}))
+            module.group_norm = fused
+            report["attention group_norm (svd_fast GroupNorm)"] += 1
 
 
 def _patch_cross_attention(root: nn.Module, undo: list[tuple], report: Counter) -> None:

@@ -14,7 +14,8 @@ from svd_fast.ops.group_norm import ACTIVATIONS, group_norm
 
 
 class FusedGroupNorm(nn.Module):
-    """``activation(group_norm(x))`` over (N, C, H, W) or (N, C, F, H, W) input; activation None or "silu"."""
+    """``activation(group_norm(x))`` over (N, C, L), (N, C, H, W) or (N, C, F, H, W) input (3-D as diffusers'
+    attention processors pass it: (N, C, L) seen as (N, C, L, 1), a view); activation None or "silu"."""
 
     def __init__(
         self,
@@ -57,6 +58,8 @@ class FusedGroupNorm(nn.Module):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            return group_norm(x.unsqueeze(-1), self.num_groups, self.weight, self.bias, self.eps, self.activation).squeeze(-1)
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
 
     def extra_repr(self) -> str:

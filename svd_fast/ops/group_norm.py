@@ -141,9 +141,10 @@ def _autograd_backward(backward_op):
 
 if _triton.available():
     from svd_fast.triton import group_norm as triton_group_norm
+    from svd_fast.triton import group_norm_backward as triton_group_norm_backward
 
     _triton.register_op("svd_fast::group_norm_forward_triton", triton_group_norm.forward)
-    _triton.register_op("svd_fast::group_norm_backward_triton", triton_group_norm.backward)
+    _triton.register_op("svd_fast::group_norm_backward_triton", triton_group_norm_backward.backward)
     register_differentiable_op(
         "svd_fast::group_norm_forward_triton", "svd_fast::group_norm_backward_triton", _setup_context, _autograd_backward
     )
