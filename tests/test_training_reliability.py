@@ -149,7 +149,7 @@ FAULT_SCRIPT = textwrap.dedent("""
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def save_checkpoint(engine, root, step, rank_files, rank, record=None):
+    def save_checkpoint(engine, root, step, rank_files, rank, record=None, **retention):
         saves["count"] += 1
         if saves["count"] == 2:  # the first save completes; the second one fails at `phase`
             if phase == "disk_full":
@@ -166,7 +166,7 @@ FAULT_SCRIPT = textwrap.dedent("""
                         die()
                     real_replace(src, dst)
                 os.replace = replace
-        return real_save(engine, root, step, rank_files, rank, record)
+        return real_save(engine, root, step, rank_files, rank, record, **retention)
 
     checkpoint.save_checkpoint = save_checkpoint
     import svd_fast.training.trainer as trainer
